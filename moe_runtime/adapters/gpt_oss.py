@@ -1,0 +1,16 @@
+"""GPT-OSS: router named `router` (top-k logits, then softmax), experts transposed
+(`gate_up_proj` [E, H, 2I]), gate/up rows interleaved, with biases, clamped SwiGLU.
+
+Its checkpoints keep the fused [E, ...] tensors, so one expert is row `e` of each tensor.
+MXFP4-quantised checkpoints (`*_blocks`, `*_scales`) are not read: dequantise them first.
+"""
+
+from .base import MoEAdapter, MoEBlock, TensorPart
+
+
+class GptOssAdapter(MoEAdapter):
+    model_type = "gpt_oss"
+    router_attr = "router"
+
+    def checkpoint_parts(self, block: MoEBlock, expert: int) -> dict[str, list[TensorPart]]:
+        return self.fused_checkpoint_parts(block, expert)

@@ -1,0 +1,1 @@
+"""The `moe-runtime` command line: one module per subcommand group, dispatched from main.py."""

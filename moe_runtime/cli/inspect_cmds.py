@@ -1,0 +1,49 @@
+"""`moe-runtime info MODEL_DIR` and `moe-runtime trace-info TRACE`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..budget import format_bytes
+from ..inspection import describe_model_dir
+from ..trace import load_traces
+from ..trace_stats import trace_summary
+from .output import console, key_value_table, print_json, rows_table
+
+
+def add_parsers(subparsers) -> None:
+    info = subparsers.add_parser("info", help="family, L, E, K and byte counts of a model directory")
+    info.add_argument("model_dir", help="local checkpoint directory (config.json + safetensors)")
+    info.add_argument("--budget", help="also report how many experts this budget holds (bytes, '2GiB' or a fraction)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(run=run_info)
+
+    trace_info = subparsers.add_parser("trace-info", help="tokens, sequences, reuse rate and popularity skew of traces")
+    trace_info.add_argument("traces", nargs="+", help="trace .npz file(s); several are merged")
+    trace_info.add_argument("--json", action="store_true", help="print one JSON object")
+    trace_info.set_defaults(run=run_trace_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = describe_model_dir(args.model_dir, args.budget)
+    if args.json:
+        print_json(info)
+        return 0
+    shown = dict(info)
+    for key in ("bytes_per_expert", "total_expert_bytes", "non_expert_bytes", "budget_bytes"):
+        if key in shown:
+            shown[key] = f"{format_bytes(shown[key])} ({shown[key]} B)"
+    console.print(key_value_table(f"model {args.model_dir}", shown))
+    return 0
+
+
+def run_trace_info(args: argparse.Namespace) -> int:
+    summary = trace_summary(load_traces(args.traces))
+    if args.json:
+        print_json(summary)
+        return 0
+    head = {key: value for key, value in summary.items() if key != "per_layer"}
+    console.print(key_value_table("trace", head))
+    rows = [(row["layer"], row["gini"], row["top_quarter_share"]) for row in summary["per_layer"]]
+    console.print(rows_table("popularity skew per MoE layer", ("layer", "gini", "top 25% share"), rows))
+    return 0

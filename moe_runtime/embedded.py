@@ -1,0 +1,98 @@
+"""The embedded default model: a small OLMoE built locally, saved as a real checkpoint directory.
+
+config + fixed seed -> random weights -> save_pretrained (per-expert safetensors, as a hub
+checkpoint) + a byte-level tokenizer that works offline -> cache folder (built once, atomically).
+Nothing is downloaded. `demo`, examples and tests use it in place of a hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .tiny_models import tiny_model
+
+EMBEDDED_NAME = "embedded-olmoe-v1"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
+VOCAB_SIZE = 320  # 3 special + 256 byte tokens, padded to a multiple of 64
+EMBEDDED_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=32,
+    num_experts_per_tok=4,
+    vocab_size=VOCAB_SIZE,
+)
+SEED = 1234
+
+DEMO_PROMPTS = (
+    "Translate to French: the weather is lovely today and the market is open.",
+    "Summarise: the committee met on Tuesday and agreed to expand the library budget.",
+    "Question: what is the capital of the country with the longest coastline?",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "The defendant argued that the contract was void because the clause was never signed.",
+    "Once upon a time, in a village by the sea, there lived an old fisherman.",
+    "Intent: book a table for two at an Italian restaurant tomorrow at eight.",
+    "The mitochondria is the powerhouse of the cell, converting nutrients into energy.",
+)
+
+
+def cache_root() -> Path:
+    """Where built artefacts live: $MOE_RUNTIME_CACHE, else ~/.cache/moe-runtime."""
+    return Path(os.environ.get("MOE_RUNTIME_CACHE", Path.home() / ".cache" / "moe-runtime"))
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (every byte one token, no merges): needs no training or download."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=4096,
+    )
+
+
+def embedded_model_dir(*, rebuild: bool = False) -> Path:
+    """The embedded model's checkpoint directory, built on first use (or when `rebuild`)."""
+    target = cache_root() / EMBEDDED_NAME
+    if (target / "config.json").is_file() and not rebuild:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
+    try:
+        model = tiny_model("olmoe", seed=SEED, **EMBEDDED_SHAPE)
+        model.generation_config.pad_token_id = 0
+        model.save_pretrained(staging)
+        byte_tokenizer().save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_embedded_model(dtype: torch.dtype = torch.float32):
+    """The embedded model fully in RAM, with its tokenizer: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)

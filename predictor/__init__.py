@@ -1,0 +1,1 @@
+"""Routing-path predictors (issue 5): forecast the experts of the next MoE layers so loads overlap compute."""

@@ -1,0 +1,78 @@
+"""The console script end to end, in subprocesses, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe_runtime.trace import load_trace
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_runtime.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"moe-runtime {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_help_lists_the_subcommands():
+    out = run_cli("--help").stdout
+    for command in ("info", "trace", "trace-info", "demo"):
+        assert command in out
+
+
+def test_info_reports_shape_and_budget(tiny_checkpoints):
+    info = json.loads(run_cli("info", str(tiny_checkpoints["qwen2_moe"]), "--budget", "0.25", "--json").stdout)
+    assert (info["model_type"], info["num_moe_layers"], info["num_experts"], info["top_k"]) == ("qwen2_moe", 3, 8, 2)
+    assert info["bytes_per_expert"] == 3 * 64 * 48 * 4
+    assert info["experts_in_budget"] == 6 and info["budget_fraction_of_experts"] == 0.25
+    table = run_cli("info", str(tiny_checkpoints["qwen2_moe"])).stdout
+    assert "bytes_per_expert" in table and "KiB" in table
+
+
+def test_trace_from_text_and_jsonl_prompts(tmp_path):
+    from moe_runtime.embedded import embedded_model_dir
+
+    model_dir = embedded_model_dir()
+    text = tmp_path / "prompts.txt"
+    text.write_text("the law of the sea\n\nsummarise this paragraph please\n")
+    out = tmp_path / "trace.npz"
+    summary = json.loads(run_cli("trace", str(model_dir), "--prompts", str(text), "--out", str(out), "--task", "t", "--json").stdout)
+    trace = load_trace(out)
+    assert trace.num_sequences == 2 and trace.task == "t" and summary["tokens"] == trace.num_tokens
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"input_ids": [5, 6, 7, 8]}\n{"text": "hello"}\n')
+    run_cli("trace", str(model_dir), "--prompts", str(jsonl), "--out", str(tmp_path / "t2.npz"))
+    assert np.diff(load_trace(tmp_path / "t2.npz").seq_offsets).tolist() == [4, 5]
+
+
+def test_trace_info_on_shared_traces(trace_paths):
+    summary = json.loads(run_cli("trace-info", str(trace_paths["law"]), str(trace_paths["intent"]), "--json").stdout)
+    assert summary["layers"] == 26 and summary["tasks"] == ["intent", "law"]
+    assert 0.2 < summary["reuse_rate"] < 0.4 and len(summary["per_layer"]) == 26
+
+
+def test_errors_are_clear_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, expert_ids=np.zeros((3, 2), dtype=np.int16))
+    result = run_cli("trace-info", str(bad), check=False)
+    assert result.returncode == 2 and "lacks the array(s)" in result.stderr
+    result = run_cli("info", str(tmp_path), check=False)
+    assert result.returncode == 2 and "has no config.json" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_embedded_model():
+    result = json.loads(run_cli("demo", "--json").stdout)
+    assert result["routing"]["layers"] == 6 and result["routing"]["experts"] == 32
