@@ -1,7 +1,14 @@
-"""moe-runtime: run Mixture-of-Experts models on GPUs (or CPUs) that cannot hold all their experts."""
+"""moe-runtime: run Mixture-of-Experts models on GPUs (or CPUs) that cannot hold all their experts.
+
+    model = moe_runtime.wrap(model, budget="4GiB")            # or a fraction of all experts: 0.25
+    model = moe_runtime.from_pretrained(path, budget=0.25)   # experts stay on disk / in host RAM
+    moe_runtime.stats(model)                                  # hits, misses, loads, stalls, per layer
+"""
 
 from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
+from .loading import from_pretrained
 from .recording import record_trace
+from .runtime import reset_stats, runtime_of, stats, unwrap, wrap
 from .trace import Trace, load_trace, load_traces, merge_traces
 
 __version__ = "0.1.0"
@@ -10,8 +17,14 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "Trace",
     "adapter_for",
+    "from_pretrained",
     "load_trace",
     "load_traces",
     "merge_traces",
     "record_trace",
+    "reset_stats",
+    "runtime_of",
+    "stats",
+    "unwrap",
+    "wrap",
 ]

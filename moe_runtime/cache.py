@@ -1,0 +1,190 @@
+"""The global slot cache: which expert sits in which slot, what to evict, what to load.
+
+acquire(layer, experts) -> hits used in place, misses loaded (blocking, ahead of prefetches)
+-> slots; release(layer) -> the layer's experts become evictable again; prefetch(layer, experts)
+-> loads issued in the background into free or evicted slots, never blocking.
+
+Keys are `layer * E + expert`. Experts in use by the running layer, pinned experts and experts
+still loading are never evicted. All state changes happen on the caller's thread; workers only
+copy. A failed load leaves the cache as if the load had never been issued, then raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .loader import LoadTicket, Loader
+from .policies import EvictionPolicy, NoVictimError
+from .stats import RuntimeStats
+
+
+class SlotCache:
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        num_slots: int,
+        policy: EvictionPolicy,
+        loader: Loader,
+        stats: RuntimeStats,
+        pinned: Sequence[int] = (),
+    ):
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        self.policy = policy
+        self.loader = loader
+        self.stats = stats
+        self.slot_of: dict[int, int] = {}
+        self.key_of: list[int | None] = [None] * num_slots
+        self.free: list[int] = list(range(num_slots - 1, -1, -1))
+        self.tickets: dict[int, LoadTicket] = {}  # loads not yet confirmed complete
+        self.prefetched: set[int] = set()  # loaded by a prefetch, not yet used
+        self.in_use: set[int] = set()
+        self.pinned: set[int] = set(pinned)
+        self.release_events: dict[int, torch.cuda.Event] = {}  # slot -> compute done with it
+
+    # ------------------------------------------------------------------ queries
+    def key(self, layer: int, expert: int) -> int:
+        return layer * self.num_experts + expert
+
+    def resident(self, layer: int) -> list[int]:
+        """Experts of `layer` that sit in a slot (loaded or loading)."""
+        low = layer * self.num_experts
+        return sorted(key - low for key in self.slot_of if low <= key < low + self.num_experts)
+
+    def _loading(self, key: int) -> bool:
+        ticket = self.tickets.get(key)
+        return ticket is not None and not ticket.done()
+
+    def _evictable(self, key: int) -> bool:
+        return key not in self.in_use and key not in self.pinned and not self._loading(key)
+
+    # ------------------------------------------------------------------ demand path
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Slots holding `experts` of `layer`, loading the missing ones (blocking).
+
+        The experts stay protected from eviction until `release(layer)`.
+        """
+        counters = self.stats.layers[layer]
+        keys = [self.key(layer, expert) for expert in experts]
+        if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
+            raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
+        self.in_use.update(keys)
+        for key in keys:
+            if key in self.slot_of:
+                counters.hits += 1
+                self.policy.on_access(key)
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    counters.prefetches_used += 1
+                    counters.late_prefetches += self._loading(key)
+            else:
+                counters.misses += 1
+                self._start_load(layer, key, prefetch=False)
+                self.policy.on_access(key)
+        self._wait(keys, counters)
+        return [self.slot_of[key] for key in keys]
+
+    def release(self, layer: int, experts: Sequence[int], compute_done: torch.cuda.Event | None = None) -> None:
+        """The layer finished with these experts; on CUDA `compute_done` guards slot reuse."""
+        for expert in experts:
+            key = self.key(layer, expert)
+            self.in_use.discard(key)
+            if compute_done is not None and key in self.slot_of:
+                self.release_events[self.slot_of[key]] = compute_done
+
+    def _wait(self, keys: list[int], counters) -> None:
+        started = time.perf_counter()
+        failure = None
+        for key in keys:
+            ticket = self.tickets.get(key)
+            if ticket is None:
+                continue
+            try:
+                ticket.wait()
+                del self.tickets[key]
+            except BaseException as error:  # noqa: BLE001 - re-raised below after cleanup
+                failure = failure or error
+                self._forget(key)
+        counters.stall_seconds += time.perf_counter() - started
+        if failure is not None:
+            self.in_use.difference_update(keys)
+            raise failure
+
+    # ------------------------------------------------------------------ prefetch path
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Start background loads of those `experts` of `layer` that are not resident.
+
+        Never blocks and never evicts a protected expert; returns how many loads it issued.
+        """
+        issued = 0
+        for expert in experts:
+            key = self.key(layer, expert)
+            if key in self.slot_of:
+                continue
+            if not self.free:
+                try:
+                    self.policy.choose_victim(self._evictable)
+                except NoVictimError:
+                    break
+            self._start_load(layer, key, prefetch=True)
+            self.prefetched.add(key)
+            self.stats.layers[layer].prefetches_issued += 1
+            issued += 1
+        return issued
+
+    # ------------------------------------------------------------------ slots
+    def _start_load(self, layer: int, key: int, *, prefetch: bool) -> None:
+        slot = self._take_slot()
+        self.slot_of[key] = slot
+        self.key_of[slot] = key
+        self.policy.on_insert(key)
+        counters = self.stats.layers[layer]
+        counters.loads += 1
+        counters.bytes_loaded += self.loader.pool.bytes_per_slot
+        after = self.release_events.pop(slot, None)
+        self.tickets[key] = self.loader.submit(layer, key - layer * self.num_experts, slot, prefetch=prefetch, after=after)
+
+    def _take_slot(self) -> int:
+        if self.free:
+            return self.free.pop()
+        while True:
+            try:
+                victim = self.policy.choose_victim(self._evictable)
+                break
+            except NoVictimError:
+                loading = [t for k, t in self.tickets.items() if k not in self.in_use and not t.done()]
+                if not loading:
+                    raise AssertionError("no evictable slot: every slot is in use by the running layer or pinned") from None
+                loading[0]._done.wait()  # a prefetch still in flight holds the slot we need
+        slot = self.slot_of[victim]
+        self._evict(victim)
+        return slot
+
+    def _evict(self, key: int) -> None:
+        slot = self.slot_of.pop(key)
+        self.key_of[slot] = None
+        self.policy.on_evict(key)
+        self.prefetched.discard(key)
+        self.tickets.pop(key, None)  # only finished loads are evictable (a failed prefetch included)
+
+    def _forget(self, key: int) -> None:
+        """Undo a failed load: the key leaves the cache and its slot is free again."""
+        slot = self.slot_of.pop(key)
+        self.key_of[slot] = None
+        self.policy.on_evict(key)
+        self.prefetched.discard(key)
+        self.tickets.pop(key, None)
+        self.free.append(slot)
+
+    def check_invariants(self) -> None:
+        """Internal consistency (tests call this after every scenario)."""
+        assert len(self.slot_of) + len(self.free) == self.num_slots, "every slot is either mapped or free"
+        assert set(self.slot_of.values()).isdisjoint(self.free), "a free slot is still mapped"
+        for key, slot in self.slot_of.items():
+            assert self.key_of[slot] == key, f"slot {slot} maps back to {self.key_of[slot]}, not {key}"
+        assert set(self.tickets) <= set(self.slot_of), "a pending load targets an unmapped key"
+        assert self.prefetched <= set(self.slot_of), "a prefetched key is not resident"

@@ -1,0 +1,91 @@
+"""Expert compute straight from the slot pool (the PyTorch paths; Triton kernels come separately).
+
+(token, k) rows -> slot of their expert -> rows grouped by slot -> gate_up GEMM (+bias) ->
+family gate (SwiGLU, or GPT-OSS's clamped variant) -> down GEMM (+bias) -> x routing weight ->
+deterministic sum over K.
+
+Two paths: `grouped_mm` (torch.nn.functional.grouped_mm over the whole pool in place, empty
+groups for idle slots) and `loop` (one pair of GEMMs per used slot). Rows whose expert is not
+in `slot_of_expert` (-1) contribute nothing: that is how a wave computes part of a layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import ExpertLayout
+from .pool import SlotPool
+
+GROUPED_MM, LOOP = "grouped_mm", "loop"
+
+
+def choose_path(device: torch.device, dtype: torch.dtype) -> str:
+    """grouped_mm where torch has it for this device and dtype, else the per-slot loop.
+
+    CPU: torch >= 2.9 has a grouped_mm kernel for fp32 and bf16. CUDA: SM80+ and bf16.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return LOOP
+    if device.type == "cpu":
+        return GROUPED_MM if dtype in (torch.float32, torch.bfloat16) else LOOP
+    if device.type == "cuda":
+        capable = torch.cuda.get_device_capability(device) >= (8, 0)
+        return GROUPED_MM if capable and dtype == torch.bfloat16 else LOOP
+    return LOOP
+
+
+def experts_from_slots(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    slot_of_expert: torch.Tensor,
+    pool: SlotPool,
+    layout: ExpertLayout,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor],
+    path: str,
+) -> torch.Tensor:
+    """out [T, H] = sum_k w[t, k] * expert_{e[t, k]}(x_t) over the (t, k) whose expert has a slot.
+
+    hidden [T, H]; top_k_index [T, K] int; top_k_weights [T, K]; slot_of_expert [E] int64 on the
+    pool's device, -1 where the expert is not part of this computation.
+    """
+    num_tokens, top_k = top_k_index.shape
+    flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K]
+    rows = torch.nonzero(flat_slots >= 0).squeeze(1)
+    order = rows[torch.argsort(flat_slots[rows], stable=True)]  # (t, k) rows grouped by slot
+    slots = flat_slots[order]  # [N]
+    x = hidden[order // top_k].to(pool.dtype)  # [N, H]
+    gate_up = pool.tensors["gate_up_proj"]
+    down = pool.tensors["down_proj"]
+    if not layout.is_transposed:  # stored [S, out, in]: GEMMs need [S, in, out]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if path == GROUPED_MM:
+        offsets = torch.bincount(slots, minlength=pool.num_slots).cumsum(0).to(torch.int32)
+        project = lambda inputs, weight: F.grouped_mm(inputs, weight, offs=offsets)  # noqa: E731
+    else:
+        counts = torch.bincount(slots, minlength=pool.num_slots).tolist()
+        project = lambda inputs, weight: _per_slot(inputs, weight, counts)  # noqa: E731
+    h = project(x, gate_up)  # [N, 2I]
+    if layout.has_bias:
+        h = h + pool.tensors["gate_up_proj_bias"][slots]
+    h = apply_gate(h)  # [N, I]
+    y = project(h, down)  # [N, H]
+    if layout.has_bias:
+        y = y + pool.tensors["down_proj_bias"][slots]
+    y = y * top_k_weights.reshape(-1)[order, None]
+    contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
+    contributions[order] = y.to(hidden.dtype)  # distinct rows: no atomic reduction
+    return contributions.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def _per_slot(inputs: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The loop path: inputs [N, in] grouped by slot, weight [S, in, out] -> [N, out]."""
+    outputs, start = [], 0
+    for slot, count in enumerate(counts):
+        if count:
+            outputs.append(inputs[start : start + count] @ weight[slot])
+            start += count
+    return torch.cat(outputs)

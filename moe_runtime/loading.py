@@ -1,0 +1,131 @@
+"""from_pretrained: build an offloaded model from a local checkpoint without loading its experts.
+
+config -> skeleton (parameters on meta) -> non-expert tensors read from the shards -> tied
+weights -> disk store (the checkpoint itself, or a store converted once into store_dir) ->
+host tier (RAM, host_budget) -> runtime (device slot pool, budget).
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from .adapters import MoEAdapter, MoEBlock, adapter_for
+from .budget import Budget, parse_budget
+from .checkpoint import CheckpointDir, build_skeleton
+from .runtime import Runtime, refuse_unavailable, resolve_device
+from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
+
+RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    budget: Budget,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    host_budget: Budget | None = None,
+    store_dir: str | os.PathLike | None = None,
+    policy: str = "lru",
+    predictor=None,
+    placement=None,
+    profile=None,
+) -> nn.Module:
+    """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
+
+    dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
+    experts (default: all that fit in available RAM). store_dir: convert the experts once into
+    a contiguous per-layer store there and serve them from it.
+    """
+    refuse_unavailable(predictor=predictor, placement=placement, profile=profile)
+    checkpoint = CheckpointDir(path)
+    config = checkpoint.config()
+    adapter = adapter_for(config)
+    dtype = dtype or _config_dtype(config) or checkpoint.storage_dtype()
+    device = resolve_device(device)
+    model = build_skeleton(config, dtype)
+    blocks = adapter.blocks(model)
+    load_non_expert_weights(model, checkpoint, adapter, blocks)
+    _load_generation_config(model, path)
+    shapes = blocks[0].expert_shapes()
+    disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
+    if store_dir is not None:
+        disk = _convert(disk, store_dir, shapes, dtype, blocks)
+    total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
+    host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget")
+    source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
+    runtime = Runtime(model, adapter, blocks, source, budget=budget, device=device, policy=policy)
+    runtime.stats.info["host_tier_experts"] = source.capacity
+    runtime.install(model)
+    return model
+
+
+def load_non_expert_weights(model: nn.Module, checkpoint: CheckpointDir, adapter: MoEAdapter, blocks: list[MoEBlock]) -> None:
+    """Read every parameter except the routed experts (and checkpointed buffers) into the skeleton."""
+    expert_modules = {id(block.experts) for block in blocks}
+    missing = []
+    for module_name, module in model.named_modules():
+        if id(module) in expert_modules:
+            continue
+        for leaf, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            stored = adapter.to_checkpoint_name(name)
+            if stored in checkpoint:
+                tensor = checkpoint.read(stored).to(param.dtype)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"{checkpoint.path}: {stored} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+                module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                missing.append(name)
+        for leaf, buffer in module._buffers.items():
+            stored = adapter.to_checkpoint_name(f"{module_name}.{leaf}")
+            if buffer is not None and stored in checkpoint:
+                buffer.copy_(checkpoint.read(stored).to(buffer.dtype))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [name for name in missing if _get(model, name).is_meta]
+    if still_meta:
+        raise ValueError(f"{checkpoint.path}: the checkpoint lacks tensors the model needs: {', '.join(still_meta[:5])}")
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, leaf)
+
+
+def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks) -> ConvertedStore:
+    def read(layer: int, expert: int):
+        out = allocate_expert(shapes, dtype, pin=False)
+        disk.read_into(layer, expert, out)
+        return out
+
+    description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": len(blocks), "experts": blocks[0].num_experts}
+    store = ConvertedStore.write(store_dir, description, len(blocks), blocks[0].num_experts, read)
+    disk.close()
+    return store
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _default_host_bytes(total: int) -> int:
+    """All experts that fit in available RAM (keeping a reserve)."""
+    return max(0, min(total, psutil.virtual_memory().available - RAM_RESERVE_BYTES))
+
+
+def _load_generation_config(model: nn.Module, path) -> None:
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    except OSError:
+        pass  # no generation_config.json: keep the one derived from the config

@@ -1,0 +1,40 @@
+"""The eviction-policy interface shared by the live slot cache and the trace simulator.
+
+Keys are ints (`layer * E + expert`) so the simulator can replay millions of accesses quickly.
+The cache owns residency (which key sits in which slot); a policy only orders the resident keys
+and names a victim. Keys the cache must keep (in use by the running layer, pinned by a plan,
+still loading) are excluded through `is_evictable`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+
+class NoVictimError(RuntimeError):
+    """Every resident key is protected: the caller must wait for a load or use fewer slots."""
+
+
+class EvictionPolicy(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def on_insert(self, key: int) -> None:
+        """`key` became resident (a load into a slot was issued)."""
+
+    @abstractmethod
+    def on_access(self, key: int) -> None:
+        """`key` was used by a layer while resident."""
+
+    @abstractmethod
+    def on_evict(self, key: int) -> None:
+        """`key` left its slot."""
+
+    @abstractmethod
+    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int:
+        """A resident key to evict; raises NoVictimError when none is evictable."""
+
+    def observe_forecast(self, scores: dict[int, float]) -> None:  # noqa: B027 - optional hook
+        """A predictor's forecast (key -> score) for the coming layers; policies may ignore it."""

@@ -1,0 +1,276 @@
+"""The offloading runtime and its one-call entry points: wrap, unwrap, stats, reset_stats.
+
+Per MoE layer: the model's router runs -> run_layer(layer, x, top_k_index, top_k_weights) ->
+distinct experts -> waves of at most S -> slot cache acquire (hits in place, misses loaded) ->
+grouped GEMM from the slots -> release -> [prefetches for the next layers] -> out.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
+from .budget import Budget, format_bytes, parse_budget
+from .cache import SlotCache
+from .compute import choose_path, experts_from_slots
+from .loader import Loader
+from .offloaded import OffloadedExperts
+from .policies import make_policy
+from .pool import SlotPool
+from .stats import RuntimeStats
+from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
+
+RUNTIME_ATTR = "_moe_runtime"
+
+
+class Runtime:
+    """Everything one wrapped model needs: slot pool, cache, loader, source of cold experts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        blocks: list[MoEBlock],
+        source: ExpertSource,
+        *,
+        budget: Budget,
+        device: torch.device,
+        policy: str = "lru",
+        home_device: torch.device = torch.device("cpu"),
+    ):
+        self.model_ref = weakref.ref(model)
+        self.adapter = adapter
+        self.blocks = blocks
+        self.source = source
+        self.device = device
+        self.home_device = home_device  # where the model's weights were before wrap
+        self.num_experts = blocks[0].num_experts
+        self.top_k = blocks[0].top_k
+        self.layout = ExpertLayout.of(blocks[0].experts)
+        self.gates = [block.experts._apply_gate for block in blocks]
+        self.num_slots = slots_for_budget(budget, source, len(blocks) * self.num_experts, self.top_k)
+        self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
+        self.stats = RuntimeStats(len(blocks))
+        self.loader = Loader(source, self.pool)
+        self.cache = SlotCache(
+            num_experts=self.num_experts,
+            num_slots=self.num_slots,
+            policy=make_policy(policy),
+            loader=self.loader,
+            stats=self.stats,
+        )
+        self.compute_path = choose_path(device, source.dtype)
+        self.stats.info = {
+            "compute_path": self.compute_path,
+            "device": str(device),
+            "num_slots": self.num_slots,
+            "slot_pool_bytes": self.pool.nbytes,
+            "bytes_per_expert": self.pool.bytes_per_slot,
+            "policy": self.cache.policy.name,
+            "host_tier": type(source).__name__,
+        }
+        self._closer = weakref.finalize(self, Loader.close, self.loader)
+
+    # ------------------------------------------------------------------ forward
+    def run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The experts' output [T, H] for one MoE layer, computed through the slot pool."""
+        needed = torch.unique(top_k_index).tolist()
+        waves = self._waves(layer, needed)
+        self.stats.layers[layer].waves += len(waves) - 1
+        out = None
+        for wave in waves:
+            slots = self.cache.acquire(layer, wave)
+            table = torch.full((self.num_experts,), -1, dtype=torch.long)
+            table[wave] = torch.tensor(slots, dtype=torch.long)
+            part = experts_from_slots(
+                hidden,
+                top_k_index,
+                top_k_weights,
+                table.to(self.device, non_blocking=True),
+                self.pool,
+                self.layout,
+                self.gates[layer],
+                self.compute_path,
+            )
+            out = part if out is None else out + part
+            self.cache.release(layer, wave, self._compute_done())
+        return out
+
+    def _waves(self, layer: int, needed: list[int]) -> list[list[int]]:
+        """Split a layer's experts into passes that fit the pool, resident experts first."""
+        capacity = self.num_slots - len(self.cache.pinned)
+        resident = set(self.cache.resident(layer))
+        ordered = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
+        return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
+
+    def _compute_done(self) -> torch.cuda.Event | None:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def prefetch(self, layer: int, experts) -> int:
+        """Start background loads of `experts` of MoE layer `layer` (for predictors)."""
+        return self.cache.prefetch(layer, [int(e) for e in experts])
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self, model: nn.Module) -> None:
+        for block in self.blocks:
+            setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
+        model.to(self.device)
+        setattr(model, RUNTIME_ATTR, self)
+
+    def remove(self, model: nn.Module) -> None:
+        for block in self.blocks:
+            original = block.experts
+            if any(p.is_meta for p in original.parameters()):
+                self._materialise(block)
+            setattr(block.block, self.adapter.experts_attr, original)
+        self.close()
+        model.to(self.home_device)
+        delattr(model, RUNTIME_ATTR)
+
+    def _materialise(self, block: MoEBlock) -> None:
+        """Give an original experts module real weights again, read from the cold tier."""
+        experts = block.experts
+        for name in self.source.shapes:
+            param = getattr(experts, name)
+            fused = torch.empty(param.shape, dtype=self.source.dtype)
+            for expert in range(block.num_experts):
+                with self.source.borrow(block.moe_index, expert) as host:
+                    fused[expert].copy_(host[name])
+            experts._parameters[name] = nn.Parameter(fused, requires_grad=False)
+
+    def close(self) -> None:
+        for ticket in list(self.cache.tickets.values()):
+            ticket._done.wait()
+        self._closer()
+        self.source.close()
+
+
+def slots_for_budget(budget: Budget, source: ExpertSource, total_experts: int, top_k: int) -> int:
+    """How many slots `budget` buys; refuses a budget below one layer's top-k experts."""
+    per_expert = expert_nbytes(source.shapes, source.dtype)
+    total_bytes = per_expert * total_experts
+    slots = min(parse_budget(budget, total_bytes) // per_expert, total_experts)
+    if slots < top_k:
+        minimum = per_expert * top_k
+        raise ValueError(
+            f"budget {budget!r} holds {slots} experts, fewer than one token's top-k = {top_k}: the minimum is "
+            f"{minimum} bytes ({format_bytes(minimum)}), a fraction of {minimum / total_bytes:.4f} of all experts"
+        )
+    return slots
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def refuse_unavailable(**options) -> None:
+    """Options whose implementation lands in a later version raise instead of being ignored."""
+    owners = {"predictor": "moe_runtime.predictor", "placement": "moe_runtime.placement", "profile": "pruning profiles"}
+    for name, value in options.items():
+        if value is not None:
+            raise NotImplementedError(f"wrap(..., {name}=...) is not available yet: {owners[name]} is not implemented in this version")
+
+
+def runtime_of(model: nn.Module) -> Runtime:
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is None:
+        raise ValueError("this model is not wrapped by moe_runtime: call moe_runtime.wrap(model, budget=...) first")
+    return runtime
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    budget: Budget,
+    device: str | torch.device | None = None,
+    host_budget: Budget | None = None,
+    store_dir: str | None = None,
+    policy: str = "lru",
+    predictor=None,
+    placement=None,
+    profile=None,
+) -> nn.Module:
+    """Offload the routed experts of `model` (in place) and return it.
+
+    budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
+    host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
+    needs `store_dir`, where the rest is written once and read back on demand.
+    """
+    refuse_unavailable(predictor=predictor, placement=placement, profile=profile)
+    if hasattr(model, RUNTIME_ATTR):
+        raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    device = resolve_device(device)
+    home = next(model.parameters()).device
+    fused = [_fused_params(block) for block in blocks]
+    if any(t.is_meta for layer in fused for t in layer.values()):
+        raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
+    source = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
+    runtime = Runtime(model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home)
+    runtime.install(model)
+    return model
+
+
+def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
+    return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
+
+
+def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> ExpertSource:
+    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier."""
+    shapes = blocks[0].expert_shapes()
+    for block in blocks[1:]:
+        if block.expert_shapes() != shapes:
+            raise ValueError(f"MoE layer {block.moe_index} has expert shapes {block.expert_shapes()} != {shapes}: one slot pool cannot hold both")
+    dtype = next(iter(fused[0].values())).dtype
+    total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
+    host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget")
+    if host_bytes >= total:
+        for block, layer in zip(blocks, fused):
+            for name, tensor in layer.items():
+                if tensor.device.type != "cpu" or (pin and not tensor.is_pinned()):
+                    layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
+                    getattr(block.experts, name).data = layer[name]
+        return RamSource(fused)
+    if store_dir is None:
+        raise ValueError(
+            f"host_budget {host_budget!r} ({format_bytes(host_bytes)}) is less than the experts' {format_bytes(total)}: "
+            "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
+        )
+    description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": len(blocks), "experts": blocks[0].num_experts}
+    store = ConvertedStore.write(
+        store_dir, description, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}
+    )
+    for block in blocks:  # the RAM copies are now on disk: free them
+        for name in shapes:
+            block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
+    return HostTier(store, shapes, dtype, host_bytes, pin=pin)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put the original expert modules (with their weights) back and stop the runtime."""
+    runtime_of(model).remove(model)
+    return model
+
+
+def stats(model: nn.Module) -> dict:
+    """Hit/miss/load/prefetch/stall counters in total and per layer, plus what ran."""
+    return runtime_of(model).stats.as_dict()
+
+
+def reset_stats(model: nn.Module) -> None:
+    runtime_of(model).stats.reset()
