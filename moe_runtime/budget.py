@@ -27,11 +27,16 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$
 Budget = int | float | str
 
 
-def parse_budget(budget: Budget, total_bytes: int, *, name: str = "budget") -> int:
-    """Bytes meant by `budget`, where a fraction in (0, 1] is a share of `total_bytes`."""
+def parse_budget(budget: Budget, total_bytes: int, *, name: str = "budget", allow_zero: bool = False) -> int:
+    """Bytes meant by `budget`, where a fraction in (0, 1] is a share of `total_bytes`.
+
+    allow_zero: 0 is a valid answer (a host tier that caches nothing).
+    """
     if isinstance(budget, bool):
         raise TypeError(f"{name} must be bytes, a size string or a fraction, not a bool")
     if isinstance(budget, int):
+        if budget == 0 and allow_zero:
+            return 0
         if budget <= 0:
             raise ValueError(f"{name} must be positive, got {budget} bytes")
         return budget
@@ -50,8 +55,8 @@ def parse_budget(budget: Budget, total_bytes: int, *, name: str = "budget") -> i
             )
         value, unit = float(match.group(1)), match.group(2).upper()
         if unit == "" and value <= 1.0 and "." in match.group(1):
-            return parse_budget(value, total_bytes, name=name)
-        return parse_budget(int(value * _UNITS[unit]), total_bytes, name=name)
+            return parse_budget(value, total_bytes, name=name, allow_zero=allow_zero)
+        return parse_budget(int(value * _UNITS[unit]), total_bytes, name=name, allow_zero=allow_zero)
     raise TypeError(f"{name} must be bytes (int), a size string or a fraction (float), got {type(budget).__name__}")
 
 

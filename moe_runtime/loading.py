@@ -57,7 +57,7 @@ def from_pretrained(
     if store_dir is not None:
         disk = _convert(disk, store_dir, shapes, dtype, blocks)
     total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
-    host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget")
+    host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
     runtime = Runtime(model, adapter, blocks, source, budget=budget, device=device, policy=policy)
     runtime.stats.info["host_tier_experts"] = source.capacity

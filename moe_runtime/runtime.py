@@ -238,7 +238,7 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> ExpertS
             raise ValueError(f"MoE layer {block.moe_index} has expert shapes {block.expert_shapes()} != {shapes}: one slot pool cannot hold both")
     dtype = next(iter(fused[0].values())).dtype
     total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
-    host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget")
+    host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     if host_bytes >= total:
         for block, layer in zip(blocks, fused):
             for name, tensor in layer.items():

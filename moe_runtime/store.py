@@ -74,7 +74,7 @@ class CheckpointStore(DiskStore):
         missing = [
             part.name
             for block in blocks
-            for expert in (0, block.num_experts - 1)
+            for expert in range(block.num_experts)
             for parts in adapter.checkpoint_parts(block, expert).values()
             for part in parts
             if part.name not in checkpoint

@@ -43,6 +43,7 @@ _FAMILIES: dict[str, dict] = {
         topk_group=1,
         first_k_dense_replace=1,
         n_shared_experts=1,
+        num_key_value_heads=4,  # MLA: as many key/value heads as query heads
         q_lora_rank=None,
         kv_lora_rank=16,
         qk_rope_head_dim=8,

@@ -25,6 +25,7 @@ class LFUPolicy(EvictionPolicy):
         self._stamp: dict[int, int] = {}  # last-use tick of resident keys
         self._heap: list[tuple[float, int, int]] = []  # (count, tick, key); stale entries skipped
         self._tick = 0
+        self._accesses = 0
 
     def _push(self, key: int) -> None:
         self._tick += 1
@@ -37,7 +38,8 @@ class LFUPolicy(EvictionPolicy):
     def on_access(self, key: int) -> None:
         self._count[key] = self._count.get(key, 0.0) + 1.0
         self._push(key)
-        if self._tick % self.age_every == 0:
+        self._accesses += 1
+        if self._accesses % self.age_every == 0:
             self._age()
 
     def on_evict(self, key: int) -> None:

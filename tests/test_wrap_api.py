@@ -1,0 +1,81 @@
+"""wrap/unwrap restore the model exactly; bad budgets and options are refused clearly."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import moe_runtime
+from moe_runtime.tiny_models import tiny_model
+
+
+def _tree(model):
+    return [(name, type(module).__name__, str(inspect.signature(module.forward))) for name, module in model.named_modules()]
+
+
+def test_wrap_then_unwrap_restores_tree_signatures_and_weights(family):
+    model = tiny_model(family)
+    before_tree = _tree(model)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    moe_runtime.wrap(model, budget=0.5, device="cpu")
+    assert any(type(m).__name__ == "OffloadedExperts" for m in model.modules())
+    assert not any(k.endswith("experts.gate_up_proj") for k in model.state_dict())  # experts left the tree
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]))
+    moe_runtime.unwrap(model)
+    assert _tree(model) == before_tree
+    after = model.state_dict()
+    assert after.keys() == before_state.keys()
+    assert all(torch.equal(after[k], before_state[k]) for k in after)
+    with pytest.raises(ValueError, match="not wrapped"):
+        moe_runtime.stats(model)
+
+
+def test_unwrap_after_spilling_to_disk_restores_weights(tmp_path):
+    model = tiny_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moe_runtime.wrap(model, budget=0.25, device="cpu", host_budget="100KiB", store_dir=tmp_path / "store")
+    assert (tmp_path / "store" / "manifest.json").is_file()
+    moe_runtime.unwrap(model)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_budget_below_top_k_states_the_minimum():
+    model = tiny_model("olmoe")  # 3 layers x 8 experts, top-2, 36 KiB per expert in fp32
+    per_expert = 3 * 64 * 48 * 4
+    with pytest.raises(ValueError, match=f"minimum is {2 * per_expert} bytes .* fraction of 0.0833"):
+        moe_runtime.wrap(model, budget=per_expert, device="cpu")
+    assert not hasattr(model, "_moe_runtime")  # nothing half-done
+    with pytest.raises(ValueError, match="fraction of all experts"):
+        moe_runtime.wrap(model, budget=2.0, device="cpu")
+
+
+def test_small_host_budget_needs_a_store_dir():
+    with pytest.raises(ValueError, match="pass store_dir"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", host_budget="64KiB")
+
+
+def test_unwritable_store_dir_is_named(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(OSError, match="not writable"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", host_budget="64KiB", store_dir=blocked / "store")
+
+
+@pytest.mark.parametrize("option", ["predictor", "placement", "profile"])
+def test_later_options_are_refused_not_ignored(option):
+    with pytest.raises(NotImplementedError, match=option):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", **{option: "x"})
+
+
+def test_wrapping_twice_is_refused():
+    model = moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu")
+    with pytest.raises(ValueError, match="already wrapped"):
+        moe_runtime.wrap(model, budget=0.5, device="cpu")
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="unknown cache policy 'fifo'; choose one of lfu, lru"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", policy="fifo")
