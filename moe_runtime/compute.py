@@ -23,14 +23,14 @@ GROUPED_MM, LOOP = "grouped_mm", "loop"
 
 
 def choose_path(device: torch.device, dtype: torch.dtype) -> str:
-    """grouped_mm where torch has it for this device and dtype, else the per-slot loop.
+    """grouped_mm on CUDA (SM80+, bf16: one launch for the whole pool), else the per-slot loop.
 
-    CPU: torch >= 2.9 has a grouped_mm kernel for fp32 and bf16. CUDA: SM80+ and bf16.
+    On CPU, torch's grouped_mm pays for every group, idle slots included: 3.2 ms per call over a
+    512-slot pool against 1.2 ms for a loop over the 8 slots in use (bf16, H=1024, I=512, decode,
+    2-core CPU), so the CPU path loops over used slots only.
     """
     if not hasattr(F, "grouped_mm"):
         return LOOP
-    if device.type == "cpu":
-        return GROUPED_MM if dtype in (torch.float32, torch.bfloat16) else LOOP
     if device.type == "cuda":
         capable = torch.cuda.get_device_capability(device) >= (8, 0)
         return GROUPED_MM if capable and dtype == torch.bfloat16 else LOOP
@@ -66,8 +66,8 @@ def experts_from_slots(
         offsets = torch.bincount(slots, minlength=pool.num_slots).cumsum(0).to(torch.int32)
         project = lambda inputs, weight: F.grouped_mm(inputs, weight, offs=offsets)  # noqa: E731
     else:
-        counts = torch.bincount(slots, minlength=pool.num_slots).tolist()
-        project = lambda inputs, weight: _per_slot(inputs, weight, counts)  # noqa: E731
+        used, counts = (t.tolist() for t in torch.unique_consecutive(slots, return_counts=True))
+        project = lambda inputs, weight: _per_slot(inputs, weight, used, counts)  # noqa: E731
     h = project(x, gate_up)  # [N, 2I]
     if layout.has_bias:
         h = h + pool.tensors["gate_up_proj_bias"][slots]
@@ -81,11 +81,11 @@ def experts_from_slots(
     return contributions.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def _per_slot(inputs: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """The loop path: inputs [N, in] grouped by slot, weight [S, in, out] -> [N, out]."""
+def _per_slot(inputs: torch.Tensor, weight: torch.Tensor, used: list[int], counts: list[int]) -> torch.Tensor:
+    """The loop path: inputs [N, in] grouped by slot (`used` slots, `counts` rows each),
+    weight [S, in, out] -> [N, out]."""
     outputs, start = [], 0
-    for slot, count in enumerate(counts):
-        if count:
-            outputs.append(inputs[start : start + count] @ weight[slot])
-            start += count
+    for slot, count in zip(used, counts):
+        outputs.append(inputs[start : start + count] @ weight[slot])
+        start += count
     return torch.cat(outputs)

@@ -28,7 +28,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_help_lists_the_subcommands():
     out = run_cli("--help").stdout
-    for command in ("info", "trace", "trace-info", "demo"):
+    for command in ("info", "trace", "trace-info", "generate", "demo"):
         assert command in out
 
 
@@ -76,3 +76,19 @@ def test_errors_are_clear_and_exit_2(tmp_path):
 def test_demo_runs_on_the_embedded_model():
     result = json.loads(run_cli("demo", "--json").stdout)
     assert result["routing"]["layers"] == 6 and result["routing"]["experts"] == 32
+    stats = result["stats"]
+    assert result["new_tokens"] == 48 and stats["num_slots"] == 48  # 25% of 6 x 32 experts
+    assert stats["hits"] + stats["misses"] == sum(layer["hits"] + layer["misses"] for layer in stats["per_layer"])
+    assert len(stats["per_layer"]) == 6 and 0 < stats["hit_rate"] < 1
+
+
+def test_generate_prints_text_and_stats(tmp_path):
+    from moe_runtime.embedded import embedded_model_dir
+
+    args = ("generate", str(embedded_model_dir()), "--budget", "0.25", "--prompt", "Hello", "--max-new-tokens", "6")
+    result = json.loads(run_cli(*args, "--json").stdout)
+    assert result["new_tokens"] == 6 and result["stats"]["loads"] > 0
+    table = run_cli(*args).stdout
+    assert "hit rate" in table and "per MoE layer" in table
+    result = run_cli("generate", str(embedded_model_dir()), "--budget", "1KiB", "--prompt", "x", check=False)
+    assert result.returncode == 2 and "the minimum is" in result.stderr

@@ -126,6 +126,7 @@ class MoEAdapter:
         for layer_index, layer in enumerate(self.decoder_layers(model)):
             block = getattr(layer, "mlp", None)
             experts = getattr(block, self.experts_attr, None)
+            experts = getattr(experts, "original", experts)  # a wrapped block: its original experts
             if experts is None or not hasattr(experts, "gate_up_proj"):
                 continue
             shared = tuple(getattr(block, a) for a in self.shared_attrs if getattr(block, a, None) is not None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, inspect_cmds, trace_cmds
+from . import demo, generate, inspect_cmds, trace_cmds
 
-COMMAND_GROUPS = (inspect_cmds, trace_cmds, demo)
+COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

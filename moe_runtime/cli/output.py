@@ -51,3 +51,24 @@ def _format(value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(_format(v) for v in value)
     return str(value)
+
+
+def stats_tables(stats: dict) -> list[Table]:
+    """The runtime's counters: one summary table and one row per MoE layer."""
+    summary = {
+        "hit rate": stats["hit_rate"],
+        "hits / misses": f"{stats['hits']} / {stats['misses']}",
+        "loads": stats["loads"],
+        "bytes loaded": stats["bytes_loaded"],
+        "prefetches issued / used": f"{stats['prefetches_issued']} / {stats['prefetches_used']}",
+        "stall seconds": stats["stall_seconds"],
+        "slots": f"{stats['num_slots']} ({stats['slot_pool_bytes']} B on {stats['device']})",
+        "compute path": stats["compute_path"],
+        "policy": stats["policy"],
+    }
+    rows = [
+        (i, layer["hit_rate"], layer["hits"], layer["misses"], layer["loads"], layer["waves"], layer["stall_seconds"] * 1e3)
+        for i, layer in enumerate(stats["per_layer"])
+    ]
+    per_layer = rows_table("per MoE layer", ("layer", "hit rate", "hits", "misses", "loads", "waves", "stall ms"), rows)
+    return [key_value_table("offloading", summary), per_layer]

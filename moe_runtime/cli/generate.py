@@ -1,0 +1,58 @@
+"""`moe-runtime generate MODEL_DIR --budget X --prompt "..."`: offloaded generation with its stats."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..generation import timed_generate
+from ..loading import from_pretrained
+from .output import console, key_value_table, print_json, stats_tables
+from .trace_cmds import load_tokenizer
+
+
+def add_parsers(subparsers) -> None:
+    generate = subparsers.add_parser("generate", help="generate text with experts offloaded under a memory budget")
+    generate.add_argument("model_dir", help="local checkpoint directory")
+    generate.add_argument("--budget", required=True, help="slot pool memory: bytes, '2GiB' or a fraction of all experts")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    generate.add_argument("--host-budget", help="RAM for cold experts (default: all that fit)")
+    generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
+    generate.add_argument("--policy", default="lru", help="cache policy")
+    generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer: generate needs one to read --prompt")
+    model = from_pretrained(
+        args.model_dir,
+        budget=args.budget,
+        device=args.device,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        host_budget=args.host_budget,
+        store_dir=args.store_dir,
+        policy=args.policy,
+    )
+    text, timing, stats = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)
+    figures = {
+        "text": text,
+        "new_tokens": timing.new_tokens,
+        "prefill_seconds": timing.prefill_seconds,
+        "decode_tokens_per_second": timing.decode_tokens_per_second,
+        "stats": stats,
+    }
+    if args.json:
+        print_json(figures)
+        return 0
+    console.print(f"[bold]{args.prompt}[/bold]{text}")
+    console.print(key_value_table("generation", {k: v for k, v in figures.items() if k not in ("text", "stats")}))
+    for table in stats_tables(stats):
+        console.print(table)
+    return 0

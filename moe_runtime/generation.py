@@ -1,0 +1,49 @@
+"""Timed greedy generation: the figures `generate`, `demo` and the live benchmark report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .runtime import RUNTIME_ATTR, reset_stats, stats
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    tokens: torch.Tensor  # [1, prompt + new] ids
+    new_tokens: int
+    prefill_seconds: float  # latency of the first new token (one forward over the prompt)
+    decode_seconds: float  # the remaining new tokens
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def time_generation(model, ids: torch.Tensor, max_new_tokens: int) -> GenerationTiming:
+    """Greedy generation of exactly `max_new_tokens` tokens, prefill and decode timed apart.
+
+    Works for any causal LM; a wrapped model's stats afterwards cover the full generation only.
+    """
+    wrapped = hasattr(model, RUNTIME_ATTR)
+    with torch.no_grad():
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - started
+        if wrapped:
+            reset_stats(model)
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        total = time.perf_counter() - started
+    return GenerationTiming(out, int(out.shape[1] - ids.shape[1]), prefill, max(total - prefill, 1e-9))
+
+
+def timed_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, GenerationTiming, dict]:
+    """Generate from a text prompt through a wrapped model: (new text, timing, runtime stats)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    timing = time_generation(model, ids, max_new_tokens)
+    text = tokenizer.decode(timing.tokens[0, ids.shape[1] :], skip_special_tokens=True)
+    return text, timing, stats(model)
