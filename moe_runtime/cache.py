@@ -73,6 +73,7 @@ class SlotCache:
         if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.in_use.update(keys)
+        self.policy.on_layer_start(layer, keys)
         for key in keys:
             if key in self.slot_of:
                 counters.hits += 1

@@ -58,7 +58,7 @@ class Runtime:
         self.cache = SlotCache(
             num_experts=self.num_experts,
             num_slots=self.num_slots,
-            policy=make_policy(policy),
+            policy=make_policy(policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k),
             loader=self.loader,
             stats=self.stats,
         )

@@ -1,21 +1,62 @@
-"""Cache eviction policies, one implementation each, shared by the runtime and the simulator."""
+"""Cache eviction policies, one implementation each, shared by the runtime and the simulator.
+
+`make_policy(name, num_layers=..., num_experts=..., capacity=..., fit=...)` builds one; policies
+that learn from traces (pinned frequencies, next-use priors) take them from `fit`, never from
+the stream they are replayed on.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..trace import Trace
+from .arc import ARCPolicy
 from .base import EvictionPolicy, NoVictimError
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
+from .next_use import NextUsePolicy, ReuseModel
+from .pinned import PinnedPolicy
 
-POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRUPolicy, LFUPolicy)}
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy)
+}
+NEEDS_FIT = frozenset({"pinned"})
 
 
-def make_policy(name: str | EvictionPolicy) -> EvictionPolicy:
-    """A fresh policy by name (or the instance given)."""
+def selection_frequency(trace: Trace) -> np.ndarray:
+    """[L, E] share of tokens that select each expert at each layer."""
+    counts = np.zeros((trace.num_layers, trace.num_experts))
+    for layer in range(trace.num_layers):
+        counts[layer] = np.bincount(trace.expert_ids[:, layer].ravel(), minlength=trace.num_experts)
+    return counts / trace.num_tokens
+
+
+def make_policy(
+    name: str | EvictionPolicy,
+    *,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+    capacity: int | None = None,
+    top_k: int | None = None,
+    fit: Trace | None = None,
+) -> EvictionPolicy:
+    """A fresh policy by name (or the instance given), shaped for L x E experts and `capacity`."""
     if isinstance(name, EvictionPolicy):
         return name
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
-    return POLICIES[name]()
+    if name in ("lru", "lfu"):
+        return POLICIES[name]()
+    if capacity is None or num_layers is None or num_experts is None:
+        raise ValueError(f"the {name} policy needs num_layers, num_experts and capacity")
+    if name == "arc":
+        return ARCPolicy(capacity)
+    if name == "pinned":
+        if fit is None:
+            raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
+        return PinnedPolicy(selection_frequency(fit), capacity)
+    model = ReuseModel.fit(fit) if fit is not None else ReuseModel.uniform(num_layers, num_experts, top_k or 1)
+    return NextUsePolicy(num_layers, num_experts, model)
 
 
-__all__ = ["POLICIES", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NoVictimError", "make_policy"]
+__all__ = ["POLICIES", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "ReuseModel", "make_policy", "selection_frequency"]

@@ -36,5 +36,8 @@ class EvictionPolicy(ABC):
     def choose_victim(self, is_evictable: Callable[[int], bool]) -> int:
         """A resident key to evict; raises NoVictimError when none is evictable."""
 
-    def observe_forecast(self, scores: dict[int, float]) -> None:  # noqa: B027 - optional hook
-        """A predictor's forecast (key -> score) for the coming layers; policies may ignore it."""
+    def on_layer_start(self, layer: int, keys: list[int]) -> None:  # noqa: B027 - optional hook
+        """MoE layer `layer` starts and uses `keys`; policies that track the layer clock use it."""
+
+    def on_forecast(self, layer: int, probabilities) -> None:  # noqa: B027 - optional hook
+        """A predictor's forecast [E] (probability each expert is used) for the coming `layer`."""

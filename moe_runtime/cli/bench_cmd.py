@@ -1,0 +1,115 @@
+"""`moe-runtime bench TRACE [TRACE ...] --budget 0.1,0.25,0.5 [--policy ...] [--predictor ...]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
+from ..policies import POLICIES
+from ..predictor import PREDICTORS
+from ..simulator import TimingModel
+from ..trace import load_trace, load_traces
+from .output import console, print_json, rows_table
+
+
+def add_parsers(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="replay traces through cache policies and prefetching, against Belady's optimum")
+    bench.add_argument("traces", nargs="+", help="trace files to replay (each separately)")
+    bench.add_argument("--budget", default="0.1,0.25,0.5", help="fractions of all experts in one global slot pool")
+    bench.add_argument("--policy", default="lru", help=f"comma list of {', '.join(sorted(POLICIES))}, or all")
+    bench.add_argument("--predictor", default=NO_PREDICTOR, help=f"comma list of {', '.join(sorted(PREDICTORS))}, or all (with and without prefetching)")
+    bench.add_argument("--fit", nargs="+", help="traces to fit learned parts on (default: first half of each replayed trace)")
+    bench.add_argument("--prefetch-width", type=int, help="experts prefetched per layer (default: top-k)")
+    bench.add_argument("--lookahead", type=int, default=1, help="prefetch for layer l + D")
+    bench.add_argument("--min-score", type=float, default=0.0, help="only prefetch experts the predictor scores at least this high")
+    bench.add_argument("--per-layer-slots", type=int, help="per-layer pools of N slots instead of one global pool")
+    bench.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb, help="bytes per expert, MB (default: DeepSeek-V2-Lite bf16)")
+    bench.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps, help="host-to-device GB/s (default: PCIe 4.0 x16)")
+    bench.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms, help="compute ms per MoE layer")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")
+    bench.set_defaults(run=run_bench_command)
+
+
+def _choices(text: str, known, extra=()) -> tuple[str, ...]:
+    if text == "all":
+        return tuple(sorted(known)) + tuple(extra)
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    predictors = _choices(args.predictor, PREDICTORS)
+    if args.predictor == "all":
+        predictors = (NO_PREDICTOR, *predictors)
+    return BenchSettings(
+        budgets=tuple(float(b) for b in args.budget.split(",")),
+        policies=_choices(args.policy, POLICIES),
+        predictors=predictors,
+        prefetch_width=args.prefetch_width,
+        lookahead=args.lookahead,
+        min_score=args.min_score,
+        per_layer_slots=args.per_layer_slots,
+        timing=TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms),
+    )
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    traces = {Path(path).stem: load_trace(path) for path in args.traces}
+    fit = load_traces(args.fit) if args.fit else None
+    total = len(plan(settings, list(traces)))
+    with tqdm(total=total, desc="bench", unit="run", disable=args.json) as bar:
+        report = run_bench(traces, settings, fit, progress=bar.update)
+    if args.plot:
+        plot_hit_rates(report, args.plot)
+    if args.json:
+        print_json(report)
+        return 130 if report["interrupted"] else 0
+    console.print(f"fitted on: {report['fit']}; load {report['timing']['load_ms']:.3f} ms/expert, {settings.timing.layer_ms} ms/layer")
+    columns = ("trace", "policy", "predictor", "budget", "hit rate", "loads/tok", "misses/tok", "pf hits/tok", "wasted/tok", "ms/tok", "x Belady loads")
+    belady = {(row["trace"], row["budget"]): row for row in report["belady"]}
+    rows = []
+    for row in report["results"]:
+        bound = belady.get((row["trace"], row["budget"]))
+        ratio = row["loads_per_token"] / bound["loads_per_token"] if bound and bound["loads_per_token"] else float("nan")
+        rows.append((row["trace"], row["policy"], row["predictor"], row["budget"], row["hit_rate"], row["loads_per_token"], row["misses_per_token"], row["prefetch_hits_per_token"], row["wasted_prefetches_per_token"], row["ms_per_token"], ratio))
+    console.print(rows_table("replay", columns, rows))
+    bounds = [(r["trace"], r["budget"], r["hit_rate"], r["loads_per_token"], r["compute_bound_ms_per_token"], r["bound_ms_per_token"]) for r in report["belady"]]
+    console.print(rows_table("Belady's MIN and time bounds", ("trace", "budget", "hit rate", "loads/tok", "compute ms/tok", "max(compute, loads) ms/tok"), bounds))
+    if report["interrupted"]:
+        console.print(f"[yellow]interrupted: {len(report['results'])} of {total} runs finished[/yellow]")
+        return 130
+    return 0
+
+
+def plot_hit_rates(report: dict, path: str) -> None:
+    """One panel per trace: hit rate against budget, a line per policy/predictor, Belady dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({row["trace"] for row in report["belady"]})
+    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False, sharey=True)
+    for axis, name in zip(axes[0], names):
+        lines: dict[str, list] = {}
+        for row in report["results"]:
+            if row["trace"] == name:
+                label = row["policy"] if row["predictor"] == NO_PREDICTOR else f"{row['policy']} + {row['predictor']}"
+                lines.setdefault(label, []).append((row["budget"], row["hit_rate"]))
+        for label, points in sorted(lines.items()):
+            points.sort()
+            axis.plot(*zip(*points), marker="o", label=label)
+        optimum = sorted((r["budget"], r["hit_rate"]) for r in report["belady"] if r["trace"] == name)
+        axis.plot(*zip(*optimum), "k--", marker="s", label="Belady (MIN)")
+        axis.set_title(name)
+        axis.set_xlabel("budget (share of all experts)")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("hit rate")
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
