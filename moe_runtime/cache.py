@@ -63,6 +63,10 @@ class SlotCache:
         return key not in self.in_use and key not in self.pinned and not self._loading(key)
 
     # ------------------------------------------------------------------ demand path
+    def start_layer(self, layer: int, experts: Sequence[int]) -> None:
+        """Tell the policy which experts this layer step uses (once per step, before any wave)."""
+        self.policy.on_layer_start(layer, [self.key(layer, expert) for expert in experts])
+
     def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Slots holding `experts` of `layer`, loading the missing ones (blocking).
 
@@ -73,7 +77,6 @@ class SlotCache:
         if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.in_use.update(keys)
-        self.policy.on_layer_start(layer, keys)
         for key in keys:
             if key in self.slot_of:
                 counters.hits += 1

@@ -78,6 +78,7 @@ class Runtime:
     def run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The experts' output [T, H] for one MoE layer, computed through the slot pool."""
         needed = torch.unique(top_k_index).tolist()
+        self.cache.start_layer(layer, needed)
         waves = self._waves(layer, needed)
         self.stats.layers[layer].waves += len(waves) - 1
         out = None

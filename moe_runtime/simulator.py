@@ -139,7 +139,7 @@ def replay(
         confident = np.take_along_axis(prefetch.scores, top, axis=2) >= prefetch.min_score
         top = np.where(confident, top, -1)
     result = SimResult(tokens=trace.num_tokens)
-    resident: set[int] = set(pinned)
+    resident: set[int] = set()  # pinned experts load at first use (counted), then never leave
     prefetched: set[int] = set()
     ready: dict[int, float] = {}
     engine = CopyEngine(timing.load_ms)
@@ -154,8 +154,6 @@ def replay(
         for key in group:
             if key in resident:
                 result.hits += 1
-                if key in pinned:
-                    continue
                 policy.on_access(key)
                 if key in prefetched:
                     prefetched.discard(key)

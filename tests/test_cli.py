@@ -92,3 +92,29 @@ def test_generate_prints_text_and_stats(tmp_path):
     assert "hit rate" in table and "per MoE layer" in table
     result = run_cli("generate", str(embedded_model_dir()), "--budget", "1KiB", "--prompt", "x", check=False)
     assert result.returncode == 2 and "the minimum is" in result.stderr
+
+
+def test_bench_reports_policies_against_belady(trace_paths, tmp_path):
+    plot = tmp_path / "bench.png"
+    args = ("bench", str(trace_paths["summary"]), "--budget", "0.25", "--policy", "lru,next-use", "--predictor", "affinity")
+    report = json.loads(run_cli(*args, "--json", "--plot", str(plot)).stdout)
+    assert report["fit"].startswith("first half") and not report["interrupted"]
+    assert {(r["policy"], r["predictor"]) for r in report["results"]} == {("lru", "affinity"), ("next-use", "affinity")}
+    optimum = report["belady"][0]
+    for row in report["results"]:
+        assert row["loads_per_token"] >= optimum["loads_per_token"]
+        for key in ("hit_rate", "misses_per_token", "prefetch_hits_per_token", "wasted_prefetches_per_token", "ms_per_token"):
+            assert key in row
+    assert plot.stat().st_size > 10_000
+    assert "Belady" in run_cli(*args).stdout
+
+
+def test_bench_with_fit_traces_and_bad_input(trace_paths, tmp_path):
+    report = json.loads(run_cli("bench", str(trace_paths["law"]), "--fit", str(trace_paths["intent"]), "--budget", "0.5", "--policy", "pinned", "--json").stdout)
+    assert report["fit"] == "--fit traces" and report["results"][0]["policy"] == "pinned"
+    result = run_cli("bench", str(trace_paths["law"]), "--policy", "fifo", check=False)
+    assert result.returncode == 2 and "unknown policy 'fifo'" in result.stderr
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, expert_ids=np.zeros((4, 2, 2), dtype=np.int16), gate_weights=np.zeros((4, 2, 2), dtype=np.float16), seq_offsets=np.array([0, 4]), num_experts=np.int64(2), top_k=np.int64(3))
+    result = run_cli("bench", str(bad), check=False)
+    assert result.returncode == 2 and "top_k = 3 but expert_ids has 2" in result.stderr

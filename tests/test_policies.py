@@ -49,3 +49,48 @@ def test_make_policy():
     assert isinstance(make_policy("lru"), LRUPolicy) and isinstance(make_policy("lfu"), LFUPolicy)
     with pytest.raises(ValueError, match="choose one of"):
         make_policy("random")
+
+
+def test_arc_keeps_reused_keys_over_one_time_keys():
+    from moe_runtime.policies import ARCPolicy
+
+    policy = ARCPolicy(capacity=3)
+    for key in (1, 2):
+        policy.on_insert(key)
+        policy.on_access(key)  # the first use that came with the load: not a re-reference
+    policy.on_access(1)  # 1 is re-referenced -> frequency list
+    policy.on_insert(3)
+    policy.on_access(3)
+    assert policy.choose_victim(lambda k: True) == 2  # oldest in the recency list, not 1
+
+
+def test_pinned_never_offers_its_pinned_experts():
+    import numpy as np
+
+    from moe_runtime.policies import PinnedPolicy
+
+    frequency = np.array([[0.9, 0.1, 0.5, 0.2]])  # expert 0 most popular, then 2
+    policy = PinnedPolicy(frequency, capacity=4, top_k=1)
+    assert policy.pinned == frozenset({0, 2})
+    for key in (0, 1, 2, 3):
+        policy.on_insert(key)
+    assert policy.choose_victim(lambda k: True) == 1
+    with pytest.raises(NoVictimError):
+        policy.choose_victim(lambda k: k in (0, 2))
+
+
+def test_next_use_prefers_evicting_what_is_needed_last():
+    import numpy as np
+
+    from moe_runtime.policies import NextUsePolicy, ReuseModel
+
+    # 3 layers x 2 experts, uniform reuse: at layer 0, keys of layer 2 come back before layer 0's.
+    policy = NextUsePolicy(3, 2, ReuseModel.uniform(3, 2, 1))
+    for key in range(6):
+        policy.on_insert(key)
+    policy.on_layer_start(0, [0])
+    steps = policy.expected_steps()
+    assert steps[2] < steps[4] < steps[1]  # layer 1 next, then layer 2, then layer 0 again
+    assert policy.choose_victim(lambda k: k != 0) == 1  # expert 1 of the running layer: a full cycle away
+    policy.on_forecast(1, np.array([1.0, 0.0]))  # layer 1: expert 0 surely used, expert 1 surely not
+    assert policy.choose_victim(lambda k: k not in (0, 1)) == 3

@@ -72,3 +72,14 @@ def test_bfloat16_model_runs_close_to_reference():
     with torch.no_grad():
         want, got = reference(ids).logits.float(), model(ids).logits.float()
     assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("policy", ["lfu", "arc", "next-use"])
+def test_every_live_policy_keeps_the_outputs(policy):
+    reference = tiny_model("mixtral")
+    model = moe_runtime.wrap(tiny_model("mixtral"), budget=0.25, device="cpu", policy=policy)
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+    want = reference.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16), want)
+    assert moe_runtime.stats(model)["policy"] == policy
+    moe_runtime.runtime_of(model).cache.check_invariants()

@@ -54,7 +54,7 @@ def make_policy(
     if name == "pinned":
         if fit is None:
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
-        return PinnedPolicy(selection_frequency(fit), capacity)
+        return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.uniform(num_layers, num_experts, top_k or 1)
     return NextUsePolicy(num_layers, num_experts, model)
 

@@ -18,9 +18,9 @@ from .lru import LRUPolicy
 class PinnedPolicy(LRUPolicy):
     name = "pinned"
 
-    def __init__(self, frequency: np.ndarray, capacity: int, pinned_share: float = 0.5):
+    def __init__(self, frequency: np.ndarray, capacity: int, top_k: int, pinned_share: float = 0.5):
         super().__init__()
-        count = int(capacity * pinned_share)
+        count = min(int(capacity * pinned_share), capacity - top_k)  # a layer's top-k must still fit
         order = np.argsort(-frequency.reshape(-1), kind="stable")
         self.pinned = frozenset(int(k) for k in order[:count])
 

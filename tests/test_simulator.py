@@ -1,0 +1,124 @@
+"""Trace replay: known answers, Belady's optimality, counters, and agreement with the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_runtime.belady import belady_misses, layer_keys, next_use
+from moe_runtime.cache import SlotCache
+from moe_runtime.loader import Loader
+from moe_runtime.policies import POLICIES, make_policy
+from moe_runtime.pool import SlotPool
+from moe_runtime.simulator import Prefetch, TimingModel, replay
+from moe_runtime.stats import RuntimeStats
+from moe_runtime.store import RamSource
+from moe_runtime.trace import Trace
+
+
+def _trace(ids, num_experts: int, sequences=None) -> Trace:
+    ids = np.asarray(ids, dtype=np.int16)
+    offsets = sequences or [0, ids.shape[0]]
+    return Trace(ids, np.ones_like(ids, dtype=np.float16), np.array(offsets), num_experts=num_experts, top_k=ids.shape[2])
+
+
+def test_next_use_indices():
+    assert next_use(np.array([5, 3, 5, 5, 3])).tolist() == [2, 4, 3, np.iinfo(np.int64).max, np.iinfo(np.int64).max]
+
+
+def test_belady_on_a_hand_made_stream():
+    # One layer, K = 1, 2 slots: a b c a b.  MIN: a b (miss, miss), c evicts b (a is used sooner), a hit, b miss.
+    keys = np.array([0, 1, 2, 0, 1])
+    assert belady_misses(keys, 1, 2) == 4
+    assert belady_misses(keys, 1, 3) == 3
+
+
+def test_lru_replay_on_a_hand_made_stream():
+    # One layer, K = 1, capacity 2: a b c a b -> LRU misses everything.
+    trace = _trace([[[0]], [[1]], [[2]], [[0]], [[1]]], num_experts=3)
+    result = replay(trace, make_policy("lru"), 2)
+    assert (result.hits, result.misses, result.loads) == (0, 5, 5)
+
+
+def test_global_pool_lru_evicts_the_next_layer_first():
+    """Two layers, K = 1, 3 slots: keys cycle 0, 2, 1, 3 (4 keys), so LRU always evicts the next one.
+
+    MIN: 3 cold misses, then 3 evicts 1 (used last), 0 and 2 hit, 1 misses, 3 hits: 5 misses."""
+    trace = _trace([[[0], [0]], [[1], [1]], [[0], [0]], [[1], [1]]], num_experts=2)
+    lru = replay(trace, make_policy("lru"), 3)
+    nxt = replay(trace, make_policy("next-use", num_layers=2, num_experts=2, capacity=3, top_k=1), 3)
+    optimum = belady_misses(layer_keys(trace.expert_ids, 2), 1, 3)
+    assert lru.misses == 8 and optimum == 5
+    assert optimum <= nxt.misses <= lru.misses
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    num_experts=st.integers(4, 9),
+    top_k=st.integers(1, 3),
+    layers=st.integers(1, 4),
+    extra=st.integers(0, 8),
+)
+def test_belady_is_never_worse_than_any_policy(seed, num_experts, top_k, layers, extra):
+    rng = np.random.default_rng(seed)
+    tokens = 30
+    ids = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(layers)]) for _ in range(tokens)])
+    trace = _trace(ids, num_experts, [0, 12, tokens])
+    capacity = top_k + extra
+    fit = _trace(ids[:10], num_experts)
+    optimum = belady_misses(layer_keys(trace.expert_ids, num_experts), top_k, capacity)
+    for name in POLICIES:
+        policy = make_policy(name, num_layers=layers, num_experts=num_experts, capacity=capacity, top_k=top_k, fit=fit)
+        result = replay(trace, policy, capacity, pinned=getattr(policy, "pinned", frozenset()))
+        assert result.misses >= optimum, name
+        assert result.hits + result.misses == tokens * layers * top_k
+
+
+def test_counters_add_up_with_prefetching(trace_paths):
+    from moe_runtime.predictor import make_predictor
+    from moe_runtime.trace import load_trace
+
+    fit, held_out = load_trace(trace_paths["summary"]).split(0.5)
+    held_out = held_out.select_sequences([0])
+    scores = make_predictor("affinity").fit(fit).forecast_trace(held_out, 1)
+    result = replay(held_out, make_policy("lru"), 400, prefetch=Prefetch(scores, 6, 1), timing=TimingModel())
+    assert result.hits + result.misses == held_out.num_tokens * 26 * 6
+    assert result.loads == result.misses + result.prefetch_loads
+    assert result.prefetch_hits + result.wasted_prefetches <= result.prefetch_loads
+    assert result.late_prefetches <= result.prefetch_hits
+    assert result.total_ms >= held_out.num_tokens * 26 * TimingModel().layer_ms  # never faster than compute
+
+
+def test_simulator_and_runtime_lru_agree(trace_paths):
+    """The same access stream through the simulator and the runtime's slot cache: same hits."""
+    from moe_runtime.trace import load_trace
+
+    trace = load_trace(trace_paths["intent"]).select_sequences([0, 1])
+    num_experts, capacity = trace.num_experts, 300
+    simulated = replay(trace, make_policy("lru"), capacity)
+    fused = [{"w": torch.zeros(num_experts, 1)} for _ in range(trace.num_layers)]
+    pool = SlotPool({"w": (1,)}, torch.float32, capacity, torch.device("cpu"))
+    stats = RuntimeStats(trace.num_layers)
+    cache = SlotCache(num_experts=num_experts, num_slots=capacity, policy=make_policy("lru"), loader=Loader(RamSource(fused), pool), stats=stats)
+    for token in trace.expert_ids.tolist():
+        for layer, experts in enumerate(token):
+            cache.start_layer(layer, experts)
+            cache.acquire(layer, experts)
+            cache.release(layer, experts)
+    assert stats.total().hits == simulated.hits and stats.total().misses == simulated.misses
+
+
+def test_capacity_below_top_k_is_refused():
+    trace = _trace([[[0, 1]]], num_experts=4)
+    with pytest.raises(ValueError, match="below top-k"):
+        replay(trace, make_policy("lru"), 1)
+
+
+def test_timing_model_validates():
+    assert TimingModel(expert_mb=25.0, h2d_gbps=25.0).load_ms == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        TimingModel(h2d_gbps=0)
