@@ -27,22 +27,26 @@ def next_use(keys: np.ndarray) -> np.ndarray:
 
 def belady_misses(keys: np.ndarray, group_size: int, capacity: int) -> int:
     """Misses of MIN with `capacity` slots on `keys` [N] (N = groups x group_size, in order)."""
-    following = next_use(keys).tolist()
-    keys = keys.tolist()
-    resident: dict[int, int] = {}  # key -> its next use
+    following = (-next_use(keys)).reshape(-1, group_size).tolist()  # negated: heapq is a min-heap
+    groups = keys.reshape(-1, group_size).tolist()
+    resident: dict[int, int] = {}  # key -> minus its next use
     heap: list[tuple[int, int]] = []  # (-next use, key); stale entries skipped
+    push = heapq.heappush
     misses = 0
-    for start in range(0, len(keys), group_size):
-        group = keys[start : start + group_size]
-        protected = set(group)
-        for offset, key in enumerate(group):
-            upcoming = following[start + offset]
+    limit = 4 * capacity + 64
+    for group, upcoming in zip(groups, following):
+        protected = None
+        for key, negative in zip(group, upcoming):
             if key not in resident:
                 misses += 1
                 if len(resident) >= capacity:
+                    protected = protected or set(group)
                     _evict_farthest(resident, heap, protected)
-            resident[key] = upcoming
-            heapq.heappush(heap, (-upcoming, key))
+            resident[key] = negative
+            push(heap, (negative, key))
+        if len(heap) > limit:  # drop stale entries so heap operations stay O(log S)
+            heap = [(negative, key) for key, negative in resident.items()]
+            heapq.heapify(heap)
     return misses
 
 
@@ -50,7 +54,7 @@ def _evict_farthest(resident: dict[int, int], heap: list, protected: set[int]) -
     kept = []
     while True:
         negative, key = heapq.heappop(heap)
-        if resident.get(key) != -negative:
+        if resident.get(key) != negative:
             continue  # stale
         if key in protected:
             kept.append((negative, key))
