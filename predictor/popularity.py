@@ -6,17 +6,15 @@ import numpy as np
 
 from moe_runtime.trace import Trace
 
-from .base import RoutingPredictor, one_hot_experts
+from .base import RoutingPredictor
+from .context import RoutingContext, context_from_trace
 
 
 class PopularityPredictor(RoutingPredictor):
     name = "popularity"
 
     def _fit(self, trace: Trace) -> None:
-        self.frequency = one_hot_experts(trace).mean(axis=0)  # [L, E]
+        self.frequency = (context_from_trace(trace, history=0).current > 0).mean(axis=0)  # [L, E]
 
-    def forecast_trace(self, trace: Trace, lookahead: int) -> np.ndarray:
-        self.check_shape(trace)
-        scores = np.zeros((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32)
-        scores[:, : trace.num_layers - lookahead] = self.frequency[lookahead:]
-        return scores
+    def predict_rows(self, layer: int, lookahead: int, context: RoutingContext) -> np.ndarray:
+        return np.broadcast_to(self.frequency[layer + lookahead], (context.num_rows, self.num_experts)).astype(np.float32)

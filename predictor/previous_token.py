@@ -10,7 +10,8 @@ import numpy as np
 
 from moe_runtime.trace import Trace
 
-from .base import RoutingPredictor, one_hot_experts, previous_token_rows
+from .base import RoutingPredictor
+from .context import RoutingContext
 from .popularity import PopularityPredictor
 
 
@@ -20,13 +21,6 @@ class PreviousTokenPredictor(RoutingPredictor):
     def _fit(self, trace: Trace) -> None:
         self.prior = PopularityPredictor().fit(trace)
 
-    def forecast_trace(self, trace: Trace, lookahead: int) -> np.ndarray:
-        self.check_shape(trace)
-        used = one_hot_experts(trace)
-        previous = previous_token_rows(trace)
-        scores = 1e-3 * self.prior.forecast_trace(trace, lookahead)
-        has_previous = previous >= 0
-        shifted = np.zeros_like(used)
-        shifted[has_previous] = used[previous[has_previous]]
-        scores[:, : trace.num_layers - lookahead] += shifted[:, lookahead:]
-        return scores
+    def predict_rows(self, layer: int, lookahead: int, context: RoutingContext) -> np.ndarray:
+        target = layer + lookahead
+        return context.previous[0, :, target] + 1e-3 * self.prior.frequency[target]

@@ -1,0 +1,91 @@
+"""Predictor files: one `.npz` holding the kind, the shape, the fitting fingerprints and the arrays.
+
+save_predictor(predictor, path) / load_predictor(path); a file of another shape or kind is
+refused with a clear error when used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .affinity import AffinityPredictor
+from .base import RoutingPredictor
+from .learned import LearnedPredictor
+from .popularity import PopularityPredictor
+from .previous_token import PreviousTokenPredictor
+
+
+def _arrays(predictor: RoutingPredictor) -> dict[str, np.ndarray]:
+    if isinstance(predictor, LearnedPredictor):
+        out = {f"weights_{d}": w for d, w in predictor.weights.items()}
+        out.update({f"affinity_{d}": t for d, t in predictor.affinity.tables.items()})
+        out["top_k"] = np.int64(predictor.affinity.top_k)
+        return out
+    if isinstance(predictor, AffinityPredictor):
+        return {**{f"affinity_{d}": t for d, t in predictor.tables.items()}, "top_k": np.int64(predictor.top_k)}
+    if isinstance(predictor, PreviousTokenPredictor):
+        return {"frequency": predictor.prior.frequency}
+    if isinstance(predictor, PopularityPredictor):
+        return {"frequency": predictor.frequency}
+    raise ValueError(f"the {predictor.name} predictor cannot be saved (it needs a live model)")
+
+
+def save_predictor(predictor: RoutingPredictor, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if predictor.num_layers is None:
+        raise ValueError("fit the predictor before saving it")
+    arrays = _arrays(predictor)
+    arrays.update(
+        kind=np.array(predictor.name),
+        num_layers=np.int64(predictor.num_layers),
+        num_experts=np.int64(predictor.num_experts),
+        fitted_on=np.array(sorted(predictor.fitted_on), dtype=str),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    os.replace(temporary, path)
+    return path
+
+
+def load_predictor(path: str | os.PathLike) -> RoutingPredictor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictor file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        kind = str(arrays["kind"])
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(f"{path}: not a predictor file ({error})") from None
+    tables = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("affinity_")}
+    if kind == "learned":
+        weights = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("weights_")}
+        predictor = LearnedPredictor(tuple(weights))
+        predictor.weights = weights
+        predictor.affinity.tables, predictor.affinity.top_k = tables, int(arrays["top_k"])
+        _shape(predictor.affinity, arrays)
+    elif kind == "affinity":
+        predictor = AffinityPredictor()
+        predictor.tables, predictor.top_k = tables, int(arrays["top_k"])
+    elif kind == "previous-token":
+        predictor = PreviousTokenPredictor()
+        predictor.prior = PopularityPredictor()
+        predictor.prior.frequency = arrays["frequency"]
+        _shape(predictor.prior, arrays)
+    elif kind == "popularity":
+        predictor = PopularityPredictor()
+        predictor.frequency = arrays["frequency"]
+    else:
+        raise ValueError(f"{path}: unknown predictor kind {kind!r}")
+    _shape(predictor, arrays)
+    predictor.fitted_on = set(str(x) for x in arrays["fitted_on"])
+    return predictor
+
+
+def _shape(predictor: RoutingPredictor, arrays: dict) -> None:
+    predictor.num_layers, predictor.num_experts = int(arrays["num_layers"]), int(arrays["num_experts"])
