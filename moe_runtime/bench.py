@@ -8,12 +8,13 @@ Belady's MIN and the two time bounds (compute only; max(compute, Belady loads x 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from .belady import belady_misses, layer_keys
 from .policies import POLICIES, make_policy
-from .predictor import PREDICTORS, make_predictor
+from .predictor import PREDICTORS, predictor_from
 from .simulator import Prefetch, TimingModel, replay
 from .trace import Trace
 
@@ -48,9 +49,9 @@ class BenchSettings:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))} or all")
-        unknown = [p for p in self.predictors if p != NO_PREDICTOR and p not in PREDICTORS]
+        unknown = [p for p in self.predictors if p != NO_PREDICTOR and p not in PREDICTORS and not Path(p).is_file()]
         if unknown:
-            raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(sorted(PREDICTORS))} or all")
+            raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(sorted(PREDICTORS))}, all, or a predictor file")
         if self.lookahead < 1:
             raise ValueError("lookahead must be at least 1 layer")
 
@@ -131,6 +132,12 @@ def belady_row(name: str, work: Workload, budget: float, settings: BenchSettings
     }
 
 
+def fitted_predictor(name_or_path: str, fit: Trace):
+    """A predictor file as saved, or a kind fitted on `fit`."""
+    predictor, fitted = predictor_from(name_or_path)
+    return predictor if fitted else predictor.fit(fit)
+
+
 def run_bench(
     traces: dict[str, Trace],
     settings: BenchSettings,
@@ -145,7 +152,7 @@ def run_bench(
     try:
         for name, item in work.items():
             forecasts[name] = {
-                predictor: make_predictor(predictor).fit(item.fit).forecast_trace(item.replay, settings.lookahead)
+                predictor: fitted_predictor(predictor, item.fit).forecast_trace(item.replay, settings.lookahead)
                 for predictor in settings.predictors
                 if predictor != NO_PREDICTOR
             }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,9 @@ class Runtime:
         device: torch.device,
         policy: str = "lru",
         home_device: torch.device = torch.device("cpu"),
+        forecaster=None,
+        prefetch_width: int | None = None,
+        prefetch_lookahead: int = 1,
     ):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
@@ -63,6 +67,9 @@ class Runtime:
             stats=self.stats,
         )
         self.compute_path = choose_path(device, source.dtype)
+        self.forecaster = forecaster
+        self.prefetch_width = prefetch_width or self.top_k
+        self.prefetch_lookahead = prefetch_lookahead
         self.stats.info = {
             "compute_path": self.compute_path,
             "device": str(device),
@@ -71,6 +78,8 @@ class Runtime:
             "bytes_per_expert": self.pool.bytes_per_slot,
             "policy": self.cache.policy.name,
             "host_tier": type(source).__name__,
+            "predictor": forecaster.predictor.name if forecaster else None,
+            "prefetch": f"top {self.prefetch_width} x {prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
@@ -79,11 +88,15 @@ class Runtime:
         """The experts' output [T, H] for one MoE layer, computed through the slot pool."""
         needed = torch.unique(top_k_index).tolist()
         self.cache.start_layer(layer, needed)
+        if self.forecaster is not None:
+            self.forecaster.observe(layer, top_k_index, top_k_weights, hidden)
         waves = self._waves(layer, needed)
         self.stats.layers[layer].waves += len(waves) - 1
         out = None
-        for wave in waves:
+        for number, wave in enumerate(waves):
             slots = self.cache.acquire(layer, wave)
+            if number == 0 and self.forecaster is not None:
+                self._prefetch_after(layer)  # copies overlap this layer's compute
             table = torch.full((self.num_experts,), -1, dtype=torch.long)
             table[wave] = torch.tensor(slots, dtype=torch.long)
             part = experts_from_slots(
@@ -99,6 +112,17 @@ class Runtime:
             out = part if out is None else out + part
             self.cache.release(layer, wave, self._compute_done())
         return out
+
+    def _prefetch_after(self, layer: int) -> None:
+        """Prefetch the top experts forecast for the next `prefetch_lookahead` layers."""
+        for lookahead in range(1, self.prefetch_lookahead + 1):
+            target = layer + lookahead
+            if target >= len(self.blocks):
+                break
+            scores = self.forecaster.forecast(layer, lookahead)
+            self.cache.policy.on_forecast(target, np.clip(scores, 0.0, 1.0))
+            ranked = np.argsort(-scores, kind="stable")[: self.prefetch_width]
+            self.cache.prefetch(target, [int(e) for e in ranked if scores[e] > 0])
 
     def _waves(self, layer: int, needed: list[int]) -> list[list[int]]:
         """Split a layer's experts into passes that fit the pool, resident experts first."""
@@ -180,7 +204,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def refuse_unavailable(**options) -> None:
     """Options whose implementation lands in a later version raise instead of being ignored."""
-    owners = {"predictor": "moe_runtime.predictor", "placement": "moe_runtime.placement", "profile": "pruning profiles"}
+    owners = {"placement": "moe_runtime.placement", "profile": "pruning profiles"}
     for name, value in options.items():
         if value is not None:
             raise NotImplementedError(f"wrap(..., {name}=...) is not available yet: {owners[name]} is not implemented in this version")
@@ -204,14 +228,19 @@ def wrap(
     predictor=None,
     placement=None,
     profile=None,
+    prefetch_width: int | None = None,
+    prefetch_lookahead: int = 1,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
 
     budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
     host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
     needs `store_dir`, where the rest is written once and read back on demand.
+    predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
+    after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
+    the next `prefetch_lookahead` layers are prefetched.
     """
-    refuse_unavailable(predictor=predictor, placement=placement, profile=profile)
+    refuse_unavailable(placement=placement, profile=profile)
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
     adapter = adapter_for(model)
@@ -222,9 +251,32 @@ def wrap(
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     source = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
-    runtime = Runtime(model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home)
+    forecaster = live_forecaster(predictor, model, blocks)
+    runtime = Runtime(
+        model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
+        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
+    )
     runtime.install(model)
     return model
+
+
+def live_forecaster(predictor, model: nn.Module, blocks: list[MoEBlock]):
+    """A LiveForecaster for `predictor`: a kind name, a fitted predictor file, or an instance."""
+    if predictor is None:
+        return None
+    from .predictor import CrossLayerGatePredictor, LiveForecaster, predictor_from
+
+    if predictor == CrossLayerGatePredictor.name:
+        instance = CrossLayerGatePredictor(model)
+    else:
+        instance, fitted = predictor_from(predictor)
+        if not fitted:
+            raise ValueError(
+                f"the {instance.name} predictor must be fitted on traces of this model first: "
+                f"moe-runtime predictor fit TRACE --kind {instance.name} --out P.npz, then predictor='P.npz' "
+                "(or predictor='cross-layer-gate', which needs no fitting)"
+            )
+    return LiveForecaster(instance, len(blocks), blocks[0].num_experts)
 
 
 def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:

@@ -12,8 +12,10 @@ from pathlib import Path
 from .affinity import AffinityPredictor
 from .base import RoutingPredictor
 from .context import RoutingContext, context_from_trace
+from .cross_layer import CrossLayerGatePredictor
 from .evaluation import evaluate
 from .learned import LearnedPredictor
+from .live import LiveForecaster
 from .popularity import PopularityPredictor
 from .previous_token import PreviousTokenPredictor
 from .storage import load_predictor, save_predictor
@@ -41,7 +43,9 @@ def predictor_from(name_or_path: str | os.PathLike | RoutingPredictor) -> tuple[
 __all__ = [
     "PREDICTORS",
     "AffinityPredictor",
+    "CrossLayerGatePredictor",
     "LearnedPredictor",
+    "LiveForecaster",
     "PopularityPredictor",
     "PreviousTokenPredictor",
     "RoutingContext",

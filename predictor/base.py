@@ -30,6 +30,7 @@ def sequence_fingerprints(trace: Trace) -> set[str]:
 
 class RoutingPredictor(ABC):
     name: ClassVar[str]
+    needs_hidden: ClassVar[bool] = False  # reads router input hidden states (live models only)
 
     def __init__(self) -> None:
         self.num_layers: int | None = None

@@ -2,7 +2,8 @@
 
 current [N, L, E]: gate weights of the N tokens in flight at every layer (only layers <= l are
 read); previous [P, N, L, E]: one-hot routing of the P tokens before each of them in its
-sequence (zeros where there is none); hidden [N, H]: router input at layer l (live models only).
+sequence (zeros where there is none); hidden [N, L, H]: router inputs (only for predictors that
+read hidden states, e.g. the cross-layer gate; from traces recorded with router_inputs=True).
 Built all at once from a trace (evaluation, simulator) or step by step in a live model.
 """
 
@@ -21,7 +22,7 @@ HISTORY = 3  # previous tokens a predictor may read
 class RoutingContext:
     current: np.ndarray  # [N, L, E] float32 gate weights (0 where not chosen)
     previous: np.ndarray  # [P, N, L, E] float32 one-hot of the p-th previous token
-    hidden: np.ndarray | None = None  # [N, H] router input of the layer just finished
+    hidden: np.ndarray | None = None  # [N, L, H] router inputs
 
     @property
     def num_rows(self) -> int:
@@ -51,4 +52,5 @@ def context_from_trace(trace: Trace, history: int = HISTORY) -> RoutingContext:
         rows = np.where(rows >= 0, step[np.maximum(rows, 0)], -1)
         has = rows >= 0
         previous[p, has] = chosen[rows[has]]
-    return RoutingContext(current, previous)
+    hidden = None if trace.router_inputs is None else trace.router_inputs.astype(np.float32)
+    return RoutingContext(current, previous, hidden)

@@ -118,3 +118,19 @@ def test_bench_with_fit_traces_and_bad_input(trace_paths, tmp_path):
     np.savez(bad, expert_ids=np.zeros((4, 2, 2), dtype=np.int16), gate_weights=np.zeros((4, 2, 2), dtype=np.float16), seq_offsets=np.array([0, 4]), num_experts=np.int64(2), top_k=np.int64(3))
     result = run_cli("bench", str(bad), check=False)
     assert result.returncode == 2 and "top_k = 3 but expert_ids has 2" in result.stderr
+
+
+def test_predictor_fit_then_eval_on_held_out_sequences(trace_paths, tmp_path):
+    from moe_runtime.trace import load_trace
+
+    fit, held_out = load_trace(trace_paths["summary"]).split(0.5)
+    fit_path, held_path, out = fit.save(tmp_path / "fit.npz"), held_out.save(tmp_path / "held.npz"), tmp_path / "learned.npz"
+    summary = json.loads(run_cli("predictor", "fit", str(fit_path), "--kind", "learned", "--out", str(out), "--lookahead", "1,2", "--json").stdout)
+    assert summary["fit_seconds"] < 300 and out.is_file()
+    report = json.loads(run_cli("predictor", "eval", str(out), str(held_path), "--lookahead", "1,2", "--m", "K,2K", "--json").stdout)
+    rows = {(r["lookahead"], r["m"]): r for r in report["results"]}
+    assert set(rows) == {(1, 6), (1, 12), (2, 6), (2, 12)}
+    assert rows[(1, 12)]["recall"] >= rows[(1, 6)]["recall"] > 0.5
+    assert len(rows[(1, 6)]["per_layer_recall"]) == 25
+    refused = run_cli("predictor", "eval", str(out), str(fit_path), check=False)
+    assert refused.returncode == 2 and "used to fit this predictor" in refused.stderr
