@@ -45,6 +45,41 @@ DEMO_PROMPTS = (
 )
 
 
+# Prompt sets of three "tasks" for the embedded model (profiles, retrieval and quality figures).
+EMBEDDED_TASKS: dict[str, tuple[str, ...]] = {
+    "translate": (
+        "Translate to French: the weather is lovely today and the market is open.",
+        "Translate to French: where is the nearest train station, please?",
+        "Translate to French: my brother bought three apples and a loaf of bread.",
+        "Translate to French: the museum closes at six on Sundays.",
+        "Translate to French: we would like a table for four near the window.",
+        "Translate to French: the children are playing in the garden after school.",
+        "Translate to French: please send me the report before Friday morning.",
+        "Translate to French: the river flooded the village last spring.",
+    ),
+    "code": (
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+        "for (int i = 0; i < count; ++i) {\n    total += values[i] * weights[i];\n}\n",
+        "import numpy as np\nx = np.arange(10)\nprint(x.reshape(2, 5).sum(axis=0))\n",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)\n",
+        "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;",
+        "fn main() {\n    let v: Vec<u32> = (1..=5).collect();\n    println!(\"{:?}\", v);\n}\n",
+        "while queue:\n    node = queue.pop(0)\n    for child in node.children:\n        queue.append(child)\n",
+        "const total = items.reduce((sum, item) => sum + item.price, 0);",
+    ),
+    "legal": (
+        "The defendant argued that the contract was void because the clause was never signed.",
+        "Pursuant to section 4(b), the lessee shall indemnify the lessor against all claims.",
+        "The court held that the statute of limitations had expired before the filing date.",
+        "Notwithstanding the foregoing, either party may terminate this agreement upon notice.",
+        "The appellant contends that the trial judge erred in admitting the hearsay evidence.",
+        "Any dispute arising under this agreement shall be resolved by binding arbitration.",
+        "The plaintiff seeks damages for breach of fiduciary duty and unjust enrichment.",
+        "The parties hereby agree that the governing law shall be that of the State of New York.",
+    ),
+}
+
+
 def cache_root() -> Path:
     """Where built artefacts live: $MOE_RUNTIME_CACHE, else ~/.cache/moe-runtime."""
     return Path(os.environ.get("MOE_RUNTIME_CACHE", Path.home() / ".cache" / "moe-runtime"))

@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .runtime import Runtime, live_forecaster, refuse_unavailable, resolve_device
+from .runtime import Runtime, live_forecaster, refuse_unavailable, resolve_device, router_mask
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -37,15 +37,16 @@ def from_pretrained(
     profile=None,
     prefetch_width: int | None = None,
     prefetch_lookahead: int = 1,
+    profiles_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
 
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead: as for `wrap`.
+    prefetch_lookahead, profile, profiles_dir: as for `wrap`.
     """
-    refuse_unavailable(placement=placement, profile=profile)
+    refuse_unavailable(placement=placement)
     checkpoint = CheckpointDir(path)
     config = checkpoint.config()
     adapter = adapter_for(config)
@@ -63,9 +64,10 @@ def from_pretrained(
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
     forecaster = live_forecaster(predictor, model, blocks)
+    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy,
-        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
+        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
     )
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)

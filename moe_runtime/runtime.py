@@ -44,6 +44,7 @@ class Runtime:
         forecaster=None,
         prefetch_width: int | None = None,
         prefetch_lookahead: int = 1,
+        mask=None,
     ):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
@@ -55,7 +56,9 @@ class Runtime:
         self.top_k = blocks[0].top_k
         self.layout = ExpertLayout.of(blocks[0].experts)
         self.gates = [block.experts._apply_gate for block in blocks]
-        self.num_slots = slots_for_budget(budget, source, len(blocks) * self.num_experts, self.top_k)
+        self.mask = mask  # a pruning profile's router mask, or None
+        routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
+        self.num_slots = slots_for_budget(budget, source, routed, self.top_k)
         self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
@@ -81,6 +84,7 @@ class Runtime:
             "predictor": forecaster.predictor.name if forecaster else None,
             "prefetch": f"top {self.prefetch_width} x {prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
+        self.stats.describe_profile = self.profile_info
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
     # ------------------------------------------------------------------ forward
@@ -138,6 +142,18 @@ class Runtime:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    def profile_info(self) -> dict:
+        if self.mask is None:
+            return {}
+        total = len(self.blocks) * self.num_experts
+        kept = self.mask.kept_experts()
+        return {
+            "profile": self.mask.profile.task if self.mask.profile else "auto (not chosen yet)",
+            "pruned_experts": None if kept is None else total - kept,
+            "kept_experts": kept,
+            "profile_match_scores": self.mask.match_scores,
+        }
+
     def prefetch(self, layer: int, experts) -> int:
         """Start background loads of `experts` of MoE layer `layer` (for predictors)."""
         return self.cache.prefetch(layer, [int(e) for e in experts])
@@ -171,6 +187,8 @@ class Runtime:
             experts._parameters[name] = nn.Parameter(fused, requires_grad=False)
 
     def close(self) -> None:
+        if self.mask is not None:
+            self.mask.close()
         for ticket in list(self.cache.tickets.values()):
             ticket._done.wait()
         self._closer()
@@ -204,7 +222,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def refuse_unavailable(**options) -> None:
     """Options whose implementation lands in a later version raise instead of being ignored."""
-    owners = {"placement": "moe_runtime.placement", "profile": "pruning profiles"}
+    owners = {"placement": "moe_runtime.placement"}
     for name, value in options.items():
         if value is not None:
             raise NotImplementedError(f"wrap(..., {name}=...) is not available yet: {owners[name]} is not implemented in this version")
@@ -230,6 +248,7 @@ def wrap(
     profile=None,
     prefetch_width: int | None = None,
     prefetch_lookahead: int = 1,
+    profiles_dir: str | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
 
@@ -239,8 +258,11 @@ def wrap(
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.
+    profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
+    ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
+    one of `profiles_dir`'s profiles from the first request's routing.
     """
-    refuse_unavailable(placement=placement, profile=profile)
+    refuse_unavailable(placement=placement)
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
     adapter = adapter_for(model)
@@ -252,12 +274,32 @@ def wrap(
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     source = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
     forecaster = live_forecaster(predictor, model, blocks)
+    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
-        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
+        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
     )
     runtime.install(model)
     return model
+
+
+def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):
+    """A RouterMask for `profile` (a path, a PruningProfile, or "auto" with `profiles_dir`)."""
+    if profile is None:
+        return None
+    from .pruning import PruningProfile, RouterMask, load_profile, load_profiles
+
+    shape = (len(blocks), blocks[0].num_experts, blocks[0].top_k, model.config.model_type)
+    if profile == "auto":
+        if profiles_dir is None:
+            raise ValueError("profile='auto' needs profiles_dir=... holding the candidate profiles")
+        candidates = load_profiles(profiles_dir)
+        for candidate in candidates:
+            candidate.check_shape(*shape)
+        return RouterMask(adapter, blocks, None, candidates)
+    profile = profile if isinstance(profile, PruningProfile) else load_profile(profile)
+    profile.check_shape(*shape)
+    return RouterMask(adapter, blocks, profile)
 
 
 def live_forecaster(predictor, model: nn.Module, blocks: list[MoEBlock]):

@@ -40,6 +40,7 @@ class RuntimeStats:
     def __init__(self, num_layers: int):
         self.layers = [LayerCounters() for _ in range(num_layers)]
         self.info: dict = {}
+        self.describe_profile = dict  # the runtime sets a callable giving the pruning profile's figures
 
     def reset(self) -> None:
         self.layers = [LayerCounters() for _ in self.layers]
@@ -54,4 +55,5 @@ class RuntimeStats:
         out = self.total().as_dict()
         out["per_layer"] = [layer.as_dict() for layer in self.layers]
         out.update(self.info)
+        out.update(self.describe_profile())
         return out

@@ -134,3 +134,32 @@ def test_predictor_fit_then_eval_on_held_out_sequences(trace_paths, tmp_path):
     assert len(rows[(1, 6)]["per_layer_recall"]) == 25
     refused = run_cli("predictor", "eval", str(out), str(fit_path), check=False)
     assert refused.returncode == 2 and "used to fit this predictor" in refused.stderr
+
+
+def test_profile_make_match_and_eval(trace_paths, tmp_path):
+    from moe_runtime.trace import load_trace
+
+    fits = {}
+    for task in ("law", "translation"):
+        fit, held = load_trace(trace_paths[task]).split(0.5)
+        fits[task] = (fit.save(tmp_path / f"{task}-fit.npz"), held.save(tmp_path / f"{task}-held.npz"))
+        made = json.loads(run_cli("profile", str(fits[task][0]), "--task", task, "--keep", "0.5", "--out", str(tmp_path / f"{task}.json"), "--json").stdout)
+        assert made["kept_share"] == 0.5 and min(made["kept_per_layer"]) >= 6
+    profiles = [str(tmp_path / "law.json"), str(tmp_path / "translation.json")]
+    matches = json.loads(run_cli("profile", "match", *profiles, "--trace", str(fits["law"][1]), "--tokens", "16", "--json").stdout)["matches"]
+    assert [m["task"] for m in matches] == ["law"] * len(matches)
+    figures = json.loads(run_cli("profile", "eval", profiles[0], "--trace", str(fits["law"][1]), "--json").stdout)
+    assert 0.6 < figures["retained_gate_mass"] <= 1 and 0 < figures["selection_coverage"] <= 1
+    refused = run_cli("profile", "eval", profiles[0], "--trace", str(tmp_path / "other-shape.npz"), check=False)
+    assert refused.returncode == 2 and "no trace file" in refused.stderr
+
+
+def test_info_reports_what_a_profile_keeps():
+    from moe_runtime.embedded import embedded_model_dir
+    from moe_runtime.profiles import PROFILES_DIR
+
+    info = json.loads(run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "embedded-olmoe-v1" / "code.json"), "--json").stdout)
+    assert info["kept_experts"] == 96 and info["pruned_experts"] == 96
+    assert info["kept_expert_bytes"] == info["total_expert_bytes"] // 2
+    refused = run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "esft-vanilla-lite" / "law.json"), check=False)
+    assert refused.returncode == 2 and "made for (L, E, K) = (26, 64, 6)" in refused.stderr

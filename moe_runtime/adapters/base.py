@@ -109,6 +109,26 @@ class MoEAdapter:
     checkpoint_down: ClassVar[str] = "down_proj.weight"
     # (model-name fragment, checkpoint-name fragment) pairs: how save_pretrained renames modules.
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The top-k rule of the softmax families: renormalise the top-k (None: as router.norm_topk_prob)
+    # and cast the weights to the logits' dtype.
+    always_renormalise: ClassVar[bool | None] = None
+    cast_weights: ClassVar[bool] = True
+
+    def select(self, router: nn.Module, logits: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's choice (top_k_weights [T, K], top_k_index [T, K]) from its logits [T, E],
+        among the `keep` experts only (bool [E]; None = all).
+
+        The family's own rule, applied to logits with pruned experts at -inf (used by pruning
+        profiles; with keep=None it reproduces the router's output exactly, which tests check).
+        """
+        if keep is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
+        probabilities = torch.softmax(logits.float(), dim=-1)
+        weights, index = torch.topk(probabilities, router.top_k, dim=-1)
+        renormalise = self.always_renormalise if self.always_renormalise is not None else router.norm_topk_prob
+        if renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights.to(logits.dtype) if self.cast_weights else weights), index
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "model", model)

@@ -12,3 +12,5 @@ class MixtralAdapter(MoEAdapter):
     checkpoint_gate_up = ("w1.weight", "w3.weight")
     checkpoint_down = "w2.weight"
     checkpoint_renames = ((".mlp.", ".block_sparse_moe."),)
+    always_renormalise = True
+    cast_weights = False
