@@ -86,26 +86,25 @@ class SimResult:
 class CopyEngine:
     """One host-to-device copy engine: demand loads jump ahead of queued prefetches."""
 
-    def __init__(self, load_ms: float):
-        self.load_ms = load_ms
+    def __init__(self):
         self.queue: deque[list] = deque()  # [key, start, end] of prefetches not yet finished
         self.busy_until = 0.0  # end of the last transfer scheduled
 
-    def prefetch(self, key: int, now: float) -> float:
+    def prefetch(self, key: int, now: float, duration: float) -> float:
         start = max(now, self.busy_until)
-        self.busy_until = start + self.load_ms
+        self.busy_until = start + duration
         self.queue.append([key, start, self.busy_until])
         return self.busy_until
 
-    def demand(self, count: int, now: float, ready: dict[int, float]) -> float:
-        """Load `count` missed experts now; queued prefetches not yet started move back."""
+    def demand(self, duration: float, now: float, ready: dict[int, float]) -> float:
+        """Load missed experts taking `duration` ms now; queued prefetches not yet started move back."""
         while self.queue and self.queue[0][2] <= now:
             self.queue.popleft()
         in_flight_end = now
         if self.queue and self.queue[0][1] <= now:
             in_flight_end = self.queue[0][2]
-        done = in_flight_end + count * self.load_ms
-        delay = count * self.load_ms
+        done = in_flight_end + duration
+        delay = duration
         for item in self.queue:
             if item[1] > now:
                 item[1] += delay
@@ -124,8 +123,15 @@ def replay(
     prefetch: Prefetch | None = None,
     pinned: frozenset[int] = frozenset(),
     per_layer: bool = False,
+    load_ms_of: np.ndarray | None = None,
+    bypass: frozenset[int] = frozenset(),
+    miss_counts: np.ndarray | None = None,
 ) -> SimResult:
-    """Replay `trace` through `policy` with `capacity` slots (per layer when `per_layer`)."""
+    """Replay `trace` through `policy` with `capacity` slots (per layer when `per_layer`).
+
+    load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more), default the
+    timing model's; bypass: experts loaded on use but not kept after their layer (host tier).
+    """
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if per_layer:
         return _replay_per_layer(trace, policy, capacity, timing)
@@ -142,7 +148,8 @@ def replay(
     resident: set[int] = set()  # pinned experts load at first use (counted), then never leave
     prefetched: set[int] = set()
     ready: dict[int, float] = {}
-    engine = CopyEngine(timing.load_ms)
+    engine = CopyEngine()
+    cost = [timing.load_ms] * (num_layers * num_experts) if load_ms_of is None else np.asarray(load_ms_of, dtype=float).tolist()
     now = 0.0
     for index, group in enumerate(groups):
         token, layer = divmod(index, num_layers)
@@ -150,6 +157,7 @@ def replay(
         protected = set(group)
         evictable = lambda key: key not in protected and key not in pinned  # noqa: E731
         misses = 0
+        miss_ms = 0.0
         latest_ready = now
         for key in group:
             if key in resident:
@@ -163,6 +171,9 @@ def replay(
                         latest_ready = max(latest_ready, ready[key])
             else:
                 misses += 1
+                miss_ms += cost[key]
+                if miss_counts is not None:
+                    miss_counts[key] += 1
                 if len(resident) >= capacity:
                     _evict(policy, evictable, resident, prefetched, result)
                 resident.add(key)
@@ -171,7 +182,11 @@ def replay(
         result.misses += misses
         result.loads += misses
         if misses:
-            latest_ready = max(latest_ready, engine.demand(misses, now, ready))
+            latest_ready = max(latest_ready, engine.demand(miss_ms, now, ready))
+        for key in bypass.intersection(group):  # host-tier experts do not stay
+            if key in resident:
+                policy.on_evict(key)
+                resident.discard(key)
         result.stall_ms += latest_ready - now
         now = latest_ready + timing.layer_ms
         if top is not None and layer + prefetch.lookahead < num_layers:
@@ -190,7 +205,7 @@ def replay(
                 resident.add(key)
                 prefetched.add(key)
                 policy.on_insert(key)
-                ready[key] = engine.prefetch(key, now)
+                ready[key] = engine.prefetch(key, now, cost[key])
                 result.loads += 1
                 result.prefetch_loads += 1
     result.wasted_prefetches += len(prefetched)
