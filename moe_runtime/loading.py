@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .runtime import Runtime, live_forecaster, refuse_unavailable, resolve_device, router_mask
+from .runtime import Runtime, live_forecaster, pinned_experts, resolve_device, router_mask
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -44,9 +44,9 @@ def from_pretrained(
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, profile, profiles_dir: as for `wrap`.
+    prefetch_lookahead, placement, profile, profiles_dir: as for `wrap`.
     """
-    refuse_unavailable(placement=placement)
+
     checkpoint = CheckpointDir(path)
     config = checkpoint.config()
     adapter = adapter_for(config)
@@ -68,6 +68,7 @@ def from_pretrained(
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
+        pinned=pinned_experts(placement, blocks),
     )
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)

@@ -45,6 +45,7 @@ class Runtime:
         prefetch_width: int | None = None,
         prefetch_lookahead: int = 1,
         mask=None,
+        pinned: list[int] = (),
     ):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
@@ -68,7 +69,13 @@ class Runtime:
             policy=make_policy(policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k),
             loader=self.loader,
             stats=self.stats,
+            pinned=pinned,
         )
+        if len(pinned) + self.top_k > self.num_slots:
+            raise ValueError(
+                f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
+                f"short by {len(pinned) + self.top_k - self.num_slots} slots (pinned + top-k must fit)"
+            )
         self.compute_path = choose_path(device, source.dtype)
         self.forecaster = forecaster
         self.prefetch_width = prefetch_width or self.top_k
@@ -164,6 +171,16 @@ class Runtime:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         model.to(self.device)
         setattr(model, RUNTIME_ATTR, self)
+        self._load_pinned()
+
+    def _load_pinned(self) -> None:
+        """Pinned experts (a placement plan's) are loaded once, up front, and never evicted."""
+        for layer in range(len(self.blocks)):
+            experts = [key - layer * self.num_experts for key in sorted(self.cache.pinned) if key // self.num_experts == layer]
+            if experts:
+                self.cache.acquire(layer, experts)
+                self.cache.release(layer, experts)
+        self.stats.reset()
 
     def remove(self, model: nn.Module) -> None:
         for block in self.blocks:
@@ -220,12 +237,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def refuse_unavailable(**options) -> None:
-    """Options whose implementation lands in a later version raise instead of being ignored."""
-    owners = {"placement": "moe_runtime.placement"}
-    for name, value in options.items():
-        if value is not None:
-            raise NotImplementedError(f"wrap(..., {name}=...) is not available yet: {owners[name]} is not implemented in this version")
+def pinned_experts(placement, blocks: list[MoEBlock]) -> list[int]:
+    """Cache keys a placement plan pins (a tiering plan's "pinned" tier); refuses other shapes.
+
+    A multi-GPU plan needs its GPUs: it is refused on a machine with fewer, and running experts
+    across several devices is not implemented yet (said, never silently run on one device).
+    """
+    if placement is None:
+        return []
+    from .placement import check_plan_shape, load_plan
+
+    plan = load_plan(placement)
+    num_experts = blocks[0].num_experts
+    check_plan_shape(plan, len(blocks), num_experts)
+    if plan["kind"] == "multi_gpu":
+        available = torch.cuda.device_count()
+        if available < plan["gpus"]:
+            raise ValueError(f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available}")
+        raise NotImplementedError("running a multi-GPU placement plan is not implemented yet: use a tiering plan")
+    return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, tier in enumerate(row) if tier == "pinned"]
 
 
 def runtime_of(model: nn.Module) -> Runtime:
@@ -258,11 +288,12 @@ def wrap(
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.
+    placement: a tiering plan (path or dict from `moe-runtime place`): its pinned experts are loaded
+    up front and never evicted.
     profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
     """
-    refuse_unavailable(placement=placement)
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
     adapter = adapter_for(model)
@@ -278,6 +309,7 @@ def wrap(
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
+        pinned=pinned_experts(placement, blocks),
     )
     runtime.install(model)
     return model

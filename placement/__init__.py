@@ -1,1 +1,90 @@
-"""Expert placement (issue 6): affinity statistics from traces, integer programs, placement plans."""
+"""Expert placement from routing traces: affinity statistics, integer programs, plans.
+
+Imported as `moe_runtime.placement`. `place_multi_gpu(trace, gpus)` partitions experts across
+devices to keep consecutive-layer transitions local (ExFlow's problem); `place_tiering(trace, ...)`
+chooses pinned / dynamic / host / disk per expert; plans are JSON (plan.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_runtime.trace import Trace
+
+from .affinity import RoutingStatistics, cut_fraction, routing_statistics
+from .partition import Partition, partition
+from .plan import check_plan_shape, load_plan, save_plan, validate_plan
+from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
+
+
+def naive_placement(num_layers: int, num_experts: int, gpus: int) -> np.ndarray:
+    """Expert i of every layer on device i // (E / G)."""
+    return np.repeat((np.arange(num_experts) // (num_experts // gpus))[None], num_layers, axis=0)
+
+
+def _shape(trace: Trace) -> dict:
+    return {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "top_k": trace.top_k, "model_type": trace.model_type}
+
+
+def place_multi_gpu(trace: Trace, gpus: int, method: str = "auto", time_limit: float = 10.0, sources=()) -> dict:
+    """A multi-GPU plan for the model that produced `trace`."""
+    stats = routing_statistics(trace)
+    result = partition(stats.transitions, gpus, method, time_limit=time_limit)
+    return {
+        "kind": "multi_gpu",
+        "gpus": gpus,
+        "device_of": result.device_of.tolist(),
+        "method": result.method,
+        "cut_fraction": result.cut_fraction,
+        "random_cut_fraction": 1 - 1 / gpus,
+        "naive_cut_fraction": cut_fraction(naive_placement(trace.num_layers, trace.num_experts, gpus), stats.transitions),
+        "solver_status": result.solver_status,
+        "gap": result.gap,
+        "seconds": result.seconds,
+        "shape": _shape(trace),
+        "traces": list(sources),
+    }
+
+
+def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCosts, *, compute_ms_per_token: float = 0.0, time_limit: float = 5.0, sources=()) -> dict:
+    """A single-GPU tiering plan: pinned / dynamic / host / disk per expert."""
+    result = plan_tiering(
+        tiering_inputs(trace), (trace.num_layers, trace.num_experts, trace.top_k), gpu_slots, host_experts, costs,
+        time_limit=time_limit, compute_ms_per_token=compute_ms_per_token,
+    )
+    return {
+        "kind": "tiering",
+        "tier_of": result.tier_of,
+        "dynamic_slots": result.dynamic_slots,
+        "gpu_slots": gpu_slots,
+        "host_experts": host_experts,
+        "modelled_stall_ms_per_token": result.objective_ms,
+        "method": result.method,
+        "solver": result.solver,
+        "solver_status": result.status,
+        "gap": result.gap,
+        "seconds": result.seconds,
+        "shape": _shape(trace),
+        "traces": list(sources),
+    }
+
+
+__all__ = [
+    "TIERS",
+    "Partition",
+    "RoutingStatistics",
+    "TierCosts",
+    "Tiering",
+    "check_plan_shape",
+    "cut_fraction",
+    "load_plan",
+    "naive_placement",
+    "partition",
+    "place_multi_gpu",
+    "place_tiering",
+    "plan_tiering",
+    "routing_statistics",
+    "save_plan",
+    "tiering_inputs",
+    "validate_plan",
+]

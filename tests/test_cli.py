@@ -163,3 +163,14 @@ def test_info_reports_what_a_profile_keeps():
     assert info["kept_expert_bytes"] == info["total_expert_bytes"] // 2
     refused = run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "esft-vanilla-lite" / "law.json"), check=False)
     assert refused.returncode == 2 and "made for (L, E, K) = (26, 64, 6)" in refused.stderr
+
+
+def test_place_writes_plans_and_refuses_infeasible_budgets(trace_paths, tmp_path):
+    out = tmp_path / "plan.json"
+    plan = json.loads(run_cli("place", str(trace_paths["summary"]), "--gpus", "2", "--eval", str(trace_paths["intent"]), "--out", str(out), "--json").stdout)
+    assert plan["kind"] == "multi_gpu" and plan["method"] == "search" and plan["cut_fraction"] < plan["naive_cut_fraction"]
+    assert "held_out_cut_fraction" in plan and json.loads(out.read_text())["gpus"] == 2
+    refused = run_cli("place", str(trace_paths["summary"]), "--gpus", "3", "--out", str(out), check=False)
+    assert refused.returncode == 2 and "G must divide E" in refused.stderr
+    refused = run_cli("place", str(trace_paths["summary"]), "--gpu-budget", "4", "--host-budget", "0.5", "--out", str(out), check=False)
+    assert refused.returncode == 2 and "fewer than top-k = 6: short by 2" in refused.stderr

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench_cmd, demo, generate, inspect_cmds, predictor_cmds, profile_cmds, trace_cmds
+from . import bench_cmd, demo, generate, inspect_cmds, place_cmd, predictor_cmds, profile_cmds, trace_cmds
 
-COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, bench_cmd, predictor_cmds, profile_cmds, demo)
+COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, bench_cmd, predictor_cmds, place_cmd, profile_cmds, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,73 @@
+"""`moe-runtime place TRACE ... (--gpus G | --gpu-budget X --host-budget Y) --out PLAN.json`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ..placement import TierCosts, check_plan_shape, cut_fraction, place_multi_gpu, place_tiering, routing_statistics, save_plan
+from ..simulator import TimingModel
+from ..trace import load_traces
+from .output import console, key_value_table, print_json
+
+
+def add_parsers(subparsers) -> None:
+    place = subparsers.add_parser("place", help="place experts across GPUs or tiers from routing traces (integer programs)")
+    place.add_argument("traces", nargs="+", help="traces to measure routing on")
+    place.add_argument("--gpus", type=int, help="multi-GPU plan over G devices")
+    place.add_argument("--gpu-budget", help="tiering plan: GPU slots, as a share of all experts (0.25) or a count (416)")
+    place.add_argument("--host-budget", help="tiering plan: experts host RAM holds, as a share or a count")
+    place.add_argument("--method", default="auto", choices=("auto", "ilp", "exact", "search"), help="multi-GPU method")
+    place.add_argument("--time-limit", type=float, default=10.0, help="seconds for the solver")
+    place.add_argument("--eval", nargs="+", help="held-out traces to report the plan's cut fraction on")
+    place.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb)
+    place.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps)
+    place.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (default: an NVMe SSD)")
+    place.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms)
+    place.add_argument("--out", required=True)
+    place.add_argument("--json", action="store_true")
+    place.set_defaults(run=run_place)
+
+
+def _experts(text: str, total: int, name: str) -> int:
+    value = float(text)
+    count = int(round(value * total)) if value <= 1 and "." in text else int(value)
+    if count < 0:
+        raise ValueError(f"--{name} must not be negative")
+    return count
+
+
+def run_place(args: argparse.Namespace) -> int:
+    if (args.gpus is None) == (args.gpu_budget is None):
+        raise ValueError("choose one plan: --gpus G (multi-GPU) or --gpu-budget X --host-budget Y (tiering)")
+    trace = load_traces(args.traces)
+    sources = [Path(p).name for p in args.traces]
+    if args.gpus is not None:
+        plan = place_multi_gpu(trace, args.gpus, args.method, args.time_limit, sources)
+        if args.eval:
+            held_out = load_traces(args.eval)
+            check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+            plan["held_out_cut_fraction"] = cut_fraction(np.asarray(plan["device_of"]), routing_statistics(held_out).transitions)
+    else:
+        if args.host_budget is None:
+            raise ValueError("a tiering plan needs --host-budget as well as --gpu-budget")
+        total = trace.num_layers * trace.num_experts
+        timing = TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms)
+        costs = TierCosts(timing.load_ms, args.expert_mb * 1e6 / (args.disk_gbps * 1e9) * 1e3)
+        plan = place_tiering(
+            trace, _experts(args.gpu_budget, total, "gpu-budget"), _experts(args.host_budget, total, "host-budget"), costs,
+            compute_ms_per_token=trace.num_layers * args.layer_ms, time_limit=args.time_limit, sources=sources,
+        )
+    path = save_plan(plan, args.out)
+    summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of")}
+    summary["out"] = str(path)
+    if plan["kind"] == "tiering":
+        flat = [tier for row in plan["tier_of"] for tier in row]
+        summary["experts_per_tier"] = {tier: flat.count(tier) for tier in ("pinned", "dynamic", "host", "disk")}
+    if args.json:
+        print_json(summary)
+    else:
+        console.print(key_value_table(f"{plan['kind']} plan -> {path}", summary))
+    return 0

@@ -1,0 +1,81 @@
+"""Placement plans as JSON: what the `place` command writes and `wrap(placement=...)` follows.
+
+{"kind": "multi_gpu", "device_of": [[device of each expert] per MoE layer], "method": ...,
+ "cut_fraction": ..., ...} or {"kind": "tiering", "tier_of": [[tier per expert] per layer],
+ "dynamic_slots": N, ...}; both carry "shape": {"num_layers", "num_experts", "top_k"} and the
+traces they were made from. A plan for another model shape is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .tiering import TIERS
+
+KINDS = ("multi_gpu", "tiering")
+
+
+def validate_plan(plan: dict) -> dict:
+    kind = plan.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"plan field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    shape = plan.get("shape") or {}
+    layers, experts = shape.get("num_layers"), shape.get("num_experts")
+    if not isinstance(layers, int) or not isinstance(experts, int):
+        raise ValueError("plan field 'shape' needs num_layers and num_experts")
+    table = np.asarray(plan.get("device_of" if kind == "multi_gpu" else "tier_of"))
+    if table.shape != (layers, experts):
+        raise ValueError(f"plan table must be [L, E] = {(layers, experts)}, got {table.shape}")
+    if kind == "multi_gpu":
+        gpus = plan.get("gpus")
+        if not isinstance(gpus, int) or gpus < 1 or experts % gpus:
+            raise ValueError(f"plan field 'gpus' must divide the {experts} experts, got {gpus}")
+        counts = np.stack([np.bincount(row, minlength=gpus) for row in table.astype(np.int64)])
+        if table.min() < 0 or table.max() >= gpus or (counts != experts // gpus).any():
+            raise ValueError(f"plan 'device_of' must put exactly {experts // gpus} experts of every layer on each of {gpus} devices")
+    else:
+        unknown = {str(tier) for tier in table.ravel()} - set(TIERS)
+        if unknown:
+            raise ValueError(f"plan 'tier_of' has unknown tiers {sorted(unknown)}; tiers are {', '.join(TIERS)}")
+        if not isinstance(plan.get("dynamic_slots"), int) or plan["dynamic_slots"] < 0:
+            raise ValueError("plan field 'dynamic_slots' must be a non-negative int")
+    return plan
+
+
+def save_plan(plan: dict, path: str | os.PathLike) -> Path:
+    validate_plan(plan)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(plan, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+def load_plan(path_or_plan) -> dict:
+    if isinstance(path_or_plan, dict):
+        return validate_plan(path_or_plan)
+    path = Path(path_or_plan)
+    if not path.is_file():
+        raise FileNotFoundError(f"no placement plan at {path}")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+    try:
+        return validate_plan(plan)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def check_plan_shape(plan: dict, num_layers: int, num_experts: int) -> None:
+    shape = plan["shape"]
+    if (shape["num_layers"], shape["num_experts"]) != (num_layers, num_experts):
+        raise ValueError(
+            f"this placement plan was made for (L, E) = {(shape['num_layers'], shape['num_experts'])}, "
+            f"the model has {(num_layers, num_experts)}"
+        )

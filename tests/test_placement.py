@@ -1,0 +1,126 @@
+"""Placement: every method against enumerated optima, capacities always hold, plans round-trip,
+the runtime follows a plan, infeasible inputs are refused."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import moe_runtime
+from moe_runtime.placement import TierCosts, cut_fraction, load_plan, partition, place_multi_gpu, plan_tiering, save_plan, tiering_inputs
+from moe_runtime.placement.partition import _balanced_labelings
+from moe_runtime.tiny_models import tiny_model
+
+
+def _enumerated_optimum(transitions: np.ndarray, gpus: int) -> float:
+    layers, experts = transitions.shape[0] + 1, transitions.shape[1]
+    states = _balanced_labelings(experts, gpus)
+    return min(cut_fraction(np.stack(choice), transitions) for choice in itertools.product(states, repeat=layers))
+
+
+@pytest.mark.parametrize("experts, gpus", [(4, 2), (6, 2), (6, 3), (3, 3)])
+def test_every_method_reaches_the_enumerated_optimum(experts, gpus):
+    rng = np.random.default_rng(experts * 10 + gpus)
+    transitions = rng.random((2, experts, experts)) ** 3  # skewed, like real routing
+    optimum = _enumerated_optimum(transitions, gpus)
+    for method in ("exact", "ilp", "search"):
+        result = partition(transitions, gpus, method, time_limit=20)
+        assert result.cut_fraction == pytest.approx(optimum, abs=1e-9) if method != "search" else result.cut_fraction >= optimum - 1e-9
+        counts = np.stack([np.bincount(row, minlength=gpus) for row in result.device_of])
+        assert (counts == experts // gpus).all()  # balance always holds
+    assert partition(transitions, gpus, "ilp", time_limit=20).solver_status == "optimal"
+
+
+def test_g_equals_e_is_solved_exactly_by_chained_assignments():
+    rng = np.random.default_rng(5)
+    transitions = rng.random((2, 4, 4)) ** 3
+    result = partition(transitions, 4, "auto")
+    assert result.method == "exact"
+    assert result.cut_fraction == pytest.approx(_enumerated_optimum(transitions, 4), abs=1e-9)
+
+
+def test_unbalanced_gpu_counts_are_refused():
+    with pytest.raises(ValueError, match="G must divide E"):
+        partition(np.ones((1, 6, 6)), 4)
+
+
+def test_real_traces_beat_naive_and_random_placement(trace_paths):
+    from moe_runtime.trace import load_trace
+
+    fit, held_out = load_trace(trace_paths["translation"]).split(0.5)
+    plan = place_multi_gpu(fit, 4)
+    from moe_runtime.placement import routing_statistics
+
+    held = cut_fraction(np.asarray(plan["device_of"]), routing_statistics(held_out).transitions)
+    assert held < plan["naive_cut_fraction"] - 0.1 and held < plan["random_cut_fraction"] - 0.1
+    assert plan["seconds"] < 10
+
+
+def test_tiering_respects_capacities_and_refuses_infeasible(trace_paths):
+    from moe_runtime.trace import load_trace
+
+    trace = load_trace(trace_paths["summary"]).select_sequences([0, 1])
+    inputs = tiering_inputs(trace)
+    shape = (trace.num_layers, trace.num_experts, trace.top_k)
+    result = plan_tiering(inputs, shape, gpu_slots=200, host_experts=800, costs=TierCosts(0.69, 5.8), time_limit=10)
+    tiers = np.array(result.tier_of).ravel()
+    assert (tiers == "pinned").sum() <= 200 - result.dynamic_slots
+    assert ((tiers == "dynamic") | (tiers == "host")).sum() <= 800
+    assert (tiers == "disk").sum() >= 26 * 64 - 200 - 800
+    assert result.method == "ilp" and result.status == "optimal" and result.gap is not None and result.gap <= 1e-3
+    with pytest.raises(ValueError, match="fewer than top-k = 6: short by 2"):
+        plan_tiering(inputs, shape, gpu_slots=4, host_experts=800, costs=TierCosts(0.69, 5.8))
+
+
+def _tiering_plan(model, pinned: dict[int, list[int]]) -> dict:
+    from moe_runtime.adapters import adapter_for
+
+    blocks = adapter_for(model).blocks(model)
+    tier_of = [["pinned" if e in pinned.get(layer, []) else "dynamic" for e in range(blocks[0].num_experts)] for layer in range(len(blocks))]
+    return {"kind": "tiering", "tier_of": tier_of, "dynamic_slots": 4, "shape": {"num_layers": len(blocks), "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k}}
+
+
+def test_plan_round_trip_and_validation(tmp_path):
+    plan = _tiering_plan(tiny_model("olmoe"), {0: [1, 2]})
+    path = save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(path) == plan
+    broken = dict(plan, tier_of=[["gpu"] * 8] * 3)
+    path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="unknown tiers \\['gpu'\\]"):
+        load_plan(path)
+    unbalanced = {"kind": "multi_gpu", "gpus": 2, "device_of": [[0] * 8] * 3, "shape": plan["shape"]}
+    with pytest.raises(ValueError, match="exactly 4 experts of every layer"):
+        load_plan(unbalanced)
+
+
+def test_runtime_never_evicts_pinned_experts():
+    reference, model = tiny_model("mixtral"), tiny_model("mixtral")
+    plan = _tiering_plan(model, {0: [0, 1], 2: [5]})
+    moe_runtime.wrap(model, budget=0.25, device="cpu", placement=plan)  # 6 slots: 3 pinned + 3 dynamic
+    runtime = moe_runtime.runtime_of(model)
+    pinned = {0, 1, 2 * 8 + 5}
+    assert runtime.cache.pinned == pinned and pinned <= set(runtime.cache.slot_of)
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(11))
+    want = reference.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    slots = {key: runtime.cache.slot_of[key] for key in pinned}
+    assert torch.equal(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False), want)
+    assert {key: runtime.cache.slot_of[key] for key in pinned} == slots  # never moved, never evicted
+    assert moe_runtime.stats(model)["misses"] > 0
+
+
+def test_plans_the_machine_or_model_cannot_follow_are_refused():
+    model = tiny_model("olmoe")
+    multi = {"kind": "multi_gpu", "gpus": 2, "device_of": [[0, 0, 0, 0, 1, 1, 1, 1]] * 3, "shape": {"num_layers": 3, "num_experts": 8}}
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ValueError, match="puts experts on 2 GPUs; this machine has"):
+            moe_runtime.wrap(model, budget=0.5, device="cpu", placement=multi)
+    other = {"kind": "tiering", "tier_of": [["dynamic"] * 64] * 26, "dynamic_slots": 4, "shape": {"num_layers": 26, "num_experts": 64}}
+    with pytest.raises(ValueError, match="made for \\(L, E\\) = \\(26, 64\\)"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=other)
+    crowded = _tiering_plan(model, {0: list(range(8)), 1: list(range(8))})
+    with pytest.raises(ValueError, match="pins 16 experts but the budget holds 12: short by 6"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=crowded)
