@@ -8,14 +8,13 @@ Nothing is downloaded. `demo`, examples and tests use it in place of a hub model
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from .atomic import staging_directory
 from .tiny_models import tiny_model
 
 EMBEDDED_NAME = "embedded-olmoe-v1"
@@ -108,19 +107,11 @@ def embedded_model_dir(*, rebuild: bool = False) -> Path:
     target = cache_root() / EMBEDDED_NAME
     if (target / "config.json").is_file() and not rebuild:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
-    try:
+    with staging_directory(target) as staging:
         model = tiny_model("olmoe", seed=SEED, **EMBEDDED_SHAPE)
         model.generation_config.pad_token_id = 0
         model.save_pretrained(staging)
         byte_tokenizer().save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .adapters import MoEAdapter, MoEBlock
+from .atomic import staging_directory
 from .checkpoint import CheckpointDir
 from .safetensors_file import CheckpointError, SafetensorsFile
 
@@ -151,12 +150,7 @@ class ConvertedStore(DiskStore):
         directory = Path(directory)
         if cls.matches(directory, description):
             return cls(directory)
-        try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        except OSError as error:
-            raise OSError(f"store_dir {directory} is not writable ({error.strerror}); pass a writable store_dir") from None
-        try:
+        with staging_directory(directory) as staging:
             files = []
             for layer in tqdm(range(layers), desc="writing expert store", unit="layer", disable=layers < 4):
                 tensors = {}
@@ -166,12 +160,6 @@ class ConvertedStore(DiskStore):
                 files.append(f"layer-{layer:03d}.safetensors")
                 save_file(tensors, staging / files[-1])
             (staging / cls.MANIFEST).write_text(json.dumps({"description": description, "files": files}, indent=1))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return cls(directory)
 
 

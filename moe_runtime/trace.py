@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomically
+
 REQUIRED_ARRAYS = ("expert_ids", "gate_weights", "seq_offsets", "num_experts", "top_k")
 
 
@@ -109,12 +111,7 @@ class Trace:
             arrays["sequence_tasks"] = np.array(self.sequence_tasks, dtype=str)
         if self.router_inputs is not None:
             arrays["router_inputs"] = self.router_inputs.astype(np.float16)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(temporary, path)
-        return path
+        return write_atomically(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def load_trace(path: str | os.PathLike) -> Trace:

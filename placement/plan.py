@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_runtime.atomic import write_text_atomically
+
 from .tiering import TIERS
 
 KINDS = ("multi_gpu", "tiering")
@@ -48,12 +50,7 @@ def validate_plan(plan: dict) -> dict:
 
 def save_plan(plan: dict, path: str | os.PathLike) -> Path:
     validate_plan(plan)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(plan, indent=1))
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(path, json.dumps(plan, indent=1))
 
 
 def load_plan(path_or_plan) -> dict:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_runtime.atomic import write_atomically
+
 from .affinity import AffinityPredictor
 from .base import RoutingPredictor
 from .learned import LearnedPredictor
@@ -44,12 +46,7 @@ def save_predictor(predictor: RoutingPredictor, path: str | os.PathLike) -> Path
         num_experts=np.int64(predictor.num_experts),
         fitted_on=np.array(sorted(predictor.fitted_on), dtype=str),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-    os.replace(temporary, path)
-    return path
+    return write_atomically(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def load_predictor(path: str | os.PathLike) -> RoutingPredictor:

@@ -64,12 +64,6 @@ def test_unwritable_store_dir_is_named(tmp_path):
         moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", host_budget="64KiB", store_dir=blocked / "store")
 
 
-@pytest.mark.parametrize("option", ["placement"])
-def test_later_options_are_refused_not_ignored(option):
-    with pytest.raises(NotImplementedError, match=option):
-        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", **{option: "x"})
-
-
 def test_wrapping_twice_is_refused():
     model = moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu")
     with pytest.raises(ValueError, match="already wrapped"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_text_atomically
 from ..trace import Trace
 from .importance import task_importance
 from .plan import keep_plan
@@ -64,12 +65,7 @@ class PruningProfile:
             raise ValueError(f"profile {self.task!r} was made for a {made_for} model, not {model_type}")
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(temporary, path)
-        return path
+        return write_text_atomically(path, json.dumps(asdict(self), indent=1))
 
 
 def load_profile(path: str | os.PathLike) -> PruningProfile:
