@@ -1,1 +1,9 @@
-"""Triton grouped-GEMM kernels over the slot pool (issue 8) and their PyTorch reference."""
+"""Grouped-GEMM expert kernels over the slot pool: `grouped_moe` (Triton or PyTorch) and its
+plain PyTorch reference. Imported as `moe_runtime.kernels`; the @triton.jit code is private
+(_grouped_moe.py) and loaded only when the Triton backend runs.
+"""
+
+from .grouped_moe import BACKENDS, grouped_moe, tile_config
+from .reference import grouped_moe_reference
+
+__all__ = ["BACKENDS", "grouped_moe", "grouped_moe_reference", "tile_config"]

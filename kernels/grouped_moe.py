@@ -1,0 +1,110 @@
+"""grouped_moe: experts computed straight from the slot pool (validate -> allocate -> launch).
+
+out [T, H] = sum_k w[t, k] * down_s @ (silu(gate_s @ x_t) * (up_s @ x_t)), s = slot_of_expert[e].
+backend "triton" runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+and raises if Triton cannot run; "torch" runs the PyTorch reference; "auto" picks Triton on CUDA
+and PyTorch otherwise. Layouts: the transformers default (gate_up [S, 2I, H], gate rows then up
+rows; down [S, H, I]). GPT-OSS (transposed, interleaved gate/up, biases, clamped SwiGLU) is not
+expressible with these arguments: the runtime keeps its PyTorch path for that family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .reference import grouped_moe_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@lru_cache(maxsize=None)
+def tile_config(kind: str) -> dict:
+    """Tile sizes for 'cuda' or 'interpreter' from tile_configs.json (data, not autotuning)."""
+    table = json.loads((Path(__file__).parent / "tile_configs.json").read_text())
+    return table[kind]
+
+
+def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights) -> None:
+    if hidden.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"expected hidden [T, H], gate_up [S, 2I, H], down [S, H, I]; got {tuple(hidden.shape)}, {tuple(gate_up.shape)}, {tuple(down.shape)}")
+    tokens, size = hidden.shape
+    slots, double, gate_size = gate_up.shape
+    if double % 2 or gate_size != size or down.shape != (slots, size, double // 2):
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit hidden size {size}: need [S, 2I, H] and [S, H, I]")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(f"top_k_index and top_k_weights must both be [T={tokens}, K], got {tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+    if slot_of_expert.dim() != 1 or slot_of_expert.dtype.is_floating_point or top_k_index.dtype.is_floating_point:
+        raise ValueError("slot_of_expert [E] and top_k_index [T, K] must be integer tensors")
+    for name, tensor in (("hidden", hidden), ("gate_up", gate_up), ("down", down)):
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}; grouped_moe supports float32, float16 and bfloat16")
+    if not (hidden.dtype == gate_up.dtype == down.dtype):
+        raise ValueError(f"hidden, gate_up and down must share a dtype, got {hidden.dtype}, {gate_up.dtype}, {down.dtype}")
+    devices = {t.device for t in (hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    experts = slot_of_expert.shape[0]
+    if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) >= experts):
+        raise ValueError(f"top_k_index holds expert ids outside [0, {experts})")
+    routed = torch.unique(top_k_index)
+    missing = routed[slot_of_expert[routed] < 0]
+    if missing.numel():
+        raise ValueError(f"routed expert(s) {missing.tolist()} are not resident (slot -1): load them before computing")
+    if int(slot_of_expert.max()) >= slots:
+        raise ValueError(f"slot_of_expert points past the {slots} slots of the pool")
+
+
+def grouped_moe(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, backend: str = "auto") -> torch.Tensor:
+    """The experts' output [T, H] for tokens `hidden` routed to resident experts of the pool."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
+    if backend == "auto":
+        backend = "triton" if hidden.is_cuda else "torch"
+    if backend == "torch":
+        return grouped_moe_reference(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
+    return _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
+
+
+def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights) -> torch.Tensor:
+    if not hidden.is_cuda and not interpreting():
+        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+    try:
+        from . import _grouped_moe
+    except ImportError as error:
+        raise RuntimeError(f"Triton is not installed or cannot load here ({error}); use backend='torch'") from None
+    out_dtype = hidden.dtype
+    if interpreting() and out_dtype == torch.bfloat16:
+        # The interpreter computes bf16 on raw bits: upcast on the host, round back with torch.
+        hidden, gate_up, down = hidden.float(), gate_up.float(), down.float()
+    tokens, size = hidden.shape
+    top_k = top_k_index.shape[1]
+    intermediate = gate_up.shape[1] // 2
+    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+    slots = slot_of_expert.to(torch.int32)[top_k_index.long()].reshape(-1).contiguous()  # [T*K]
+    weights = top_k_weights.float().reshape(-1).contiguous()
+    h = torch.empty((tokens * top_k, intermediate), dtype=torch.float32, device=hidden.device)
+    out = torch.empty((tokens, size), dtype=torch.float32, device=hidden.device)
+    config = tile_config("cuda" if hidden.is_cuda else "interpreter")
+    first, second = config["swiglu"], config["down"]
+    grid = (tokens * top_k, (intermediate + first["BLOCK_I"] - 1) // first["BLOCK_I"])
+    _grouped_moe.swiglu_kernel[grid](
+        hidden, gate_up, slots, h, top_k, size, intermediate,
+        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), **first,
+    )
+    grid = (tokens, (size + second["BLOCK_H"] - 1) // second["BLOCK_H"])
+    _grouped_moe.down_kernel[grid](
+        h, down, slots, weights, out, top_k, size, intermediate,
+        h.stride(0), down.stride(0), down.stride(1), out.stride(0), **second,
+    )
+    return out.to(out_dtype)
