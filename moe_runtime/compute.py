@@ -19,7 +19,29 @@ import torch.nn.functional as F
 from .adapters import ExpertLayout
 from .pool import SlotPool
 
-GROUPED_MM, LOOP = "grouped_mm", "loop"
+GROUPED_MM, LOOP, TRITON = "grouped_mm", "loop", "triton"
+KERNELS = ("auto", "triton", "torch")
+
+
+def triton_applies(layout: ExpertLayout, act_fn) -> bool:
+    """The Triton kernel computes plain SwiGLU on the default layout (not GPT-OSS's variant)."""
+    default = not layout.is_transposed and layout.is_concatenated and not layout.has_bias and layout.has_gate
+    return default and type(act_fn).__name__ in ("SiLU", "SiLUActivation")
+
+
+def choose_kernel_path(kernel: str, device: torch.device, dtype: torch.dtype, layout: ExpertLayout, act_fn) -> str:
+    """`kernel`: "auto" (Triton on CUDA where it applies, else the PyTorch paths), "triton"
+    (required; CUDA, or CPU under TRITON_INTERPRET=1), or "torch"."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    applies = triton_applies(layout, act_fn)
+    if kernel == "triton":
+        if not applies:
+            raise ValueError("the Triton kernel computes plain SwiGLU experts; this family's experts need kernel='torch'")
+        return TRITON
+    if kernel == "auto" and applies and device.type == "cuda":
+        return TRITON
+    return choose_path(device, dtype)
 
 
 def choose_path(device: torch.device, dtype: torch.dtype) -> str:
@@ -50,8 +72,14 @@ def experts_from_slots(
     """out [T, H] = sum_k w[t, k] * expert_{e[t, k]}(x_t) over the (t, k) whose expert has a slot.
 
     hidden [T, H]; top_k_index [T, K] int; top_k_weights [T, K]; slot_of_expert [E] int64 on the
-    pool's device, -1 where the expert is not part of this computation.
+    pool's device, -1 where the expert is not part of this computation. The Triton path needs
+    every routed expert in the table (one wave); the caller falls back to the PyTorch path otherwise.
     """
+    if path == TRITON:
+        from .kernels import grouped_moe
+
+        out = grouped_moe(hidden, pool.tensors["gate_up_proj"], pool.tensors["down_proj"], slot_of_expert, top_k_index, top_k_weights, backend="triton")
+        return out.to(hidden.dtype)
     num_tokens, top_k = top_k_index.shape
     flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K]
     rows = torch.nonzero(flat_slots >= 0).squeeze(1)

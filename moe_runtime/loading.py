@@ -38,13 +38,14 @@ def from_pretrained(
     prefetch_width: int | None = None,
     prefetch_lookahead: int = 1,
     profiles_dir: str | os.PathLike | None = None,
+    kernel: str = "auto",
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
 
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, placement, profile, profiles_dir: as for `wrap`.
+    prefetch_lookahead, placement, profile, profiles_dir, kernel: as for `wrap`.
     """
 
     checkpoint = CheckpointDir(path)
@@ -68,7 +69,7 @@ def from_pretrained(
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(placement, blocks),
+        pinned=pinned_experts(placement, blocks), kernel=kernel,
     )
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)

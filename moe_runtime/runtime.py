@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, format_bytes, parse_budget
 from .cache import SlotCache
-from .compute import choose_path, experts_from_slots
+from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
 from .loader import Loader
 from .offloaded import OffloadedExperts
 from .policies import make_policy
@@ -46,6 +46,7 @@ class Runtime:
         prefetch_lookahead: int = 1,
         mask=None,
         pinned: list[int] = (),
+        kernel: str = "auto",
     ):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
@@ -76,7 +77,8 @@ class Runtime:
                 f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
                 f"short by {len(pinned) + self.top_k - self.num_slots} slots (pinned + top-k must fit)"
             )
-        self.compute_path = choose_path(device, source.dtype)
+        self.compute_path = choose_kernel_path(kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
+        self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
         self.forecaster = forecaster
         self.prefetch_width = prefetch_width or self.top_k
         self.prefetch_lookahead = prefetch_lookahead
@@ -110,6 +112,8 @@ class Runtime:
                 self._prefetch_after(layer)  # copies overlap this layer's compute
             table = torch.full((self.num_experts,), -1, dtype=torch.long)
             table[wave] = torch.tensor(slots, dtype=torch.long)
+            path = self.compute_path if len(waves) == 1 or self.compute_path != TRITON else self.fallback_path
+            self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
             part = experts_from_slots(
                 hidden,
                 top_k_index,
@@ -118,7 +122,7 @@ class Runtime:
                 self.pool,
                 self.layout,
                 self.gates[layer],
-                self.compute_path,
+                path,
             )
             out = part if out is None else out + part
             self.cache.release(layer, wave, self._compute_done())
@@ -279,6 +283,7 @@ def wrap(
     prefetch_width: int | None = None,
     prefetch_lookahead: int = 1,
     profiles_dir: str | None = None,
+    kernel: str = "auto",
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
 
@@ -288,6 +293,8 @@ def wrap(
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.
+    kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
+    SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
     placement: a tiering plan (path or dict from `moe-runtime place`): its pinned experts are loaded
     up front and never evicted.
     profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
@@ -309,7 +316,7 @@ def wrap(
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(placement, blocks),
+        pinned=pinned_experts(placement, blocks), kernel=kernel,
     )
     runtime.install(model)
     return model

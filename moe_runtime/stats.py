@@ -40,10 +40,12 @@ class RuntimeStats:
     def __init__(self, num_layers: int):
         self.layers = [LayerCounters() for _ in range(num_layers)]
         self.info: dict = {}
+        self.paths: dict[str, int] = {}  # compute path -> layer calls that ran on it
         self.describe_profile = dict  # the runtime sets a callable giving the pruning profile's figures
 
     def reset(self) -> None:
         self.layers = [LayerCounters() for _ in self.layers]
+        self.paths = {}
 
     def total(self) -> LayerCounters:
         total = LayerCounters()
@@ -55,5 +57,6 @@ class RuntimeStats:
         out = self.total().as_dict()
         out["per_layer"] = [layer.as_dict() for layer in self.layers]
         out.update(self.info)
+        out["compute_calls"] = dict(self.paths)
         out.update(self.describe_profile())
         return out

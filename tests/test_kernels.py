@@ -103,3 +103,17 @@ def test_clear_errors():
         grouped_moe(x, gate_up, down, table, routing, weights, backend="cuda")
     with pytest.raises(ValueError, match="outside \\[0, 8\\)"):
         grouped_moe(x, gate_up, down, table, routing + 8, weights)
+
+
+def test_runtime_runs_the_triton_path_and_says_so():
+    import moe_runtime
+
+    reference = tiny_model("qwen3_moe")
+    model = moe_runtime.wrap(tiny_model("qwen3_moe"), budget=0.5, device=DEVICE, kernel="triton")
+    ids = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = reference.to(DEVICE).generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
+    stats = moe_runtime.stats(model)
+    assert stats["compute_path"] == "triton" and stats["compute_calls"].get("triton", 0) > 0
+    with pytest.raises(ValueError, match="plain SwiGLU experts; this family's experts need kernel='torch'"):
+        moe_runtime.wrap(tiny_model("gpt_oss"), budget=0.5, device="cpu", kernel="triton")
