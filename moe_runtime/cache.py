@@ -177,11 +177,8 @@ class SlotCache:
 
     def _forget(self, key: int) -> None:
         """Undo a failed load: the key leaves the cache and its slot is free again."""
-        slot = self.slot_of.pop(key)
-        self.key_of[slot] = None
-        self.policy.on_evict(key)
-        self.prefetched.discard(key)
-        self.tickets.pop(key, None)
+        slot = self.slot_of[key]
+        self._evict(key)
         self.free.append(slot)
 
     def check_invariants(self) -> None:

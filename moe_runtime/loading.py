@@ -117,8 +117,7 @@ def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks) -> ConvertedStor
         disk.read_into(layer, expert, out)
         return out
 
-    description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": len(blocks), "experts": blocks[0].num_experts}
-    store = ConvertedStore.write(store_dir, description, len(blocks), blocks[0].num_experts, read)
+    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read)
     disk.close()
     return store
 

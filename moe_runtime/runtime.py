@@ -48,7 +48,6 @@ class Runtime:
         pinned: list[int] = (),
         kernel: str = "auto",
     ):
-        self.model_ref = weakref.ref(model)
         self.adapter = adapter
         self.blocks = blocks
         self.source = source
@@ -60,18 +59,8 @@ class Runtime:
         self.gates = [block.experts._apply_gate for block in blocks]
         self.mask = mask  # a pruning profile's router mask, or None
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
+        # Every check before anything starts (loader threads, slot memory).
         self.num_slots = slots_for_budget(budget, source, routed, self.top_k)
-        self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
-        self.stats = RuntimeStats(len(blocks))
-        self.loader = Loader(source, self.pool)
-        self.cache = SlotCache(
-            num_experts=self.num_experts,
-            num_slots=self.num_slots,
-            policy=make_policy(policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k),
-            loader=self.loader,
-            stats=self.stats,
-            pinned=pinned,
-        )
         if len(pinned) + self.top_k > self.num_slots:
             raise ValueError(
                 f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
@@ -79,6 +68,13 @@ class Runtime:
             )
         self.compute_path = choose_kernel_path(kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
+        policy = make_policy(policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
+        self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
+        self.stats = RuntimeStats(len(blocks))
+        self.loader = Loader(source, self.pool)
+        self.cache = SlotCache(
+            num_experts=self.num_experts, num_slots=self.num_slots, policy=policy, loader=self.loader, stats=self.stats, pinned=pinned
+        )
         self.forecaster = forecaster
         self.prefetch_width = prefetch_width or self.top_k
         self.prefetch_lookahead = prefetch_lookahead
@@ -93,7 +89,6 @@ class Runtime:
             "predictor": forecaster.predictor.name if forecaster else None,
             "prefetch": f"top {self.prefetch_width} x {prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
-        self.stats.describe_profile = self.profile_info
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
     # ------------------------------------------------------------------ forward
@@ -174,6 +169,8 @@ class Runtime:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         model.to(self.device)
+        if self.mask is not None:
+            self.mask.attach()
         setattr(model, RUNTIME_ATTR, self)
         self._load_pinned()
 
@@ -310,7 +307,7 @@ def wrap(
     fused = [_fused_params(block) for block in blocks]
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
-    source = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
+    source, spilled = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
     forecaster = live_forecaster(predictor, model, blocks)
     mask = router_mask(profile, profiles_dir, model, adapter, blocks)
     runtime = Runtime(
@@ -319,6 +316,10 @@ def wrap(
         pinned=pinned_experts(placement, blocks), kernel=kernel,
     )
     runtime.install(model)
+    if spilled:  # only now, with the runtime running from the store: free the RAM copies
+        for block in blocks:
+            for name in block.expert_shapes():
+                block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
     return model
 
 
@@ -364,8 +365,12 @@ def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
     return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
 
 
-def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> ExpertSource:
-    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier."""
+def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> tuple[ExpertSource, bool]:
+    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier.
+
+    Returns (source, spilled): when spilled, the experts are on disk and the caller frees the
+    RAM copies once the runtime is installed (a refused wrap must leave the model whole).
+    """
     shapes = blocks[0].expert_shapes()
     for block in blocks[1:]:
         if block.expert_shapes() != shapes:
@@ -379,20 +384,16 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> ExpertS
                 if tensor.device.type != "cpu" or (pin and not tensor.is_pinned()):
                     layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
                     getattr(block.experts, name).data = layer[name]
-        return RamSource(fused)
+        return RamSource(fused), False
     if store_dir is None:
         raise ValueError(
             f"host_budget {host_budget!r} ({format_bytes(host_bytes)}) is less than the experts' {format_bytes(total)}: "
             "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
         )
-    description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": len(blocks), "experts": blocks[0].num_experts}
     store = ConvertedStore.write(
-        store_dir, description, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}
+        store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}
     )
-    for block in blocks:  # the RAM copies are now on disk: free them
-        for name in shapes:
-            block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
-    return HostTier(store, shapes, dtype, host_bytes, pin=pin)
+    return HostTier(store, shapes, dtype, host_bytes, pin=pin), True
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -403,7 +404,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def stats(model: nn.Module) -> dict:
     """Hit/miss/load/prefetch/stall counters in total and per layer, plus what ran."""
-    return runtime_of(model).stats.as_dict()
+    runtime = runtime_of(model)
+    return {**runtime.stats.as_dict(), **runtime.profile_info()}
 
 
 def reset_stats(model: nn.Module) -> None:

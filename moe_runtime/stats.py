@@ -41,7 +41,6 @@ class RuntimeStats:
         self.layers = [LayerCounters() for _ in range(num_layers)]
         self.info: dict = {}
         self.paths: dict[str, int] = {}  # compute path -> layer calls that ran on it
-        self.describe_profile = dict  # the runtime sets a callable giving the pruning profile's figures
 
     def reset(self) -> None:
         self.layers = [LayerCounters() for _ in self.layers]
@@ -58,5 +57,4 @@ class RuntimeStats:
         out["per_layer"] = [layer.as_dict() for layer in self.layers]
         out.update(self.info)
         out["compute_calls"] = dict(self.paths)
-        out.update(self.describe_profile())
         return out

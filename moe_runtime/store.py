@@ -141,13 +141,16 @@ class ConvertedStore(DiskStore):
             return False
 
     @classmethod
-    def write(cls, directory: str | os.PathLike, description: dict, layers: int, experts: int, read) -> ConvertedStore:
+    def write(cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read) -> ConvertedStore:
         """Write a store of `layers` x `experts` experts; `read(layer, expert)` gives each one.
+
+        An existing store whose manifest describes the same shapes, dtype and counts is reused.
 
         Files go to a temporary folder next to `directory` and are renamed into place at the end,
         so an interrupted conversion leaves nothing half-written.
         """
         directory = Path(directory)
+        description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": layers, "experts": experts}
         if cls.matches(directory, description):
             return cls(directory)
         with staging_directory(directory) as staging:

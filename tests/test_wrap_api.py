@@ -73,3 +73,19 @@ def test_wrapping_twice_is_refused():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="unknown cache policy .fifo.; choose one of arc, lfu, lru, next-use, pinned"):
         moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", policy="fifo")
+
+
+def test_a_refused_wrap_loses_nothing(tmp_path):
+    """Refused after spilling to store_dir and building a profile mask: weights and routers intact."""
+    from moe_runtime.adapters import adapter_for
+    from moe_runtime.pruning import PruningProfile
+
+    model = tiny_model("olmoe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = adapter_for(model).blocks(model)
+    profile = PruningProfile("all", 8, 2, [list(range(8)) for _ in blocks], [[1.0] * 8 for _ in blocks])
+    with pytest.raises(ValueError, match="the minimum is"):
+        moe_runtime.wrap(model, budget=1000, device="cpu", host_budget="64KiB", store_dir=tmp_path / "store", profile=profile)
+    assert not hasattr(model, "_moe_runtime")
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)  # nothing freed to meta
+    assert all(not block.router._forward_hooks for block in blocks)  # no mask left on the routers

@@ -30,9 +30,13 @@ class RouterMask:
         self.keep: list[torch.Tensor] | None = None
         self.match_scores: dict | None = None
         self._seen: list[tuple[np.ndarray, np.ndarray]] = []  # auto: first request's routing per layer
-        self._handles = [block.router.register_forward_hook(self._hook(block.moe_index)) for block in blocks]
+        self._handles = []
         if profile is not None:
             self.apply(profile)
+
+    def attach(self) -> None:
+        """Hook the routers (the runtime does this on install, once every check has passed)."""
+        self._handles = [block.router.register_forward_hook(self._hook(block.moe_index)) for block in self.blocks]
 
     def apply(self, profile: PruningProfile) -> None:
         mask = torch.as_tensor(profile.keep_mask())
