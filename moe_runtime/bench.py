@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from .belady import belady_misses, layer_keys
 from .policies import POLICIES, make_policy
 from .predictor import PREDICTORS, predictor_from
-from .simulator import Prefetch, TimingModel, replay
+from .simulator import Prefetch, TimingModel, replay, replay_per_layer
 from .trace import Trace
 
 NO_PREDICTOR = "none"
@@ -84,6 +84,12 @@ def plan(settings: BenchSettings, names: Sequence[str]) -> list[BenchRun]:
     ]
 
 
+def one_layer(trace: Trace, layer: int) -> Trace:
+    """The routing of one MoE layer as a one-layer trace (fit data of a per-layer pool)."""
+    span = slice(layer, layer + 1)
+    return Trace(trace.expert_ids[:, span], trace.gate_weights[:, span], trace.seq_offsets, trace.num_experts, trace.top_k)
+
+
 def capacity_for(trace: Trace, budget: float) -> int:
     return max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
 
@@ -92,16 +98,20 @@ def run_one(run: BenchRun, work: Workload, settings: BenchSettings, forecasts: d
     """Replay one configuration; returns a JSON-ready row."""
     trace = work.replay
     capacity = capacity_for(trace, run.budget)
-    policy = make_policy(
-        run.policy, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=work.fit
-    )
-    prefetch = None
-    if run.predictor != NO_PREDICTOR:
-        width = settings.prefetch_width or trace.top_k
-        prefetch = Prefetch(forecasts[run.predictor], width, settings.lookahead, settings.min_score)
     if settings.per_layer_slots:
-        result = replay(trace, policy, settings.per_layer_slots, timing=settings.timing, per_layer=True)
+        slots = settings.per_layer_slots
+        layer_policy = lambda layer: make_policy(  # noqa: E731 - one pool (and policy) per layer
+            run.policy, num_layers=1, num_experts=trace.num_experts, capacity=slots, top_k=trace.top_k, fit=one_layer(work.fit, layer)
+        )
+        result = replay_per_layer(trace, layer_policy, slots, settings.timing)
     else:
+        policy = make_policy(
+            run.policy, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=work.fit
+        )
+        prefetch = None
+        if run.predictor != NO_PREDICTOR:
+            width = settings.prefetch_width or trace.top_k
+            prefetch = Prefetch(forecasts[run.predictor], width, settings.lookahead, settings.min_score)
         pinned = getattr(policy, "pinned", frozenset())
         result = replay(trace, policy, capacity, timing=settings.timing, prefetch=prefetch, pinned=pinned)
     row = {**asdict(run), "capacity": capacity, **result.per_token()}

@@ -9,6 +9,7 @@ of queued prefetches -> modelled ms per token.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -122,19 +123,16 @@ def replay(
     timing: TimingModel = TimingModel(),
     prefetch: Prefetch | None = None,
     pinned: frozenset[int] = frozenset(),
-    per_layer: bool = False,
     load_ms_of: np.ndarray | None = None,
     bypass: frozenset[int] = frozenset(),
     miss_counts: np.ndarray | None = None,
 ) -> SimResult:
-    """Replay `trace` through `policy` with `capacity` slots (per layer when `per_layer`).
+    """Replay `trace` through `policy` with one global pool of `capacity` slots.
 
     load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more), default the
     timing model's; bypass: experts loaded on use but not kept after their layer (host tier).
     """
     num_layers, num_experts = trace.num_layers, trace.num_experts
-    if per_layer:
-        return _replay_per_layer(trace, policy, capacity, timing)
     if capacity < trace.top_k + len(pinned):
         raise ValueError(f"capacity {capacity} is below top-k {trace.top_k} plus {len(pinned)} pinned experts")
     ids = trace.expert_ids.astype(np.int64) + (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
@@ -222,29 +220,31 @@ def _evict(policy, evictable, resident: set[int], prefetched: set[int], result: 
         result.wasted_prefetches += 1
 
 
-def _replay_per_layer(trace: Trace, policy: EvictionPolicy, slots: int, timing: TimingModel) -> SimResult:
-    """Per-layer pools of `slots` each (as the literature reports them); one policy per layer."""
+def replay_per_layer(trace: Trace, layer_policy: Callable[[int], EvictionPolicy], slots: int, timing: TimingModel = TimingModel()) -> SimResult:
+    """Per-layer pools of `slots` each (as the literature reports them); `layer_policy(l)` builds
+    layer l's policy (keys are expert ids of that layer)."""
     result = SimResult(tokens=trace.num_tokens)
     if slots < trace.top_k:
         raise ValueError(f"per-layer slots {slots} is below top-k {trace.top_k}")
     for layer in range(trace.num_layers):
-        layer_policy = type(policy)()
+        policy = layer_policy(layer)
         resident: set[int] = set()
         for group in trace.expert_ids[:, layer].tolist():
             protected = set(group)
+            policy.on_layer_start(0, group)
             for key in group:
                 if key in resident:
                     result.hits += 1
-                    layer_policy.on_access(key)
+                    policy.on_access(key)
                     continue
                 result.misses += 1
                 if len(resident) >= slots:
-                    victim = layer_policy.choose_victim(lambda k: k not in protected)
-                    layer_policy.on_evict(victim)
+                    victim = policy.choose_victim(lambda k: k not in protected)
+                    policy.on_evict(victim)
                     resident.discard(victim)
                 resident.add(key)
-                layer_policy.on_insert(key)
-                layer_policy.on_access(key)
+                policy.on_insert(key)
+                policy.on_access(key)
     result.loads = result.misses
     result.total_ms = trace.num_tokens * trace.num_layers * timing.layer_ms + result.misses * timing.load_ms
     return result

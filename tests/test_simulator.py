@@ -122,3 +122,16 @@ def test_timing_model_validates():
     assert TimingModel(expert_mb=25.0, h2d_gbps=25.0).load_ms == pytest.approx(1.0)
     with pytest.raises(ValueError):
         TimingModel(h2d_gbps=0)
+
+
+def test_per_layer_pools_run_every_policy_below_belady(trace_paths):
+    from moe_runtime.bench import BenchSettings, run_bench
+    from moe_runtime.policies import POLICIES
+    from moe_runtime.trace import load_trace
+
+    trace = load_trace(trace_paths["translation"]).select_sequences(range(6))
+    settings = BenchSettings(budgets=(0.25,), policies=tuple(sorted(POLICIES)), per_layer_slots=12)
+    report = run_bench({"t": trace}, settings)
+    optimum = report["belady"][0]["hit_rate"]
+    assert sorted(r["policy"] for r in report["results"]) == sorted(POLICIES)
+    assert all(0 < r["hit_rate"] <= optimum for r in report["results"])
