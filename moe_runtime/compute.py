@@ -1,12 +1,13 @@
-"""Expert compute straight from the slot pool (the PyTorch paths; Triton kernels come separately).
+"""Expert compute straight from the slot pool: which path runs, and the PyTorch paths themselves.
 
 (token, k) rows -> slot of their expert -> rows grouped by slot -> gate_up GEMM (+bias) ->
 family gate (SwiGLU, or GPT-OSS's clamped variant) -> down GEMM (+bias) -> x routing weight ->
 deterministic sum over K.
 
-Two paths: `grouped_mm` (torch.nn.functional.grouped_mm over the whole pool in place, empty
-groups for idle slots) and `loop` (one pair of GEMMs per used slot). Rows whose expert is not
-in `slot_of_expert` (-1) contribute nothing: that is how a wave computes part of a layer.
+Three paths: `triton` (moe_runtime.kernels.grouped_moe, plain-SwiGLU families, one wave),
+`grouped_mm` (torch.nn.functional.grouped_mm over the whole pool in place, empty groups for idle
+slots) and `loop` (one pair of GEMMs per used slot). Rows whose expert is not in
+`slot_of_expert` (-1) contribute nothing: that is how a wave computes part of a layer.
 """
 
 from __future__ import annotations

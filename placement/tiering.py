@@ -46,12 +46,16 @@ class TieringInputs:
     coverage: np.ndarray  # [N] share of uses a predictor forecast one layer ahead
     trace: Trace  # the fit traces, replayed to measure miss rates
 
+    def most_used(self, count: int) -> np.ndarray:
+        """The `count` most used experts (keys), most used first: the pinned set of a plan."""
+        return np.argsort(-self.uses, kind="stable")[:count]
+
     def miss_rate(self, gpu_slots: int, dynamic: int) -> np.ndarray:
         """[N] miss rate of each expert under LRU with `dynamic` slots, the rest pinned by use."""
         from moe_runtime.policies import make_policy
         from moe_runtime.simulator import replay
 
-        pinned = frozenset(np.argsort(-self.uses, kind="stable")[: gpu_slots - dynamic].tolist())
+        pinned = frozenset(self.most_used(gpu_slots - dynamic).tolist())
         misses = np.zeros(len(self.uses))
         replay(self.trace, make_policy("lru"), gpu_slots, pinned=pinned, miss_counts=misses)
         uses = self.uses * self.trace.num_tokens
@@ -145,7 +149,7 @@ def _solve_for(inputs, total, gpu_slots, host_experts, dynamic, costs, hidden, t
     problem += pulp.lpSum(float(cost[e, t]) * x[e][t] for e in range(total) for t in range(1, 4))
     for e in range(total):
         problem += pulp.lpSum(x[e]) == 1
-    pinned = set(np.argsort(-inputs.uses, kind="stable")[:pinned_room].tolist())  # as measured
+    pinned = set(inputs.most_used(pinned_room).tolist())  # the set the miss rates were measured with
     for e in range(total):
         problem += x[e][0] == (1 if e in pinned else 0)
     problem += pulp.lpSum(x[e][1] + x[e][2] for e in range(total)) <= host_experts
@@ -162,7 +166,7 @@ def _greedy(inputs, cost, pinned_room, host_experts, dynamic, why) -> Tiering:
     """Fallback: pin the most used; the host RAM goes to the experts disk would cost most."""
     total = len(inputs.uses)
     tier = np.full(total, 3)
-    order = np.argsort(-inputs.uses, kind="stable")
+    order = inputs.most_used(total)
     tier[order[:pinned_room]] = 0
     rest = sorted(order[pinned_room:], key=lambda e: -cost[e, 3])
     for e in rest[:host_experts]:
