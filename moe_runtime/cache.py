@@ -77,6 +77,7 @@ class SlotCache:
         if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.in_use.update(keys)
+        misses: list[LoadTicket] = []
         for key in keys:
             if key in self.slot_of:
                 counters.hits += 1
@@ -87,8 +88,9 @@ class SlotCache:
                     counters.late_prefetches += self._loading(key)
             else:
                 counters.misses += 1
-                self._start_load(layer, key, prefetch=False)
+                misses.append(self._start_load(layer, key, prefetch=False))
                 self.policy.on_access(key)
+        self.loader.submit(misses)
         self._wait(keys, counters)
         return [self.slot_of[key] for key in keys]
 
@@ -124,7 +126,7 @@ class SlotCache:
 
         Never blocks and never evicts a protected expert; returns how many loads it issued.
         """
-        issued = 0
+        loads: list[LoadTicket] = []
         for expert in experts:
             key = self.key(layer, expert)
             if key in self.slot_of:
@@ -134,14 +136,15 @@ class SlotCache:
                     self.policy.choose_victim(self._evictable)
                 except NoVictimError:
                     break
-            self._start_load(layer, key, prefetch=True)
+            loads.append(self._start_load(layer, key, prefetch=True))
             self.prefetched.add(key)
             self.stats.layers[layer].prefetches_issued += 1
-            issued += 1
-        return issued
+        self.loader.submit(loads)
+        return len(loads)
 
     # ------------------------------------------------------------------ slots
-    def _start_load(self, layer: int, key: int, *, prefetch: bool) -> None:
+    def _start_load(self, layer: int, key: int, *, prefetch: bool) -> LoadTicket:
+        """Map `key` to a slot and return its ticket, pending until the caller submits it."""
         slot = self._take_slot()
         self.slot_of[key] = slot
         self.key_of[slot] = key
@@ -149,8 +152,9 @@ class SlotCache:
         counters = self.stats.layers[layer]
         counters.loads += 1
         counters.bytes_loaded += self.loader.pool.bytes_per_slot
-        after = self.release_events.pop(slot, None)
-        self.tickets[key] = self.loader.submit(layer, key - layer * self.num_experts, slot, prefetch=prefetch, after=after)
+        ticket = LoadTicket(layer, key - layer * self.num_experts, slot, prefetch, after=self.release_events.pop(slot, None))
+        self.tickets[key] = ticket
+        return ticket
 
     def _take_slot(self) -> int:
         if self.free:
@@ -160,7 +164,7 @@ class SlotCache:
                 victim = self.policy.choose_victim(self._evictable)
                 break
             except NoVictimError:
-                loading = [t for k, t in self.tickets.items() if k not in self.in_use and not t.done()]
+                loading = [t for k, t in self.tickets.items() if k not in self.in_use and t.submitted and not t.done()]
                 if not loading:
                     raise AssertionError("no evictable slot: every slot is in use by the running layer or pinned") from None
                 loading[0]._done.wait()  # a prefetch still in flight holds the slot we need

@@ -1,7 +1,8 @@
 """Asynchronous loads of experts into slots: queue -> worker threads -> host tier -> copy -> event.
 
 Misses go ahead of prefetches (a priority queue), several loads are in flight (one per worker),
-and disk reads happen in the workers, so they overlap compute. On CUDA each copy runs on a
+and disk reads happen in the workers, so they overlap compute. The loads one call submits are
+grouped by the source's runs (experts back to back on disk are read by one worker in one read). On CUDA each copy runs on a
 dedicated copy stream from pinned host memory, first waiting for the compute stream to finish
 with the slot's previous expert, and records one event per load; the worker waits for that
 event before it hands the host buffer back, so a finished ticket means the slot is complete and
@@ -25,12 +26,17 @@ MISS, PREFETCH = 0, 1  # queue priorities: lower runs first
 
 @dataclass
 class LoadTicket:
-    """One load of expert (layer, expert) into `slot`; `wait()` blocks until it is there."""
+    """One load of expert (layer, expert) into `slot`; `wait()` blocks until it is there.
+
+    after: on CUDA, a compute-stream event the copy must wait for (the slot's previous expert).
+    """
 
     layer: int
     expert: int
     slot: int
     prefetch: bool
+    after: torch.cuda.Event | None = None
+    submitted: bool = False
     error: BaseException | None = None
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -55,42 +61,51 @@ class Loader:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, layer: int, expert: int, slot: int, *, prefetch: bool, after: torch.cuda.Event | None = None) -> LoadTicket:
-        """Queue a load; `after` is a compute-stream event the copy must wait for (slot reuse)."""
-        ticket = LoadTicket(layer, expert, slot, prefetch)
-        self._queue.put((PREFETCH if prefetch else MISS, next(self._sequence), ticket, after))
-        return ticket
+    def submit(self, tickets: list[LoadTicket]) -> None:
+        """Queue loads of one layer's experts, one queue entry per run of the source."""
+        if not tickets:
+            return
+        by_expert = {ticket.expert: ticket for ticket in tickets}
+        for ticket in tickets:
+            ticket.submitted = True
+        for run in self.source.runs(tickets[0].layer, list(by_expert)):
+            group = [by_expert[expert] for expert in run]
+            priority = PREFETCH if all(ticket.prefetch for ticket in group) else MISS
+            self._queue.put((priority, next(self._sequence), group))
 
     def _work(self) -> None:
         while True:
-            _, _, ticket, after = self._queue.get()
-            if ticket is None:
+            _, _, group = self._queue.get()
+            if group is None:
                 return
             try:
-                self._copy(ticket, after)
+                self._copy(group)
             except BaseException as error:  # handed to the waiting forward, which raises it
-                ticket.error = error
+                for ticket in group:
+                    ticket.error = error
             finally:
-                ticket._done.set()
+                for ticket in group:
+                    ticket._done.set()
 
-    def _copy(self, ticket: LoadTicket, after) -> None:
-        destination = self.pool.view(ticket.slot)
-        with self.source.borrow(ticket.layer, ticket.expert) as host:
+    def _copy(self, group: list[LoadTicket]) -> None:
+        with self.source.borrow_run(group[0].layer, [ticket.expert for ticket in group]) as hosts:
             if not self.cuda:
-                for name, tensor in destination.items():
-                    tensor.copy_(host[name])
+                for ticket, host in zip(group, hosts):
+                    for name, tensor in self.pool.view(ticket.slot).items():
+                        tensor.copy_(host[name])
                 return
             with torch.cuda.stream(self.copy_stream):
-                if after is not None:
-                    self.copy_stream.wait_event(after)
-                for name, tensor in destination.items():
-                    tensor.copy_(host[name], non_blocking=True)
+                for ticket, host in zip(group, hosts):
+                    if ticket.after is not None:
+                        self.copy_stream.wait_event(ticket.after)
+                    for name, tensor in self.pool.view(ticket.slot).items():
+                        tensor.copy_(host[name], non_blocking=True)
                 loaded = torch.cuda.Event()
                 loaded.record(self.copy_stream)
-            loaded.synchronize()
+            loaded.synchronize()  # the host buffers go back only once the copies have read them
 
     def close(self) -> None:
         for _ in self._threads:
-            self._queue.put((-1, next(self._sequence), None, None))
+            self._queue.put((-1, next(self._sequence), None))
         for thread in self._threads:
             thread.join(timeout=10)

@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .runtime import Runtime, live_forecaster, pinned_experts, resolve_device, router_mask
+from .runtime import Runtime, checked_placement, disk_order, live_forecaster, pinned_experts, resolve_device, router_mask
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -58,9 +58,10 @@ def from_pretrained(
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
     shapes = blocks[0].expert_shapes()
+    plan = checked_placement(placement, blocks)
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
     if store_dir is not None:
-        disk = _convert(disk, store_dir, shapes, dtype, blocks)
+        disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan))
     total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
@@ -69,7 +70,7 @@ def from_pretrained(
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(placement, blocks), kernel=kernel,
+        pinned=pinned_experts(plan, blocks[0].num_experts), kernel=kernel,
     )
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)
@@ -111,13 +112,13 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name) if module_name else model, leaf)
 
 
-def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks) -> ConvertedStore:
+def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks, order) -> ConvertedStore:
     def read(layer: int, expert: int):
         out = allocate_expert(shapes, dtype, pin=False)
         disk.read_into(layer, expert, out)
         return out
 
-    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read)
+    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read, order=order)
     disk.close()
     return store
 

@@ -238,25 +238,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def pinned_experts(placement, blocks: list[MoEBlock]) -> list[int]:
-    """Cache keys a placement plan pins (a tiering plan's "pinned" tier); refuses other shapes.
+def checked_placement(placement, blocks: list[MoEBlock]) -> dict | None:
+    """The placement plan (path or dict) to follow, checked against the model's shape.
 
     A multi-GPU plan needs its GPUs: it is refused on a machine with fewer, and running experts
     across several devices is not implemented yet (said, never silently run on one device).
     """
     if placement is None:
-        return []
+        return None
     from .placement import check_plan_shape, load_plan
 
     plan = load_plan(placement)
-    num_experts = blocks[0].num_experts
-    check_plan_shape(plan, len(blocks), num_experts)
+    check_plan_shape(plan, len(blocks), blocks[0].num_experts)
     if plan["kind"] == "multi_gpu":
         available = torch.cuda.device_count()
         if available < plan["gpus"]:
             raise ValueError(f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available}")
         raise NotImplementedError("running a multi-GPU placement plan is not implemented yet: use a tiering plan")
+    return plan
+
+
+def pinned_experts(plan: dict | None, num_experts: int) -> list[int]:
+    """Cache keys (layer * E + expert) of the experts a tiering plan pins."""
+    if plan is None or plan["kind"] != "tiering":
+        return []
     return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, tier in enumerate(row) if tier == "pinned"]
+
+
+def disk_order(plan: dict | None) -> list[list[int]] | None:
+    """The store file order a plan asks for (a disk layout, or a tiering plan's), if any."""
+    return None if plan is None else plan.get("disk_order")
 
 
 def runtime_of(model: nn.Module) -> Runtime:
@@ -292,8 +303,9 @@ def wrap(
     the next `prefetch_lookahead` layers are prefetched.
     kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
     SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
-    placement: a tiering plan (path or dict from `moe-runtime place`): its pinned experts are loaded
-    up front and never evicted.
+    placement: a tiering or disk layout plan (path or dict from `moe-runtime place`): pinned
+    experts are loaded up front and never evicted; a store written to `store_dir` puts each
+    layer's experts in the plan's disk order.
     profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
@@ -307,13 +319,14 @@ def wrap(
     fused = [_fused_params(block) for block in blocks]
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
-    source, spilled = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda")
+    plan = checked_placement(placement, blocks)
+    source, spilled = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan))
     forecaster = live_forecaster(predictor, model, blocks)
     mask = router_mask(profile, profiles_dir, model, adapter, blocks)
     runtime = Runtime(
         model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
         forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(placement, blocks), kernel=kernel,
+        pinned=pinned_experts(plan, blocks[0].num_experts), kernel=kernel,
     )
     runtime.install(model)
     if spilled:  # only now, with the runtime running from the store: free the RAM copies
@@ -365,7 +378,7 @@ def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
     return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
 
 
-def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> tuple[ExpertSource, bool]:
+def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None) -> tuple[ExpertSource, bool]:
     """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier.
 
     Returns (source, spilled): when spilled, the experts are on disk and the caller frees the
@@ -391,7 +404,8 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool) -> tuple[E
             "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
         )
     store = ConvertedStore.write(
-        store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}
+        store_dir, shapes, dtype, len(blocks), blocks[0].num_experts,
+        lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}, order=order,
     )
     return HostTier(store, shapes, dtype, host_bytes, pin=pin), True
 

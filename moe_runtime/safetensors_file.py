@@ -91,15 +91,24 @@ class SafetensorsFile:
         size = end - begin
         if out.numel() * out.element_size() != size:
             raise AssertionError(f"{name}: destination holds {out.numel() * out.element_size()} bytes, tensor has {size}")
-        view = memoryview(out.view(torch.uint8).numpy()) if size else memoryview(b"")
-        done = 0
-        fd = self._descriptor()
-        while done < size:
-            count = os.preadv(fd, [view[done:]], begin + done)
-            if count <= 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file reading {name} (file truncated?)")
-            done += count
+        _read_fully(self._descriptor(), [_bytes_of(out)], begin, f"{self.path}: unexpected end of file reading {name} (file truncated?)")
         return out
+
+    def read_span_into(self, names: list[str], outs: list[torch.Tensor]) -> None:
+        """Read tensors that lie back to back in the file with one positional read (preadv).
+
+        names: in file order, each tensor starting where the previous one ends; outs: their
+        contiguous CPU destinations of the stored dtypes and sizes.
+        """
+        entries = [self.entries[name] for name in names]
+        for previous, entry in zip(entries, entries[1:]):
+            if entry.begin != previous.end:
+                raise AssertionError(f"{self.path}: tensors {names} are not back to back in the file")
+        for name, entry, out in zip(names, entries, outs):
+            if out.dtype != entry.dtype or not out.is_contiguous() or out.numel() * out.element_size() != entry.end - entry.begin:
+                raise AssertionError(f"{name}: destination does not match the stored {entry.dtype} tensor of {entry.end - entry.begin} bytes")
+        views = [_bytes_of(out) for out in outs]
+        _read_fully(self._descriptor(), views, entries[0].begin, f"{self.path}: unexpected end of file reading {names[0]}.. (file truncated?)")
 
     def read(self, name: str, row: int | None = None) -> torch.Tensor:
         """A new CPU tensor holding tensor `name` (or its row `row`), in the stored dtype."""
@@ -119,6 +128,26 @@ class SafetensorsFile:
             self.close()
         except Exception:
             pass
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The tensor's storage as one flat byte buffer (len() counts bytes, slices are byte ranges)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+
+
+def _read_fully(fd: int, views: list[memoryview], offset: int, short_read_message: str) -> None:
+    """preadv into `views` until all are full (a read may return fewer bytes than asked)."""
+    views = [view for view in views if len(view)]
+    while views:
+        count = os.preadv(fd, views, offset)
+        if count <= 0:
+            raise CheckpointError(short_read_message)
+        offset += count
+        while views and count >= len(views[0]):
+            count -= len(views[0])
+            views.pop(0)
+        if views and count:
+            views[0] = views[0][count:]
 
 
 def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:

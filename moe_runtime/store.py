@@ -2,6 +2,8 @@
 
 disk store (checkpoint shards, or a store converted once into store_dir) -> host tier (RAM,
 bounded by host_budget, LRU) -> borrowed host tensors -> copied into a device slot by the loader.
+Experts that sit back to back on disk (a placement plan's disk layout) are read together, with
+one positional read per contiguous run.
 
 Every expert is a dict {fused parameter name: tensor of its per-expert shape}, e.g. for Mixtral
 {"gate_up_proj": [2I, H], "down_proj": [H, I]}, in the runtime dtype.
@@ -15,7 +17,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -53,6 +55,15 @@ class DiskStore(ABC):
     @abstractmethod
     def read_into(self, layer: int, expert: int, out: ExpertTensors) -> None:
         """Fill `out` (contiguous CPU tensors of the runtime dtype) with the expert's weights."""
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """`experts` grouped into runs that one read can fill (here: one expert per read)."""
+        return [[expert] for expert in experts]
+
+    def read_run(self, layer: int, experts: Sequence[int], outs: Sequence[ExpertTensors]) -> None:
+        """Fill `outs` with a run of `experts` (one of `runs()`)."""
+        for expert, out in zip(experts, outs):
+            self.read_into(layer, expert, out)
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -104,8 +115,12 @@ class CheckpointStore(DiskStore):
 class ConvertedStore(DiskStore):
     """Our own store: one safetensors file per MoE layer, an expert's tensors adjacent on disk.
 
+    Experts sit in each layer's file in `order` (a placement plan's disk layout, or expert id
+    order): tensor names begin with the expert's position, and safetensors writes tensors sorted
+    by name, so experts that are read together are also next to each other on disk.
+
     Written once (into a temporary folder renamed into place) and reused when its manifest
-    matches the model's shape and dtype.
+    matches the model's shape, dtype and order.
     """
 
     MANIFEST = "manifest.json"
@@ -117,14 +132,35 @@ class ConvertedStore(DiskStore):
             raise CheckpointError(f"{self.directory} holds no expert store ({self.MANIFEST} missing)")
         self.manifest = json.loads(manifest.read_text())
         self.files = [SafetensorsFile(self.directory / name) for name in self.manifest["files"]]
+        self.position = [{expert: place for place, expert in enumerate(order)} for order in self.manifest["description"]["order"]]
 
     @staticmethod
-    def tensor_name(expert: int, name: str) -> str:
-        return f"e{expert:05d}.{name}"
+    def tensor_name(position: int, name: str) -> str:
+        return f"p{position:05d}.{name}"
 
     def read_into(self, layer: int, expert: int, out: ExpertTensors) -> None:
-        for name, target in out.items():
-            self.files[layer].read_into(self.tensor_name(expert, name), target)
+        self.read_run(layer, [expert], [out])
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """`experts` in file order, split where the next one is not the adjacent expert on disk."""
+        ordered = sorted(experts, key=self.position[layer].__getitem__)
+        runs: list[list[int]] = []
+        for expert in ordered:
+            if runs and self.position[layer][expert] == self.position[layer][runs[-1][-1]] + 1:
+                runs[-1].append(expert)
+            else:
+                runs.append([expert])
+        return runs
+
+    def read_run(self, layer: int, experts: Sequence[int], outs: Sequence[ExpertTensors]) -> None:
+        """One preadv for experts adjacent on disk, in file order (see `runs`)."""
+        file = self.files[layer]
+        pieces = sorted(
+            (file.entries[self.tensor_name(self.position[layer][expert], name)].begin, self.tensor_name(self.position[layer][expert], name), target)
+            for expert, out in zip(experts, outs)
+            for name, target in out.items()
+        )
+        file.read_span_into([name for _, name, _ in pieces], [target for _, _, target in pieces])
 
     def close(self) -> None:
         for file in self.files:
@@ -141,29 +177,42 @@ class ConvertedStore(DiskStore):
             return False
 
     @classmethod
-    def write(cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read) -> ConvertedStore:
+    def write(
+        cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read, *, order=None
+    ) -> ConvertedStore:
         """Write a store of `layers` x `experts` experts; `read(layer, expert)` gives each one.
 
-        An existing store whose manifest describes the same shapes, dtype and counts is reused.
-
-        Files go to a temporary folder next to `directory` and are renamed into place at the end,
-        so an interrupted conversion leaves nothing half-written.
+        order: [layers][experts] expert ids in file order per layer (default: id order).
+        An existing store whose manifest describes the same shapes, dtype, counts and order is
+        reused. Files go to a temporary folder next to `directory` and are renamed into place at
+        the end, so an interrupted conversion leaves nothing half-written.
         """
         directory = Path(directory)
-        description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": layers, "experts": experts}
+        order = _checked_order(order, layers, experts)
+        description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": layers, "experts": experts, "order": order}
         if cls.matches(directory, description):
             return cls(directory)
         with staging_directory(directory) as staging:
             files = []
             for layer in tqdm(range(layers), desc="writing expert store", unit="layer", disable=layers < 4):
                 tensors = {}
-                for expert in range(experts):
+                for place, expert in enumerate(order[layer]):
                     for name, tensor in read(layer, expert).items():
-                        tensors[cls.tensor_name(expert, name)] = tensor.contiguous()
+                        tensors[cls.tensor_name(place, name)] = tensor.contiguous()
                 files.append(f"layer-{layer:03d}.safetensors")
                 save_file(tensors, staging / files[-1])
             (staging / cls.MANIFEST).write_text(json.dumps({"description": description, "files": files}, indent=1))
         return cls(directory)
+
+
+def _checked_order(order, layers: int, experts: int) -> list[list[int]]:
+    """The file order as lists of ints, refusing anything but a permutation per layer."""
+    if order is None:
+        return [list(range(experts)) for _ in range(layers)]
+    order = [[int(expert) for expert in row] for row in order]
+    if len(order) != layers or any(sorted(row) != list(range(experts)) for row in order):
+        raise ValueError(f"a store order must list a permutation of the {experts} experts for each of {layers} layers")
+    return order
 
 
 class ExpertSource(ABC):
@@ -175,6 +224,16 @@ class ExpertSource(ABC):
     @abstractmethod
     def borrow(self, layer: int, expert: int) -> contextlib.AbstractContextManager[ExpertTensors]:
         """Host tensors of the expert, valid until the context exits."""
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """`experts` grouped so that each group is best fetched together (`borrow_run`)."""
+        return [[expert] for expert in experts]
+
+    @contextlib.contextmanager
+    def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
+        """Host tensors of a group of `runs()`, valid until the context exits."""
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self.borrow(layer, expert)) for expert in experts]
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -220,18 +279,50 @@ class HostTier(ExpertSource):
 
     @contextlib.contextmanager
     def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
-        key = (layer, expert)
-        tensors, retained = self._acquire(key)
-        try:
+        with self.borrow_run(layer, [expert]) as (tensors,):
             yield tensors
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """Experts already in RAM alone; the others in the disk store's contiguous runs."""
+        with self._lock:
+            cold = [e for e in experts if (layer, e) not in self._entries and (layer, e) not in self._reading]
+        return [[e] for e in experts if e not in cold] + self.disk.runs(layer, cold)
+
+    @contextlib.contextmanager
+    def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
+        """The experts from RAM, reading those not there with one disk read per run."""
+        keys = [(layer, expert) for expert in experts]
+        held = self._read_missing(keys)
+        try:
+            for key in keys:
+                if key not in held:
+                    held[key] = self._acquire(key)
+            yield [held[key][0] for key in keys]
         finally:
             with self._lock:
-                if retained:
-                    self._borrowed[key] -= 1
-                    if not self._borrowed[key]:
-                        del self._borrowed[key]
-                else:
-                    self._spare.append(tensors)
+                for key, (tensors, retained) in held.items():
+                    self._give_back(key, tensors, retained)
+
+    def _read_missing(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[ExpertTensors, bool]]:
+        """Reserve buffers for the keys neither in RAM nor being read, and read them run by run."""
+        with self._lock:
+            missing = [key for key in keys if key not in self._entries and key not in self._reading]
+            reserved = {key: self._reserve(key) for key in missing}
+        held = {}
+        try:
+            for run in self.disk.runs(keys[0][0], [expert for _, expert in missing]) if missing else []:
+                run_keys = [(keys[0][0], expert) for expert in run]
+                run_reserved = {key: reserved.pop(key) for key in run_keys}
+                self._fill(run_keys, run_reserved)  # abandons its keys itself if the read fails
+                held.update(run_reserved)
+        except BaseException:
+            with self._lock:
+                for key, (tensors, retained) in held.items():
+                    self._give_back(key, tensors, retained)
+                for key, buffers_retained in reserved.items():
+                    self._abandon(key, *buffers_retained)
+            raise
+        return held
 
     def _acquire(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
         while True:
@@ -242,24 +333,47 @@ class HostTier(ExpertSource):
                     self._borrowed[key] = self._borrowed.get(key, 0) + 1
                     return self._entries[key], True
                 if pending is None:
-                    self._reading[key] = threading.Event()
-                    buffers, retained = self._buffers_for(key)
+                    held = {key: self._reserve(key)}
                     break
             pending.wait()  # another thread is reading this expert: use its result
+        self._fill([key], held)
+        return held[key]
+
+    def _reserve(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
+        """Buffers for a key about to be read (under the lock); others wait for the read."""
+        self._reading[key] = threading.Event()
+        return self._buffers_for(key)
+
+    def _fill(self, keys: list[tuple[int, int]], held: dict) -> None:
+        """Read reserved `keys` (one layer, a run on disk) and release their waiters."""
         try:
-            self.disk.read_into(*key, buffers)
+            self.disk.read_run(keys[0][0], [expert for _, expert in keys], [held[key][0] for key in keys])
         except BaseException:
             with self._lock:
-                if retained:
-                    del self._entries[key]
-                    self._borrowed.pop(key, None)
-                self._spare.append(buffers)
-                self._reading.pop(key).set()
+                for key in keys:
+                    self._abandon(key, *held.pop(key))
             raise
         with self._lock:
-            self.disk_reads += 1
-            self._reading.pop(key).set()
-        return buffers, retained
+            self.disk_reads += len(keys)
+            for key in keys:
+                self._reading.pop(key).set()
+
+    def _abandon(self, key: tuple[int, int], buffers: ExpertTensors, retained: bool) -> None:
+        """Undo a reservation whose read failed or never ran (under the lock)."""
+        if retained:
+            del self._entries[key]
+            self._borrowed.pop(key, None)
+        self._spare.append(buffers)
+        self._reading.pop(key).set()
+
+    def _give_back(self, key: tuple[int, int], tensors: ExpertTensors, retained: bool) -> None:
+        """End one borrow (under the lock): a retained entry becomes evictable when unborrowed."""
+        if retained:
+            self._borrowed[key] -= 1
+            if not self._borrowed[key]:
+                del self._borrowed[key]
+        else:
+            self._spare.append(tensors)
 
     def _buffers_for(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
         """Buffers for a new entry (called under the lock); retained=False means temporary."""

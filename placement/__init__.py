@@ -2,7 +2,8 @@
 
 Imported as `moe_runtime.placement`. `place_multi_gpu(trace, gpus)` partitions experts across
 devices to keep consecutive-layer transitions local (ExFlow's problem); `place_tiering(trace, ...)`
-chooses pinned / dynamic / host / disk per expert; plans are JSON (plan.py).
+chooses pinned / dynamic / host / disk per expert; `place_disk_layout(trace)` orders each layer's
+experts in the store file so that experts read together are adjacent; plans are JSON (plan.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from moe_runtime.trace import Trace
 
 from .affinity import RoutingStatistics, cut_fraction, routing_statistics
+from .layout import disk_layout, order_experts, runs_per_read
 from .partition import Partition, partition
 from .plan import check_plan_shape, load_plan, save_plan, validate_plan
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
@@ -64,6 +66,25 @@ def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCo
         "solver_status": result.status,
         "gap": result.gap,
         "seconds": result.seconds,
+        "disk_order": disk_layout(routing_statistics(trace).coactivation).tolist(),
+        "shape": _shape(trace),
+        "traces": list(sources),
+    }
+
+
+def place_disk_layout(trace: Trace, sources=()) -> dict:
+    """A disk layout plan: each layer's experts in the store file, co-activated ones adjacent.
+
+    runs_per_read (contiguous reads per token and layer) is measured on `trace` itself, beside
+    the expert-id order's; score a held-out trace with `runs_per_read(plan["disk_order"], trace)`.
+    """
+    order = disk_layout(routing_statistics(trace).coactivation)
+    id_order = np.tile(np.arange(trace.num_experts), (trace.num_layers, 1))
+    return {
+        "kind": "disk_layout",
+        "disk_order": order.tolist(),
+        "runs_per_read": runs_per_read(order, trace),
+        "id_order_runs_per_read": runs_per_read(id_order, trace),
         "shape": _shape(trace),
         "traces": list(sources),
     }
@@ -77,13 +98,17 @@ __all__ = [
     "Tiering",
     "check_plan_shape",
     "cut_fraction",
+    "disk_layout",
     "load_plan",
     "naive_placement",
+    "order_experts",
     "partition",
+    "place_disk_layout",
     "place_multi_gpu",
     "place_tiering",
     "plan_tiering",
     "routing_statistics",
+    "runs_per_read",
     "save_plan",
     "tiering_inputs",
     "validate_plan",

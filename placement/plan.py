@@ -2,8 +2,10 @@
 
 {"kind": "multi_gpu", "device_of": [[device of each expert] per MoE layer], "method": ...,
  "cut_fraction": ..., ...} or {"kind": "tiering", "tier_of": [[tier per expert] per layer],
- "dynamic_slots": N, ...}; both carry "shape": {"num_layers", "num_experts", "top_k"} and the
-traces they were made from. A plan for another model shape is refused.
+ "dynamic_slots": N, ...} or {"kind": "disk_layout", "disk_order": [[expert ids in file order] per
+layer], "runs_per_read": ..., ...}; a tiering plan carries a "disk_order" too, for the experts it
+leaves on disk. All carry "shape": {"num_layers", "num_experts", "top_k"} and the traces they
+were made from. A plan for another model shape is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from moe_runtime.atomic import write_text_atomically
 
 from .tiering import TIERS
 
-KINDS = ("multi_gpu", "tiering")
+KINDS = ("multi_gpu", "tiering", "disk_layout")
+TABLES = {"multi_gpu": "device_of", "tiering": "tier_of", "disk_layout": "disk_order"}
 
 
 def validate_plan(plan: dict) -> dict:
@@ -29,9 +32,11 @@ def validate_plan(plan: dict) -> dict:
     layers, experts = shape.get("num_layers"), shape.get("num_experts")
     if not isinstance(layers, int) or not isinstance(experts, int):
         raise ValueError("plan field 'shape' needs num_layers and num_experts")
-    table = np.asarray(plan.get("device_of" if kind == "multi_gpu" else "tier_of"))
+    table = np.asarray(plan.get(TABLES[kind]))
     if table.shape != (layers, experts):
-        raise ValueError(f"plan table must be [L, E] = {(layers, experts)}, got {table.shape}")
+        raise ValueError(f"plan field {TABLES[kind]!r} must be [L, E] = {(layers, experts)}, got {table.shape}")
+    if plan.get("disk_order") is not None:
+        _validate_disk_order(np.asarray(plan["disk_order"]), layers, experts)
     if kind == "multi_gpu":
         gpus = plan.get("gpus")
         if not isinstance(gpus, int) or gpus < 1 or experts % gpus:
@@ -39,13 +44,19 @@ def validate_plan(plan: dict) -> dict:
         counts = np.stack([np.bincount(row, minlength=gpus) for row in table.astype(np.int64)])
         if table.min() < 0 or table.max() >= gpus or (counts != experts // gpus).any():
             raise ValueError(f"plan 'device_of' must put exactly {experts // gpus} experts of every layer on each of {gpus} devices")
-    else:
+    elif kind == "tiering":
         unknown = {str(tier) for tier in table.ravel()} - set(TIERS)
         if unknown:
             raise ValueError(f"plan 'tier_of' has unknown tiers {sorted(unknown)}; tiers are {', '.join(TIERS)}")
         if not isinstance(plan.get("dynamic_slots"), int) or plan["dynamic_slots"] < 0:
             raise ValueError("plan field 'dynamic_slots' must be a non-negative int")
     return plan
+
+
+def _validate_disk_order(order: np.ndarray, layers: int, experts: int) -> None:
+    permutations = order.shape == (layers, experts) and (np.sort(order, axis=1) == np.arange(experts)).all()
+    if not permutations:
+        raise ValueError(f"plan field 'disk_order' must order all {experts} experts of each of the {layers} layers (a permutation per layer)")
 
 
 def save_plan(plan: dict, path: str | os.PathLike) -> Path:

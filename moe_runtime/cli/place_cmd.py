@@ -1,4 +1,4 @@
-"""`moe-runtime place TRACE ... (--gpus G | --gpu-budget X --host-budget Y) --out PLAN.json`."""
+"""`moe-runtime place TRACE ... (--gpus G | --gpu-budget X --host-budget Y | --disk-layout) --out PLAN.json`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..placement import TierCosts, check_plan_shape, cut_fraction, place_multi_gpu, place_tiering, routing_statistics, save_plan
+from ..placement import (
+    TierCosts,
+    check_plan_shape,
+    cut_fraction,
+    place_disk_layout,
+    place_multi_gpu,
+    place_tiering,
+    routing_statistics,
+    runs_per_read,
+    save_plan,
+)
 from ..simulator import TimingModel
 from ..trace import load_traces
 from .output import console, key_value_table, print_json
@@ -19,9 +29,10 @@ def add_parsers(subparsers) -> None:
     place.add_argument("--gpus", type=int, help="multi-GPU plan over G devices")
     place.add_argument("--gpu-budget", help="tiering plan: GPU slots, as a share of all experts (0.25) or a count (416)")
     place.add_argument("--host-budget", help="tiering plan: experts host RAM holds, as a share or a count")
+    place.add_argument("--disk-layout", action="store_true", help="disk layout plan: each layer's experts in store file order")
     place.add_argument("--method", default="auto", choices=("auto", "ilp", "exact", "search"), help="multi-GPU method")
     place.add_argument("--time-limit", type=float, default=10.0, help="seconds for the solver")
-    place.add_argument("--eval", nargs="+", help="held-out traces to report the plan's cut fraction on")
+    place.add_argument("--eval", nargs="+", help="held-out traces to score the plan on (cut fraction, or runs per read)")
     place.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb)
     place.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps)
     place.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (default: an NVMe SSD)")
@@ -40,28 +51,27 @@ def _experts(text: str, total: int, name: str) -> int:
 
 
 def run_place(args: argparse.Namespace) -> int:
-    if (args.gpus is None) == (args.gpu_budget is None):
-        raise ValueError("choose one plan: --gpus G (multi-GPU) or --gpu-budget X --host-budget Y (tiering)")
+    chosen = [args.gpus is not None, args.gpu_budget is not None, args.disk_layout]
+    if sum(chosen) != 1:
+        raise ValueError("choose one plan: --gpus G (multi-GPU), --gpu-budget X --host-budget Y (tiering) or --disk-layout")
     trace = load_traces(args.traces)
     sources = [Path(p).name for p in args.traces]
+    held_out = load_traces(args.eval) if args.eval else None
     if args.gpus is not None:
         plan = place_multi_gpu(trace, args.gpus, args.method, args.time_limit, sources)
-        if args.eval:
-            held_out = load_traces(args.eval)
+        if held_out is not None:
             check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
             plan["held_out_cut_fraction"] = cut_fraction(np.asarray(plan["device_of"]), routing_statistics(held_out).transitions)
+    elif args.disk_layout:
+        plan = place_disk_layout(trace, sources)
+        if held_out is not None:
+            check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+            plan["held_out_runs_per_read"] = runs_per_read(np.asarray(plan["disk_order"]), held_out)
+            plan["held_out_id_order_runs_per_read"] = runs_per_read(np.tile(np.arange(held_out.num_experts), (held_out.num_layers, 1)), held_out)
     else:
-        if args.host_budget is None:
-            raise ValueError("a tiering plan needs --host-budget as well as --gpu-budget")
-        total = trace.num_layers * trace.num_experts
-        timing = TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms)
-        costs = TierCosts(timing.load_ms, args.expert_mb * 1e6 / (args.disk_gbps * 1e9) * 1e3)
-        plan = place_tiering(
-            trace, _experts(args.gpu_budget, total, "gpu-budget"), _experts(args.host_budget, total, "host-budget"), costs,
-            compute_ms_per_token=trace.num_layers * args.layer_ms, time_limit=args.time_limit, sources=sources,
-        )
+        plan = _tiering_plan(args, trace, sources)
     path = save_plan(plan, args.out)
-    summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of")}
+    summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of", "disk_order")}
     summary["out"] = str(path)
     if plan["kind"] == "tiering":
         flat = [tier for row in plan["tier_of"] for tier in row]
@@ -71,3 +81,15 @@ def run_place(args: argparse.Namespace) -> int:
     else:
         console.print(key_value_table(f"{plan['kind']} plan -> {path}", summary))
     return 0
+
+
+def _tiering_plan(args: argparse.Namespace, trace, sources: list[str]) -> dict:
+    if args.host_budget is None:
+        raise ValueError("a tiering plan needs --host-budget as well as --gpu-budget")
+    total = trace.num_layers * trace.num_experts
+    timing = TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms)
+    costs = TierCosts(timing.load_ms, args.expert_mb * 1e6 / (args.disk_gbps * 1e9) * 1e3)
+    return place_tiering(
+        trace, _experts(args.gpu_budget, total, "gpu-budget"), _experts(args.host_budget, total, "host-budget"), costs,
+        compute_ms_per_token=trace.num_layers * args.layer_ms, time_limit=args.time_limit, sources=sources,
+    )
