@@ -1,12 +1,19 @@
 """Private Triton code of grouped_moe (called only by the launcher in grouped_moe.py).
 
-Two kernels, no atomics:
-1. swiglu: one program per (token, k) row and block of I: h = silu(gate_s x) * (up_s x), the
-   SwiGLU fused into the first projection, accumulated in fp32 over blocks of H.
-2. down: one program per (token, block of H): out = sum over k, in order, of w[t, k] * down_s h,
-   the routing weight fused into the second projection and the reduction over K deterministic.
-Weights are read straight from the slot pool through the slot table (`slots` [T*K]).
-Products are reduced with tl.sum (decode rows are single vectors; tl.dot needs 16 rows on GPU).
+Weights are read straight from the slot pool through the slot table; no atomics anywhere.
+
+Per-pair path (few rows per expert: decode), products reduced with tl.sum:
+1. swiglu_kernel: one program per (token, k) pair and block of I: h = silu(gate_s x) * (up_s x),
+   the SwiGLU fused into the first projection, accumulated in fp32 over blocks of H.
+2. down_kernel: one program per (token, block of H): out = sum over k, in order, of
+   w[t, k] * down_s h: the routing weight fused in, the reduction over K deterministic.
+
+Grouped path (many rows per expert: prefill, large batches), tl.dot on tiles of rows:
+the launcher sorts the T*K pairs by slot and cuts each slot's rows into tiles of BLOCK_T, so each
+expert's weights are read once per tile instead of once per row.
+3. swiglu_grouped_kernel: one program per (tile, block of I): h[pairs] for the tile's rows.
+4. down_grouped_kernel: one program per (tile, block of H): y[pairs] = w * down_s h[pairs],
+   per pair; the launcher sums y over K in order (deterministic).
 """
 
 import triton
@@ -68,3 +75,67 @@ def down_kernel(
             acc += tl.sum(w * h[None, :], axis=1)
         out += weight * acc
     tl.store(out_ptr + token * stride_out + rows, out, mask=row_mask)
+
+
+@triton.jit
+def swiglu_grouped_kernel(
+    x_ptr, gate_up_ptr, pairs_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr, h_ptr,
+    top_k, hidden_size, intermediate,
+    stride_x, stride_s, stride_row, stride_h,
+    BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    block = tl.program_id(1)
+    count = tl.load(tile_rows_ptr + tile)
+    if count == 0:  # a tile past the last one used (the grid is sized for the worst case)
+        return
+    slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    row_mask = lanes < count
+    pairs = tl.load(pairs_ptr + tl.load(tile_start_ptr + tile) + lanes, mask=row_mask, other=0)
+    tokens = (pairs // top_k).to(tl.int64)
+    columns = block * BLOCK_I + tl.arange(0, BLOCK_I)
+    column_mask = columns < intermediate
+    gate = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    up = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    base = gate_up_ptr + slot * stride_s
+    for start in range(0, hidden_size, BLOCK_H):
+        offsets = start + tl.arange(0, BLOCK_H)
+        offset_mask = offsets < hidden_size
+        x = tl.load(x_ptr + tokens[:, None] * stride_x + offsets[None, :], mask=row_mask[:, None] & offset_mask[None, :], other=0.0)
+        mask = offset_mask[:, None] & column_mask[None, :]
+        gate_w = tl.load(base + columns[None, :] * stride_row + offsets[:, None], mask=mask, other=0.0)  # [BLOCK_H, BLOCK_I]
+        up_w = tl.load(base + (columns[None, :] + intermediate) * stride_row + offsets[:, None], mask=mask, other=0.0)
+        gate = tl.dot(x, gate_w, gate, input_precision="ieee")
+        up = tl.dot(x, up_w, up, input_precision="ieee")
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + pairs[:, None].to(tl.int64) * stride_h + columns[None, :], h, mask=row_mask[:, None] & column_mask[None, :])
+
+
+@triton.jit
+def down_grouped_kernel(
+    h_ptr, down_ptr, pairs_ptr, tile_slot_ptr, tile_start_ptr, tile_rows_ptr, weights_ptr, y_ptr,
+    hidden_size, intermediate,
+    stride_h, stride_s, stride_row, stride_y,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    block = tl.program_id(1)
+    count = tl.load(tile_rows_ptr + tile)
+    if count == 0:
+        return
+    slot = tl.load(tile_slot_ptr + tile).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_T)
+    row_mask = lanes < count
+    pairs = tl.load(pairs_ptr + tl.load(tile_start_ptr + tile) + lanes, mask=row_mask, other=0).to(tl.int64)
+    rows = block * BLOCK_H + tl.arange(0, BLOCK_H)
+    out_mask = rows < hidden_size
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for start in range(0, intermediate, BLOCK_I):
+        columns = start + tl.arange(0, BLOCK_I)
+        column_mask = columns < intermediate
+        h = tl.load(h_ptr + pairs[:, None] * stride_h + columns[None, :], mask=row_mask[:, None] & column_mask[None, :], other=0.0)
+        w = tl.load(down_ptr + slot * stride_s + rows[None, :] * stride_row + columns[:, None], mask=column_mask[:, None] & out_mask[None, :], other=0.0)
+        acc = tl.dot(h.to(w.dtype), w, acc, input_precision="ieee")  # [BLOCK_T, BLOCK_I] x [BLOCK_I, BLOCK_H]
+    weight = tl.load(weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pairs[:, None] * stride_y + rows[None, :], acc * weight[:, None], mask=row_mask[:, None] & out_mask[None, :])

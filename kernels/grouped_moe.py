@@ -34,7 +34,7 @@ def tile_config(kind: str) -> dict:
     return table[kind]
 
 
-def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights) -> None:
+def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, check_values: bool) -> None:
     if hidden.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"expected hidden [T, H], gate_up [S, 2I, H], down [S, H, I]; got {tuple(hidden.shape)}, {tuple(gate_up.shape)}, {tuple(down.shape)}")
     tokens, size = hidden.shape
@@ -53,6 +53,12 @@ def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
     devices = {t.device for t in (hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if check_values:
+        _validate_values(gate_up.shape[0], slot_of_expert, top_k_index)
+
+
+def _validate_values(slots: int, slot_of_expert, top_k_index) -> None:
+    """Routing in range and every routed expert resident (reads values: a host sync on CUDA)."""
     experts = slot_of_expert.shape[0]
     if top_k_index.numel() and (int(top_k_index.min()) < 0 or int(top_k_index.max()) >= experts):
         raise ValueError(f"top_k_index holds expert ids outside [0, {experts})")
@@ -64,11 +70,18 @@ def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
         raise ValueError(f"slot_of_expert points past the {slots} slots of the pool")
 
 
-def grouped_moe(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, backend: str = "auto") -> torch.Tensor:
-    """The experts' output [T, H] for tokens `hidden` routed to resident experts of the pool."""
+def grouped_moe(
+    hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, backend: str = "auto", check_values: bool = True
+) -> torch.Tensor:
+    """The experts' output [T, H] for tokens `hidden` routed to resident experts of the pool.
+
+    check_values=False skips the checks that read tensor values (routing in range, experts
+    resident), which wait for the device: for callers that guarantee them (the runtime's slot
+    cache) and for CUDA graph capture. Shapes, dtypes and devices are always checked.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
+    _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, check_values=check_values)
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
     if backend == "torch":
@@ -76,7 +89,11 @@ def grouped_moe(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weight
     return _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
 
 
-def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights) -> torch.Tensor:
+def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, path: str = "auto") -> torch.Tensor:
+    """Run the Triton kernels: per-pair for few rows per expert, grouped (tl.dot tiles) for many.
+
+    path: "auto" (by the table's pairs-per-expert threshold), "pairs" or "grouped".
+    """
     if not hidden.is_cuda and not interpreting():
         raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
     try:
@@ -87,24 +104,81 @@ def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights) -
     if interpreting() and out_dtype == torch.bfloat16:
         # The interpreter computes bf16 on raw bits: upcast on the host, round back with torch.
         hidden, gate_up, down = hidden.float(), gate_up.float(), down.float()
-    tokens, size = hidden.shape
-    top_k = top_k_index.shape[1]
-    intermediate = gate_up.shape[1] // 2
     hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
     slots = slot_of_expert.to(torch.int32)[top_k_index.long()].reshape(-1).contiguous()  # [T*K]
     weights = top_k_weights.float().reshape(-1).contiguous()
+    config = tile_config("cuda" if hidden.is_cuda else "interpreter")
+    tokens, top_k = top_k_index.shape
+    if path == "auto":
+        pairs_per_expert = tokens * top_k / max(1, slot_of_expert.shape[0])
+        path = "grouped" if pairs_per_expert >= config["grouped_min_pairs_per_expert"] else "pairs"
+    run = _run_grouped if path == "grouped" else _run_pairs
+    return run(_grouped_moe, config, hidden, gate_up, down, slots, weights, top_k).to(out_dtype)
+
+
+def _run_pairs(kernels, config, hidden, gate_up, down, slots, weights, top_k) -> torch.Tensor:
+    """One program per (token, k) pair (first GEMM) and per token (second): decode."""
+    tokens, size = hidden.shape
+    intermediate = gate_up.shape[1] // 2
     h = torch.empty((tokens * top_k, intermediate), dtype=torch.float32, device=hidden.device)
     out = torch.empty((tokens, size), dtype=torch.float32, device=hidden.device)
-    config = tile_config("cuda" if hidden.is_cuda else "interpreter")
     first, second = config["swiglu"], config["down"]
-    grid = (tokens * top_k, (intermediate + first["BLOCK_I"] - 1) // first["BLOCK_I"])
-    _grouped_moe.swiglu_kernel[grid](
+    grid = (tokens * top_k, triton_cdiv(intermediate, first["BLOCK_I"]))
+    kernels.swiglu_kernel[grid](
         hidden, gate_up, slots, h, top_k, size, intermediate,
         hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), **first,
     )
-    grid = (tokens, (size + second["BLOCK_H"] - 1) // second["BLOCK_H"])
-    _grouped_moe.down_kernel[grid](
+    grid = (tokens, triton_cdiv(size, second["BLOCK_H"]))
+    kernels.down_kernel[grid](
         h, down, slots, weights, out, top_k, size, intermediate,
         h.stride(0), down.stride(0), down.stride(1), out.stride(0), **second,
     )
-    return out.to(out_dtype)
+    return out
+
+
+def _run_grouped(kernels, config, hidden, gate_up, down, slots, weights, top_k) -> torch.Tensor:
+    """Tiles of up to BLOCK_T rows of one slot (tl.dot), then a sum over K in order: prefill."""
+    tokens, size = hidden.shape
+    intermediate = gate_up.shape[1] // 2
+    first, second = config["swiglu_grouped"], config["down_grouped"]
+    pairs, tile_slot, tile_start, tile_rows = tile_table(slots, gate_up.shape[0], first["BLOCK_T"])
+    h = torch.empty((tokens * top_k, intermediate), dtype=torch.float32, device=hidden.device)
+    y = torch.empty((tokens * top_k, size), dtype=torch.float32, device=hidden.device)
+    grid = (len(tile_rows), triton_cdiv(intermediate, first["BLOCK_I"]))
+    kernels.swiglu_grouped_kernel[grid](
+        hidden, gate_up, pairs, tile_slot, tile_start, tile_rows, h, top_k, size, intermediate,
+        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), **first,
+    )
+    grid = (len(tile_rows), triton_cdiv(size, second["BLOCK_H"]))
+    kernels.down_grouped_kernel[grid](
+        h, down, pairs, tile_slot, tile_start, tile_rows, weights, y, size, intermediate,
+        h.stride(0), down.stride(0), down.stride(1), y.stride(0), **second,
+    )
+    return y.view(tokens, top_k, size).sum(dim=1)
+
+
+def tile_table(slots: torch.Tensor, num_slots: int, block_t: int) -> tuple[torch.Tensor, ...]:
+    """Cut the pairs [P] (their slots) into tiles of at most `block_t` rows of one slot each.
+
+    Returns pairs sorted by slot [P], and per tile: its slot, the index of its first row in the
+    sorted pairs and its row count (0 for the unused tail). The number of tiles is the worst case
+    P // block_t + min(S, P), so nothing here waits for the device (no host sync).
+    """
+    count = slots.numel()
+    order = torch.argsort(slots, stable=True).to(torch.int32)
+    rows_of_slot = torch.zeros(num_slots, dtype=torch.int64, device=slots.device).scatter_add_(0, slots.long(), torch.ones_like(slots, dtype=torch.int64))
+    tiles_of_slot = (rows_of_slot + block_t - 1) // block_t
+    tiles_before = torch.cumsum(tiles_of_slot, 0)
+    rows_before = torch.cumsum(rows_of_slot, 0) - rows_of_slot
+    tiles = count // block_t + min(num_slots, count)
+    index = torch.arange(tiles, device=slots.device)
+    slot = torch.searchsorted(tiles_before, index, right=True).clamp_(max=num_slots - 1)
+    within = index - (tiles_before[slot] - tiles_of_slot[slot])
+    rows = (rows_of_slot[slot] - within * block_t).clamp(0, block_t)
+    rows = torch.where(index < tiles_before[-1], rows, torch.zeros_like(rows))
+    start = rows_before[slot] + within * block_t
+    return order, slot.to(torch.int32), start.to(torch.int32), rows.to(torch.int32)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -79,7 +79,10 @@ def experts_from_slots(
     if path == TRITON:
         from .kernels import grouped_moe
 
-        out = grouped_moe(hidden, pool.tensors["gate_up_proj"], pool.tensors["down_proj"], slot_of_expert, top_k_index, top_k_weights, backend="triton")
+        out = grouped_moe(  # the cache made every routed expert resident: no value checks (no host sync)
+            hidden, pool.tensors["gate_up_proj"], pool.tensors["down_proj"], slot_of_expert, top_k_index, top_k_weights,
+            backend="triton", check_values=False,
+        )
         return out.to(hidden.dtype)
     num_tokens, top_k = top_k_index.shape
     flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K]
