@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_runtime.placement import disk_layout, routing_statistics, runs_per_read
+from moe_runtime.placement import disk_layout, expert_id_order, routing_statistics, runs_per_read
 from moe_runtime.store import ConvertedStore
 from moe_runtime.trace import load_trace, merge_traces
 
@@ -44,7 +44,7 @@ def main() -> None:
     started = time.perf_counter()
     layout = disk_layout(routing_statistics(fit).coactivation)
     print(f"layout of {fit.num_layers} layers x {fit.num_experts} experts in {time.perf_counter() - started:.2f} s")
-    id_order = np.tile(np.arange(fit.num_experts), (fit.num_layers, 1))
+    id_order = expert_id_order(fit.num_layers, fit.num_experts)
     for name, order in (("expert id order", id_order), ("planned layout", layout)):
         print(f"{name:>16}: {runs_per_read(order, held_out):.3f} contiguous reads per token and layer (held out)")
 

@@ -25,7 +25,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before Triton is fir
 
 import torch  # noqa: E402
 
-from moe_runtime.tiny_models import tiny_config  # noqa: E402
+from moe_runtime.tiny_models import expert_fields, tiny_config  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -110,18 +110,13 @@ def _experts_module(shape: ExpertShape, gate_up: torch.Tensor, down: torch.Tenso
     from moe_runtime.adapters import adapter_for
     from moe_runtime.checkpoint import build_skeleton
 
-    config = tiny_config(shape.family, hidden_size=shape.hidden, num_hidden_layers=1, **_width_fields(shape))
+    fields = expert_fields(shape.family, num_experts=shape.experts, intermediate_size=shape.intermediate, top_k=shape.top_k)
+    config = tiny_config(shape.family, hidden_size=shape.hidden, num_hidden_layers=1, **fields)
     skeleton = build_skeleton(config, gate_up.dtype)
     module = adapter_for(skeleton).blocks(skeleton)[0].experts
     module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
     module.down_proj = torch.nn.Parameter(down, requires_grad=False)
     return module
-
-
-def _width_fields(shape: ExpertShape) -> dict:
-    experts_field = "num_local_experts" if shape.family == "mixtral" else "num_experts"
-    width_field = "intermediate_size" if shape.family in ("mixtral", "olmoe") else "moe_intermediate_size"
-    return {experts_field: shape.experts, width_field: shape.intermediate, "num_experts_per_tok": shape.top_k}
 
 
 def bandwidth(name: str, pool: Pool, tokens: int, calls: int) -> float | None:

@@ -27,7 +27,7 @@ import moe_runtime
 from moe_runtime.embedded import cache_root
 from moe_runtime.generation import time_generation
 from moe_runtime.inspection import describe_model_dir
-from moe_runtime.tiny_models import tiny_model
+from moe_runtime.tiny_models import expert_fields, tiny_model
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,9 @@ class Shape:
         return f"{self.family}-h{self.hidden_size}-i{self.intermediate_size}-e{self.num_experts}-k{self.top_k}-l{self.num_layers}-{self.dtype}"
 
     def overrides(self) -> dict:
-        experts_field = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts"}.get(self.family, "num_experts")
-        width_field = "intermediate_size" if self.family in ("mixtral", "olmoe", "gpt_oss") else "moe_intermediate_size"
         return {
             "hidden_size": self.hidden_size,
-            width_field: self.intermediate_size,
-            experts_field: self.num_experts,
-            "num_experts_per_tok": self.top_k,
+            **expert_fields(self.family, num_experts=self.num_experts, intermediate_size=self.intermediate_size, top_k=self.top_k),
             "num_hidden_layers": self.num_layers,
             "num_attention_heads": 16,
             "num_key_value_heads": 16,

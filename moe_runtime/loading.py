@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .runtime import Runtime, checked_placement, disk_order, live_forecaster, pinned_experts, resolve_device, router_mask
+from .runtime import build_runtime, checked_placement, disk_order, resolve_device
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -65,12 +65,10 @@ def from_pretrained(
     total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
-    forecaster = live_forecaster(predictor, model, blocks)
-    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
-    runtime = Runtime(
-        model, adapter, blocks, source, budget=budget, device=device, policy=policy,
-        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(plan, blocks[0].num_experts), kernel=kernel,
+    runtime = build_runtime(
+        model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
+        budget=budget, device=device, policy=policy,
+        prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, kernel=kernel,
     )
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)

@@ -321,12 +321,10 @@ def wrap(
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     plan = checked_placement(placement, blocks)
     source, spilled = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan))
-    forecaster = live_forecaster(predictor, model, blocks)
-    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
-    runtime = Runtime(
-        model, adapter, blocks, source, budget=budget, device=device, policy=policy, home_device=home,
-        forecaster=forecaster, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, mask=mask,
-        pinned=pinned_experts(plan, blocks[0].num_experts), kernel=kernel,
+    runtime = build_runtime(
+        model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
+        budget=budget, device=device, policy=policy, home_device=home,
+        prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, kernel=kernel,
     )
     runtime.install(model)
     if spilled:  # only now, with the runtime running from the store: free the RAM copies
@@ -334,6 +332,15 @@ def wrap(
             for name in block.expert_shapes():
                 block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
     return model
+
+
+def build_runtime(model, adapter, blocks, source, plan, *, predictor, profile, profiles_dir, **options) -> Runtime:
+    """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask and pinned
+    experts resolved from their `predictor`, `profile` and placement `plan`; `options` go to Runtime."""
+    forecaster = live_forecaster(predictor, model, blocks)
+    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
+    pinned = pinned_experts(plan, blocks[0].num_experts)
+    return Runtime(model, adapter, blocks, source, forecaster=forecaster, mask=mask, pinned=pinned, **options)
 
 
 def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):

@@ -154,13 +154,10 @@ class ConvertedStore(DiskStore):
 
     def read_run(self, layer: int, experts: Sequence[int], outs: Sequence[ExpertTensors]) -> None:
         """One preadv for experts adjacent on disk, in file order (see `runs`)."""
-        file = self.files[layer]
-        pieces = sorted(
-            (file.entries[self.tensor_name(self.position[layer][expert], name)].begin, self.tensor_name(self.position[layer][expert], name), target)
-            for expert, out in zip(experts, outs)
-            for name, target in out.items()
-        )
-        file.read_span_into([name for _, name, _ in pieces], [target for _, _, target in pieces])
+        file, place = self.files[layer], self.position[layer]
+        target_of = {self.tensor_name(place[expert], name): target for expert, out in zip(experts, outs) for name, target in out.items()}
+        names = sorted(target_of, key=lambda name: file.entries[name].begin)
+        file.read_span_into(names, [target_of[name] for name in names])
 
     def close(self) -> None:
         for file in self.files:
@@ -310,7 +307,7 @@ class HostTier(ExpertSource):
             reserved = {key: self._reserve(key) for key in missing}
         held = {}
         try:
-            for run in self.disk.runs(keys[0][0], [expert for _, expert in missing]) if missing else []:
+            for run in self.disk.runs(keys[0][0], [expert for _, expert in missing]):
                 run_keys = [(keys[0][0], expert) for expert in run]
                 run_reserved = {key: reserved.pop(key) for key in run_keys}
                 self._fill(run_keys, run_reserved)  # abandons its keys itself if the read fails

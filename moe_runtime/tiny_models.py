@@ -64,6 +64,14 @@ _FAMILIES: dict[str, dict] = {
 TINY_FAMILIES = tuple(_FAMILIES)
 
 
+def expert_fields(model_type: str, *, num_experts: int, intermediate_size: int, top_k: int) -> dict:
+    """Config overrides that set E, the routed experts' width and K, under the names the family uses."""
+    family = _FAMILIES[model_type]
+    experts_field = next(name for name in ("num_local_experts", "n_routed_experts", "num_experts") if name in family)
+    width_field = "moe_intermediate_size" if "moe_intermediate_size" in family else "intermediate_size"
+    return {experts_field: num_experts, width_field: intermediate_size, "num_experts_per_tok": top_k}
+
+
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     """A small config of `model_type`; keyword overrides replace any field."""
     if model_type not in _FAMILIES:

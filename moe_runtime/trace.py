@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_atomically
+from .reading import read_npz
 
 REQUIRED_ARRAYS = ("expert_ids", "gate_weights", "seq_offsets", "num_experts", "top_k")
 
@@ -121,13 +122,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     offsets not increasing) and FileNotFoundError for a missing file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no trace file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable .npz trace file ({error})") from error
+    arrays = read_npz(path, "trace file")
     missing = [name for name in REQUIRED_ARRAYS if name not in arrays]
     if missing:
         raise ValueError(f"{path}: trace file lacks the array(s) {', '.join(missing)}")

@@ -13,7 +13,7 @@ import numpy as np
 from moe_runtime.trace import Trace
 
 from .affinity import RoutingStatistics, cut_fraction, routing_statistics
-from .layout import disk_layout, order_experts, runs_per_read
+from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
 from .plan import check_plan_shape, load_plan, save_plan, validate_plan
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
@@ -50,8 +50,9 @@ def place_multi_gpu(trace: Trace, gpus: int, method: str = "auto", time_limit: f
 
 def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCosts, *, compute_ms_per_token: float = 0.0, time_limit: float = 5.0, sources=()) -> dict:
     """A single-GPU tiering plan: pinned / dynamic / host / disk per expert."""
+    stats = routing_statistics(trace)
     result = plan_tiering(
-        tiering_inputs(trace), (trace.num_layers, trace.num_experts, trace.top_k), gpu_slots, host_experts, costs,
+        tiering_inputs(trace, stats), (trace.num_layers, trace.num_experts, trace.top_k), gpu_slots, host_experts, costs,
         time_limit=time_limit, compute_ms_per_token=compute_ms_per_token,
     )
     return {
@@ -66,7 +67,7 @@ def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCo
         "solver_status": result.status,
         "gap": result.gap,
         "seconds": result.seconds,
-        "disk_order": disk_layout(routing_statistics(trace).coactivation).tolist(),
+        "disk_order": disk_layout(stats.coactivation).tolist(),
         "shape": _shape(trace),
         "traces": list(sources),
     }
@@ -79,12 +80,11 @@ def place_disk_layout(trace: Trace, sources=()) -> dict:
     the expert-id order's; score a held-out trace with `runs_per_read(plan["disk_order"], trace)`.
     """
     order = disk_layout(routing_statistics(trace).coactivation)
-    id_order = np.tile(np.arange(trace.num_experts), (trace.num_layers, 1))
     return {
         "kind": "disk_layout",
         "disk_order": order.tolist(),
         "runs_per_read": runs_per_read(order, trace),
-        "id_order_runs_per_read": runs_per_read(id_order, trace),
+        "id_order_runs_per_read": runs_per_read(expert_id_order(trace.num_layers, trace.num_experts), trace),
         "shape": _shape(trace),
         "traces": list(sources),
     }
@@ -99,6 +99,7 @@ __all__ = [
     "check_plan_shape",
     "cut_fraction",
     "disk_layout",
+    "expert_id_order",
     "load_plan",
     "naive_placement",
     "order_experts",

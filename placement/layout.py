@@ -41,6 +41,11 @@ def disk_layout(coactivation: np.ndarray) -> np.ndarray:
     return np.stack([order_experts(layer) for layer in coactivation])
 
 
+def expert_id_order(num_layers: int, num_experts: int) -> np.ndarray:
+    """[L, E] the checkpoint's own order (expert ids), the baseline a layout is compared with."""
+    return np.tile(np.arange(num_experts), (num_layers, 1))
+
+
 def runs_per_read(order: np.ndarray, trace: Trace) -> float:
     """Mean contiguous reads needed for one token's K experts of one layer under `order` [L, E]."""
     order = np.asarray(order, dtype=np.int64)

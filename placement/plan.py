@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.atomic import write_text_atomically
+from moe_runtime.reading import read_json
 
 from .tiering import TIERS
 
@@ -68,12 +69,7 @@ def load_plan(path_or_plan) -> dict:
     if isinstance(path_or_plan, dict):
         return validate_plan(path_or_plan)
     path = Path(path_or_plan)
-    if not path.is_file():
-        raise FileNotFoundError(f"no placement plan at {path}")
-    try:
-        plan = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg})") from None
+    plan = read_json(path, "placement plan")
     try:
         return validate_plan(plan)
     except ValueError as error:

@@ -28,7 +28,7 @@ import pulp
 
 from moe_runtime.trace import Trace
 
-from .affinity import routing_statistics
+from .affinity import RoutingStatistics, routing_statistics
 from .solver import solve
 
 TIERS = ("pinned", "dynamic", "host", "disk")
@@ -74,8 +74,9 @@ class Tiering:
     seconds: float
 
 
-def tiering_inputs(trace: Trace) -> TieringInputs:
-    stats = routing_statistics(trace)
+def tiering_inputs(trace: Trace, stats: RoutingStatistics | None = None) -> TieringInputs:
+    """What the tiering program needs from `trace` (`stats`: its routing statistics, if measured already)."""
+    stats = stats or routing_statistics(trace)
     coverage = _affinity_coverage(stats.transitions, trace.expert_ids.astype(np.int64), trace.top_k, trace.num_experts)
     return TieringInputs(stats.popularity.reshape(-1), coverage, trace)
 

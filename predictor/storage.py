@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.atomic import write_atomically
+from moe_runtime.reading import read_npz
 
 from .affinity import AffinityPredictor
 from .base import RoutingPredictor
@@ -50,15 +51,10 @@ def save_predictor(predictor: RoutingPredictor, path: str | os.PathLike) -> Path
 
 
 def load_predictor(path: str | os.PathLike) -> RoutingPredictor:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no predictor file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        kind = str(arrays["kind"])
-    except (ValueError, OSError, KeyError) as error:
-        raise ValueError(f"{path}: not a predictor file ({error})") from None
+    arrays = read_npz(path, "predictor file")
+    if "kind" not in arrays:
+        raise ValueError(f"{path}: not a predictor file (no 'kind' array)")
+    kind = str(arrays["kind"])
     tables = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("affinity_")}
     if kind == "learned":
         weights = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("weights_")}

@@ -11,6 +11,7 @@ from ..placement import (
     TierCosts,
     check_plan_shape,
     cut_fraction,
+    expert_id_order,
     place_disk_layout,
     place_multi_gpu,
     place_tiering,
@@ -67,7 +68,7 @@ def run_place(args: argparse.Namespace) -> int:
         if held_out is not None:
             check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
             plan["held_out_runs_per_read"] = runs_per_read(np.asarray(plan["disk_order"]), held_out)
-            plan["held_out_id_order_runs_per_read"] = runs_per_read(np.tile(np.arange(held_out.num_experts), (held_out.num_layers, 1)), held_out)
+            plan["held_out_id_order_runs_per_read"] = runs_per_read(expert_id_order(held_out.num_layers, held_out.num_experts), held_out)
     else:
         plan = _tiering_plan(args, trace, sources)
     path = save_plan(plan, args.out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomically
+from ..reading import read_json
 from ..trace import Trace
 from .importance import task_importance
 from .plan import keep_plan
@@ -69,13 +70,7 @@ class PruningProfile:
 
 
 def load_profile(path: str | os.PathLike) -> PruningProfile:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no profile file at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    data = read_json(path, "profile file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a profile is a JSON object, got {type(data).__name__}")
     try:

@@ -1,0 +1,41 @@
+"""Reading our own files (plans, profiles, traces, predictors) with errors that name the file.
+
+A missing file raises FileNotFoundError "no <what> at <path>"; a file that cannot be parsed raises
+ValueError "<path>: ..." with the parser's reason. What the content must hold is each caller's
+own validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The parsed JSON of the file `path` (a `what`, e.g. "profile file")."""
+    path = existing_file(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else str(error)
+        raise ValueError(f"{path}: not valid JSON ({reason})") from None
+
+
+def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz file `path` (a `what`, e.g. "trace file"), without pickles."""
+    path = existing_file(path, what)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable .npz {what} ({error})") from None
