@@ -192,4 +192,10 @@ def _integer_program(transitions: np.ndarray, gpus: int, time_limit: float, seed
     problem += x[0, 0, 0] == 1  # device labels are interchangeable: fix one
     result = solve(problem, time_limit)
     device_of = np.array([[max(range(gpus), key=lambda g: x[l, i, g].value() or 0) for i in range(experts)] for l in range(layers)])
+    assigned = all((x[l, i, device_of[l, i]].value() or 0) > 0.5 for l in range(layers) for i in range(experts))
+    if not assigned:
+        raise ValueError(
+            f"the integer program returned no placement within the {time_limit:g} s time limit ({result.solver}: {result.status}); "
+            "raise --time-limit or use --method search"
+        )
     return device_of, result.status, result.gap

@@ -8,10 +8,17 @@ mip_gap) or, for CBC, from PuLP's solution status (optimal vs integer-feasible; 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pulp
+
+
+HIGHS_SOLUTION_FEASIBLE = 2  # HiGHS's kSolutionStatusFeasible: an integer solution is in hand
 
 
 @dataclass(frozen=True)
@@ -34,13 +41,30 @@ def solve(problem: pulp.LpProblem, time_limit: float, gap: float = 1e-4) -> Solv
     started = time.perf_counter()
     name = available_solver()
     if name == "HiGHS":
-        problem.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap))
+        with _native_stdout_silenced():  # HiGHS prints its banner from C++ even with msg=False
+            problem.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap))
         model = problem.solverModel
+        info = model.getInfo()
         status = model.modelStatusToString(model.getModelStatus()).lower()
-        mip_gap = float(model.getInfo().mip_gap)
-        status = {"optimal": "optimal", "time limit reached": "time limit (feasible)"}.get(status, status)
+        mip_gap = float(info.mip_gap)
+        stopped = "time limit (feasible)" if info.primal_solution_status == HIGHS_SOLUTION_FEASIBLE else "time limit (no solution)"
+        status = {"optimal": "optimal", "time limit reached": stopped}.get(status, status)
         return SolveResult(name, status, mip_gap if mip_gap < 1e30 else None, time.perf_counter() - started)
     problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap))
     solution = {pulp.LpSolutionOptimal: "optimal", pulp.LpSolutionIntegerFeasible: "time limit (feasible)"}
     status = solution.get(problem.sol_status, pulp.LpStatus[problem.status].lower())
     return SolveResult(name, status, 0.0 if status == "optimal" else None, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null for the block: native code's prints would corrupt --json output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -124,3 +124,23 @@ def test_plans_the_machine_or_model_cannot_follow_are_refused():
     crowded = _tiering_plan(model, {0: list(range(8)), 1: list(range(8))})
     with pytest.raises(ValueError, match="pins 16 experts but the budget holds 12: short by 6"):
         moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=crowded)
+
+
+def test_the_solver_prints_nothing_to_stdout(capfd):
+    """HiGHS writes a banner from native code; on stdout it would corrupt `place --json`."""
+    import pulp
+
+    from moe_runtime.placement.solver import solve
+
+    problem = pulp.LpProblem("tiny", pulp.LpMaximize)
+    x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(3)]
+    problem += pulp.lpSum(x)
+    problem += x[0] + x[1] <= 1
+    assert solve(problem, time_limit=5).proven_optimal
+    assert capfd.readouterr().out == ""
+
+
+def test_an_integer_program_stopped_without_a_solution_is_refused_not_returned():
+    transitions = np.random.default_rng(0).random((6, 32, 32))
+    with pytest.raises(ValueError, match="no placement within the 0.001 s time limit .*time limit \\(no solution\\).*--method search"):
+        partition(transitions, 4, "ilp", time_limit=1e-3)
