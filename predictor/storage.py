@@ -16,7 +16,8 @@ from moe_runtime.reading import read_npz
 
 from .affinity import AffinityPredictor
 from .base import RoutingPredictor
-from .learned import LearnedPredictor
+from .learned import LearnedPredictor, feature_count
+from .pair_affinity import PairTable
 from .popularity import PopularityPredictor
 from .previous_token import PreviousTokenPredictor
 
@@ -25,6 +26,8 @@ def _arrays(predictor: RoutingPredictor) -> dict[str, np.ndarray]:
     if isinstance(predictor, LearnedPredictor):
         out = {f"weights_{d}": w for d, w in predictor.weights.items()}
         out.update({f"affinity_{d}": t for d, t in predictor.affinity.tables.items()})
+        for (d, layer), table in predictor.pairs.tables.items():
+            out[f"pairs_{d}_{layer}_codes"], out[f"pairs_{d}_{layer}_rows"] = table.codes, table.rows
         out["top_k"] = np.int64(predictor.affinity.top_k)
         return out
     if isinstance(predictor, AffinityPredictor):
@@ -58,9 +61,21 @@ def load_predictor(path: str | os.PathLike) -> RoutingPredictor:
     tables = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("affinity_")}
     if kind == "learned":
         weights = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("weights_")}
+        expected = feature_count(int(arrays["num_experts"]))
+        if any(w.shape[1] != expected for w in weights.values()):
+            raise ValueError(
+                f"{path}: this learned predictor has {next(iter(weights.values())).shape[1]} features per forecast, this "
+                f"version uses {expected}: it was fitted by another version; refit it with 'moe-runtime predictor fit'"
+            )
         predictor = LearnedPredictor(tuple(weights))
         predictor.weights = weights
         predictor.affinity.tables, predictor.affinity.top_k = tables, int(arrays["top_k"])
+        predictor.pairs.top_k = int(arrays["top_k"])
+        predictor.pairs.tables = {
+            tuple(int(x) for x in key.split("_")[1:3]): PairTable(arrays[key], arrays[key.replace("_codes", "_rows")])
+            for key in arrays
+            if key.startswith("pairs_") and key.endswith("_codes")
+        }
         _shape(predictor.affinity, arrays)
     elif kind == "affinity":
         predictor = AffinityPredictor()

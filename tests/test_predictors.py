@@ -134,3 +134,55 @@ def test_prefetching_raises_the_hit_rate_of_the_embedded_model(embedded):
             assert stats["prefetches_issued"] > 0 and 0 < stats["prefetches_used"] <= stats["prefetches_issued"]
             assert stats["predictor"] == "cross-layer-gate"
     assert rates["cross-layer-gate"] > rates[None]
+
+
+def test_a_learned_file_from_another_feature_layout_is_refused(tmp_path):
+    predictor = make_predictor("learned").fit(chain_trace(3, 5, seed=5))
+    path = save_predictor(predictor, tmp_path / "learned.npz")
+    arrays = dict(np.load(path))
+    arrays["weights_1"] = arrays["weights_1"][:, 1:]  # one feature fewer than this version computes
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="fitted by another version; refit it"):
+        load_predictor(path)
+
+
+def pair_routing(tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot routing [N, 4] at a source and a target layer, K = 2, where the target pair is a
+    function of the source pair that no single source expert determines."""
+    follows = {(0, 1): (0, 1), (2, 3): (0, 1), (0, 2): (2, 3), (1, 3): (2, 3), (0, 3): (1, 2), (1, 2): (0, 3)}
+    pairs = list(follows)
+    source, target = np.zeros((tokens, 4), np.float32), np.zeros((tokens, 4), np.float32)
+    for row, choice in enumerate(np.random.default_rng(seed).integers(len(pairs), size=tokens)):
+        source[row, list(pairs[choice])] = 1
+        target[row, list(follows[pairs[choice]])] = 1
+    return source, target
+
+
+def test_pair_table_follows_its_formula_and_falls_back_to_popularity():
+    from moe_runtime.predictor.pair_affinity import ALPHA, fit_pair_table
+
+    source, target = pair_routing(60, seed=0)
+    table = fit_pair_table([source], target, top_k=2)
+    with_01 = (source[:, 0] > 0) & (source[:, 1] > 0)
+    expected = (target[with_01].sum(axis=0) / 2 + ALPHA * target.mean(axis=0)) / (with_01.sum() + ALPHA)
+    for ids in ([0, 1], [1, 0]):  # either order
+        np.testing.assert_allclose(table.forecast(np.array([[ids]]))[0, 0], expected, rtol=2e-3)
+    rare = fit_pair_table([source], target, top_k=2, max_pairs=1)  # keeps only the most frequent pair
+    assert len(rare.codes) == 1
+    kept = divmod(int(rare.codes[0]), 4)
+    others = np.array([[[a, b]] for a in range(4) for b in range(a + 1, 4) if (a, b) != kept])
+    np.testing.assert_allclose(rare.forecast(others)[:, 0], np.tile(target.mean(axis=0), (5, 1)), rtol=2e-3)
+    assert not np.allclose(rare.forecast(np.array([[kept]]))[0, 0], target.mean(axis=0), rtol=0.05)
+
+
+def test_pairs_predict_what_single_experts_cannot():
+    from moe_runtime.predictor.pair_affinity import fit_pair_table, top_ids
+
+    source, target = pair_routing(600, seed=1)
+    held_source, held_target = pair_routing(200, seed=2)
+    forecast = fit_pair_table([source], target, top_k=2).forecast(top_ids(held_source, 2)[:, None])[:, 0]
+    top = np.argsort(-forecast, axis=1)[:, :2]
+    assert np.take_along_axis(held_target, top, axis=1).sum() / (2 * len(top)) == 1.0
+    single = (source.T @ target) / source.sum(axis=0)[:, None]  # P(j | i), the affinity table
+    top = np.argsort(-(held_source @ single), axis=1)[:, :2]
+    assert np.take_along_axis(held_target, top, axis=1).sum() / (2 * len(top)) < 0.9
