@@ -22,6 +22,7 @@ softmax-loss linear model (0.693) did not pay for their cost.
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from moe_runtime.trace import Trace
 
@@ -42,9 +43,10 @@ def feature_count(num_experts: int) -> int:
 class LearnedPredictor(RoutingPredictor):
     name = "learned"
 
-    def __init__(self, lookaheads: tuple[int, ...] = (1, 2, 3)) -> None:
+    def __init__(self, lookaheads: tuple[int, ...] = (1, 2, 3), progress: bool = False) -> None:
         super().__init__()
         self.lookaheads = tuple(sorted(lookaheads))
+        self.progress = progress  # a progress bar over the (lookahead, layer) solves: a minute on all ESFT traces
         self.affinity = AffinityPredictor()
         self.pairs = PairAffinity()
         self.weights: dict[int, np.ndarray] = {}  # d -> [L - d, F, E]
@@ -53,10 +55,14 @@ class LearnedPredictor(RoutingPredictor):
         self.affinity.fit(trace)
         context = context_from_trace(trace)
         self.pairs.fit((context.current > 0).astype(np.float32), self.lookaheads, trace.top_k)
-        for d in self.lookaheads:
-            self.weights[d] = np.stack(
-                [standardised_ridge(self.features(layer, d, context), context.chosen(layer + d)) for layer in range(trace.num_layers - d)]
-            )
+        solves = sum(trace.num_layers - d for d in self.lookaheads)
+        with tqdm(total=solves, desc="fitting learned predictor", unit="layer", disable=not self.progress) as bar:
+            for d in self.lookaheads:
+                layers = []
+                for layer in range(trace.num_layers - d):
+                    layers.append(standardised_ridge(self.features(layer, d, context), context.chosen(layer + d)))
+                    bar.update()
+                self.weights[d] = np.stack(layers)
 
     def features(self, layer: int, lookahead: int, context: RoutingContext) -> np.ndarray:
         """[N, 29 E + 1] features of each token after `layer`, for target `layer + lookahead`."""

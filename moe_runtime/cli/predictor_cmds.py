@@ -47,7 +47,7 @@ def parse_ms(text: str | None, top_k: int) -> tuple[int, ...]:
 
 def run_fit(args: argparse.Namespace) -> int:
     trace = load_traces(args.traces)
-    predictor = make_predictor(args.kind) if args.kind != "learned" else PREDICTORS["learned"](_ints(args.lookahead))
+    predictor = make_predictor(args.kind) if args.kind != "learned" else PREDICTORS["learned"](_ints(args.lookahead), progress=not args.json)
     started = time.perf_counter()
     predictor.fit(trace)
     seconds = time.perf_counter() - started
