@@ -90,10 +90,11 @@ class LearnedPredictor(RoutingPredictor):
 def standardised_ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Weights [F, E] for x [N, F] (last column the bias) and targets y [N, E]: the ridge
     solution on z-scored features, folded back so that x @ weights gives the forecast."""
-    centred = x[:, :-1] - x[:, :-1].mean(axis=0)
+    mean = x[:, :-1].mean(axis=0)
+    centred = x[:, :-1] - mean
     scale = centred.std(axis=0).astype(np.float64) + 1e-3
     target_mean = y.mean(axis=0)
     gram = (centred.T @ centred).astype(np.float64) / np.outer(scale, scale) + RIDGE * np.eye(len(scale))
     weights = np.linalg.solve(gram, (centred.T @ (y - target_mean)).astype(np.float64) / scale[:, None]) / scale[:, None]
-    bias = target_mean - x[:, :-1].mean(axis=0) @ weights
+    bias = target_mean - mean @ weights
     return np.concatenate([weights, bias[None]]).astype(np.float32)

@@ -69,11 +69,11 @@ def top_ids(gates: np.ndarray, top_k: int) -> np.ndarray:
     return np.argpartition(gates, gates.shape[-1] - top_k, axis=-1)[..., gates.shape[-1] - top_k :]
 
 
-def pair_codes(chosen: np.ndarray, top_k: int) -> np.ndarray:
-    """[..., K (K - 1) / 2] int64 codes a * E + b (a < b) of the expert pairs of rows [..., E]."""
-    ids = np.sort(top_ids(chosen, top_k), axis=-1).astype(np.int64)
-    first, second = _pair_columns(top_k)
-    return ids[..., first] * chosen.shape[-1] + ids[..., second]
+def pair_codes(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """[..., K (K - 1) / 2] int64 codes a * E + b (a < b) of the pairs among expert ids [..., K]."""
+    ids = np.sort(ids, axis=-1).astype(np.int64)
+    first, second = _pair_columns(ids.shape[-1])
+    return ids[..., first] * num_experts + ids[..., second]
 
 
 @functools.cache
@@ -93,7 +93,8 @@ def fit_pair_table(sources: list[np.ndarray], target: np.ndarray, top_k: int, ma
     """The table from one-hot routing at source layers l, l - 1, ... (each [N, E]) and at the
     target layer l + d ([N, E])."""
     num_experts = target.shape[1]
-    codes = np.stack([pair_codes(source, top_k) + back * num_experts**2 for back, source in enumerate(sources)], axis=1)
+    ids = np.stack([top_ids(source, top_k) for source in sources], axis=1)  # [N, S, K]
+    codes = pair_codes(ids, num_experts) + _source_column(len(sources)) * num_experts**2  # [N, S, C]
     kept = []
     for back in range(len(sources)):  # the most frequent pairs of each source layer
         seen, counts = np.unique(codes[:, back], return_counts=True)
@@ -102,7 +103,6 @@ def fit_pair_table(sources: list[np.ndarray], target: np.ndarray, top_k: int, ma
     popularity = target.mean(axis=0)
     chosen_next = np.zeros((len(kept) + 1, num_experts))
     if codes.shape[2]:
-        ids = np.stack([top_ids(source, top_k) for source in sources], axis=1)  # [N, S, K]
         index = PairTable(kept, chosen_next).row_index(ids).reshape(len(target), -1)  # [N, S C]
         token, expert = np.nonzero(target)  # every (token, expert it chose at l + d)
         cells = (index[token] * num_experts + expert[:, None]).ravel()
