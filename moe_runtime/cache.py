@@ -5,7 +5,8 @@ acquire(layer, experts) -> hits used in place, misses loaded (blocking, ahead of
 -> loads issued in the background into free or evicted slots, never blocking.
 
 Keys are `layer * E + expert`. Experts in use by the running layer, pinned experts and experts
-still loading are never evicted. All state changes happen on the caller's thread; workers only
+still loading are never evicted; transient experts (a placement plan's host tier) leave their
+slot as soon as their layer releases them. All state changes happen on the caller's thread; workers only
 copy. A failed load leaves the cache as if the load had never been issued, then raises.
 """
 
@@ -31,6 +32,7 @@ class SlotCache:
         loader: Loader,
         stats: RuntimeStats,
         pinned: Sequence[int] = (),
+        transient: Sequence[int] = (),
     ):
         self.num_experts = num_experts
         self.num_slots = num_slots
@@ -44,6 +46,7 @@ class SlotCache:
         self.prefetched: set[int] = set()  # loaded by a prefetch, not yet used
         self.in_use: set[int] = set()
         self.pinned: set[int] = set(pinned)
+        self.transient: frozenset[int] = frozenset(transient)
         self.release_events: dict[int, torch.cuda.Event] = {}  # slot -> compute done with it
 
     # ------------------------------------------------------------------ queries
@@ -99,8 +102,14 @@ class SlotCache:
         for expert in experts:
             key = self.key(layer, expert)
             self.in_use.discard(key)
-            if compute_done is not None and key in self.slot_of:
-                self.release_events[self.slot_of[key]] = compute_done
+            slot = self.slot_of.get(key)
+            if slot is None:
+                continue
+            if compute_done is not None:
+                self.release_events[slot] = compute_done
+            if key in self.transient and not self._loading(key):  # loaded on use, never kept
+                self._evict(key)
+                self.free.append(slot)
 
     def _wait(self, keys: list[int], counters) -> None:
         started = time.perf_counter()

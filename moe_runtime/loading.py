@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .runtime import build_runtime, checked_placement, disk_order, resolve_device
+from .runtime import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -62,9 +62,12 @@ def from_pretrained(
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
     if store_dir is not None:
         disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan))
-    total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
+    per_expert = expert_nbytes(shapes, dtype)
+    total = per_expert * sum(block.num_experts for block in blocks)
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
-    source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda")
+    ram = ram_experts(plan)
+    host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
+    source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda", keep=ram)
     runtime = build_runtime(
         model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
         budget=budget, device=device, policy=policy,

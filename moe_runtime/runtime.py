@@ -46,6 +46,7 @@ class Runtime:
         prefetch_lookahead: int = 1,
         mask=None,
         pinned: list[int] = (),
+        transient: list[int] = (),
         kernel: str = "auto",
     ):
         self.adapter = adapter
@@ -73,7 +74,8 @@ class Runtime:
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
         self.cache = SlotCache(
-            num_experts=self.num_experts, num_slots=self.num_slots, policy=policy, loader=self.loader, stats=self.stats, pinned=pinned
+            num_experts=self.num_experts, num_slots=self.num_slots, policy=policy, loader=self.loader, stats=self.stats, pinned=pinned,
+            transient=transient,
         )
         self.forecaster = forecaster
         self.prefetch_width = prefetch_width or self.top_k
@@ -258,11 +260,36 @@ def checked_placement(placement, blocks: list[MoEBlock]) -> dict | None:
     return plan
 
 
-def pinned_experts(plan: dict | None, num_experts: int) -> list[int]:
-    """Cache keys (layer * E + expert) of the experts a tiering plan pins."""
+def tier_keys(plan: dict | None, num_experts: int, tier: str) -> list[int]:
+    """Cache keys (layer * E + expert) of the experts a tiering plan puts in `tier`."""
     if plan is None or plan["kind"] != "tiering":
         return []
-    return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, tier in enumerate(row) if tier == "pinned"]
+    return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, name in enumerate(row) if name == tier]
+
+
+def ram_experts(plan: dict | None) -> frozenset[tuple[int, int]] | None:
+    """(layer, expert) pairs a tiering plan holds in host RAM (dynamic and host tiers), when it
+    puts others on disk; None when it leaves RAM to the budget (no disk tier, or no plan)."""
+    if plan is None or plan["kind"] != "tiering" or not any("disk" in row for row in plan["tier_of"]):
+        return None
+    return frozenset((layer, e) for layer, row in enumerate(plan["tier_of"]) for e, tier in enumerate(row) if tier in ("dynamic", "host"))
+
+
+def planned_host_bytes(ram: frozenset | None, host_budget: Budget | None, host_bytes: int, per_expert: int) -> int:
+    """Host RAM to give the host tier: the plan's RAM set when no host_budget is given (so its
+    disk tier stays on disk), else `host_bytes`, refused when it cannot hold the plan's set."""
+    if ram is None:
+        return host_bytes
+    needed = len(ram) * per_expert
+    if host_budget is None:
+        return needed
+    if host_bytes < needed:
+        raise ValueError(
+            f"the placement plan keeps {len(ram)} experts in host RAM ({format_bytes(needed)}) but host_budget "
+            f"{host_budget!r} holds {host_bytes // per_expert}: short by {format_bytes(needed - host_bytes)}; raise host_budget "
+            "or plan with a smaller --host-budget"
+        )
+    return host_bytes
 
 
 def disk_order(plan: dict | None) -> list[list[int]] | None:
@@ -304,8 +331,10 @@ def wrap(
     kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
     SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
     placement: a tiering or disk layout plan (path or dict from `moe-runtime place`): pinned
-    experts are loaded up front and never evicted; a store written to `store_dir` puts each
-    layer's experts in the plan's disk order.
+    experts are loaded up front and never evicted; host-tier experts leave the slot pool after
+    their layer; when the plan has a disk tier, host RAM holds exactly its dynamic and host
+    experts (host_budget defaults to that; store_dir is needed) and the rest is read from disk
+    on a miss; a store written to `store_dir` puts each layer's experts in the plan's disk order.
     profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
@@ -320,7 +349,9 @@ def wrap(
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     plan = checked_placement(placement, blocks)
-    source, spilled = _host_source(blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan))
+    source, spilled = _host_source(
+        blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
+    )
     runtime = build_runtime(
         model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
         budget=budget, device=device, policy=policy, home_device=home,
@@ -335,12 +366,20 @@ def wrap(
 
 
 def build_runtime(model, adapter, blocks, source, plan, *, predictor, profile, profiles_dir, **options) -> Runtime:
-    """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask and pinned
-    experts resolved from their `predictor`, `profile` and placement `plan`; `options` go to Runtime."""
+    """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask, pinned and
+    transient experts resolved from their `predictor`, `profile` and placement `plan`; `options`
+    go to Runtime."""
     forecaster = live_forecaster(predictor, model, blocks)
     mask = router_mask(profile, profiles_dir, model, adapter, blocks)
-    pinned = pinned_experts(plan, blocks[0].num_experts)
-    return Runtime(model, adapter, blocks, source, forecaster=forecaster, mask=mask, pinned=pinned, **options)
+    experts = blocks[0].num_experts
+    runtime = Runtime(
+        model, adapter, blocks, source, forecaster=forecaster, mask=mask,
+        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"), **options,
+    )
+    if plan is not None and plan["kind"] == "tiering":
+        flat = [tier for row in plan["tier_of"] for tier in row]
+        runtime.stats.info["placement_tiers"] = {tier: flat.count(tier) for tier in ("pinned", "dynamic", "host", "disk")}
+    return runtime
 
 
 def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):
@@ -385,8 +424,9 @@ def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
     return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
 
 
-def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None) -> tuple[ExpertSource, bool]:
-    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier.
+def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None, ram=None) -> tuple[ExpertSource, bool]:
+    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier
+    (holding exactly a placement plan's RAM set `ram`, when the plan has a disk tier).
 
     Returns (source, spilled): when spilled, the experts are on disk and the caller frees the
     RAM copies once the runtime is installed (a refused wrap must leave the model whole).
@@ -396,8 +436,10 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None
         if block.expert_shapes() != shapes:
             raise ValueError(f"MoE layer {block.moe_index} has expert shapes {block.expert_shapes()} != {shapes}: one slot pool cannot hold both")
     dtype = next(iter(fused[0].values())).dtype
-    total = expert_nbytes(shapes, dtype) * sum(block.num_experts for block in blocks)
+    per_expert = expert_nbytes(shapes, dtype)
+    total = per_expert * sum(block.num_experts for block in blocks)
     host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
+    host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
     if host_bytes >= total:
         for block, layer in zip(blocks, fused):
             for name, tensor in layer.items():
@@ -405,6 +447,11 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None
                     layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
                     getattr(block.experts, name).data = layer[name]
         return RamSource(fused), False
+    if store_dir is None and host_budget is None:
+        raise ValueError(
+            f"the placement plan keeps {total // per_expert - len(ram)} experts off host RAM (its disk and pinned tiers): "
+            "pass store_dir=... for the store they are read from, or host_budget=1.0 to hold every expert in RAM"
+        )
     if store_dir is None:
         raise ValueError(
             f"host_budget {host_budget!r} ({format_bytes(host_bytes)}) is less than the experts' {format_bytes(total)}: "
@@ -414,7 +461,7 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None
         store_dir, shapes, dtype, len(blocks), blocks[0].num_experts,
         lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}, order=order,
     )
-    return HostTier(store, shapes, dtype, host_bytes, pin=pin), True
+    return HostTier(store, shapes, dtype, host_bytes, pin=pin, keep=ram), True
 
 
 def unwrap(model: nn.Module) -> nn.Module:

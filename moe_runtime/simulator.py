@@ -160,7 +160,8 @@ def replay(
         for key in group:
             if key in resident:
                 result.hits += 1
-                policy.on_access(key)
+                if key not in pinned:
+                    policy.on_access(key)
                 if key in prefetched:
                     prefetched.discard(key)
                     result.prefetch_hits += 1
@@ -175,8 +176,9 @@ def replay(
                 if len(resident) >= capacity:
                     _evict(policy, evictable, resident, prefetched, result)
                 resident.add(key)
-                policy.on_insert(key)
-                policy.on_access(key)
+                if key not in pinned:  # the policy never sees pinned keys: no victim scan passes them
+                    policy.on_insert(key)
+                    policy.on_access(key)
         result.misses += misses
         result.loads += misses
         if misses:

@@ -256,14 +256,22 @@ class HostTier(ExpertSource):
     Host buffers are recycled: an evicted entry's tensors receive the next expert read, so
     pinned memory is allocated once. A borrowed entry is never evicted while borrowed. When
     every entry is borrowed (or the capacity holds none), a read goes to a temporary buffer.
+    keep: the (layer, expert) pairs a placement plan holds in RAM; then exactly those stay once
+    read, never evicted, and every other expert is read from disk into a temporary buffer.
     """
 
-    def __init__(self, disk: DiskStore, shapes: Shapes, dtype: torch.dtype, capacity_bytes: int, *, pin: bool):
+    def __init__(
+        self, disk: DiskStore, shapes: Shapes, dtype: torch.dtype, capacity_bytes: int, *, pin: bool,
+        keep: frozenset[tuple[int, int]] | None = None,
+    ):
         self.disk = disk
         self.shapes = shapes
         self.dtype = dtype
         self.pin = pin
         self.capacity = max(0, capacity_bytes // expert_nbytes(shapes, dtype))
+        if keep is not None and len(keep) > self.capacity:
+            raise ValueError(f"the host tier holds {self.capacity} experts, fewer than the {len(keep)} it must keep")
+        self.keep = keep
         self._entries: OrderedDict[tuple[int, int], ExpertTensors] = OrderedDict()
         self._borrowed: dict[tuple[int, int], int] = {}
         self._reading: dict[tuple[int, int], threading.Event] = {}
@@ -374,11 +382,14 @@ class HostTier(ExpertSource):
 
     def _buffers_for(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
         """Buffers for a new entry (called under the lock); retained=False means temporary."""
-        if len(self._entries) >= self.capacity:
-            victim = next((k for k in self._entries if k not in self._borrowed), None)
-            if victim is not None:
-                self._spare.append(self._entries.pop(victim))
-        retained = len(self._entries) < self.capacity
+        if self.keep is not None:
+            retained = key in self.keep
+        else:
+            if len(self._entries) >= self.capacity:
+                victim = next((k for k in self._entries if k not in self._borrowed), None)
+                if victim is not None:
+                    self._spare.append(self._entries.pop(victim))
+            retained = len(self._entries) < self.capacity
         buffers = self._spare.pop() if self._spare else allocate_expert(self.shapes, self.dtype, pin=self.pin)
         if retained:
             self._entries[key] = buffers

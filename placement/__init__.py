@@ -16,6 +16,7 @@ from .affinity import RoutingStatistics, cut_fraction, routing_statistics
 from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
 from .plan import check_plan_shape, load_plan, save_plan, validate_plan
+from .tier_replay import BASELINES, baseline_tiers, compare_tiers, replay_tiers
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
 
 
@@ -48,12 +49,15 @@ def place_multi_gpu(trace: Trace, gpus: int, method: str = "auto", time_limit: f
     }
 
 
-def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCosts, *, compute_ms_per_token: float = 0.0, time_limit: float = 5.0, sources=()) -> dict:
+def place_tiering(
+    trace: Trace, gpu_slots: int, host_experts: int, costs: TierCosts, *,
+    compute_ms_per_token: float = 0.0, time_limit: float = 5.0, sources=(), progress: bool = False,
+) -> dict:
     """A single-GPU tiering plan: pinned / dynamic / host / disk per expert."""
     stats = routing_statistics(trace)
     result = plan_tiering(
         tiering_inputs(trace, stats), (trace.num_layers, trace.num_experts, trace.top_k), gpu_slots, host_experts, costs,
-        time_limit=time_limit, compute_ms_per_token=compute_ms_per_token,
+        time_limit=time_limit, compute_ms_per_token=compute_ms_per_token, progress=progress,
     )
     return {
         "kind": "tiering",
@@ -67,6 +71,7 @@ def place_tiering(trace: Trace, gpu_slots: int, host_experts: int, costs: TierCo
         "solver_status": result.status,
         "gap": result.gap,
         "seconds": result.seconds,
+        "solver_seconds": result.solver_seconds,
         "disk_order": disk_layout(stats.coactivation).tolist(),
         "shape": _shape(trace),
         "traces": list(sources),
@@ -91,12 +96,15 @@ def place_disk_layout(trace: Trace, sources=()) -> dict:
 
 
 __all__ = [
+    "BASELINES",
     "TIERS",
     "Partition",
     "RoutingStatistics",
     "TierCosts",
     "Tiering",
+    "baseline_tiers",
     "check_plan_shape",
+    "compare_tiers",
     "cut_fraction",
     "disk_layout",
     "expert_id_order",
@@ -108,6 +116,7 @@ __all__ = [
     "place_multi_gpu",
     "place_tiering",
     "plan_tiering",
+    "replay_tiers",
     "routing_statistics",
     "runs_per_read",
     "save_plan",

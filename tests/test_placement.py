@@ -76,11 +76,17 @@ def test_tiering_respects_capacities_and_refuses_infeasible(trace_paths):
         plan_tiering(inputs, shape, gpu_slots=4, host_experts=800, costs=TierCosts(0.69, 5.8))
 
 
-def _tiering_plan(model, pinned: dict[int, list[int]]) -> dict:
+def _tiering_plan(model, pinned: dict[int, list[int]], host=None, disk=None) -> dict:
+    """A tiering plan for `model`: the experts named per layer in each tier, the rest dynamic."""
     from moe_runtime.adapters import adapter_for
 
     blocks = adapter_for(model).blocks(model)
-    tier_of = [["pinned" if e in pinned.get(layer, []) else "dynamic" for e in range(blocks[0].num_experts)] for layer in range(len(blocks))]
+    named = {"pinned": pinned, "host": host or {}, "disk": disk or {}}
+
+    def tier(layer: int, expert: int) -> str:
+        return next((name for name, chosen in named.items() if expert in chosen.get(layer, [])), "dynamic")
+
+    tier_of = [[tier(layer, e) for e in range(blocks[0].num_experts)] for layer in range(len(blocks))]
     return {"kind": "tiering", "tier_of": tier_of, "dynamic_slots": 4, "shape": {"num_layers": len(blocks), "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k}}
 
 
@@ -110,6 +116,72 @@ def test_runtime_never_evicts_pinned_experts():
     assert torch.equal(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False), want)
     assert {key: runtime.cache.slot_of[key] for key in pinned} == slots  # never moved, never evicted
     assert moe_runtime.stats(model)["misses"] > 0
+
+
+def test_tiering_plan_beats_frequency_pinning_and_lru_on_held_out_sequences(trace_paths):
+    """The issue's target in small: plan on law's first half, replay its second half in the
+    simulator with the same GPU slots and host RAM for all three; disk tiers cost their reads."""
+    from moe_runtime.placement import baseline_tiers, compare_tiers
+    from moe_runtime.simulator import TimingModel
+    from moe_runtime.trace import load_trace
+
+    fit, held = load_trace(trace_paths["law"]).split(0.5)
+    timing = TimingModel()
+    costs = TierCosts(timing.load_ms, 17.3e6 / 3e9 * 1e3)
+    experts = fit.num_layers * fit.num_experts
+    slots, ram = experts // 4, experts // 2
+    plan = plan_tiering(tiering_inputs(fit), (fit.num_layers, fit.num_experts, fit.top_k), slots, ram, costs, compute_ms_per_token=26 * timing.layer_ms)
+    assert (np.array(plan.tier_of) == "host").any(), "the experts LRU caches in vain are made transient"
+    ms = compare_tiers(fit, held, plan.tier_of, slots, ram, costs, timing)
+    assert ms["plan"] < 0.97 * min(ms["lru"], ms["pinning"]), ms
+    for name in ("lru", "pinning"):
+        tiers = baseline_tiers(fit, slots, ram, name)
+        assert ((tiers == "dynamic") | (tiers == "host")).sum() == ram and (tiers == "pinned").sum() <= slots - fit.top_k
+
+
+def test_runtime_drops_host_tier_experts_after_their_layer():
+    reference = tiny_model("mixtral")
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    want = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    misses = {}
+    for host in ({}, {0: [1, 2], 1: [3]}):
+        model = tiny_model("mixtral")
+        moe_runtime.wrap(model, budget=0.5, device="cpu", placement=_tiering_plan(model, {0: [0]}, host=host))
+        runtime = moe_runtime.runtime_of(model)
+        assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
+        runtime.cache.check_invariants()
+        misses[len(runtime.cache.transient)] = moe_runtime.stats(model)["misses"]
+    transient = {1, 2, 8 + 3}
+    assert runtime.cache.transient == transient and not transient & set(runtime.cache.slot_of)  # never left in the pool
+    assert misses[3] > misses[0]  # a host-tier expert misses on every use
+    assert moe_runtime.stats(model)["placement_tiers"] == {"pinned": 1, "dynamic": 20, "host": 3, "disk": 0}
+
+
+def test_runtime_holds_the_plan_ram_set_and_reads_the_disk_tier_from_disk(tmp_path):
+    reference, model = tiny_model("olmoe"), tiny_model("olmoe")
+    disk = {layer: [0, 1, 2] for layer in range(3)}
+    plan = _tiering_plan(model, {}, disk=disk)
+    moe_runtime.wrap(model, budget=0.5, device="cpu", placement=plan, store_dir=tmp_path / "store")
+    source = moe_runtime.runtime_of(model).source
+    ram = {(layer, e) for layer in range(3) for e in range(3, 8)}
+    assert source.keep == ram and source.capacity == len(ram)  # host_budget follows the plan
+    ids = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(3))
+    want = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
+    assert set(source._entries) <= ram and len(source._entries) > 0
+    disk_loads = moe_runtime.stats(model)["loads"]  # every read is one of the slot pool's loads
+    assert source.disk_reads <= disk_loads and source.disk_reads > len(source._entries)  # disk tier re-read on misses
+
+
+def test_a_plan_disk_tier_needs_a_store_and_its_ram_set_needs_room(tmp_path):
+    plan = _tiering_plan(tiny_model("olmoe"), {}, disk={0: [0, 1], 1: [0]})
+    with pytest.raises(ValueError, match="keeps 3 experts off host RAM .* pass store_dir"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=plan)
+    with pytest.raises(ValueError, match="keeps 21 experts in host RAM .* holds 12: short by"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=plan, host_budget=0.5, store_dir=tmp_path / "s")
+    model = tiny_model("olmoe")
+    moe_runtime.wrap(model, budget=0.5, device="cpu", placement=plan, host_budget=1.0)  # RAM for all: nothing on disk
+    assert moe_runtime.stats(model)["host_tier"] == "RamSource"
 
 
 def test_plans_the_machine_or_model_cannot_follow_are_refused():

@@ -10,6 +10,7 @@ import numpy as np
 from ..placement import (
     TierCosts,
     check_plan_shape,
+    compare_tiers,
     cut_fraction,
     expert_id_order,
     place_disk_layout,
@@ -33,7 +34,10 @@ def add_parsers(subparsers) -> None:
     place.add_argument("--disk-layout", action="store_true", help="disk layout plan: each layer's experts in store file order")
     place.add_argument("--method", default="auto", choices=("auto", "ilp", "exact", "search"), help="multi-GPU method")
     place.add_argument("--time-limit", type=float, default=10.0, help="seconds for the solver")
-    place.add_argument("--eval", nargs="+", help="held-out traces to score the plan on (cut fraction, or runs per read)")
+    place.add_argument(
+        "--eval", nargs="+",
+        help="held-out traces to score the plan on: cut fraction, runs per read, or modelled ms per token beside LRU and frequency pinning",
+    )
     place.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb)
     place.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps)
     place.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (default: an NVMe SSD)")
@@ -70,7 +74,7 @@ def run_place(args: argparse.Namespace) -> int:
             plan["held_out_runs_per_read"] = runs_per_read(np.asarray(plan["disk_order"]), held_out)
             plan["held_out_id_order_runs_per_read"] = runs_per_read(expert_id_order(held_out.num_layers, held_out.num_experts), held_out)
     else:
-        plan = _tiering_plan(args, trace, sources)
+        plan = _tiering_plan(args, trace, sources, held_out)
     path = save_plan(plan, args.out)
     summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of", "disk_order")}
     summary["out"] = str(path)
@@ -84,13 +88,18 @@ def run_place(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tiering_plan(args: argparse.Namespace, trace, sources: list[str]) -> dict:
+def _tiering_plan(args: argparse.Namespace, trace, sources: list[str], held_out) -> dict:
     if args.host_budget is None:
         raise ValueError("a tiering plan needs --host-budget as well as --gpu-budget")
     total = trace.num_layers * trace.num_experts
     timing = TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms)
     costs = TierCosts(timing.load_ms, args.expert_mb * 1e6 / (args.disk_gbps * 1e9) * 1e3)
-    return place_tiering(
-        trace, _experts(args.gpu_budget, total, "gpu-budget"), _experts(args.host_budget, total, "host-budget"), costs,
-        compute_ms_per_token=trace.num_layers * args.layer_ms, time_limit=args.time_limit, sources=sources,
+    slots, host = _experts(args.gpu_budget, total, "gpu-budget"), _experts(args.host_budget, total, "host-budget")
+    plan = place_tiering(
+        trace, slots, host, costs, compute_ms_per_token=trace.num_layers * args.layer_ms, time_limit=args.time_limit,
+        sources=sources, progress=not args.json,
     )
+    if held_out is not None:
+        check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+        plan["held_out_ms_per_token"] = compare_tiers(trace, held_out, plan["tier_of"], slots, host, costs, timing)
+    return plan
