@@ -59,6 +59,11 @@ def from_pretrained(
     _load_generation_config(model, path)
     shapes = blocks[0].expert_shapes()
     plan = checked_placement(placement, blocks)
+    if plan is not None and plan["kind"] == "multi_gpu":
+        raise ValueError(
+            "from_pretrained offloads experts from disk; a multi-GPU plan keeps them all resident: load the model "
+            "(transformers' from_pretrained) and call moe_runtime.wrap(model, budget=..., placement=PLAN)"
+        )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
     if store_dir is not None:
         disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan))

@@ -241,23 +241,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def checked_placement(placement, blocks: list[MoEBlock]) -> dict | None:
-    """The placement plan (path or dict) to follow, checked against the model's shape.
-
-    A multi-GPU plan needs its GPUs: it is refused on a machine with fewer, and running experts
-    across several devices is not implemented yet (said, never silently run on one device).
-    """
+    """The placement plan (path or dict) to follow, checked against the model's shape."""
     if placement is None:
         return None
     from .placement import check_plan_shape, load_plan
 
     plan = load_plan(placement)
     check_plan_shape(plan, len(blocks), blocks[0].num_experts)
-    if plan["kind"] == "multi_gpu":
+    return plan
+
+
+def plan_devices(plan: dict, devices) -> list[torch.device]:
+    """The devices a multi-GPU plan runs on: `devices` if given (one per plan device), else
+    cuda:0 .. cuda:G-1, refused on a machine with fewer GPUs."""
+    if devices is None:
         available = torch.cuda.device_count()
         if available < plan["gpus"]:
-            raise ValueError(f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available}")
-        raise NotImplementedError("running a multi-GPU placement plan is not implemented yet: use a tiering plan")
-    return plan
+            raise ValueError(
+                f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available} "
+                "(pass devices=[...] to choose others, or plan with fewer --gpus)"
+            )
+        return [torch.device("cuda", index) for index in range(plan["gpus"])]
+    devices = [resolve_device(device) for device in devices]
+    if len(devices) != plan["gpus"]:
+        raise ValueError(f"this placement plan puts experts on {plan['gpus']} devices; devices= names {len(devices)}")
+    return devices
 
 
 def tier_keys(plan: dict | None, num_experts: int, tier: str) -> list[int]:
@@ -319,6 +327,7 @@ def wrap(
     prefetch_lookahead: int = 1,
     profiles_dir: str | None = None,
     kernel: str = "auto",
+    devices: list | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
 
@@ -330,7 +339,9 @@ def wrap(
     the next `prefetch_lookahead` layers are prefetched.
     kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
     SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
-    placement: a tiering or disk layout plan (path or dict from `moe-runtime place`): pinned
+    placement: a plan from `moe-runtime place` (path or dict). A multi-GPU plan keeps every
+    expert resident on its device (cuda:0 .. cuda:G-1, or `devices`), `budget` being each
+    device's expert memory, and runs each (token, expert) pair there. A tiering plan: pinned
     experts are loaded up front and never evicted; host-tier experts leave the slot pool after
     their layer; when the plan has a disk tier, host RAM holds exactly its dynamic and host
     experts (host_budget defaults to that; store_dir is needed) and the rest is read from disk
@@ -349,6 +360,17 @@ def wrap(
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     plan = checked_placement(placement, blocks)
+    if plan is not None and plan["kind"] == "multi_gpu":
+        unused = {"host_budget": host_budget, "store_dir": store_dir, "predictor": predictor, "profile": profile}
+        if any(value is not None for value in unused.values()):
+            raise ValueError(
+                f"a multi-GPU plan keeps every expert resident on its device: {', '.join(k for k, v in unused.items() if v is not None)} "
+                "do not apply to it; drop them, or use a tiering plan"
+            )
+        from .multi_device import MultiDeviceRuntime
+
+        MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, devices), budget).install(model, RUNTIME_ATTR)
+        return model
     source, spilled = _host_source(
         blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
     )

@@ -184,6 +184,70 @@ def test_a_plan_disk_tier_needs_a_store_and_its_ram_set_needs_room(tmp_path):
     assert moe_runtime.stats(model)["host_tier"] == "RamSource"
 
 
+def _alternating_plan(model, gpus: int = 2) -> dict:
+    """A multi-GPU plan putting expert e of layer l on device (e + l) % gpus."""
+    from moe_runtime.adapters import adapter_for
+
+    blocks = adapter_for(model).blocks(model)
+    experts = blocks[0].num_experts
+    device_of = [[(e + layer) % gpus for e in range(experts)] for layer in range(len(blocks))]
+    return {"kind": "multi_gpu", "gpus": gpus, "device_of": device_of, "shape": {"num_layers": len(blocks), "num_experts": experts}}
+
+
+def _run_multi_device(family: str, devices: list[str]) -> None:
+    reference, model = tiny_model(family), tiny_model(family)
+    plan = _alternating_plan(model, len(devices))
+    ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(ids).logits
+        moe_runtime.wrap(model, budget=0.5, placement=plan, devices=devices)
+        got = model(ids).logits.cpu()
+    runtime = moe_runtime.runtime_of(model)
+    for layer, part in enumerate(runtime.parts):
+        original = runtime.blocks[layer].experts
+        for index, expert_part in enumerate(part.parts):
+            mine = [e for e, d in enumerate(plan["device_of"][layer]) if d == index]
+            for name, param in expert_part.named_parameters(recurse=False):
+                assert param.device == torch.device(devices[index])
+                assert torch.equal(param.cpu(), getattr(original, name).data[mine])  # exactly the planned experts
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    counts = moe_runtime.stats(model)
+    top_k, moe_layers = runtime.blocks[0].top_k, len(runtime.blocks)
+    assert sum(counts["pairs_per_device"]) == ids.numel() * top_k * moe_layers
+    assert counts["remote_pairs"] == sum(counts["pairs_per_device"][1:]) > 0
+    moe_runtime.unwrap(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_a_multi_gpu_plan_runs_every_expert_where_the_plan_puts_it(family):
+    """Two devices (both the CPU here): the dispatch, the split weights and the counters are
+    real; only the copies between GPUs need the GPU test below."""
+    _run_multi_device(family, ["cpu", "cpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_multi_gpu_plan_on_two_gpus():
+    _run_multi_device("mixtral", ["cuda:0", "cuda:1"])
+
+
+def test_multi_gpu_plans_refuse_what_they_cannot_honour(tmp_path):
+    model = tiny_model("olmoe")
+    plan = _alternating_plan(model)
+    with pytest.raises(ValueError, match="puts experts on 2 devices; devices= names 3"):
+        moe_runtime.wrap(model, budget=0.5, placement=plan, devices=["cpu"] * 3)
+    with pytest.raises(ValueError, match="keeps .* of experts resident on each device but budget 0.25 .* raise budget to 0.500"):
+        moe_runtime.wrap(model, budget=0.25, placement=plan, devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="predictor do not apply to it"):
+        moe_runtime.wrap(model, budget=0.5, placement=plan, devices=["cpu", "cpu"], predictor="cross-layer-gate")
+    assert not hasattr(model, "_moe_runtime")  # a refused wrap leaves the model as it was
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="from_pretrained offloads experts from disk; a multi-GPU plan"):
+        moe_runtime.from_pretrained(tmp_path / "ckpt", budget=0.5, device="cpu", placement=plan)
+
+
 def test_plans_the_machine_or_model_cannot_follow_are_refused():
     model = tiny_model("olmoe")
     multi = {"kind": "multi_gpu", "gpus": 2, "device_of": [[0, 0, 0, 0, 1, 1, 1, 1]] * 3, "shape": {"num_layers": 3, "num_experts": 8}}
