@@ -16,7 +16,8 @@ The pinned and transient sets are fixed per candidate because the measured rates
 only: left free, the program pinned other experts and its plans simulated 40% slower than planned;
 an analytical reuse model misjudged the cache as badly. Transient experts are what LRU caches in
 vain: dropping the dynamic experts that miss most anyway leaves their slots to experts that are
-reused (on the ESFT traces 3% fewer ms per token than plain LRU with all experts in RAM).
+reused (on held-out ESFT sequences, 2.7% fewer ms per token than plain LRU with all experts in
+RAM).
 
 The candidates: D over [S / 2, S] without transient experts, then at the best D, the 15% / 30% /
 45% of the dynamic experts with the highest miss rates made transient; the lowest objective wins.
