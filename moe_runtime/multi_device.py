@@ -25,15 +25,16 @@ class DeviceExperts(nn.Module):
 
     def __init__(self, original: nn.Module, names: list[str], device_of: list[int], devices: list[torch.device]):
         super().__init__()
-        self.__dict__["original"] = original  # kept out of the module tree; unwrap puts it back
         self.devices = devices
         self.register_buffer("device_of", torch.tensor(device_of), persistent=False)
         self.register_buffer("local_id", torch.zeros(len(device_of), dtype=torch.long), persistent=False)
-        self.parts = nn.ModuleList()
+        parts = []
         for index, device in enumerate(devices):
             experts = [e for e, d in enumerate(device_of) if d == index]
             self.local_id[experts] = torch.arange(len(experts))
-            self.parts.append(_experts_subset(original, names, experts, device))
+            parts.append(_experts_subset(original, names, experts, device))
+        # A plain attribute, not submodules: `model.to(home)` must not gather every part onto one device.
+        self.__dict__["parts"] = parts
         self.pairs = [0] * len(devices)  # (token, k) pairs each device computed
 
     def forward(self, hidden_states, top_k_index=None, top_k_weights=None, *, router_indices=None, routing_weights=None):
@@ -41,13 +42,13 @@ class DeviceExperts(nn.Module):
         top_k_weights = top_k_weights if top_k_weights is not None else routing_weights
         home = hidden_states.device
         out = torch.zeros_like(hidden_states)
-        on_device = self.device_of.to(home)[top_k_index]  # [T, K]
+        on_device, local = self.device_of[top_k_index], self.local_id[top_k_index]  # [T, K] each
         for index, (part, device) in enumerate(zip(self.parts, self.devices)):
             token, k = (on_device == index).nonzero(as_tuple=True)
             if not len(token):
                 continue
-            local = self.local_id.to(home)[top_k_index[token, k]]
-            result = part(hidden_states[token].to(device), local[:, None].to(device), top_k_weights[token, k][:, None].to(device))
+            rows = (hidden_states[token], local[token, k][:, None], top_k_weights[token, k][:, None])
+            result = part(*(row.to(device) for row in rows))
             out.index_add_(0, token, result.to(home, out.dtype))
             self.pairs[index] += len(token)
         return out
