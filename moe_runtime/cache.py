@@ -5,9 +5,10 @@ acquire(layer, experts) -> hits used in place, misses loaded (blocking, ahead of
 -> loads issued in the background into free or evicted slots, never blocking.
 
 Keys are `layer * E + expert`. Experts in use by the running layer, pinned experts and experts
-still loading are never evicted; transient experts (a placement plan's host tier) leave their
-slot as soon as their layer releases them. All state changes happen on the caller's thread; workers only
-copy. A failed load leaves the cache as if the load had never been issued, then raises.
+still loading are never evicted; the policy never sees pinned keys, so no victim scan walks
+past them. Transient experts (a placement plan's host tier) leave their slot as soon as their
+layer releases them. All state changes happen on the caller's thread; workers only copy. A
+failed load leaves the cache as if the load had never been issued, then raises.
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ class SlotCache:
         for key in keys:
             if key in self.slot_of:
                 counters.hits += 1
-                self.policy.on_access(key)
                 if key in self.prefetched:
                     self.prefetched.discard(key)
                     counters.prefetches_used += 1
@@ -92,6 +92,7 @@ class SlotCache:
             else:
                 counters.misses += 1
                 misses.append(self._start_load(layer, key, prefetch=False))
+            if key not in self.pinned:
                 self.policy.on_access(key)
         self.loader.submit(misses)
         self._wait(keys, counters)
@@ -157,7 +158,8 @@ class SlotCache:
         slot = self._take_slot()
         self.slot_of[key] = slot
         self.key_of[slot] = key
-        self.policy.on_insert(key)
+        if key not in self.pinned:
+            self.policy.on_insert(key)
         counters = self.stats.layers[layer]
         counters.loads += 1
         counters.bytes_loaded += self.loader.pool.bytes_per_slot
@@ -184,7 +186,8 @@ class SlotCache:
     def _evict(self, key: int) -> None:
         slot = self.slot_of.pop(key)
         self.key_of[slot] = None
-        self.policy.on_evict(key)
+        if key not in self.pinned:
+            self.policy.on_evict(key)
         self.prefetched.discard(key)
         self.tickets.pop(key, None)  # only finished loads are evictable (a failed prefetch included)
 

@@ -399,8 +399,9 @@ def build_runtime(model, adapter, blocks, source, plan, *, predictor, profile, p
         pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"), **options,
     )
     if plan is not None and plan["kind"] == "tiering":
-        flat = [tier for row in plan["tier_of"] for tier in row]
-        runtime.stats.info["placement_tiers"] = {tier: flat.count(tier) for tier in ("pinned", "dynamic", "host", "disk")}
+        from .placement import tier_counts
+
+        runtime.stats.info["placement_tiers"] = tier_counts(plan)
     return runtime
 
 

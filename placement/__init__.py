@@ -15,7 +15,7 @@ from moe_runtime.trace import Trace
 from .affinity import RoutingStatistics, cut_fraction, routing_statistics
 from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
-from .plan import check_plan_shape, load_plan, save_plan, validate_plan
+from .plan import check_plan_shape, load_plan, save_plan, tier_counts, validate_plan
 from .tier_replay import BASELINES, baseline_tiers, compare_tiers, replay_tiers
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
 
@@ -120,6 +120,7 @@ __all__ = [
     "routing_statistics",
     "runs_per_read",
     "save_plan",
+    "tier_counts",
     "tiering_inputs",
     "validate_plan",
 ]

@@ -76,6 +76,12 @@ def load_plan(path_or_plan) -> dict:
         raise ValueError(f"{path}: {error}") from None
 
 
+def tier_counts(plan: dict) -> dict[str, int]:
+    """How many experts a tiering plan puts in each tier."""
+    flat = [tier for row in plan["tier_of"] for tier in row]
+    return {tier: flat.count(tier) for tier in TIERS}
+
+
 def check_plan_shape(plan: dict, num_layers: int, num_experts: int) -> None:
     shape = plan["shape"]
     if (shape["num_layers"], shape["num_experts"]) != (num_layers, num_experts):

@@ -19,6 +19,7 @@ from ..placement import (
     routing_statistics,
     runs_per_read,
     save_plan,
+    tier_counts,
 )
 from ..simulator import TimingModel
 from ..trace import load_traces
@@ -79,8 +80,7 @@ def run_place(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of", "disk_order")}
     summary["out"] = str(path)
     if plan["kind"] == "tiering":
-        flat = [tier for row in plan["tier_of"] for tier in row]
-        summary["experts_per_tier"] = {tier: flat.count(tier) for tier in ("pinned", "dynamic", "host", "disk")}
+        summary["experts_per_tier"] = tier_counts(plan)
     if args.json:
         print_json(summary)
     else:
