@@ -76,18 +76,24 @@ def test_tiering_respects_capacities_and_refuses_infeasible(trace_paths):
         plan_tiering(inputs, shape, gpu_slots=4, host_experts=800, costs=TierCosts(0.69, 5.8))
 
 
-def _tiering_plan(model, pinned: dict[int, list[int]], host=None, disk=None) -> dict:
-    """A tiering plan for `model`: the experts named per layer in each tier, the rest dynamic."""
+def _plan_shape(model) -> dict:
+    """The "shape" field of a plan for `model`."""
     from moe_runtime.adapters import adapter_for
 
     blocks = adapter_for(model).blocks(model)
+    return {"num_layers": len(blocks), "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k}
+
+
+def _tiering_plan(model, pinned: dict[int, list[int]], host=None, disk=None) -> dict:
+    """A tiering plan for `model`: the experts named per layer in each tier, the rest dynamic."""
+    shape = _plan_shape(model)
     named = {"pinned": pinned, "host": host or {}, "disk": disk or {}}
 
     def tier(layer: int, expert: int) -> str:
         return next((name for name, chosen in named.items() if expert in chosen.get(layer, [])), "dynamic")
 
-    tier_of = [[tier(layer, e) for e in range(blocks[0].num_experts)] for layer in range(len(blocks))]
-    return {"kind": "tiering", "tier_of": tier_of, "dynamic_slots": 4, "shape": {"num_layers": len(blocks), "num_experts": blocks[0].num_experts, "top_k": blocks[0].top_k}}
+    tier_of = [[tier(layer, e) for e in range(shape["num_experts"])] for layer in range(shape["num_layers"])]
+    return {"kind": "tiering", "tier_of": tier_of, "dynamic_slots": 4, "shape": shape}
 
 
 def test_plan_round_trip_and_validation(tmp_path):
@@ -186,12 +192,9 @@ def test_a_plan_disk_tier_needs_a_store_and_its_ram_set_needs_room(tmp_path):
 
 def _alternating_plan(model, gpus: int = 2) -> dict:
     """A multi-GPU plan putting expert e of layer l on device (e + l) % gpus."""
-    from moe_runtime.adapters import adapter_for
-
-    blocks = adapter_for(model).blocks(model)
-    experts = blocks[0].num_experts
-    device_of = [[(e + layer) % gpus for e in range(experts)] for layer in range(len(blocks))]
-    return {"kind": "multi_gpu", "gpus": gpus, "device_of": device_of, "shape": {"num_layers": len(blocks), "num_experts": experts}}
+    shape = _plan_shape(model)
+    device_of = [[(e + layer) % gpus for e in range(shape["num_experts"])] for layer in range(shape["num_layers"])]
+    return {"kind": "multi_gpu", "gpus": gpus, "device_of": device_of, "shape": shape}
 
 
 def _run_multi_device(family: str, devices: list[str]) -> None:
