@@ -1,8 +1,11 @@
 """Eviction policies on hand-made access streams with known answers."""
 
+import numpy as np
 import pytest
 
-from moe_runtime.policies import LFUPolicy, LRUPolicy, NoVictimError, make_policy
+from moe_runtime.policies import ARCPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
+from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, _history, _used
+from moe_runtime.trace import Trace
 
 
 def test_lru_evicts_least_recently_used():
@@ -52,8 +55,6 @@ def test_make_policy():
 
 
 def test_arc_keeps_reused_keys_over_one_time_keys():
-    from moe_runtime.policies import ARCPolicy
-
     policy = ARCPolicy(capacity=3)
     for key in (1, 2):
         policy.on_insert(key)
@@ -65,10 +66,6 @@ def test_arc_keeps_reused_keys_over_one_time_keys():
 
 
 def test_pinned_never_offers_its_pinned_experts():
-    import numpy as np
-
-    from moe_runtime.policies import PinnedPolicy
-
     frequency = np.array([[0.9, 0.1, 0.5, 0.2]])  # expert 0 most popular, then 2
     policy = PinnedPolicy(frequency, capacity=4, top_k=1)
     assert policy.pinned == frozenset({0, 2})
@@ -80,10 +77,6 @@ def test_pinned_never_offers_its_pinned_experts():
 
 
 def test_next_use_prefers_evicting_what_is_needed_last():
-    import numpy as np
-
-    from moe_runtime.policies import NextUsePolicy, ReuseModel
-
     # 3 layers x 2 experts, uniform reuse: at layer 0, keys of layer 2 come back before layer 0's.
     policy = NextUsePolicy(3, 2, ReuseModel.uniform(3, 2, 1))
     for key in range(6):
@@ -94,3 +87,35 @@ def test_next_use_prefers_evicting_what_is_needed_last():
     assert policy.choose_victim(lambda k: k != 0) == 1  # expert 1 of the running layer: a full cycle away
     policy.on_forecast(1, np.array([1.0, 0.0]))  # layer 1: expert 0 surely used, expert 1 surely not
     assert policy.choose_victim(lambda k: k not in (0, 1)) == 3
+
+
+
+def _trace(ids, num_experts):
+    """A one-sequence trace from [T, L, K] expert ids."""
+    ids = np.asarray(ids, dtype=np.int16)
+    return Trace(ids, np.ones_like(ids, dtype=np.float16), np.array([0, len(ids)]), num_experts=num_experts, top_k=ids.shape[2])
+
+
+def test_reuse_model_measures_capped_waits_per_age():
+    # One layer, K = 1: expert 0 on every other token, expert 1 in between, expert 2 never.
+    model = ReuseModel.fit(_trace(np.array([0, 1] * 200)[:, None, None], num_experts=3))
+    zero, one, never = (model.wait[model.bucket[e]] for e in range(3))
+    # Just used (age 0) with a long history: back in exactly 2 tokens.
+    assert zero[0, 8] == pytest.approx(2.0, abs=0.05) and one[0, 8] == pytest.approx(2.0, abs=0.05)
+    # Unused last token (age 1): back next token.
+    assert zero[1, 8] == pytest.approx(1.0, abs=0.05)
+    # Never used: every wait is capped at the horizon.
+    assert never[AGE_CAP, 0] == pytest.approx(HORIZON)
+
+
+def test_next_use_tracks_ages_and_recent_uses_as_the_fit_measures_them():
+    """The policy's online age and window counts equal the fit's offline ones on a random stream."""
+    ids = np.random.default_rng(0).choice(5, size=(60, 2, 2))  # 60 tokens, 2 layers, K = 2 of 5 (repeats allowed)
+    age, recent, _ = _history(_used(_trace(ids, num_experts=5)))
+    policy = NextUsePolicy(2, 5, ReuseModel.uniform(2, 5, 2))
+    for token in range(60):
+        for layer in range(2):
+            policy.on_layer_start(layer, (layer * 5 + ids[token, layer]).tolist())
+        assert policy.recent.tolist() == recent[token].tolist()
+        assert np.minimum(token - policy.last_use, AGE_CAP).tolist() == age[token].tolist()
+    assert 2 <= recent.max() <= WINDOW

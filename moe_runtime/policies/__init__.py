@@ -1,7 +1,7 @@
 """Cache eviction policies, one implementation each, shared by the runtime and the simulator.
 
 `make_policy(name, num_layers=..., num_experts=..., capacity=..., fit=...)` builds one; policies
-that learn from traces (pinned frequencies, next-use priors) take them from `fit`, never from
+that learn from traces (pinned frequencies, next-use reuse model) take them from `fit`, never from
 the stream they are replayed on.
 """
 
@@ -59,4 +59,7 @@ def make_policy(
     return NextUsePolicy(num_layers, num_experts, model)
 
 
-__all__ = ["POLICIES", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "ReuseModel", "make_policy", "selection_frequency"]
+__all__ = [
+    "POLICIES", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
+    "make_policy", "selection_frequency",
+]
