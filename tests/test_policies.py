@@ -119,3 +119,30 @@ def test_next_use_tracks_ages_and_recent_uses_as_the_fit_measures_them():
         assert policy.recent.tolist() == recent[token].tolist()
         assert np.minimum(token - policy.last_use, AGE_CAP).tolist() == age[token].tolist()
     assert 2 <= recent.max() <= WINDOW
+
+
+def _foresight_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "foresight.py"
+    spec = importlib.util.spec_from_file_location("foresight", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_next_use_told_every_next_use_makes_beladys_choices(seed):
+    """With foresight past the end of the trace, next-use's due times are the exact next uses, so
+    its misses equal MIN's: this checks the policy's step arithmetic (and the foresight benchmark)."""
+    from moe_runtime.belady import belady_misses, layer_keys
+    from moe_runtime.simulator import replay
+
+    rng = np.random.default_rng(seed)
+    ids = np.stack([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(80)])  # 80 tokens, 3 layers, 2 of 8
+    trace = _trace(ids, num_experts=8)
+    foresight = _foresight_module().ForesightPolicy(trace, ReuseModel.fit(trace), horizon=len(ids))
+    misses = replay(trace, foresight, 9).misses
+    assert misses == belady_misses(layer_keys(trace.expert_ids, 8), 2, 9)
+    assert misses < replay(trace, make_policy("lru"), 9).misses
