@@ -20,6 +20,7 @@ import numpy as np
 
 from moe_runtime.belady import belady_misses, layer_keys
 from moe_runtime.policies import NextUsePolicy, ReuseModel
+from moe_runtime.policies.next_use import used_matrix
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace, load_trace
 
@@ -48,10 +49,8 @@ class ForesightPolicy(NextUsePolicy):
 
 def _tokens_to_next_use(trace: Trace) -> np.ndarray:
     """[T, L*E] tokens from t until the key's next use in the same sequence (a large number if none)."""
-    num_keys = trace.num_layers * trace.num_experts
-    used = np.zeros((trace.num_tokens, num_keys), dtype=bool)
-    keys = trace.expert_ids.astype(np.int64) + (np.arange(trace.num_layers) * trace.num_experts)[None, :, None]
-    np.put_along_axis(used, keys.reshape(trace.num_tokens, -1), True, axis=1)
+    used = used_matrix(trace)
+    num_keys = used.shape[1]
     never = np.iinfo(np.int32).max // 2
     returns = np.empty(used.shape, dtype=np.int64)
     for begin, end in zip(trace.seq_offsets[:-1], trace.seq_offsets[1:]):

@@ -19,7 +19,7 @@ from .cache import SlotCache
 from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
 from .loader import Loader
 from .offloaded import OffloadedExperts
-from .policies import make_policy
+from .policies import DEFAULT_POLICY, make_policy
 from .pool import SlotPool
 from .stats import RuntimeStats
 from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
@@ -39,7 +39,7 @@ class Runtime:
         *,
         budget: Budget,
         device: torch.device,
-        policy: str = "lru",
+        policy: str = DEFAULT_POLICY,
         home_device: torch.device = torch.device("cpu"),
         forecaster=None,
         prefetch_width: int | None = None,
@@ -319,7 +319,7 @@ def wrap(
     device: str | torch.device | None = None,
     host_budget: Budget | None = None,
     store_dir: str | None = None,
-    policy: str = "lru",
+    policy: str = DEFAULT_POLICY,
     predictor=None,
     placement=None,
     profile=None,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.policies import ARCPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
-from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, _history, _used
+from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, reuse_history, used_matrix
 from moe_runtime.trace import Trace
 
 
@@ -111,7 +111,7 @@ def test_reuse_model_measures_capped_waits_per_age():
 def test_next_use_tracks_ages_and_recent_uses_as_the_fit_measures_them():
     """The policy's online age and window counts equal the fit's offline ones on a random stream."""
     ids = np.random.default_rng(0).choice(5, size=(60, 2, 2))  # 60 tokens, 2 layers, K = 2 of 5 (repeats allowed)
-    age, recent, _ = _history(_used(_trace(ids, num_experts=5)))
+    age, recent, _ = reuse_history(used_matrix(_trace(ids, num_experts=5)))
     policy = NextUsePolicy(2, 5, ReuseModel.uniform(2, 5, 2))
     for token in range(60):
         for layer in range(2):
@@ -146,3 +146,12 @@ def test_next_use_told_every_next_use_makes_beladys_choices(seed):
     misses = replay(trace, foresight, 9).misses
     assert misses == belady_misses(layer_keys(trace.expert_ids, 8), 2, 9)
     assert misses < replay(trace, make_policy("lru"), 9).misses
+
+
+def test_generic_reuse_model_from_the_shipped_routing():
+    """Without fit traces next-use takes the shipped ESFT table: an expert every recent token used
+    is expected back sooner than one used once lately, and that one sooner than one never used."""
+    model = make_policy("next-use", num_layers=3, num_experts=4, capacity=6).model
+    assert model.wait.shape == (1, AGE_CAP + 1, WINDOW + 1) and model.bucket.tolist() == [0] * 12
+    wait = model.wait[0]
+    assert 1.0 <= wait[0, WINDOW] < wait[1, 1] < wait[AGE_CAP, 0] <= HORIZON

@@ -8,6 +8,7 @@ import torch
 
 from ..generation import timed_generate
 from ..loading import from_pretrained
+from ..policies import DEFAULT_POLICY
 from .output import console, key_value_table, print_json, stats_tables
 from .trace_cmds import load_tokenizer
 
@@ -21,7 +22,7 @@ def add_parsers(subparsers) -> None:
     generate.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     generate.add_argument("--host-budget", help="RAM for cold experts (default: all that fit)")
     generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
-    generate.add_argument("--policy", default="lru", help="cache policy")
+    generate.add_argument("--policy", default=DEFAULT_POLICY, help="cache policy: lru, lfu, arc or next-use")
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.set_defaults(run=run_generate)

@@ -21,6 +21,9 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy)
 }
 NEEDS_FIT = frozenset({"pinned"})
+# The runtime's default: with the shipped generic reuse model it loads less than LRU on real
+# routing of tasks it never saw (ReuseModel.generic, benchmarks/reuse_transfer.py).
+DEFAULT_POLICY = "next-use"
 
 
 def selection_frequency(trace: Trace) -> np.ndarray:
@@ -55,11 +58,11 @@ def make_policy(
         if fit is None:
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
-    model = ReuseModel.fit(fit) if fit is not None else ReuseModel.uniform(num_layers, num_experts, top_k or 1)
+    model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
     return NextUsePolicy(num_layers, num_experts, model)
 
 
 __all__ = [
-    "POLICIES", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
+    "DEFAULT_POLICY", "POLICIES", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
     "make_policy", "selection_frequency",
 ]
