@@ -94,6 +94,26 @@ def test_generate_prints_text_and_stats(tmp_path):
     assert result.returncode == 2 and "the minimum is" in result.stderr
 
 
+def test_bench_interrupted_with_ctrl_c_prints_the_runs_that_finished(trace_paths, tmp_path):
+    """A real SIGINT once the progress bar shows a finished run: exit 130 and the finished rows."""
+    import re
+    import signal
+    import time
+
+    log = tmp_path / "stderr.txt"
+    args = ("bench", str(trace_paths["summary"]), "--budget", "0.1,0.25,0.5", "--policy", "all")
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "moe_runtime.cli.main", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while not re.search(r"\b[1-9]\d*/15\b", log.read_text()) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    finished = re.search(r"interrupted: (\d+) of 15 runs finished", stdout)
+    assert process.returncode == 130 and finished, stdout
+    assert 1 <= int(finished.group(1)) < 15 and "Belady" in stdout
+
+
 def test_bench_reports_policies_against_belady(trace_paths, tmp_path):
     plot = tmp_path / "bench.png"
     args = ("bench", str(trace_paths["summary"]), "--budget", "0.25", "--policy", "lru,next-use", "--predictor", "affinity")
