@@ -1,8 +1,9 @@
 """Does the next-use reuse model transfer to a task it was never fitted on?
 
-For each shipped ESFT task: the popularity-free reuse model (age x recent uses, what
-`ReuseModel.generic` ships) fitted on the other three tasks, against the task's own full model
-fitted on its first half, and LRU; all replay the task's second half in one global pool.
+For each shipped ESFT task: the age x recent-uses table (what `ReuseModel.generic` ships) and
+the full model (with popularity and expert transitions) fitted on the other three tasks, the
+full model fitted on the task's own first half, and LRU; all replay the task's second half in
+one global pool.
 
     python benchmarks/reuse_transfer.py [--budget 0.25]
 """
@@ -30,7 +31,11 @@ def main() -> None:
         fit, held = trace.split(0.5)
         capacity = int(args.budget * held.num_layers * held.num_experts)
         others = merge_traces([traces[other] for other in TASKS if other != task])
-        models = {"other tasks, no popularity": ReuseModel.fit(others, popularity_buckets=1), "own first half": ReuseModel.fit(fit)}
+        models = {
+            "other tasks (generic)": ReuseModel.fit(others, popularity_buckets=1, forecast_buckets=1),
+            "other tasks, full model": ReuseModel.fit(others),
+            "own first half, full model": ReuseModel.fit(fit),
+        }
         loads = {name: replay(held, NextUsePolicy(held.num_layers, held.num_experts, model), capacity).loads for name, model in models.items()}
         loads["LRU"] = replay(held, make_policy("lru"), capacity).loads
         optimum = belady_misses(layer_keys(held.expert_ids, held.num_experts), held.top_k, capacity)

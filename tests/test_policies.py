@@ -98,14 +98,30 @@ def _trace(ids, num_experts):
 
 def test_reuse_model_measures_capped_waits_per_age():
     # One layer, K = 1: expert 0 on every other token, expert 1 in between, expert 2 never.
-    model = ReuseModel.fit(_trace(np.array([0, 1] * 200)[:, None, None], num_experts=3))
-    zero, one, never = (model.wait[model.bucket[e]] for e in range(3))
+    model = ReuseModel.fit(_trace(np.array([0, 1] * 200)[:, None, None], num_experts=3), forecast_buckets=1)
+    zero, one, never = (model.wait[model.bucket[e], ..., 0] for e in range(3))
     # Just used (age 0) with a long history: back in exactly 2 tokens.
     assert zero[0, 8] == pytest.approx(2.0, abs=0.05) and one[0, 8] == pytest.approx(2.0, abs=0.05)
     # Unused last token (age 1): back next token.
     assert zero[1, 8] == pytest.approx(1.0, abs=0.05)
     # Never used: every wait is capped at the horizon.
     assert never[AGE_CAP, 0] == pytest.approx(HORIZON)
+
+
+def test_reuse_model_learns_which_expert_follows_which():
+    """Expert 0 is always followed by 1, 1 by 2, 2 by 0: the transition table and the waits of its
+    forecast buckets both say so."""
+    trace = _trace(np.array([0, 1, 2] * 150)[:, None, None], num_experts=4)
+    model = ReuseModel.fit(trace, popularity_buckets=1, forecast_buckets=2)
+    follows = model.transitions[0]
+    assert follows[0, 1] > 0.95 and follows[1, 2] > 0.95 and follows[2, 0] > 0.95
+    assert follows[0, 0] < 0.05 and follows[0, 2] < 0.05
+    policy = NextUsePolicy(1, 4, model)
+    for expert in [0, 1, 2] * 10:
+        policy.on_layer_start(0, [expert])
+    steps = policy.expected_steps()  # after a token that used 2: 0 comes next, then 1; 3 never
+    assert steps[0] == pytest.approx(1.0, abs=0.1) and steps[1] == pytest.approx(2.0, abs=0.1)
+    assert steps[3] > 3.5  # never seen: about the horizon
 
 
 def test_next_use_tracks_ages_and_recent_uses_as_the_fit_measures_them():
@@ -152,6 +168,11 @@ def test_generic_reuse_model_from_the_shipped_routing():
     """Without fit traces next-use takes the shipped ESFT table: an expert every recent token used
     is expected back sooner than one used once lately, and that one sooner than one never used."""
     model = make_policy("next-use", num_layers=3, num_experts=4, capacity=6).model
-    assert model.wait.shape == (1, AGE_CAP + 1, WINDOW + 1) and model.bucket.tolist() == [0] * 12
-    wait = model.wait[0]
+    assert model.wait.shape == (1, AGE_CAP + 1, WINDOW + 1, 1) and model.bucket.tolist() == [0] * 12
+    wait = model.wait[0, ..., 0]
     assert 1.0 <= wait[0, WINDOW] < wait[1, 1] < wait[AGE_CAP, 0] <= HORIZON
+
+
+def test_next_use_refuses_a_reuse_model_of_another_shape():
+    with pytest.raises(ValueError, match="the reuse model describes 6 experts, not 2 layers x 4"):
+        NextUsePolicy(2, 4, ReuseModel.uniform(2, 3, 1))

@@ -74,6 +74,26 @@ def test_bfloat16_model_runs_close_to_reference():
     assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
 
 
+def test_next_use_fitted_on_a_recorded_trace_drives_the_live_cache():
+    """Record the model's routing, fit next-use on it, wrap with that policy: same outputs; a policy
+    fitted for another shape is refused with the shapes named."""
+    from moe_runtime.policies import NextUsePolicy, ReuseModel
+    from moe_runtime.recording import record_trace
+
+    reference = tiny_model("mixtral")
+    sequences = [torch.randint(3, 300, (24,), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    policy = NextUsePolicy.fitted(record_trace(reference, sequences))
+    assert policy.model.transitions is not None
+    model = moe_runtime.wrap(tiny_model("mixtral"), budget=0.25, device="cpu", policy=policy)
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+    want = reference.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12), want)
+    assert moe_runtime.stats(model)["policy"] == "next-use" and moe_runtime.stats(model)["hits"] > 0
+    wrong = NextUsePolicy(policy.num_layers + 1, policy.num_experts, ReuseModel.uniform(policy.num_layers + 1, policy.num_experts, 2))
+    with pytest.raises(ValueError, match=r"built for \d+ MoE layers x \d+ experts but the model has"):
+        moe_runtime.wrap(tiny_model("mixtral"), budget=0.25, device="cpu", policy=wrong)
+
+
 @pytest.mark.parametrize("policy", ["lfu", "arc", "next-use"])
 def test_every_live_policy_keeps_the_outputs(policy):
     reference = tiny_model("mixtral")

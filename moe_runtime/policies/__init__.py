@@ -45,6 +45,7 @@ def make_policy(
 ) -> EvictionPolicy:
     """A fresh policy by name (or the instance given), shaped for L x E experts and `capacity`."""
     if isinstance(name, EvictionPolicy):
+        _check_shape(name, num_layers, num_experts)
         return name
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
@@ -60,6 +61,16 @@ def make_policy(
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
     return NextUsePolicy(num_layers, num_experts, model)
+
+
+def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: int | None) -> None:
+    """A policy built for L x E experts (next-use) must meet a model of the same shape."""
+    shape = (getattr(policy, "num_layers", num_layers), getattr(policy, "num_experts", num_experts))
+    if num_layers is not None and num_experts is not None and shape != (num_layers, num_experts):
+        raise ValueError(
+            f"the {policy.name} policy was built for {shape[0]} MoE layers x {shape[1]} experts but the model has "
+            f"{num_layers} x {num_experts}; fit it on a trace of this model (moe-runtime trace)"
+        )
 
 
 __all__ = [

@@ -3,20 +3,24 @@
 Belady evicts the expert used farthest in the future; this policy estimates that time from
 what routing traces teach about reuse. Tokens walk the L layers in order, so an expert's next
 chance comes once per token, at its own layer. Whether it is used at the coming chances depends
-on three things about it:
+on four things about it, all known when its layer has just run:
 
 - its age a: tokens since its last use (0 if the running token used it);
 - its recent uses r: how many of the last WINDOW tokens used it (bursts come back);
-- its popularity bucket b: how often the fit traces use it at all.
+- its popularity bucket b: how often the fit traces use it at all;
+- its transition bucket f: how likely the next token picks it at this layer given the experts
+  the running token picked there, P(e' next | e now) averaged over the token's experts e
+  (an E x E table per layer, fitted), cut into FORECAST_BUCKETS quantiles.
 
-For each cell (b, a, r) the fit traces give w = E[min(D, HORIZON)], D the tokens until the
+For each cell (b, a, r, f) the fit traces give w = E[min(D, HORIZON)], D the tokens until the
 next use. After a key's layer runs at step s its next use is expected at step s + L w. Capping
 D at a few tokens matters: a pool of 25% of the experts holds under three tokens' worth of
 them, so whether an expert returns within a few tokens decides a hit, while the mean of the
-long tail (an expert unused for 60 tokens) only adds noise. On held-out ESFT sequences at a
-25% budget (fit on the first half of each task's sequences): 1.59-1.71x Belady's loads, against
-1.67-1.85x for an uncapped estimate from age and popularity alone and 1.87-2.02x for LRU. The
-cap, the window and the cells were chosen by cross-validation within the fit halves.
+long tail (an expert unused for 60 tokens) only adds noise. On held-out ESFT sequences at a 25%
+budget (fit on the first half of each task's sequences): 1.50-1.62x Belady's loads; without the
+transition bucket 1.59-1.71x, with an uncapped estimate from age and popularity alone 1.67-1.85x,
+and LRU 1.87-2.02x. The cap, the window and the cells were chosen by cross-validation within the
+fit halves.
 
 A predictor's forecast q for a coming layer of the running token makes that chance certain
 with probability q: due = chance + (1 - q) L w(age after a miss).
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,52 +46,68 @@ AGE_CAP = 64  # tokens; older (or never used) ages share one cell
 WINDOW = 16  # tokens over which recent uses are counted
 HORIZON = 4  # tokens; next uses farther away all count as HORIZON
 POPULARITY_BUCKETS = 8
+FORECAST_BUCKETS = 8
 SHIPPED_ROUTING = Path(__file__).resolve().parent.parent / "data" / "routing" / "esft-vanilla-lite"
 
 
 @dataclass(frozen=True)
 class ReuseModel:
-    """Fitted reuse statistics: each key's popularity bucket and the expected capped wait per cell."""
+    """Fitted reuse statistics: each key's popularity bucket, the layers' expert transitions and
+    the expected capped wait per cell."""
 
     bucket: np.ndarray  # [L*E] int, popularity bucket of each (layer, expert)
-    wait: np.ndarray  # [B, AGE_CAP + 1, WINDOW + 1] E[min(D, HORIZON)] tokens, D >= 1
+    wait: np.ndarray  # [B, AGE_CAP + 1, WINDOW + 1, F] E[min(D, HORIZON)] tokens, D >= 1
+    transitions: np.ndarray | None = None  # [L, E, E] P(e' used by the next token | e used now); None: F = 1
+    forecast_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [F - 1] quantiles cutting the transition forecast
 
     @classmethod
     def uniform(cls, num_layers: int, num_experts: int, top_k: int) -> ReuseModel:
         """No fit data: every expert used with probability K/E at every chance, independently."""
         miss = 1 - top_k / num_experts
         wait = sum(miss**d for d in range(HORIZON))  # E[min(D, H)] = sum_{d<H} P(D > d)
-        return cls(np.zeros(num_layers * num_experts, dtype=np.int64), np.full((1, AGE_CAP + 1, WINDOW + 1), wait))
+        return cls(np.zeros(num_layers * num_experts, dtype=np.int64), np.full((1, AGE_CAP + 1, WINDOW + 1, 1), wait))
 
     @classmethod
     def generic(cls, num_layers: int, num_experts: int) -> ReuseModel:
         """No fit data for this model: the age x recent-uses table of the shipped ESFT routing (all
-        four tasks, popularity left out, as it is model-specific). It transfers across tasks: fitted
-        on three tasks, it makes 6-13% fewer loads than LRU on the fourth's held-out half (25%)."""
+        four tasks; popularity and transitions left out, as they name this model's experts). It
+        transfers across tasks: fitted on three tasks, it makes 6-13% fewer loads than LRU on the
+        fourth's held-out half (25%)."""
         return cls(np.zeros(num_layers * num_experts, dtype=np.int64), _shipped_wait())
 
     @classmethod
-    def fit(cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS) -> ReuseModel:
-        """Average the capped wait per (popularity, age, recent uses) cell over `trace`'s tokens."""
+    def fit(cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS) -> ReuseModel:
+        """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`."""
         used = used_matrix(trace)
-        frequency = used.mean(axis=0)
-        edges = np.quantile(frequency, np.linspace(0, 1, popularity_buckets + 1)[1:-1])
-        bucket = np.searchsorted(edges, frequency)
-        shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1)
+        bucket = _quantile_buckets(used.mean(axis=0), popularity_buckets)[1]
+        transitions = expert_transitions(trace, used) if forecast_buckets > 1 else None
+        if transitions is None:
+            edges, forecast = np.zeros(0), np.zeros(used.shape, dtype=np.int64)
+        else:
+            edges, forecast = _quantile_buckets(transition_forecast(trace, transitions), forecast_buckets)
+        shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
         total, count = np.zeros(int(np.prod(shape))), np.zeros(int(np.prod(shape)))
         for begin, end in zip(trace.seq_offsets[:-1], trace.seq_offsets[1:]):
             age, recent, wait = reuse_history(used[begin:end])
-            cells = np.ravel_multi_index((np.broadcast_to(bucket, age.shape), age, recent), shape)
+            cells = np.ravel_multi_index((np.broadcast_to(bucket, age.shape), age, recent, forecast[begin:end]), shape)
             total += np.bincount(cells.ravel(), weights=wait.ravel(), minlength=total.size)
             count += np.bincount(cells.ravel(), minlength=count.size)
         prior = 5.0  # cells seen a few times lean towards "far" (HORIZON)
-        return cls(bucket, ((total + prior * HORIZON) / (count + prior)).reshape(shape))
+        return cls(bucket, ((total + prior * HORIZON) / (count + prior)).reshape(shape), transitions, edges)
 
 
 @functools.cache
 def _shipped_wait() -> np.ndarray:
-    """[1, AGE_CAP + 1, WINDOW + 1] waits fitted on the shipped traces (about 1.5 s, once per process)."""
-    return ReuseModel.fit(load_traces(sorted(SHIPPED_ROUTING.glob("*.npz"))), popularity_buckets=1).wait
+    """[1, AGE_CAP + 1, WINDOW + 1, 1] waits fitted on the shipped traces (about 1.5 s, once per process)."""
+    return ReuseModel.fit(load_traces(sorted(SHIPPED_ROUTING.glob("*.npz"))), popularity_buckets=1, forecast_buckets=1).wait
+
+
+def _quantile_buckets(values: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges [buckets - 1], bucket of each value): equal-count buckets of `values` (edges from
+    at most a million of them, evenly strided: sorting all 10^7 forecasts of a trace takes seconds)."""
+    sample = values.ravel()[:: max(1, values.size // 1_000_000)]
+    edges = np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1])
+    return edges, np.searchsorted(edges, values)
 
 
 def used_matrix(trace: Trace) -> np.ndarray:
@@ -96,6 +116,33 @@ def used_matrix(trace: Trace) -> np.ndarray:
     keys = trace.expert_ids.astype(np.int64) + (np.arange(trace.num_layers) * trace.num_experts)[None, :, None]
     np.put_along_axis(used, keys.reshape(trace.num_tokens, -1), True, axis=1)
     return used
+
+
+def expert_transitions(trace: Trace, used: np.ndarray) -> np.ndarray:
+    """[L, E, E] P(expert e' at layer l for token t + 1 | e at layer l for token t), within
+    sequences, smoothed towards the base rate K/E with the weight of 10 observations."""
+    num_layers, num_experts = trace.num_layers, trace.num_experts
+    has_next = np.ones(trace.num_tokens, dtype=bool)
+    has_next[trace.seq_offsets[1:] - 1] = False
+    now = np.flatnonzero(has_next)
+    counts = np.zeros((num_layers, num_experts, num_experts))
+    seen = np.zeros((num_layers, num_experts))
+    for layer in range(num_layers):
+        span = slice(layer * num_experts, (layer + 1) * num_experts)
+        current, following = used[now, span].astype(np.float64), used[now + 1, span].astype(np.float64)
+        counts[layer] = current.T @ following  # [E, E]: tokens using e now and e' next
+        seen[layer] = current.sum(axis=0)
+    prior = 10.0
+    return ((counts + prior * trace.top_k / num_experts) / (seen[:, :, None] + prior)).astype(np.float32)
+
+
+def transition_forecast(trace: Trace, transitions: np.ndarray) -> np.ndarray:
+    """[T, L*E] for each token and key: the mean over the token's experts e at the key's layer of
+    P(key's expert next | e)."""
+    forecast = np.empty((trace.num_tokens, trace.num_layers, trace.num_experts), dtype=np.float32)
+    for layer in range(trace.num_layers):
+        forecast[:, layer] = transitions[layer][trace.expert_ids[:, layer].astype(np.int64)].mean(axis=1)
+    return forecast.reshape(trace.num_tokens, -1)
 
 
 def reuse_history(used: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,26 +161,39 @@ def reuse_history(used: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 class NextUsePolicy(EvictionPolicy):
     name = "next-use"
 
+    @classmethod
+    def fitted(cls, trace: Trace) -> NextUsePolicy:
+        """A policy for the model `trace` was recorded on, fitted on it: pass it as wrap(policy=...)."""
+        return cls(trace.num_layers, trace.num_experts, ReuseModel.fit(trace))
+
     def __init__(self, num_layers: int, num_experts: int, model: ReuseModel):
+        size = num_layers * num_experts
+        if model.bucket.shape != (size,):
+            raise ValueError(f"the reuse model describes {model.bucket.shape[0]} experts, not {num_layers} layers x {num_experts}")
         self.num_layers, self.num_experts = num_layers, num_experts
         self.model = model
-        size = num_layers * num_experts
-        self._row = model.bucket * (AGE_CAP + 1) * (WINDOW + 1)  # flat lookups (2-D fancy indexing is slow)
+        self._forecasts = model.wait.shape[3]
+        self._age_stride = (WINDOW + 1) * self._forecasts  # flat lookups (4-D fancy indexing is slow)
+        self._row = model.bucket * (AGE_CAP + 1) * self._age_stride
         self._wait = model.wait.ravel()
+        self._transitions, self._forecast_edges = model.transitions, model.forecast_edges
+        self._scaled_edges: dict[int, np.ndarray] = {}
         self.last_use = np.full(size, -AGE_CAP)  # token index of each key's last use
         self.recent = np.zeros(size, dtype=np.int64)  # uses in the last WINDOW tokens (<= WINDOW)
+        self.forecast = np.zeros(size, dtype=np.int64)  # transition bucket at the key's last visit
         no_keys = np.zeros(0, dtype=np.int64)
         self._window = [[no_keys] * num_layers for _ in range(WINDOW)]  # [t % WINDOW][layer]: keys token t used
         self.layer, self.token, self.step = num_layers, -1, -1  # the first layer start opens token 0
         # Layer l's first visit is step l, as if it had last been visited at step l - L.
         last_visit = np.repeat(np.arange(num_layers), num_experts) - num_layers
-        self.due = last_visit + num_layers * self._lookup(np.full(size, AGE_CAP), self.recent)
+        self.due = last_visit + num_layers * self._lookup(np.full(size, AGE_CAP))
         self.resident = np.zeros(size, dtype=bool)
         self.scores = np.full(size, -np.inf)  # due time of resident keys, -inf elsewhere
 
-    def _lookup(self, age: np.ndarray, recent: np.ndarray, span: slice = slice(None)) -> np.ndarray:
-        """Expected tokens (capped) until the next use of the keys in `span`."""
-        return self._wait.take(self._row[span] + age * (WINDOW + 1) + recent)
+    def _lookup(self, age: np.ndarray, span: slice = slice(None)) -> np.ndarray:
+        """Expected tokens (capped) until the next use of the keys in `span`, at `age`."""
+        cell = self._row[span] + age * self._age_stride + self.recent[span] * self._forecasts + self.forecast[span]
+        return self._wait.take(cell)
 
     def _span(self, layer: int) -> slice:
         return slice(layer * self.num_experts, (layer + 1) * self.num_experts)
@@ -147,10 +207,21 @@ class NextUsePolicy(EvictionPolicy):
             self.token += 1  # layers restart (or the only layer runs again): a new forward step
         self.step += 1
         self.layer = layer
-        self._record(layer, np.asarray(keys, dtype=np.int64))
+        keys = np.asarray(keys, dtype=np.int64)
+        self._record(layer, keys)
         span = self._span(layer)
+        if self._transitions is not None:
+            self.forecast[span] = self._transition_bucket(layer, keys - span.start)
         age = np.minimum(self.token - self.last_use[span], AGE_CAP)
-        self._set_due(span, self.step + self.num_layers * self._lookup(age, self.recent[span], span))
+        self._set_due(span, self.step + self.num_layers * self._lookup(age, span))
+
+    def _transition_bucket(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """[E] bucket of P(each expert next | this token's `experts`), averaged over them: a sum
+        compared with edges times their count (cached per count), which saves a division per step."""
+        edges = self._scaled_edges.get(len(experts))
+        if edges is None:
+            edges = self._scaled_edges[len(experts)] = self._forecast_edges * len(experts)
+        return np.searchsorted(edges, np.add.reduce(self._transitions[layer].take(experts, axis=0), axis=0))
 
     def _record(self, layer: int, keys: np.ndarray) -> None:
         """Count `keys` as used by the running token; what this layer used WINDOW tokens ago leaves
@@ -169,7 +240,7 @@ class NextUsePolicy(EvictionPolicy):
         age = np.minimum(self.token - self.last_use[span], AGE_CAP)  # after a miss at the coming chance
         chance = self.step + layer - self.layer
         forecast = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
-        self._set_due(span, chance + (1 - forecast) * self.num_layers * self._lookup(age, self.recent[span], span))
+        self._set_due(span, chance + (1 - forecast) * self.num_layers * self._lookup(age, span))
 
     def on_insert(self, key: int) -> None:
         self.resident[key] = True
