@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
-from .policies import DEFAULT_POLICY
+from .policies import DEFAULT_POLICY, EvictionPolicy
 from .runtime import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
 
@@ -32,7 +32,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     host_budget: Budget | None = None,
     store_dir: str | os.PathLike | None = None,
-    policy: str = DEFAULT_POLICY,
+    policy: str | EvictionPolicy = DEFAULT_POLICY,
     predictor=None,
     placement=None,
     profile=None,

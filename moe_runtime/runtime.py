@@ -19,7 +19,7 @@ from .cache import SlotCache
 from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
 from .loader import Loader
 from .offloaded import OffloadedExperts
-from .policies import DEFAULT_POLICY, make_policy
+from .policies import DEFAULT_POLICY, EvictionPolicy, make_policy
 from .pool import SlotPool
 from .stats import RuntimeStats
 from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
@@ -39,7 +39,7 @@ class Runtime:
         *,
         budget: Budget,
         device: torch.device,
-        policy: str = DEFAULT_POLICY,
+        policy: str | EvictionPolicy = DEFAULT_POLICY,
         home_device: torch.device = torch.device("cpu"),
         forecaster=None,
         prefetch_width: int | None = None,
@@ -319,7 +319,7 @@ def wrap(
     device: str | torch.device | None = None,
     host_budget: Budget | None = None,
     store_dir: str | None = None,
-    policy: str = DEFAULT_POLICY,
+    policy: str | EvictionPolicy = DEFAULT_POLICY,
     predictor=None,
     placement=None,
     profile=None,
@@ -334,6 +334,9 @@ def wrap(
     budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
     host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
     needs `store_dir`, where the rest is written once and read back on demand.
+    policy: "next-use" (default), "lru", "lfu", "arc", or a policy instance for this model, such
+    as NextUsePolicy.fitted(trace) on a trace of the user's task (one instance per wrap: it
+    keeps state).
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.
