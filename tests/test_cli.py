@@ -103,7 +103,12 @@ def test_bench_interrupted_with_ctrl_c_prints_the_runs_that_finished(trace_paths
     log = tmp_path / "stderr.txt"
     args = ("bench", str(trace_paths["summary"]), "--budget", "0.1,0.25,0.5", "--policy", "all")
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "moe_runtime.cli.main", *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        # A shell's background job inherits SIGINT ignored (and Python then installs no
+        # KeyboardInterrupt handler): give the child a terminal's default disposition.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moe_runtime.cli.main", *args], stdout=subprocess.PIPE, stderr=stderr, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + 300
         while not re.search(r"\b[1-9]\d*/15\b", log.read_text()) and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.2)
