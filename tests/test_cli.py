@@ -57,6 +57,22 @@ def test_trace_from_text_and_jsonl_prompts(tmp_path):
     assert np.diff(load_trace(tmp_path / "t2.npz").seq_offsets).tolist() == [4, 5]
 
 
+def test_generate_with_next_use_fitted_on_a_recorded_trace(tmp_path, trace_paths):
+    from moe_runtime.embedded import embedded_model_dir
+
+    model_dir = embedded_model_dir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the law of the sea\n\nsummarise this paragraph please\n")
+    run_cli("trace", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "task.npz"))
+    args = ("generate", str(model_dir), "--budget", "0.25", "--prompt", "Hello", "--max-new-tokens", "6")
+    result = json.loads(run_cli(*args, "--policy-fit", str(tmp_path / "task.npz"), "--json").stdout)
+    assert result["new_tokens"] == 6 and result["stats"]["policy"] == "next-use"
+    refused = run_cli(*args, "--policy", "lru", "--policy-fit", str(tmp_path / "task.npz"), check=False)
+    assert refused.returncode == 2 and "--policy-fit fits the next-use policy, not lru" in refused.stderr
+    other_model = run_cli(*args, "--policy-fit", str(trace_paths["law"]), check=False)
+    assert other_model.returncode == 2 and "built for 26 MoE layers x 64 experts" in other_model.stderr
+
+
 def test_trace_info_on_shared_traces(trace_paths):
     summary = json.loads(run_cli("trace-info", str(trace_paths["law"]), str(trace_paths["intent"]), "--json").stdout)
     assert summary["layers"] == 26 and summary["tasks"] == ["intent", "law"]

@@ -8,7 +8,8 @@ import torch
 
 from ..generation import timed_generate
 from ..loading import from_pretrained
-from ..policies import DEFAULT_POLICY
+from ..policies import DEFAULT_POLICY, NextUsePolicy
+from ..trace import load_trace
 from .output import console, key_value_table, print_json, stats_tables
 from .trace_cmds import load_tokenizer
 
@@ -23,9 +24,19 @@ def add_parsers(subparsers) -> None:
     generate.add_argument("--host-budget", help="RAM for cold experts (default: all that fit)")
     generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
     generate.add_argument("--policy", default=DEFAULT_POLICY, help="cache policy: lru, lfu, arc or next-use")
+    generate.add_argument("--policy-fit", metavar="TRACE", help="fit next-use on this routing trace of your task (from moe-runtime trace)")
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.set_defaults(run=run_generate)
+
+
+def policy_from(args: argparse.Namespace):
+    """The policy name, or next-use fitted on --policy-fit's trace."""
+    if not args.policy_fit:
+        return args.policy
+    if args.policy != "next-use":
+        raise ValueError(f"--policy-fit fits the next-use policy, not {args.policy}; drop --policy or pass --policy next-use")
+    return NextUsePolicy.fitted(load_trace(args.policy_fit))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -39,7 +50,7 @@ def run_generate(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         host_budget=args.host_budget,
         store_dir=args.store_dir,
-        policy=args.policy,
+        policy=policy_from(args),
     )
     text, timing, stats = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)
     figures = {
