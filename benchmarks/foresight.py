@@ -20,7 +20,7 @@ import numpy as np
 
 from moe_runtime.belady import belady_misses, layer_keys
 from moe_runtime.policies import NextUsePolicy, ReuseModel
-from moe_runtime.policies.next_use import used_matrix
+from moe_runtime.policies.next_use import tokens_to_next_use, used_matrix
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace, load_trace
 
@@ -50,15 +50,8 @@ class ForesightPolicy(NextUsePolicy):
 def _tokens_to_next_use(trace: Trace) -> np.ndarray:
     """[T, L*E] tokens from t until the key's next use in the same sequence (a large number if none)."""
     used = used_matrix(trace)
-    num_keys = used.shape[1]
-    never = np.iinfo(np.int32).max // 2
-    returns = np.empty(used.shape, dtype=np.int64)
-    for begin, end in zip(trace.seq_offsets[:-1], trace.seq_offsets[1:]):
-        tokens = np.arange(end - begin)[:, None]
-        upcoming = np.minimum.accumulate(np.where(used[begin:end], tokens, never)[::-1], axis=0)[::-1]
-        after = np.vstack([upcoming[1:], np.full((1, num_keys), never)])
-        returns[begin:end] = after - tokens
-    return returns
+    bounds = zip(trace.seq_offsets[:-1], trace.seq_offsets[1:])
+    return np.vstack([tokens_to_next_use(used[begin:end]) for begin, end in bounds])
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ WINDOW = 16  # tokens over which recent uses are counted
 HORIZON = 4  # tokens; next uses farther away all count as HORIZON
 POPULARITY_BUCKETS = 8
 FORECAST_BUCKETS = 8
+NEVER_AGAIN = 2**30  # tokens to the next use of a key the sequence never uses again
 SHIPPED_ROUTING = Path(__file__).resolve().parent.parent / "data" / "routing" / "esft-vanilla-lite"
 
 
@@ -82,7 +83,7 @@ class ReuseModel:
         bucket = _quantile_buckets(used.mean(axis=0), popularity_buckets)[1]
         transitions = expert_transitions(trace, used) if forecast_buckets > 1 else None
         if transitions is None:
-            edges, forecast = np.zeros(0), np.zeros(used.shape, dtype=np.int64)
+            edges, forecast = np.zeros(0), np.broadcast_to(np.int64(0), used.shape)  # a view: no [T, N] of zeros
         else:
             edges, forecast = _quantile_buckets(transition_forecast(trace, transitions), forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
@@ -153,9 +154,16 @@ def reuse_history(used: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     age = np.minimum(tokens - last, AGE_CAP)
     uses = np.cumsum(used, axis=0, dtype=np.int32)
     recent = uses - np.vstack([np.zeros((WINDOW, used.shape[1]), np.int32), uses[:-WINDOW]])[: len(used)]
-    upcoming = np.minimum.accumulate(np.where(used, tokens, len(used) + HORIZON)[::-1], axis=0)[::-1]
-    after = np.vstack([upcoming[1:], np.full((1, used.shape[1]), len(used) + HORIZON)])
-    return age, recent, np.minimum(after - tokens, HORIZON)
+    return age, recent, np.minimum(tokens_to_next_use(used), HORIZON)
+
+
+def tokens_to_next_use(used: np.ndarray) -> np.ndarray:
+    """One sequence's [T, N] use flags -> [T, N] tokens from t to each key's next use after t
+    (NEVER_AGAIN, a large number, if none)."""
+    tokens = np.arange(len(used))[:, None]
+    never = len(used) + NEVER_AGAIN
+    upcoming = np.minimum.accumulate(np.where(used, tokens, never)[::-1], axis=0)[::-1]
+    return np.vstack([upcoming[1:], np.full((1, used.shape[1]), never)]) - tokens
 
 
 class NextUsePolicy(EvictionPolicy):
@@ -177,7 +185,6 @@ class NextUsePolicy(EvictionPolicy):
         self._row = model.bucket * (AGE_CAP + 1) * self._age_stride
         self._wait = model.wait.ravel()
         self._transitions, self._forecast_edges = model.transitions, model.forecast_edges
-        self._scaled_edges: dict[int, np.ndarray] = {}
         self.last_use = np.full(size, -AGE_CAP)  # token index of each key's last use
         self.recent = np.zeros(size, dtype=np.int64)  # uses in the last WINDOW tokens (<= WINDOW)
         self.forecast = np.zeros(size, dtype=np.int64)  # transition bucket at the key's last visit
@@ -216,12 +223,8 @@ class NextUsePolicy(EvictionPolicy):
         self._set_due(span, self.step + self.num_layers * self._lookup(age, span))
 
     def _transition_bucket(self, layer: int, experts: np.ndarray) -> np.ndarray:
-        """[E] bucket of P(each expert next | this token's `experts`), averaged over them: a sum
-        compared with edges times their count (cached per count), which saves a division per step."""
-        edges = self._scaled_edges.get(len(experts))
-        if edges is None:
-            edges = self._scaled_edges[len(experts)] = self._forecast_edges * len(experts)
-        return np.searchsorted(edges, np.add.reduce(self._transitions[layer].take(experts, axis=0), axis=0))
+        """[E] bucket of P(each expert next | this token's `experts`), averaged over them."""
+        return np.searchsorted(self._forecast_edges, np.add.reduce(self._transitions[layer].take(experts, axis=0), axis=0) / len(experts))
 
     def _record(self, layer: int, keys: np.ndarray) -> None:
         """Count `keys` as used by the running token; what this layer used WINDOW tokens ago leaves
