@@ -54,6 +54,19 @@ class BenchSettings:
             raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(sorted(PREDICTORS))}, all, or a predictor file")
         if self.lookahead < 1:
             raise ValueError("lookahead must be at least 1 layer")
+        if self.per_layer_slots is not None and any(p != NO_PREDICTOR for p in self.predictors):
+            raise ValueError(
+                "per-layer pools (--per-layer-slots) are replayed without prefetching; "
+                "drop --predictor, or bench prefetching with one global pool (--budget)"
+            )
+
+    def check_trace(self, name: str, trace: Trace) -> None:
+        """Refuse a replay the trace cannot have: per-layer pools smaller than one token's top-k."""
+        if self.per_layer_slots is not None and self.per_layer_slots < trace.top_k:
+            raise ValueError(
+                f"--per-layer-slots {self.per_layer_slots} is below {name}'s top-k = {trace.top_k}: "
+                f"a layer needs room for one token's experts; pass at least {trace.top_k}"
+            )
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,8 @@ def run_bench(
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Every configuration of `settings` on every trace; KeyboardInterrupt returns what finished."""
+    for name, trace in traces.items():
+        settings.check_trace(name, trace)
     work = {w.name: w for w in workloads(traces, fit)}
     runs = plan(settings, list(work))
     results, belady, interrupted = [], [], False

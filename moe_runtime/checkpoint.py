@@ -26,6 +26,8 @@ class CheckpointDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no model folder at {self.path} (no such folder); pass the folder that holds config.json and the safetensors files")
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{self.path} is not a model directory: it has no config.json")
         self.files = [SafetensorsFile(shard) for shard in self._shard_paths()]

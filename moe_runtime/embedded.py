@@ -7,6 +7,7 @@ Nothing is downloaded. `demo`, examples and tests use it in place of a hub model
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from .atomic import staging_directory
+from .checkpoint import CheckpointDir
 from .tiny_models import tiny_model
 
 EMBEDDED_NAME = "embedded-olmoe-v1"
@@ -103,16 +105,27 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def embedded_model_dir(*, rebuild: bool = False) -> Path:
-    """The embedded model's checkpoint directory, built on first use (or when `rebuild`)."""
+    """The embedded model's checkpoint directory, built on first use, when `rebuild`, or when damaged."""
     target = cache_root() / EMBEDDED_NAME
-    if (target / "config.json").is_file() and not rebuild:
+    if not rebuild and _intact(target):
         return target
-    with staging_directory(target) as staging:
+    with staging_directory(target, "embedded model cache", legacy=lambda folder: (folder / "config.json").is_file()) as staging:
         model = tiny_model("olmoe", seed=SEED, **EMBEDDED_SHAPE)
         model.generation_config.pad_token_id = 0
         model.save_pretrained(staging)
         byte_tokenizer().save_pretrained(staging)
     return target
+
+
+def _intact(folder: Path) -> bool:
+    """Whether the cached checkpoint opens with every shard whole (a truncated or corrupt one is rebuilt)."""
+    try:
+        CheckpointDir(folder).close()
+        json.loads((folder / "config.json").read_text())
+        json.loads((folder / "tokenizer.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def load_embedded_model(dtype: torch.dtype = torch.float32):

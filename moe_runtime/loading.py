@@ -15,6 +15,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .adapters import MoEAdapter, MoEBlock, adapter_for
+from .atomic import check_replaceable
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .policies import DEFAULT_POLICY, EvictionPolicy
@@ -50,6 +51,8 @@ def from_pretrained(
     """
 
     checkpoint = CheckpointDir(path)
+    if store_dir is not None:
+        check_replaceable(store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
     config = checkpoint.config()
     adapter = adapter_for(config)
     dtype = dtype or _config_dtype(config) or checkpoint.storage_dtype()
@@ -67,7 +70,7 @@ def from_pretrained(
         )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
     if store_dir is not None:
-        disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan))
+        disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
     per_expert = expert_nbytes(shapes, dtype)
     total = per_expert * sum(block.num_experts for block in blocks)
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
@@ -119,13 +122,13 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name) if module_name else model, leaf)
 
 
-def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks, order) -> ConvertedStore:
+def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks, order, protected) -> ConvertedStore:
     def read(layer: int, expert: int):
         out = allocate_expert(shapes, dtype, pin=False)
         disk.read_into(layer, expert, out)
         return out
 
-    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read, order=order)
+    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read, order=order, protected=protected)
     disk.close()
     return store
 

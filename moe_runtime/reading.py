@@ -1,17 +1,22 @@
 """Reading our own files (plans, profiles, traces, predictors) with errors that name the file.
 
-A missing file raises FileNotFoundError "no <what> at <path>"; a file that cannot be parsed raises
-ValueError "<path>: ..." with the parser's reason. What the content must hold is each caller's
-own validation.
+A missing file raises FileNotFoundError "no <what> at <path>"; a file that cannot be parsed
+(truncated, corrupt, not a zip or not JSON) raises InvalidFileError "<path>: ..." with the
+parser's reason. What the content must hold is each caller's own validation, which raises
+InvalidFileError too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .errors import InvalidFileError
 
 
 def existing_file(path: str | os.PathLike, what: str) -> Path:
@@ -21,21 +26,24 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_json(path: str | os.PathLike, what: str):
-    """The parsed JSON of the file `path` (a `what`, e.g. "profile file")."""
+REMAKE = "write it again with the command that made it"
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str = REMAKE):
+    """The parsed JSON of the file `path` (a `what`, e.g. "profile file"); `fix` ends the error."""
     path = existing_file(path, what)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         reason = f"{error.msg} at line {error.lineno}" if isinstance(error, json.JSONDecodeError) else str(error)
-        raise ValueError(f"{path}: not valid JSON ({reason})") from None
+        raise InvalidFileError(f"{path}: not valid JSON ({reason}); {fix}") from None
 
 
-def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, what: str, fix: str = REMAKE) -> dict[str, np.ndarray]:
     """Every array of the .npz file `path` (a `what`, e.g. "trace file"), without pickles."""
     path = existing_file(path, what)
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable .npz {what} ({error})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+        raise InvalidFileError(f"{path}: not a readable .npz {what}, truncated or corrupt ({error}); {fix}") from None

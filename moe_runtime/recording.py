@@ -75,6 +75,7 @@ def record_trace(
     """
     if len(sequences) == 0:
         raise ValueError("record_trace needs at least one sequence")
+    _check_vocabulary(model, sequences)
     device = next(model.parameters()).device
     recorder = RouterRecorder(model, router_inputs=router_inputs)
     ids, weights, inputs, lengths = [], [], [], []
@@ -106,3 +107,15 @@ def record_trace(
         task=task,
         router_inputs=np.concatenate(inputs).astype(np.float16) if router_inputs else None,
     )
+
+
+def _check_vocabulary(model: nn.Module, sequences) -> None:
+    """Refuse token ids the embedding has no row for (an IndexError deep in the model otherwise)."""
+    vocabulary = model.get_input_embeddings().num_embeddings
+    for number, sequence in enumerate(sequences, start=1):
+        tokens = torch.as_tensor(sequence, dtype=torch.long)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocabulary):
+            raise ValueError(
+                f"sequence {number} holds token ids outside the model's vocabulary [0, {vocabulary}) "
+                f"(found {int(tokens.min())}..{int(tokens.max())}); tokenize the prompts with this model's tokenizer"
+            )

@@ -7,6 +7,7 @@ grouped GEMM from the slots -> release -> [prefetches for the next layers] -> ou
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import numpy as np
@@ -224,9 +225,25 @@ def slots_for_budget(budget: Budget, source: ExpertSource, total_experts: int, t
         minimum = per_expert * top_k
         raise ValueError(
             f"budget {budget!r} holds {slots} experts, fewer than one token's top-k = {top_k}: the minimum is "
-            f"{minimum} bytes ({format_bytes(minimum)}), a fraction of {minimum / total_bytes:.4f} of all experts"
+            f"{minimum} bytes ({format_bytes(minimum)}), a fraction of {minimum_fraction(minimum, total_bytes)} of all experts"
+            + (f"; did you mean 1.0 (all experts) or a size such as {budget}GiB?" if is_bare_number(budget) else "")
         )
     return slots
+
+
+def minimum_fraction(minimum: int, total_bytes: int) -> str:
+    """The smallest fraction, in 4 decimals, that parse_budget turns into at least `minimum` bytes."""
+    fraction = math.ceil(minimum / total_bytes * 1e4) / 1e4
+    while fraction < 1 and parse_budget(fraction, total_bytes) < minimum:
+        fraction = round(fraction + 1e-4, 4)
+    return f"{min(fraction, 1.0):.4f}"
+
+
+def is_bare_number(budget: Budget) -> bool:
+    """A small number with no unit (1, '1.5'): bytes by the rules, but likely meant as 1.0 or '1GiB'."""
+    if isinstance(budget, str) and budget.strip().replace(".", "", 1).isdigit():
+        budget = float(budget)
+    return isinstance(budget, (int, float)) and not isinstance(budget, bool) and 1 <= budget < 1024
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidFileError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -36,7 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidFileError):
     """A checkpoint file that is missing, truncated or corrupt; the message names the file."""
 
 
@@ -184,7 +186,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if data_end > file_size:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({file_size} bytes, its header needs {data_end}); "
-            "re-download or re-save the checkpoint"
+            "copy the file again or re-save the checkpoint"
         )
     return entries, metadata
 

@@ -164,6 +164,15 @@ class ConvertedStore(DiskStore):
             file.close()
 
     @classmethod
+    def is_store(cls, directory: Path) -> bool:
+        """Whether `directory` holds a store of ours, including one written before OWNER_MARK."""
+        try:
+            manifest = json.loads((directory / cls.MANIFEST).read_text())
+            return isinstance(manifest["description"]["shapes"], dict) and isinstance(manifest["files"], list)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    @classmethod
     def matches(cls, directory: Path, description: dict) -> bool:
         manifest = directory / cls.MANIFEST
         if not manifest.is_file():
@@ -175,21 +184,25 @@ class ConvertedStore(DiskStore):
 
     @classmethod
     def write(
-        cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read, *, order=None
+        cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read, *, order=None,
+        protected: Sequence[str | os.PathLike] = (),
     ) -> ConvertedStore:
         """Write a store of `layers` x `experts` experts; `read(layer, expert)` gives each one.
 
         order: [layers][experts] expert ids in file order per layer (default: id order).
+        protected: folders the store must never replace (the checkpoint it is converted from).
         An existing store whose manifest describes the same shapes, dtype, counts and order is
         reused. Files go to a temporary folder next to `directory` and are renamed into place at
-        the end, so an interrupted conversion leaves nothing half-written.
+        the end, so an interrupted conversion leaves nothing half-written; a folder that is not
+        a store of ours is refused before anything is written (see atomic.check_replaceable).
         """
         directory = Path(directory)
         order = _checked_order(order, layers, experts)
         description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": layers, "experts": experts, "order": order}
         if cls.matches(directory, description):
-            return cls(directory)
-        with staging_directory(directory) as staging:
+            with contextlib.suppress(CheckpointError):  # a damaged store of ours is rebuilt
+                return cls(directory)
+        with staging_directory(directory, "store_dir", protected=protected, legacy=cls.is_store) as staging:
             files = []
             for layer in tqdm(range(layers), desc="writing expert store", unit="layer", disable=layers < 4):
                 tensors = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_atomically
+from .errors import InvalidFileError
 from .reading import read_npz
 
 REQUIRED_ARRAYS = ("expert_ids", "gate_weights", "seq_offsets", "num_experts", "top_k")
@@ -39,6 +40,15 @@ class Trace:
 
     def __post_init__(self) -> None:
         _validate(self, source="Trace")
+
+    def __repr__(self) -> str:
+        """One line: the shape and the metadata, never the arrays."""
+        known = {"model_type": self.model_type, "task": self.task, "router_inputs": self.router_inputs is not None or None}
+        extra = "".join(f", {key}={value!r}" for key, value in known.items() if value is not None)
+        return (
+            f"Trace(tokens={self.num_tokens}, sequences={self.num_sequences}, layers={self.num_layers}, "
+            f"experts={self.num_experts}, top_k={self.top_k}{extra})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -118,14 +128,15 @@ class Trace:
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace file (ours or the shared ESFT files) and validate it.
 
-    Raises ValueError naming the bad array (missing, wrong rank or dtype, ids out of range,
-    offsets not increasing) and FileNotFoundError for a missing file.
+    Raises InvalidFileError (a ValueError) naming the bad array (missing, wrong rank or dtype,
+    ids out of range, offsets not increasing) or saying the file is truncated or corrupt, and
+    FileNotFoundError for a missing file.
     """
     path = Path(path)
-    arrays = read_npz(path, "trace file")
+    arrays = read_npz(path, "trace file", "record it again (moe-runtime trace) or copy the file again")
     missing = [name for name in REQUIRED_ARRAYS if name not in arrays]
     if missing:
-        raise ValueError(f"{path}: trace file lacks the array(s) {', '.join(missing)}")
+        raise InvalidFileError(f"{path}: trace file lacks the array(s) {', '.join(missing)}")
     try:
         return Trace(
             expert_ids=_integer_array(arrays["expert_ids"], "expert_ids", np.int16),
@@ -134,13 +145,13 @@ def load_trace(path: str | os.PathLike) -> Trace:
             num_experts=_scalar(arrays["num_experts"], "num_experts"),
             top_k=_scalar(arrays["top_k"], "top_k"),
             model_type=_optional_str(arrays.get("model_type")),
-            moe_layers=None if "moe_layers" not in arrays else tuple(int(x) for x in arrays["moe_layers"]),
+            moe_layers=None if "moe_layers" not in arrays else tuple(int(x) for x in _integer_array(arrays["moe_layers"], "moe_layers", np.int64)),
             task=_optional_str(arrays.get("task")),
             sequence_tasks=None if "sequence_tasks" not in arrays else tuple(str(x) for x in arrays["sequence_tasks"]),
             router_inputs=arrays.get("router_inputs"),
         )
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise InvalidFileError(f"{path}: {error}; record the trace again (moe-runtime trace)") from None
 
 
 def merge_traces(traces: Sequence[Trace]) -> Trace:
@@ -191,6 +202,8 @@ def _validate(trace: Trace, source: str) -> None:
         raise ValueError(f"expert_ids must be integers, got {ids.dtype}")
     if weights.shape != ids.shape:
         raise ValueError(f"gate_weights must have the shape of expert_ids {ids.shape}, got {weights.shape}")
+    if weights.size and not (np.isfinite(weights).all() and weights.min() >= 0):
+        raise ValueError("gate_weights must be finite and non-negative")
     if trace.num_experts <= 0 or trace.top_k <= 0:
         raise ValueError(f"num_experts and top_k must be positive, got {trace.num_experts} and {trace.top_k}")
     if ids.shape[2] != trace.top_k:
@@ -215,6 +228,9 @@ def _validate(trace: Trace, source: str) -> None:
 def _integer_array(array: np.ndarray, name: str, dtype) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{name} must be an integer array, got dtype {array.dtype}")
+    limits = np.iinfo(dtype)
+    if array.size and (array.min() < limits.min or array.max() > limits.max):
+        raise ValueError(f"{name} holds values outside {np.dtype(dtype).name} ({array.min()}..{array.max()})")
     return array.astype(dtype, copy=False)
 
 

@@ -48,8 +48,9 @@ def trace_summary(trace: Trace) -> dict:
     counts = selection_counts(trace)
     quarter = max(1, trace.num_experts // 4)
     top_share = np.sort(counts, axis=1)[:, ::-1][:, :quarter].sum(axis=1) / counts.sum(axis=1)
+    decoder_layer = trace.moe_layers or (None,) * trace.num_layers  # the model's own layer numbers, when recorded
     per_layer = [
-        {"layer": layer, "gini": gini(counts[layer]), "top_quarter_share": float(top_share[layer])}
+        {"layer": layer, "decoder_layer": decoder_layer[layer], "gini": gini(counts[layer]), "top_quarter_share": float(top_share[layer])}
         for layer in range(trace.num_layers)
     ]
     return {
@@ -59,6 +60,7 @@ def trace_summary(trace: Trace) -> dict:
         "experts": trace.num_experts,
         "top_k": trace.top_k,
         "model_type": trace.model_type,
+        "moe_layers": list(trace.moe_layers) if trace.moe_layers else None,
         "tasks": sorted(set(trace.tasks()) - {""}),
         "reuse_rate": reuse_rate(trace),
         "reuse_rate_uniform": trace.top_k / trace.num_experts,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.atomic import write_text_atomically
+from moe_runtime.errors import InvalidFileError
 from moe_runtime.reading import read_json
 
 from .tiering import TIERS
@@ -42,6 +43,10 @@ def validate_plan(plan: dict) -> dict:
         gpus = plan.get("gpus")
         if not isinstance(gpus, int) or gpus < 1 or experts % gpus:
             raise ValueError(f"plan field 'gpus' must divide the {experts} experts, got {gpus}")
+        if not np.issubdtype(table.dtype, np.integer):
+            raise ValueError(f"plan 'device_of' must hold device indices (ints), got {table.dtype}")
+        if table.min() < 0 or table.max() >= gpus:
+            raise ValueError(f"plan 'device_of' must hold device indices in [0, {gpus})")
         counts = np.stack([np.bincount(row, minlength=gpus) for row in table.astype(np.int64)])
         if table.min() < 0 or table.max() >= gpus or (counts != experts // gpus).any():
             raise ValueError(f"plan 'device_of' must put exactly {experts // gpus} experts of every layer on each of {gpus} devices")
@@ -69,11 +74,13 @@ def load_plan(path_or_plan) -> dict:
     if isinstance(path_or_plan, dict):
         return validate_plan(path_or_plan)
     path = Path(path_or_plan)
-    plan = read_json(path, "placement plan")
+    plan = read_json(path, "placement plan", "make it again with 'moe-runtime place'")
     try:
+        if not isinstance(plan, dict):
+            raise ValueError(f"a plan is a JSON object, got {type(plan).__name__}")
         return validate_plan(plan)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise InvalidFileError(f"{path}: not a usable placement plan ({error}); make it again with 'moe-runtime place'") from None
 
 
 def tier_counts(plan: dict) -> dict[str, int]:

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.atomic import write_atomically
+from moe_runtime.errors import InvalidFileError
 from moe_runtime.reading import read_npz
+from moe_runtime.trace import Trace
 
 from .affinity import AffinityPredictor
 from .base import RoutingPredictor
@@ -20,6 +22,9 @@ from .learned import LearnedPredictor, feature_count
 from .pair_affinity import PairTable
 from .popularity import PopularityPredictor
 from .previous_token import PreviousTokenPredictor
+
+MAX_LAYERS, MAX_EXPERTS = 4096, 65536  # beyond any MoE: a file claiming more is damaged
+REFIT = "refit it with 'moe-runtime predictor fit'"
 
 
 def _arrays(predictor: RoutingPredictor) -> dict[str, np.ndarray]:
@@ -54,16 +59,32 @@ def save_predictor(predictor: RoutingPredictor, path: str | os.PathLike) -> Path
 
 
 def load_predictor(path: str | os.PathLike) -> RoutingPredictor:
-    arrays = read_npz(path, "predictor file")
+    """The predictor saved at `path`, checked by forecasting a small routing of its shape.
+
+    Raises InvalidFileError (a ValueError) for a file that is truncated, corrupt, of an unknown
+    kind or of another version, and FileNotFoundError for a missing one.
+    """
+    arrays = read_npz(path, "predictor file", REFIT)
+    try:
+        predictor = _from_arrays(path, arrays)
+        _smoke_test(predictor)
+    except InvalidFileError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+        raise InvalidFileError(f"{path}: not a usable predictor file ({type(error).__name__}: {error}); {REFIT}") from None
+    return predictor
+
+
+def _from_arrays(path, arrays: dict[str, np.ndarray]) -> RoutingPredictor:
     if "kind" not in arrays:
-        raise ValueError(f"{path}: not a predictor file (no 'kind' array)")
+        raise InvalidFileError(f"{path}: not a predictor file (no 'kind' array)")
     kind = str(arrays["kind"])
     tables = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("affinity_")}
     if kind == "learned":
         weights = {int(k.split("_")[1]): v for k, v in arrays.items() if k.startswith("weights_")}
         expected = feature_count(int(arrays["num_experts"]))
         if any(w.shape[1] != expected for w in weights.values()):
-            raise ValueError(
+            raise InvalidFileError(
                 f"{path}: this learned predictor has {next(iter(weights.values())).shape[1]} features per forecast, this "
                 f"version uses {expected}: it was fitted by another version; refit it with 'moe-runtime predictor fit'"
             )
@@ -89,11 +110,27 @@ def load_predictor(path: str | os.PathLike) -> RoutingPredictor:
         predictor = PopularityPredictor()
         predictor.frequency = arrays["frequency"]
     else:
-        raise ValueError(f"{path}: unknown predictor kind {kind!r}")
+        raise InvalidFileError(f"{path}: unknown predictor kind {kind!r}")
     _shape(predictor, arrays)
     predictor.fitted_on = set(str(x) for x in arrays["fitted_on"])
     return predictor
 
 
 def _shape(predictor: RoutingPredictor, arrays: dict) -> None:
-    predictor.num_layers, predictor.num_experts = int(arrays["num_layers"]), int(arrays["num_experts"])
+    layers, experts = int(arrays["num_layers"]), int(arrays["num_experts"])
+    if not (1 <= layers <= MAX_LAYERS and 1 <= experts <= MAX_EXPERTS):
+        raise ValueError(f"implausible shape (L, E) = {(layers, experts)}")
+    predictor.num_layers, predictor.num_experts = layers, experts
+
+
+def _smoke_test(predictor: RoutingPredictor) -> None:
+    """Forecast a two-sequence routing of the predictor's shape; damaged arrays fail here, not live."""
+    layers, experts = predictor.num_layers, predictor.num_experts
+    top_k = min(experts, getattr(predictor, "top_k", None) or getattr(getattr(predictor, "affinity", None), "top_k", 1))
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k = {top_k} outside 1..{experts}")
+    ids = np.stack([np.random.default_rng(i).permutation(experts)[:top_k] for i in range(4 * layers)]).reshape(4, layers, top_k)
+    trace = Trace(ids.astype(np.int16), np.full(ids.shape, 1 / top_k, np.float16), np.array([0, 2, 4]), experts, top_k)
+    lookahead = min(getattr(predictor, "lookaheads", (1,)))
+    if layers > lookahead and not np.isfinite(predictor.forecast_trace(trace, lookahead)).all():
+        raise ValueError("it forecasts non-finite scores")

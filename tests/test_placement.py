@@ -265,6 +265,13 @@ def test_plans_the_machine_or_model_cannot_follow_are_refused():
         moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", placement=crowded)
 
 
+def test_the_installed_solver_is_highs():
+    """HiGHS (highspy, a dependency) is the solver the README's timings name; CBC is only a fallback."""
+    from moe_runtime.placement.solver import available_solver
+
+    assert available_solver() == "HiGHS"
+
+
 def test_the_solver_prints_nothing_to_stdout(capfd):
     """HiGHS writes a banner from native code; on stdout it would corrupt `place --json`."""
     import pulp

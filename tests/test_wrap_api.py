@@ -45,11 +45,21 @@ def test_unwrap_after_spilling_to_disk_restores_weights(tmp_path):
 def test_budget_below_top_k_states_the_minimum():
     model = tiny_model("olmoe")  # 3 layers x 8 experts, top-2, 36 KiB per expert in fp32
     per_expert = 3 * 64 * 48 * 4
-    with pytest.raises(ValueError, match=f"minimum is {2 * per_expert} bytes .* fraction of 0.0833"):
+    with pytest.raises(ValueError, match=f"minimum is {2 * per_expert} bytes .* fraction of 0.0834 of all experts$") as refused:
         moe_runtime.wrap(model, budget=per_expert, device="cpu")
     assert not hasattr(model, "_moe_runtime")  # nothing half-done
     with pytest.raises(ValueError, match="fraction of all experts"):
         moe_runtime.wrap(model, budget=2.0, device="cpu")
+    suggested = float(str(refused.value).split("fraction of ")[1].split()[0])  # rounded up: accepted as written
+    moe_runtime.wrap(model, budget=suggested, device="cpu")
+    assert moe_runtime.stats(model)["num_slots"] == 2
+    moe_runtime.unwrap(model)
+
+
+@pytest.mark.parametrize("typo", [1, "1", "1.5"])
+def test_a_bare_small_number_budget_asks_what_was_meant(typo):
+    with pytest.raises(ValueError, match=r"did you mean 1\.0 \(all experts\) or a size such as 1(\.5)?GiB\?"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=typo, device="cpu")
 
 
 def test_small_host_budget_needs_a_store_dir():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..atomic import write_atomically
 from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
@@ -31,6 +33,7 @@ def add_parsers(subparsers) -> None:
     bench.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms, help="compute ms per MoE layer")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")
+    bench.add_argument("--wide", action="store_true", help="all columns (prefetch hits and waste too); wider than 80 characters")
     bench.set_defaults(run=run_bench_command)
 
 
@@ -64,36 +67,62 @@ def run_bench_command(args: argparse.Namespace) -> int:
     with tqdm(total=total, desc="bench", unit="run", disable=args.json) as bar:
         report = run_bench(traces, settings, fit, progress=bar.update)
     if args.plot:
-        plot_hit_rates(report, args.plot)
+        written = plot_hit_rates(report, args.plot)
+        print(f"plot written to {written}", file=sys.stderr)
     if args.json:
         print_json(report)
         return 130 if report["interrupted"] else 0
     console.print(f"fitted on: {report['fit']}; load {report['timing']['load_ms']:.3f} ms/expert, {settings.timing.layer_ms} ms/layer")
-    columns = ("trace", "policy", "predictor", "budget", "hit rate", "loads/tok", "misses/tok", "pf hits/tok", "wasted/tok", "ms/tok", "x Belady loads")
-    belady = {(row["trace"], row["budget"]): row for row in report["belady"]}
-    rows = []
-    for row in report["results"]:
-        bound = belady.get((row["trace"], row["budget"]))
-        ratio = row["loads_per_token"] / bound["loads_per_token"] if bound and bound["loads_per_token"] else float("nan")
-        rows.append((row["trace"], row["policy"], row["predictor"], row["budget"], row["hit_rate"], row["loads_per_token"], row["misses_per_token"], row["prefetch_hits_per_token"], row["wasted_prefetches_per_token"], row["ms_per_token"], ratio))
-    console.print(rows_table("replay", columns, rows))
+    console.print(replay_table(report, wide=args.wide))
     bounds = [(r["trace"], r["budget"], r["hit_rate"], r["loads_per_token"], r["compute_bound_ms_per_token"], r["bound_ms_per_token"]) for r in report["belady"]]
-    console.print(rows_table("Belady's MIN and time bounds", ("trace", "budget", "hit rate", "loads/tok", "compute ms/tok", "max(compute, loads) ms/tok"), bounds))
+    console.print(rows_table("Belady's MIN; bound = max(compute, MIN's loads)", ("trace", "budget", "hit rate", "loads/tok", "compute ms/tok", "bound ms/tok"), bounds))
     if report["interrupted"]:
         console.print(f"[yellow]interrupted: {len(report['results'])} of {total} runs finished[/yellow]")
         return 130
     return 0
 
 
-def plot_hit_rates(report: dict, path: str) -> None:
-    """One panel per trace: hit rate against budget, a line per policy/predictor, Belady dashed."""
+REPLAY_COLUMNS = {  # header -> row field (None: loads against Belady's MIN at the same budget)
+    "trace": "trace", "policy": "policy", "predictor": "predictor", "budget": "budget", "hit rate": "hit_rate",
+    "loads": "loads_per_token", "x MIN": None, "ms": "ms_per_token",
+}
+WIDE_COLUMNS = {**REPLAY_COLUMNS, "misses": "misses_per_token", "pf hits": "prefetch_hits_per_token", "pf wasted": "wasted_prefetches_per_token"}
+REPLAY_TITLE = "replay, per token (x MIN: loads / Belady's loads)"
+
+
+def replay_table(report: dict, *, wide: bool):
+    """The replay rows; the default columns fit 80 characters, `wide` adds the prefetch counts."""
+    columns = WIDE_COLUMNS if wide else REPLAY_COLUMNS
+    belady = {(row["trace"], row["budget"]): row["loads_per_token"] for row in report["belady"]}
+    rows = []
+    for row in report["results"]:
+        bound = belady.get((row["trace"], row["budget"]))
+        ratio = row["loads_per_token"] / bound if bound else float("nan")
+        rows.append([ratio if field is None else row[field] for field in columns.values()])
+    return rows_table(REPLAY_TITLE, tuple(columns), rows)
+
+
+def plot_hit_rates(report: dict, path: str) -> Path:
+    """Write `hit_rate_figure(report)` to the PNG `path` (atomically); returns the path."""
+    import matplotlib.pyplot as plt
+
+    figure = hit_rate_figure(report)
+    try:
+        return write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
+
+
+def hit_rate_figure(report: dict):
+    """One panel per trace: hit rate against budget, a line per policy/predictor, Belady dashed;
+    one legend below all panels names every line of every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted({row["trace"] for row in report["belady"]})
-    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False, sharey=True)
+    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.4), squeeze=False, sharey=True, layout="constrained")
     for axis, name in zip(axes[0], names):
         lines: dict[str, list] = {}
         for row in report["results"]:
@@ -109,7 +138,9 @@ def plot_hit_rates(report: dict, path: str) -> None:
         axis.set_xlabel("budget (share of all experts)")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("hit rate")
-    axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    labelled = {}
+    for axis in axes[0]:  # every line of every panel, once (an interrupted run's last panel may hold only Belady)
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    figure.legend(labelled.values(), labelled.keys(), loc="outside lower center", ncols=min(4, len(labelled)), fontsize=8)
+    return figure

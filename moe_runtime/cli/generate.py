@@ -8,7 +8,7 @@ import torch
 
 from ..generation import timed_generate
 from ..loading import from_pretrained
-from ..policies import DEFAULT_POLICY, NextUsePolicy
+from ..policies import DEFAULT_POLICY, NEEDS_FIT, POLICIES, NextUsePolicy
 from ..trace import load_trace
 from .output import console, key_value_table, print_json, stats_tables
 from .trace_cmds import load_tokenizer
@@ -18,12 +18,13 @@ def add_parsers(subparsers) -> None:
     generate = subparsers.add_parser("generate", help="generate text with experts offloaded under a memory budget")
     generate.add_argument("model_dir", help="local checkpoint directory")
     generate.add_argument("--budget", required=True, help="slot pool memory: bytes, '2GiB' or a fraction of all experts")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     generate.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     generate.add_argument("--host-budget", help="RAM for cold experts (default: all that fit)")
     generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
-    generate.add_argument("--policy", default=DEFAULT_POLICY, help="cache policy: lru, lfu, arc or next-use")
+    live = sorted(set(POLICIES) - NEEDS_FIT)  # pinned needs fit traces: a tiering plan pins experts live
+    generate.add_argument("--policy", default=DEFAULT_POLICY, choices=live, help="cache policy")
     generate.add_argument("--policy-fit", metavar="TRACE", help="fit next-use on this routing trace of your task (from moe-runtime trace)")
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     generate.add_argument("--json", action="store_true", help="print one JSON object")

@@ -60,8 +60,11 @@ def run_trace_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    head = {key: value for key, value in summary.items() if key != "per_layer"}
+    head = {key: value for key, value in summary.items() if key != "per_layer" and value is not None}
     console.print(key_value_table("trace", head))
-    rows = [(row["layer"], row["gini"], row["top_quarter_share"]) for row in summary["per_layer"]]
-    console.print(rows_table("popularity skew per MoE layer", ("layer", "gini", "top 25% share"), rows))
+    fields = {"MoE layer": "layer", "decoder layer": "decoder_layer", "gini": "gini", "top 25% share": "top_quarter_share"}
+    if summary["moe_layers"] is None:  # the trace does not say which decoder layers are MoE
+        del fields["decoder layer"]
+    rows = [[row[field] for field in fields.values()] for row in summary["per_layer"]]
+    console.print(rows_table("popularity skew per MoE layer", tuple(fields), rows))
     return 0

@@ -39,12 +39,12 @@ def add_parsers(subparsers) -> None:
         "--eval", nargs="+",
         help="held-out traces to score the plan on: cut fraction, runs per read, or modelled ms per token beside LRU and frequency pinning",
     )
-    place.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb)
-    place.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps)
+    place.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb, help="bytes per expert, MB, for --eval's timing model")
+    place.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps, help="host-to-device GB/s for the tiering costs")
     place.add_argument("--disk-gbps", type=float, default=3.0, help="disk read GB/s (default: an NVMe SSD)")
-    place.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms)
-    place.add_argument("--out", required=True)
-    place.add_argument("--json", action="store_true")
+    place.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms, help="compute ms per MoE layer for the tiering costs")
+    place.add_argument("--out", required=True, help="plan file to write (.json)")
+    place.add_argument("--json", action="store_true", help="print one JSON object")
     place.set_defaults(run=run_place)
 
 

@@ -27,7 +27,7 @@ def add_parsers(subparsers) -> None:
     profile.add_argument("--allocation", default="global", choices=ALLOCATIONS, help="how the kept share is spread over layers")
     profile.add_argument("--trace", help="match/eval: the trace to score")
     profile.add_argument("--tokens", type=int, default=16, help="match: tokens of each sequence used")
-    profile.add_argument("--json", action="store_true")
+    profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(run=run_profile)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomically
+from ..errors import InvalidFileError
 from ..reading import read_json
 from ..trace import Trace
 from .importance import task_importance
@@ -70,14 +71,14 @@ class PruningProfile:
 
 
 def load_profile(path: str | os.PathLike) -> PruningProfile:
-    data = read_json(path, "profile file")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a profile is a JSON object, got {type(data).__name__}")
+    data = read_json(path, "profile file", "make it again with 'moe-runtime profile'")
     try:
+        if not isinstance(data, dict):
+            raise ValueError(f"a profile is a JSON object, got {type(data).__name__}")
         validate(data)  # names a missing or bad field before the dataclass sees it
         return PruningProfile(**{key: data[key] for key in data if key in PruningProfile.__dataclass_fields__})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+        raise InvalidFileError(f"{path}: not a usable profile ({error}); make it again with 'moe-runtime profile'") from None
 
 
 def validate(data: dict) -> None:
@@ -98,10 +99,24 @@ def validate(data: dict) -> None:
         if len(kept) < top_k:
             raise ValueError(f"profile field 'keep' layer {layer} keeps {len(kept)} experts, fewer than top_k = {top_k}")
     scores = np.asarray(data["scores"], dtype=float)
-    if scores.shape != (len(keep), experts):
-        raise ValueError(f"profile field 'scores' must be [L, E] = {(len(keep), experts)}, got {scores.shape}")
+    if scores.shape != (len(keep), experts) or not np.isfinite(scores).all():
+        raise ValueError(f"profile field 'scores' must be [L, E] = {(len(keep), experts)} finite numbers, got shape {scores.shape}")
+    _validate_opening(data.get("opening") or [], len(keep), experts)
     if data.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise ValueError(f"profile schema version {data.get('version')} is not {SCHEMA_VERSION}")
+
+
+def _validate_opening(opening, layers: int, experts: int) -> None:
+    """[P][L] -> [[expert, share], ...] with experts in range and shares in [0, 1]."""
+    def pair_ok(pair) -> bool:
+        return (
+            isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int) and 0 <= pair[0] < experts
+            and isinstance(pair[1], (int, float)) and 0 <= pair[1] <= 1
+        )
+
+    shaped = isinstance(opening, list) and all(isinstance(position, list) and len(position) == layers for position in opening)
+    if not shaped or not all(isinstance(pairs, list) and all(map(pair_ok, pairs)) for position in opening for pairs in position):
+        raise ValueError(f"profile field 'opening' must be [P][L = {layers}] lists of [expert id < {experts}, share in [0, 1]] pairs")
 
 
 def opening_signature(trace: Trace, positions: int = OPENING_POSITIONS) -> list:
