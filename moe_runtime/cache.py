@@ -7,8 +7,12 @@ acquire(layer, experts) -> hits used in place, misses loaded (blocking, ahead of
 Keys are `layer * E + expert`. Experts in use by the running layer, pinned experts and experts
 still loading are never evicted; the policy never sees pinned keys, so no victim scan walks
 past them. Transient experts (a placement plan's host tier) leave their slot as soon as their
-layer releases them. All state changes happen on the caller's thread; workers only copy. A
-failed load leaves the cache as if the load had never been issued, then raises.
+layer releases them. All state changes happen on the caller's thread; workers only copy.
+
+Exception safety: a failed acquire or prefetch (no slot, a failed read, an interrupt) rolls back
+every load it had not handed to the loader; a failed load leaves the cache as if it had never
+been issued, then raises; a load still in flight when the waiting thread is interrupted keeps
+its slot (mapped, loading, never evictable) until the worker has finished writing it.
 """
 
 from __future__ import annotations
@@ -82,19 +86,24 @@ class SlotCache:
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.in_use.update(keys)
         misses: list[LoadTicket] = []
-        for key in keys:
-            if key in self.slot_of:
-                counters.hits += 1
-                if key in self.prefetched:
-                    self.prefetched.discard(key)
-                    counters.prefetches_used += 1
-                    counters.late_prefetches += self._loading(key)
-            else:
-                counters.misses += 1
-                misses.append(self._start_load(layer, key, prefetch=False))
-            if key not in self.pinned:
-                self.policy.on_access(key)
-        self.loader.submit(misses)
+        try:
+            for key in keys:
+                if key in self.slot_of:
+                    counters.hits += 1
+                    if key in self.prefetched:
+                        self.prefetched.discard(key)
+                        counters.prefetches_used += 1
+                        counters.late_prefetches += self._loading(key)
+                else:
+                    counters.misses += 1
+                    misses.append(self._start_load(layer, key, prefetch=False))
+                if key not in self.pinned:
+                    self.policy.on_access(key)
+            self.loader.submit(misses)  # all or nothing
+        except BaseException:
+            self._roll_back(misses)
+            self.in_use.difference_update(keys)
+            raise
         self._wait(keys, counters)
         return [self.slot_of[key] for key in keys]
 
@@ -113,22 +122,32 @@ class SlotCache:
                 self.free.append(slot)
 
     def _wait(self, keys: list[int], counters) -> None:
+        """Block until every key's load is in its slot; on a failed load or an interrupt, settle and raise."""
         started = time.perf_counter()
-        failure = None
+        try:
+            for key in keys:
+                ticket = self.tickets.get(key)
+                if ticket is not None:
+                    ticket.wait()  # raises the load's error, or whatever interrupts this thread
+                    del self.tickets[key]
+        except BaseException:
+            self._settle(keys)
+            self.in_use.difference_update(keys)
+            raise
+        finally:
+            counters.stall_seconds += time.perf_counter() - started
+
+    def _settle(self, keys: list[int]) -> None:
+        """After a failed wait: finished loads are kept (or forgotten if they failed); a load
+        still in flight keeps its slot, mapped and loading, so no other load can reuse it."""
         for key in keys:
             ticket = self.tickets.get(key)
-            if ticket is None:
+            if ticket is None or not ticket.done():
                 continue
-            try:
-                ticket.wait()
-                del self.tickets[key]
-            except BaseException as error:  # noqa: BLE001 - re-raised below after cleanup
-                failure = failure or error
+            if ticket.error is not None:
                 self._forget(key)
-        counters.stall_seconds += time.perf_counter() - started
-        if failure is not None:
-            self.in_use.difference_update(keys)
-            raise failure
+            else:
+                del self.tickets[key]
 
     # ------------------------------------------------------------------ prefetch path
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
@@ -137,19 +156,24 @@ class SlotCache:
         Never blocks and never evicts a protected expert; returns how many loads it issued.
         """
         loads: list[LoadTicket] = []
-        for expert in experts:
-            key = self.key(layer, expert)
-            if key in self.slot_of:
-                continue
-            if not self.free:
-                try:
-                    self.policy.choose_victim(self._evictable)
-                except NoVictimError:
-                    break
-            loads.append(self._start_load(layer, key, prefetch=True))
-            self.prefetched.add(key)
-            self.stats.layers[layer].prefetches_issued += 1
-        self.loader.submit(loads)
+        try:
+            for expert in experts:
+                key = self.key(layer, expert)
+                if key in self.slot_of:
+                    continue
+                if not self.free:
+                    try:
+                        self.policy.choose_victim(self._evictable)
+                    except NoVictimError:
+                        break
+                loads.append(self._start_load(layer, key, prefetch=True))
+                self.prefetched.add(key)
+                self.stats.layers[layer].prefetches_issued += 1
+            self.loader.submit(loads)  # all or nothing
+        except BaseException:
+            self.stats.layers[layer].prefetches_issued -= len(loads)
+            self._roll_back(loads)
+            raise
         return len(loads)
 
     # ------------------------------------------------------------------ slots
@@ -192,10 +216,20 @@ class SlotCache:
         self.tickets.pop(key, None)  # only finished loads are evictable (a failed prefetch included)
 
     def _forget(self, key: int) -> None:
-        """Undo a failed load: the key leaves the cache and its slot is free again."""
+        """Undo a load that failed or was never submitted: the key leaves the cache, its slot is
+        free again, and the load is not counted (nothing moved)."""
         slot = self.slot_of[key]
+        counters = self.stats.layers[key // self.num_experts]
+        counters.loads -= 1
+        counters.bytes_loaded -= self.loader.pool.bytes_per_slot
         self._evict(key)
         self.free.append(slot)
+
+    def _roll_back(self, tickets: list[LoadTicket]) -> None:
+        """Undo loads this call mapped but never handed to a worker (no thread touches their slots)."""
+        for ticket in tickets:
+            assert not ticket.submitted, "a submitted load cannot be rolled back"
+            self._forget(self.key(ticket.layer, ticket.expert))
 
     def check_invariants(self) -> None:
         """Internal consistency (tests call this after every scenario)."""
@@ -205,3 +239,4 @@ class SlotCache:
             assert self.key_of[slot] == key, f"slot {slot} maps back to {self.key_of[slot]}, not {key}"
         assert set(self.tickets) <= set(self.slot_of), "a pending load targets an unmapped key"
         assert self.prefetched <= set(self.slot_of), "a prefetched key is not resident"
+        assert all(ticket.submitted for ticket in self.tickets.values()), "a load was mapped but never submitted"

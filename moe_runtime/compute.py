@@ -36,13 +36,24 @@ def choose_kernel_path(kernel: str, device: torch.device, dtype: torch.dtype, la
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     applies = triton_applies(layout, act_fn)
+    if kernel == "triton" and not triton_imports():
+        raise ValueError("kernel='triton' needs the triton package, which does not import here; pass kernel='auto' or 'torch'")
+    if kernel == "auto" and applies and device.type == "cuda" and triton_imports():
+        return TRITON  # else the PyTorch path; stats()["compute_path"] says which ran
     if kernel == "triton":
         if not applies:
             raise ValueError("the Triton kernel computes plain SwiGLU experts; this family's experts need kernel='torch'")
         return TRITON
-    if kernel == "auto" and applies and device.type == "cuda":
-        return TRITON
     return choose_path(device, dtype)
+
+
+def triton_imports() -> bool:
+    """Whether Triton imports (it ships for Linux x86_64 only; the kernels import it lazily)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def choose_path(device: torch.device, dtype: torch.dtype) -> str:

@@ -66,10 +66,11 @@ class Loader:
         if not tickets:
             return
         by_expert = {ticket.expert: ticket for ticket in tickets}
+        groups = [[by_expert[expert] for expert in run] for run in self.source.runs(tickets[0].layer, list(by_expert))]
+        # Nothing below raises: either every ticket is queued or (above) none is.
         for ticket in tickets:
             ticket.submitted = True
-        for run in self.source.runs(tickets[0].layer, list(by_expert)):
-            group = [by_expert[expert] for expert in run]
+        for group in groups:
             priority = PREFETCH if all(ticket.prefetch for ticket in group) else MISS
             self._queue.put((priority, next(self._sequence), group))
 

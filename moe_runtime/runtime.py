@@ -7,7 +7,10 @@ grouped GEMM from the slots -> release -> [prefetches for the next layers] -> ou
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -26,6 +29,7 @@ from .stats import RuntimeStats
 from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
 
 RUNTIME_ATTR = "_moe_runtime"
+CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then names the stuck one
 
 
 class Runtime:
@@ -92,11 +96,21 @@ class Runtime:
             "predictor": forecaster.predictor.name if forecaster else None,
             "prefetch": f"top {self.prefetch_width} x {prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
+        self.lock = threading.RLock()  # one MoE layer (or stats read) at a time; see run_layer
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
     # ------------------------------------------------------------------ forward
     def run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """The experts' output [T, H] for one MoE layer, computed through the slot pool."""
+        """The experts' output [T, H] for one MoE layer, computed through the slot pool.
+
+        One layer at a time per runtime (`lock`): forwards from several threads interleave
+        layer by layer, each getting exactly its own output; the cache, forecaster and stats
+        are only ever changed under the lock.
+        """
+        with self.lock:
+            return self._run_layer(layer, hidden, top_k_index, top_k_weights)
+
+    def _run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         needed = torch.unique(top_k_index).tolist()
         self.cache.start_layer(layer, needed)
         if self.forecaster is not None:
@@ -106,25 +120,23 @@ class Runtime:
         out = None
         for number, wave in enumerate(waves):
             slots = self.cache.acquire(layer, wave)
-            if number == 0 and self.forecaster is not None:
-                self._prefetch_after(layer)  # copies overlap this layer's compute
-            table = torch.full((self.num_experts,), -1, dtype=torch.long)
-            table[wave] = torch.tensor(slots, dtype=torch.long)
-            path = self.compute_path if len(waves) == 1 or self.compute_path != TRITON else self.fallback_path
-            self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
-            part = experts_from_slots(
-                hidden,
-                top_k_index,
-                top_k_weights,
-                table.to(self.device, non_blocking=True),
-                self.pool,
-                self.layout,
-                self.gates[layer],
-                path,
-            )
+            try:  # whatever happens in compute (OOM, an interrupt), the wave's experts are released
+                if number == 0 and self.forecaster is not None:
+                    self._prefetch_after(layer)  # copies overlap this layer's compute
+                part = self._compute_wave(layer, wave, slots, hidden, top_k_index, top_k_weights, single=len(waves) == 1)
+            finally:
+                self.cache.release(layer, wave, self._compute_done())
             out = part if out is None else out + part
-            self.cache.release(layer, wave, self._compute_done())
         return out
+
+    def _compute_wave(self, layer, wave, slots, hidden, top_k_index, top_k_weights, *, single: bool) -> torch.Tensor:
+        """[T, H]: the contribution of the experts `wave` (sitting in `slots`) to the layer's output."""
+        table = torch.full((self.num_experts,), -1, dtype=torch.long)
+        table[wave] = torch.tensor(slots, dtype=torch.long)
+        path = self.compute_path if single or self.compute_path != TRITON else self.fallback_path
+        self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
+        device_table = table.to(self.device, non_blocking=True)
+        return experts_from_slots(hidden, top_k_index, top_k_weights, device_table, self.pool, self.layout, self.gates[layer], path)
 
     def _prefetch_after(self, layer: int) -> None:
         """Prefetch the top experts forecast for the next `prefetch_lookahead` layers."""
@@ -165,7 +177,8 @@ class Runtime:
 
     def prefetch(self, layer: int, experts) -> int:
         """Start background loads of `experts` of MoE layer `layer` (for predictors)."""
-        return self.cache.prefetch(layer, [int(e) for e in experts])
+        with self.lock:
+            return self.cache.prefetch(layer, [int(e) for e in experts])
 
     # ------------------------------------------------------------------ install / remove
     def install(self, model: nn.Module) -> None:
@@ -187,6 +200,7 @@ class Runtime:
         self.stats.reset()
 
     def remove(self, model: nn.Module) -> None:
+        self.drain()  # before anything changes: a stuck load leaves the model wrapped, not half unwrapped
         for block in self.blocks:
             original = block.experts
             if any(p.is_meta for p in original.parameters()):
@@ -207,13 +221,23 @@ class Runtime:
                     fused[expert].copy_(host[name])
             experts._parameters[name] = nn.Parameter(fused, requires_grad=False)
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        """Stop the loader once every load in flight has finished (see `drain`)."""
+        self.drain(timeout)
         if self.mask is not None:
             self.mask.close()
-        for ticket in list(self.cache.tickets.values()):
-            ticket._done.wait()
         self._closer()
         self.source.close()
+
+    def drain(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        """Wait for every load in flight; raises naming a load stuck longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        for ticket in list(self.cache.tickets.values()):
+            if ticket.submitted and not ticket._done.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(
+                    f"the load of expert {ticket.expert} of MoE layer {ticket.layer} into slot {ticket.slot} has not finished "
+                    f"after {timeout:.0f} s (a stalled disk read?); the runtime stays installed"
+                )
 
 
 def slots_for_budget(budget: Budget, source: ExpertSource, total_experts: int, top_k: int) -> int:
@@ -514,10 +538,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def stats(model: nn.Module) -> dict:
-    """Hit/miss/load/prefetch/stall counters in total and per layer, plus what ran."""
+    """Hit/miss/load/prefetch/stall counters in total and per layer, plus what ran (a consistent
+    snapshot: taken between MoE layers, never in the middle of one)."""
     runtime = runtime_of(model)
-    return {**runtime.stats.as_dict(), **runtime.profile_info()}
+    with _lock_of(runtime):
+        return {**runtime.stats.as_dict(), **runtime.profile_info()}
 
 
 def reset_stats(model: nn.Module) -> None:
-    runtime_of(model).stats.reset()
+    runtime = runtime_of(model)
+    with _lock_of(runtime):
+        runtime.stats.reset()
+
+
+def _lock_of(runtime) -> contextlib.AbstractContextManager:
+    """The runtime's layer lock (the multi-GPU executor keeps every expert resident and has none)."""
+    return getattr(runtime, "lock", None) or contextlib.nullcontext()

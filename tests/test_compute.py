@@ -53,3 +53,20 @@ def test_experts_outside_the_wave_contribute_nothing(path):
         first = experts_from_slots(hidden, index, weights, torch.tensor([3, -1, -1, -1, -1, -1, -1, -1]), pool, layout, gate, path)
         second = experts_from_slots(hidden, index, weights, torch.tensor([-1, 4, -1, -1, -1, -1, -1, -1]), pool, layout, gate, path)
     assert torch.allclose(first + second, full, atol=1e-6)
+
+
+def test_without_triton_auto_takes_pytorch_and_triton_is_refused_by_name(monkeypatch):
+    """Triton ships for Linux x86_64 only: elsewhere the kernels do not import."""
+    import sys
+
+    from moe_runtime.adapters import ExpertLayout
+    from moe_runtime.compute import choose_kernel_path, triton_imports
+    from moe_runtime.tiny_models import tiny_model
+
+    experts = tiny_model("olmoe").model.layers[0].mlp.experts
+    layout, act = ExpertLayout.of(experts), experts.act_fn
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    assert not triton_imports()
+    assert choose_kernel_path("auto", torch.device("cpu"), torch.float32, layout, act) in ("loop", "grouped_mm")
+    with pytest.raises(ValueError, match="needs the triton package, which does not import here"):
+        choose_kernel_path("triton", torch.device("cpu"), torch.float32, layout, act)

@@ -172,3 +172,18 @@ def test_a_file_written_atomically_is_whole_or_absent(tmp_path):
         write_atomically(target, fail_halfway)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_damaged_embedded_model_cache_is_rebuilt(tmp_path, monkeypatch):
+    from moe_runtime.checkpoint import CheckpointDir
+    from moe_runtime.embedded import embedded_model_dir
+
+    monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    folder = embedded_model_dir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up mid-write
+    assert embedded_model_dir() == folder
+    CheckpointDir(folder).close()  # whole again: opens with every tensor in the file
+    (folder / "config.json").write_text("{ not json")
+    embedded_model_dir()
+    assert (folder / "config.json").read_text().startswith("{\n")
