@@ -3,11 +3,15 @@
     model = moe_runtime.wrap(model, budget="4GiB")            # or a fraction of all experts: 0.25
     model = moe_runtime.from_pretrained(path, budget=0.25)   # experts stay on disk / in host RAM
     moe_runtime.stats(model)                                  # hits, misses, loads, stalls, per layer
+    with moe_runtime.replay_routing(model, trace): ...        # route as a recorded trace says
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
 from .loading import from_pretrained
+from .config import OffloadConfig
+from .errors import InvalidFileError, OutputPathError
 from .recording import record_trace
+from .routing_replay import replay_routing
 from .runtime import reset_stats, runtime_of, stats, unwrap, wrap
 from .trace import Trace, load_trace, load_traces, merge_traces
 
@@ -15,6 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "InvalidFileError",
+    "OffloadConfig",
+    "OutputPathError",
     "Trace",
     "adapter_for",
     "from_pretrained",
@@ -22,6 +29,7 @@ __all__ = [
     "load_traces",
     "merge_traces",
     "record_trace",
+    "replay_routing",
     "reset_stats",
     "runtime_of",
     "stats",

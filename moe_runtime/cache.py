@@ -1,13 +1,15 @@
-"""The global slot cache: which expert sits in which slot, what to evict, what to load.
+"""The live slot cache: the cache core's decisions, carried out by the loader's threads.
 
-acquire(layer, experts) -> hits used in place, misses loaded (blocking, ahead of prefetches)
--> slots; release(layer) -> the layer's experts become evictable again; prefetch(layer, experts)
--> loads issued in the background into free or evicted slots, never blocking.
+acquire(layer, experts) -> core.acquire (hits in place, misses mapped to slots) -> tickets for
+the misses, submitted to the loader (misses ahead of prefetches) -> wait -> slots;
+release(layer, experts) -> core.release; prefetch(layer, experts) -> core.prefetch -> tickets
+submitted in the background, never blocking.
 
-Keys are `layer * E + expert`. Experts in use by the running layer, pinned experts and experts
-still loading are never evicted; the policy never sees pinned keys, so no victim scan walks
-past them. Transient experts (a placement plan's host tier) leave their slot as soon as their
-layer releases them. All state changes happen on the caller's thread; workers only copy.
+Residency, eviction, protection, pinned and transient experts and the counters live in the
+thread-free CacheCore (cache_core.py), which the trace simulator uses too. This class adds what
+moving bytes needs: a ticket per load in flight (a key whose load is in flight is never
+evicted), waiting, and on CUDA the event after which a slot may be overwritten. All state
+changes happen on the caller's thread; workers only copy.
 
 Exception safety: a failed acquire or prefetch (no slot, a failed read, an interrupt) rolls back
 every load it had not handed to the loader; a failed load leaves the cache as if it had never
@@ -20,10 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from .cache_core import Access, CacheCore
 from .loader import LoadTicket, Loader
-from .policies import EvictionPolicy, NoVictimError
+from .policies import EvictionPolicy
 from .stats import RuntimeStats
 
 
@@ -39,41 +43,36 @@ class SlotCache:
         pinned: Sequence[int] = (),
         transient: Sequence[int] = (),
     ):
-        self.num_experts = num_experts
-        self.num_slots = num_slots
-        self.policy = policy
         self.loader = loader
         self.stats = stats
-        self.slot_of: dict[int, int] = {}
-        self.key_of: list[int | None] = [None] * num_slots
-        self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self.tickets: dict[int, LoadTicket] = {}  # loads not yet confirmed complete
-        self.prefetched: set[int] = set()  # loaded by a prefetch, not yet used
-        self.in_use: set[int] = set()
-        self.pinned: set[int] = set(pinned)
-        self.transient: frozenset[int] = frozenset(transient)
         self.release_events: dict[int, torch.cuda.Event] = {}  # slot -> compute done with it
+        self.core = CacheCore(
+            num_experts=num_experts, num_slots=num_slots, policy=policy, stats=stats, pinned=pinned, transient=transient,
+            busy=self._loading, wait_for_slot=self._wait_for_a_prefetch, on_evicted=lambda key: self.tickets.pop(key, None),
+        )
 
-    # ------------------------------------------------------------------ queries
-    def key(self, layer: int, expert: int) -> int:
-        return layer * self.num_experts + expert
+    # ------------------------------------------------------------------ views of the core
+    num_slots = property(lambda self: self.core.num_slots)
+    policy = property(lambda self: self.core.policy)
+    pinned = property(lambda self: self.core.pinned)
+    transient = property(lambda self: self.core.transient)
+    slot_of = property(lambda self: self.core.slot_of)
+    key_of = property(lambda self: self.core.key_of)
+    free = property(lambda self: self.core.free)
+    in_use = property(lambda self: self.core.protected)
+    prefetched = property(lambda self: self.core.prefetched)
 
     def resident(self, layer: int) -> list[int]:
-        """Experts of `layer` that sit in a slot (loaded or loading)."""
-        low = layer * self.num_experts
-        return sorted(key - low for key in self.slot_of if low <= key < low + self.num_experts)
+        return self.core.resident(layer)
 
     def _loading(self, key: int) -> bool:
         ticket = self.tickets.get(key)
         return ticket is not None and not ticket.done()
 
-    def _evictable(self, key: int) -> bool:
-        return key not in self.in_use and key not in self.pinned and not self._loading(key)
-
     # ------------------------------------------------------------------ demand path
     def start_layer(self, layer: int, experts: Sequence[int]) -> None:
-        """Tell the policy which experts this layer step uses (once per step, before any wave)."""
-        self.policy.on_layer_start(layer, [self.key(layer, expert) for expert in experts])
+        self.core.start_layer(layer, experts)
 
     def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Slots holding `experts` of `layer`, loading the missing ones (blocking).
@@ -81,58 +80,45 @@ class SlotCache:
         The experts stay protected from eviction until `release(layer)`.
         """
         counters = self.stats.layers[layer]
-        keys = [self.key(layer, expert) for expert in experts]
-        if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
-            raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
-        self.in_use.update(keys)
-        misses: list[LoadTicket] = []
+        accesses = self.core.acquire(layer, experts)
+        keys = [access.key for access in accesses]
+        counters.late_prefetches += sum(access.prefetched and self._loading(access.key) for access in accesses)
+        misses = [self._ticket(layer, access, prefetch=False) for access in accesses if not access.hit]
         try:
-            for key in keys:
-                if key in self.slot_of:
-                    counters.hits += 1
-                    if key in self.prefetched:
-                        self.prefetched.discard(key)
-                        counters.prefetches_used += 1
-                        counters.late_prefetches += self._loading(key)
-                else:
-                    counters.misses += 1
-                    misses.append(self._start_load(layer, key, prefetch=False))
-                if key not in self.pinned:
-                    self.policy.on_access(key)
             self.loader.submit(misses)  # all or nothing
         except BaseException:
             self._roll_back(misses)
-            self.in_use.difference_update(keys)
+            self.core.protected.difference_update(keys)
             raise
         self._wait(keys, counters)
-        return [self.slot_of[key] for key in keys]
+        return [access.slot for access in accesses]
 
     def release(self, layer: int, experts: Sequence[int], compute_done: torch.cuda.Event | None = None) -> None:
         """The layer finished with these experts; on CUDA `compute_done` guards slot reuse."""
-        for expert in experts:
-            key = self.key(layer, expert)
-            self.in_use.discard(key)
-            slot = self.slot_of.get(key)
-            if slot is None:
-                continue
+        for slot in self.core.release(layer, experts):
             if compute_done is not None:
                 self.release_events[slot] = compute_done
-            if key in self.transient and not self._loading(key):  # loaded on use, never kept
-                self._evict(key)
-                self.free.append(slot)
+
+    def forecast(self, layer: int, probabilities: np.ndarray) -> None:
+        """A predictor's forecast [E] for the coming `layer`, for policies that use one."""
+        self.core.policy.on_forecast(layer, probabilities)
 
     def _wait(self, keys: list[int], counters) -> None:
-        """Block until every key's load is in its slot; on a failed load or an interrupt, settle and raise."""
+        """Block until every key's load has finished, then raise the first failed load's error
+        (the failed keys forgotten); an interrupt while waiting settles what finished and raises."""
         started = time.perf_counter()
         try:
             for key in keys:
                 ticket = self.tickets.get(key)
                 if ticket is not None:
-                    ticket.wait()  # raises the load's error, or whatever interrupts this thread
-                    del self.tickets[key]
+                    ticket.join()  # whatever interrupts this thread propagates from here
+            failure = next((self.tickets[key].error for key in keys if key in self.tickets and self.tickets[key].error), None)
+            self._settle(keys)
+            if failure is not None:
+                raise failure
         except BaseException:
             self._settle(keys)
-            self.in_use.difference_update(keys)
+            self.core.protected.difference_update(keys)
             raise
         finally:
             counters.stall_seconds += time.perf_counter() - started
@@ -155,20 +141,8 @@ class SlotCache:
 
         Never blocks and never evicts a protected expert; returns how many loads it issued.
         """
-        loads: list[LoadTicket] = []
+        loads = [self._ticket(layer, access, prefetch=True) for access in self.core.prefetch(layer, experts)]
         try:
-            for expert in experts:
-                key = self.key(layer, expert)
-                if key in self.slot_of:
-                    continue
-                if not self.free:
-                    try:
-                        self.policy.choose_victim(self._evictable)
-                    except NoVictimError:
-                        break
-                loads.append(self._start_load(layer, key, prefetch=True))
-                self.prefetched.add(key)
-                self.stats.layers[layer].prefetches_issued += 1
             self.loader.submit(loads)  # all or nothing
         except BaseException:
             self.stats.layers[layer].prefetches_issued -= len(loads)
@@ -176,67 +150,38 @@ class SlotCache:
             raise
         return len(loads)
 
-    # ------------------------------------------------------------------ slots
-    def _start_load(self, layer: int, key: int, *, prefetch: bool) -> LoadTicket:
-        """Map `key` to a slot and return its ticket, pending until the caller submits it."""
-        slot = self._take_slot()
-        self.slot_of[key] = slot
-        self.key_of[slot] = key
-        if key not in self.pinned:
-            self.policy.on_insert(key)
-        counters = self.stats.layers[layer]
-        counters.loads += 1
-        counters.bytes_loaded += self.loader.pool.bytes_per_slot
-        ticket = LoadTicket(layer, key - layer * self.num_experts, slot, prefetch, after=self.release_events.pop(slot, None))
-        self.tickets[key] = ticket
+    # ------------------------------------------------------------------ loads
+    def _ticket(self, layer: int, access: Access, *, prefetch: bool) -> LoadTicket:
+        """The pending load of a key the core just mapped to a slot (submitted by the caller)."""
+        self.stats.layers[layer].bytes_loaded += self.loader.pool.bytes_per_slot
+        expert = access.key - layer * self.core.num_experts
+        ticket = LoadTicket(layer, expert, access.slot, prefetch, after=self.release_events.pop(access.slot, None))
+        self.tickets[access.key] = ticket
         return ticket
 
-    def _take_slot(self) -> int:
-        if self.free:
-            return self.free.pop()
-        while True:
-            try:
-                victim = self.policy.choose_victim(self._evictable)
-                break
-            except NoVictimError:
-                loading = [t for k, t in self.tickets.items() if k not in self.in_use and t.submitted and not t.done()]
-                if not loading:
-                    raise AssertionError("no evictable slot: every slot is in use by the running layer or pinned") from None
-                loading[0]._done.wait()  # a prefetch still in flight holds the slot we need
-        slot = self.slot_of[victim]
-        self._evict(victim)
-        return slot
-
-    def _evict(self, key: int) -> None:
-        slot = self.slot_of.pop(key)
-        self.key_of[slot] = None
-        if key not in self.pinned:
-            self.policy.on_evict(key)
-        self.prefetched.discard(key)
-        self.tickets.pop(key, None)  # only finished loads are evictable (a failed prefetch included)
-
     def _forget(self, key: int) -> None:
-        """Undo a load that failed or was never submitted: the key leaves the cache, its slot is
-        free again, and the load is not counted (nothing moved)."""
-        slot = self.slot_of[key]
-        counters = self.stats.layers[key // self.num_experts]
-        counters.loads -= 1
-        counters.bytes_loaded -= self.loader.pool.bytes_per_slot
-        self._evict(key)
-        self.free.append(slot)
+        """Undo a load that failed or was never submitted."""
+        self.stats.layers[key // self.core.num_experts].bytes_loaded -= self.loader.pool.bytes_per_slot
+        self.core.forget([key])
 
     def _roll_back(self, tickets: list[LoadTicket]) -> None:
         """Undo loads this call mapped but never handed to a worker (no thread touches their slots)."""
         for ticket in tickets:
             assert not ticket.submitted, "a submitted load cannot be rolled back"
-            self._forget(self.key(ticket.layer, ticket.expert))
+            if ticket.after is not None:  # the slot's previous expert may still be computing
+                self.release_events[ticket.slot] = ticket.after
+            self._forget(self.core.key(ticket.layer, ticket.expert))
+
+    def _wait_for_a_prefetch(self) -> bool:
+        """Every slot is protected or loading: wait for a prefetch in flight (not one this layer needs)."""
+        loading = [t for k, t in self.tickets.items() if k not in self.core.protected and t.submitted and not t.done()]
+        if not loading:
+            return False
+        loading[0].join()
+        return True
 
     def check_invariants(self) -> None:
         """Internal consistency (tests call this after every scenario)."""
-        assert len(self.slot_of) + len(self.free) == self.num_slots, "every slot is either mapped or free"
-        assert set(self.slot_of.values()).isdisjoint(self.free), "a free slot is still mapped"
-        for key, slot in self.slot_of.items():
-            assert self.key_of[slot] == key, f"slot {slot} maps back to {self.key_of[slot]}, not {key}"
-        assert set(self.tickets) <= set(self.slot_of), "a pending load targets an unmapped key"
-        assert self.prefetched <= set(self.slot_of), "a prefetched key is not resident"
+        self.core.check_invariants()
+        assert set(self.tickets) <= set(self.core.slot_of), "a pending load targets an unmapped key"
         assert all(ticket.submitted for ticket in self.tickets.values()), "a load was mapped but never submitted"

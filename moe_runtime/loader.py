@@ -43,7 +43,12 @@ class LoadTicket:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the load has finished (or failed); False if `timeout` passed first."""
+        return self._done.wait(timeout)
+
     def wait(self) -> None:
+        """Block until the expert is in its slot; raises the load's error if it failed."""
         self._done.wait()
         if self.error is not None:
             raise self.error

@@ -18,6 +18,7 @@ from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .atomic import check_replaceable
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
+from .config import OffloadConfig, config_from
 from .policies import DEFAULT_POLICY, EvictionPolicy
 from .runtime import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
 from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
@@ -28,7 +29,7 @@ RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Pytho
 def from_pretrained(
     path: str | os.PathLike,
     *,
-    budget: Budget,
+    budget: Budget | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     host_budget: Budget | None = None,
@@ -41,47 +42,52 @@ def from_pretrained(
     prefetch_lookahead: int = 1,
     profiles_dir: str | os.PathLike | None = None,
     kernel: str = "auto",
+    config: OffloadConfig | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
 
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, placement, profile, profiles_dir, kernel: as for `wrap`.
+    prefetch_lookahead, placement, profile, profiles_dir, kernel: as for `wrap`. The keywords
+    build an OffloadConfig; `config=` passes one instead.
     """
-
+    options = dict(
+        budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
+        predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
+        prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel,
+    )
+    options = config_from(config, options)
     checkpoint = CheckpointDir(path)
-    if store_dir is not None:
-        check_replaceable(store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
+    if options.store_dir is not None:
+        check_replaceable(options.store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
     config = checkpoint.config()
     adapter = adapter_for(config)
-    dtype = dtype or _config_dtype(config) or checkpoint.storage_dtype()
-    device = resolve_device(device)
+    dtype = options.dtype or _config_dtype(config) or checkpoint.storage_dtype()
+    options = options.with_device(resolve_device(options.device))
+    device = options.device
     model = build_skeleton(config, dtype)
     blocks = adapter.blocks(model)
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
     shapes = blocks[0].expert_shapes()
-    plan = checked_placement(placement, blocks)
+    plan = checked_placement(options.placement, blocks)
     if plan is not None and plan["kind"] == "multi_gpu":
         raise ValueError(
             "from_pretrained offloads experts from disk; a multi-GPU plan keeps them all resident: load the model "
             "(transformers' from_pretrained) and call moe_runtime.wrap(model, budget=..., placement=PLAN)"
         )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
-    if store_dir is not None:
-        disk = _convert(disk, store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
+    if options.store_dir is not None:
+        disk = _convert(disk, options.store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
     per_expert = expert_nbytes(shapes, dtype)
     total = per_expert * sum(block.num_experts for block in blocks)
+    host_budget = options.host_budget
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     ram = ram_experts(plan)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda", keep=ram)
-    runtime = build_runtime(
-        model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
-        budget=budget, device=device, policy=policy,
-        prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, kernel=kernel,
-    )
+    runtime = build_runtime(model, adapter, blocks, source, plan, options, home_device=torch.device("cpu"))
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)
     return model

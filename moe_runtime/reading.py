@@ -42,6 +42,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str = REMAKE):
 def read_npz(path: str | os.PathLike, what: str, fix: str = REMAKE) -> dict[str, np.ndarray]:
     """Every array of the .npz file `path` (a `what`, e.g. "trace file"), without pickles."""
     path = existing_file(path, what)
+    if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and blames pickling
+        raise InvalidFileError(f"{path}: not a .npz {what} (not a zip archive: truncated, or another kind of file); {fix}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}

@@ -21,6 +21,7 @@ from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, format_bytes, parse_budget
 from .cache import SlotCache
 from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
+from .config import OffloadConfig, config_from
 from .loader import Loader
 from .offloaded import OffloadedExperts
 from .policies import DEFAULT_POLICY, EvictionPolicy, make_policy
@@ -41,19 +42,17 @@ class Runtime:
         adapter: MoEAdapter,
         blocks: list[MoEBlock],
         source: ExpertSource,
+        config: OffloadConfig,
         *,
-        budget: Budget,
-        device: torch.device,
-        policy: str | EvictionPolicy = DEFAULT_POLICY,
         home_device: torch.device = torch.device("cpu"),
         forecaster=None,
-        prefetch_width: int | None = None,
-        prefetch_lookahead: int = 1,
         mask=None,
         pinned: list[int] = (),
         transient: list[int] = (),
-        kernel: str = "auto",
     ):
+        """config: the options, with the device resolved; forecaster, mask, pinned and transient
+        come from its predictor, profile and placement plan (see build_runtime)."""
+        device = config.device
         self.adapter = adapter
         self.blocks = blocks
         self.source = source
@@ -66,15 +65,16 @@ class Runtime:
         self.mask = mask  # a pruning profile's router mask, or None
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
         # Every check before anything starts (loader threads, slot memory).
-        self.num_slots = slots_for_budget(budget, source, routed, self.top_k)
+        self.num_slots = slots_for_budget(config.budget, source, routed, self.top_k)
+        policy = make_policy(config.policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
+        pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
         if len(pinned) + self.top_k > self.num_slots:
             raise ValueError(
                 f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
                 f"short by {len(pinned) + self.top_k - self.num_slots} slots (pinned + top-k must fit)"
             )
-        self.compute_path = choose_kernel_path(kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
+        self.compute_path = choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
-        policy = make_policy(policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
         self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
@@ -83,8 +83,8 @@ class Runtime:
             transient=transient,
         )
         self.forecaster = forecaster
-        self.prefetch_width = prefetch_width or self.top_k
-        self.prefetch_lookahead = prefetch_lookahead
+        self.prefetch_width = config.prefetch_width or self.top_k
+        self.prefetch_lookahead = config.prefetch_lookahead
         self.stats.info = {
             "compute_path": self.compute_path,
             "device": str(device),
@@ -94,7 +94,7 @@ class Runtime:
             "policy": self.cache.policy.name,
             "host_tier": type(source).__name__,
             "predictor": forecaster.predictor.name if forecaster else None,
-            "prefetch": f"top {self.prefetch_width} x {prefetch_lookahead} layer(s) ahead" if forecaster else None,
+            "prefetch": f"top {self.prefetch_width} x {self.prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
         self.lock = threading.RLock()  # one MoE layer (or stats read) at a time; see run_layer
         self._closer = weakref.finalize(self, Loader.close, self.loader)
@@ -111,7 +111,9 @@ class Runtime:
             return self._run_layer(layer, hidden, top_k_index, top_k_weights)
 
     def _run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        needed = torch.unique(top_k_index).tolist()
+        # The layer's distinct experts in the router's order (a decode step: highest weight first),
+        # the order the simulator replays a trace in. tolist() is this layer's one host sync.
+        needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
         self.cache.start_layer(layer, needed)
         if self.forecaster is not None:
             self.forecaster.observe(layer, top_k_index, top_k_weights, hidden)
@@ -145,13 +147,16 @@ class Runtime:
             if target >= len(self.blocks):
                 break
             scores = self.forecaster.forecast(layer, lookahead)
-            self.cache.policy.on_forecast(target, np.clip(scores, 0.0, 1.0))
+            self.cache.forecast(target, np.clip(scores, 0.0, 1.0))
             ranked = np.argsort(-scores, kind="stable")[: self.prefetch_width]
             self.cache.prefetch(target, [int(e) for e in ranked if scores[e] > 0])
 
     def _waves(self, layer: int, needed: list[int]) -> list[list[int]]:
-        """Split a layer's experts into passes that fit the pool, resident experts first."""
+        """Split a layer's experts into passes that fit the pool, resident experts first (one
+        pass keeps the router's order, as the simulator does)."""
         capacity = self.num_slots - len(self.cache.pinned)
+        if len(needed) <= capacity:
+            return [needed]
         resident = set(self.cache.resident(layer))
         ordered = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
         return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
@@ -233,7 +238,7 @@ class Runtime:
         """Wait for every load in flight; raises naming a load stuck longer than `timeout`."""
         deadline = time.monotonic() + timeout
         for ticket in list(self.cache.tickets.values()):
-            if ticket.submitted and not ticket._done.wait(max(0.0, deadline - time.monotonic())):
+            if ticket.submitted and not ticket.join(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(
                     f"the load of expert {ticket.expert} of MoE layer {ticket.layer} into slot {ticket.slot} has not finished "
                     f"after {timeout:.0f} s (a stalled disk read?); the runtime stays installed"
@@ -356,7 +361,7 @@ def runtime_of(model: nn.Module) -> Runtime:
 def wrap(
     model: nn.Module,
     *,
-    budget: Budget,
+    budget: Budget | None = None,
     device: str | torch.device | None = None,
     host_budget: Budget | None = None,
     store_dir: str | None = None,
@@ -369,8 +374,12 @@ def wrap(
     profiles_dir: str | None = None,
     kernel: str = "auto",
     devices: list | None = None,
+    config: OffloadConfig | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
+
+    The keywords build an OffloadConfig (validated before anything changes); `config=` passes
+    one instead (then no other keyword).
 
     budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
     host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
@@ -394,18 +403,27 @@ def wrap(
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
     """
+    options = dict(
+        budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
+        placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
+        profiles_dir=profiles_dir, kernel=kernel, devices=devices,
+    )
+    config = config_from(config, options)
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
+    if config.dtype is not None:
+        raise ValueError("wrap keeps the model's dtype; cast the model before wrapping (dtype is a from_pretrained option)")
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    device = resolve_device(device)
+    config = config.with_device(resolve_device(config.device))
+    device = config.device
     home = next(model.parameters()).device
     fused = [_fused_params(block) for block in blocks]
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
-    plan = checked_placement(placement, blocks)
+    plan = checked_placement(config.placement, blocks)
     if plan is not None and plan["kind"] == "multi_gpu":
-        unused = {"host_budget": host_budget, "store_dir": store_dir, "predictor": predictor, "profile": profile}
+        unused = {"host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile}
         if any(value is not None for value in unused.values()):
             raise ValueError(
                 f"a multi-GPU plan keeps every expert resident on its device: {', '.join(k for k, v in unused.items() if v is not None)} "
@@ -413,16 +431,12 @@ def wrap(
             )
         from .multi_device import MultiDeviceRuntime
 
-        MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, devices), budget).install(model, RUNTIME_ATTR)
+        MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, config.devices), config.budget).install(model, RUNTIME_ATTR)
         return model
     source, spilled = _host_source(
-        blocks, fused, host_budget, store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
+        blocks, fused, config.host_budget, config.store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
     )
-    runtime = build_runtime(
-        model, adapter, blocks, source, plan, predictor=predictor, profile=profile, profiles_dir=profiles_dir,
-        budget=budget, device=device, policy=policy, home_device=home,
-        prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead, kernel=kernel,
-    )
+    runtime = build_runtime(model, adapter, blocks, source, plan, config, home_device=home)
     runtime.install(model)
     if spilled:  # only now, with the runtime running from the store: free the RAM copies
         for block in blocks:
@@ -431,16 +445,15 @@ def wrap(
     return model
 
 
-def build_runtime(model, adapter, blocks, source, plan, *, predictor, profile, profiles_dir, **options) -> Runtime:
+def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *, home_device: torch.device) -> Runtime:
     """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask, pinned and
-    transient experts resolved from their `predictor`, `profile` and placement `plan`; `options`
-    go to Runtime."""
-    forecaster = live_forecaster(predictor, model, blocks)
-    mask = router_mask(profile, profiles_dir, model, adapter, blocks)
+    transient experts resolved from the config's predictor, profile and placement `plan`."""
+    forecaster = live_forecaster(config.predictor, model, blocks)
+    mask = router_mask(config.profile, config.profiles_dir, model, adapter, blocks)
     experts = blocks[0].num_experts
     runtime = Runtime(
-        model, adapter, blocks, source, forecaster=forecaster, mask=mask,
-        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"), **options,
+        model, adapter, blocks, source, config, home_device=home_device, forecaster=forecaster, mask=mask,
+        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"),
     )
     if plan is not None and plan["kind"] == "tiering":
         from .placement import tier_counts

@@ -1,9 +1,10 @@
 """Trace replay: a cache policy (+ prefetching) over a routing trace, with a timing model.
 
 tokens in order -> layers in order -> a layer's K experts together (protected while it runs)
--> hits / misses through the same EvictionPolicy objects the live runtime uses -> after the
-layer, the top M forecast experts of layer l + D are prefetched -> one copy engine, misses ahead
-of queued prefetches -> modelled ms per token.
+-> hits / misses decided by the live runtime's own cache core (cache_core.py: residency,
+eviction policy, pinned and transient experts, prefetch accounting) -> the top M forecast
+experts of layer l + D prefetched after the layer's compute -> one copy engine, misses ahead of
+queued prefetches -> modelled ms per token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .cache_core import CacheCore
 from .policies import EvictionPolicy
+from .stats import RuntimeStats
 from .trace import Trace
 
 
@@ -129,124 +132,85 @@ def replay(
 ) -> SimResult:
     """Replay `trace` through `policy` with one global pool of `capacity` slots.
 
-    load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more), default the
-    timing model's; bypass: experts loaded on use but not kept after their layer (host tier).
+    The decisions are the live runtime's own (cache_core.CacheCore, in the runtime's order: a
+    layer's experts acquired, the next layer's prefetches issued, the layer's experts released);
+    this adds the clock. Pinned experts are loaded before the first token and not counted, as
+    the runtime does. load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more),
+    default the timing model's; bypass: experts loaded on use but not kept after their layer
+    (the host tier).
     """
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if capacity < trace.top_k + len(pinned):
         raise ValueError(f"capacity {capacity} is below top-k {trace.top_k} plus {len(pinned)} pinned experts")
-    ids = trace.expert_ids.astype(np.int64) + (np.arange(num_layers, dtype=np.int64) * num_experts)[None, :, None]
-    groups = ids.reshape(-1, trace.top_k).tolist()
+    stats = RuntimeStats(num_layers)
+    core = CacheCore(num_experts=num_experts, num_slots=capacity, policy=policy, stats=stats, pinned=pinned, transient=bypass)
+    _load_pinned(core, num_layers)
     top = None
     if prefetch is not None:
         top = np.argsort(-prefetch.scores, axis=2, kind="stable")[:, :, : prefetch.width]
         confident = np.take_along_axis(prefetch.scores, top, axis=2) >= prefetch.min_score
         top = np.where(confident, top, -1)
     result = SimResult(tokens=trace.num_tokens)
-    resident: set[int] = set()  # pinned experts load at first use (counted), then never leave
-    prefetched: set[int] = set()
-    ready: dict[int, float] = {}
+    ready: dict[int, float] = {}  # key -> when its prefetch lands
     engine = CopyEngine()
     cost = [timing.load_ms] * (num_layers * num_experts) if load_ms_of is None else np.asarray(load_ms_of, dtype=float).tolist()
     now = 0.0
-    for index, group in enumerate(groups):
-        token, layer = divmod(index, num_layers)
-        policy.on_layer_start(layer, group)
-        protected = set(group)
-        evictable = lambda key: key not in protected and key not in pinned  # noqa: E731
-        misses = 0
-        miss_ms = 0.0
-        latest_ready = now
-        for key in group:
-            if key in resident:
-                result.hits += 1
-                if key not in pinned:
-                    policy.on_access(key)
-                if key in prefetched:
-                    prefetched.discard(key)
-                    result.prefetch_hits += 1
-                    if ready.get(key, 0.0) > now:
-                        result.late_prefetches += 1
-                        latest_ready = max(latest_ready, ready[key])
-            else:
-                misses += 1
-                miss_ms += cost[key]
+    for token, layers in enumerate(trace.expert_ids.astype(np.int64).tolist()):  # [L][K] per token
+        for layer, experts in enumerate(layers):
+            core.start_layer(layer, experts)
+            accesses = core.acquire(layer, experts)
+            latest_ready = now
+            for access in accesses:
+                if access.prefetched and ready.get(access.key, 0.0) > now:
+                    result.late_prefetches += 1
+                    latest_ready = max(latest_ready, ready[access.key])
+            missed = [access.key for access in accesses if not access.hit]
+            if missed:
                 if miss_counts is not None:
-                    miss_counts[key] += 1
-                if len(resident) >= capacity:
-                    _evict(policy, evictable, resident, prefetched, result)
-                resident.add(key)
-                if key not in pinned:  # the policy never sees pinned keys: no victim scan passes them
-                    policy.on_insert(key)
-                    policy.on_access(key)
-        result.misses += misses
-        result.loads += misses
-        if misses:
-            latest_ready = max(latest_ready, engine.demand(miss_ms, now, ready))
-        for key in bypass.intersection(group):  # host-tier experts do not stay
-            if key in resident:
-                policy.on_evict(key)
-                resident.discard(key)
-        result.stall_ms += latest_ready - now
-        now = latest_ready + timing.layer_ms
-        if top is not None and layer + prefetch.lookahead < num_layers:
-            target_layer = layer + prefetch.lookahead
-            policy.on_forecast(target_layer, prefetch.scores[token, layer])
-            target = target_layer * num_experts
-            for expert in top[token, layer]:
-                key = target + int(expert)
-                if expert < 0 or key in resident:
-                    continue
-                if len(resident) >= capacity:
-                    try:
-                        _evict(policy, evictable, resident, prefetched, result)
-                    except RuntimeError:
-                        break
-                resident.add(key)
-                prefetched.add(key)
-                policy.on_insert(key)
-                ready[key] = engine.prefetch(key, now, cost[key])
-                result.loads += 1
-                result.prefetch_loads += 1
-    result.wasted_prefetches += len(prefetched)
+                    np.add.at(miss_counts, missed, 1)
+                latest_ready = max(latest_ready, engine.demand(sum(cost[key] for key in missed), now, ready))
+            result.stall_ms += latest_ready - now
+            now = latest_ready + timing.layer_ms
+            if top is not None and layer + prefetch.lookahead < num_layers:
+                target = layer + prefetch.lookahead
+                policy.on_forecast(target, np.clip(prefetch.scores[token, layer], 0.0, 1.0))  # as the runtime does
+                for access in core.prefetch(target, [int(e) for e in top[token, layer] if e >= 0]):
+                    ready[access.key] = engine.prefetch(access.key, now, cost[access.key])
+            core.release(layer, experts)
+    total = stats.total()
+    result.hits, result.misses, result.loads = total.hits, total.misses, total.loads
+    result.prefetch_loads, result.prefetch_hits = total.prefetches_issued, total.prefetches_used
+    result.wasted_prefetches = core.wasted_prefetches + len(core.prefetched)
     result.total_ms = now
     return result
 
 
-def _evict(policy, evictable, resident: set[int], prefetched: set[int], result: SimResult) -> None:
-    victim = policy.choose_victim(evictable)
-    policy.on_evict(victim)
-    resident.discard(victim)
-    if victim in prefetched:
-        prefetched.discard(victim)
-        result.wasted_prefetches += 1
+def _load_pinned(core: CacheCore, num_layers: int) -> None:
+    """Pinned experts take their slots before the first token, uncounted (as the runtime's install)."""
+    for layer in range(num_layers):
+        experts = [key - layer * core.num_experts for key in sorted(core.pinned) if key // core.num_experts == layer]
+        if experts:
+            core.acquire(layer, experts)
+            core.release(layer, experts)
+    core.stats.reset()
 
 
 def replay_per_layer(trace: Trace, layer_policy: Callable[[int], EvictionPolicy], slots: int, timing: TimingModel = TimingModel()) -> SimResult:
     """Per-layer pools of `slots` each (as the literature reports them); `layer_policy(l)` builds
-    layer l's policy (keys are expert ids of that layer)."""
-    result = SimResult(tokens=trace.num_tokens)
+    layer l's policy (keys are expert ids of that layer). Each layer's pool is a CacheCore of
+    its own; loads are not overlapped with compute."""
     if slots < trace.top_k:
         raise ValueError(f"per-layer slots {slots} is below top-k {trace.top_k}")
+    result = SimResult(tokens=trace.num_tokens)
     for layer in range(trace.num_layers):
-        policy = layer_policy(layer)
-        resident: set[int] = set()
-        for group in trace.expert_ids[:, layer].tolist():
-            protected = set(group)
-            policy.on_layer_start(0, group)
-            for key in group:
-                if key in resident:
-                    result.hits += 1
-                    policy.on_access(key)
-                    continue
-                result.misses += 1
-                if len(resident) >= slots:
-                    victim = policy.choose_victim(lambda k: k not in protected)
-                    policy.on_evict(victim)
-                    resident.discard(victim)
-                resident.add(key)
-                policy.on_insert(key)
-                policy.on_access(key)
+        stats = RuntimeStats(1)
+        core = CacheCore(num_experts=trace.num_experts, num_slots=slots, policy=layer_policy(layer), stats=stats)
+        for experts in trace.expert_ids[:, layer].astype(np.int64).tolist():
+            core.start_layer(0, experts)
+            core.acquire(0, experts)
+            core.release(0, experts)
+        result.hits += stats.layers[0].hits
+        result.misses += stats.layers[0].misses
     result.loads = result.misses
     result.total_ms = trace.num_tokens * trace.num_layers * timing.layer_ms + result.misses * timing.load_ms
     return result

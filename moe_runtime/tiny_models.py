@@ -1,4 +1,4 @@
-"""Small configs of the six supported families, for tests, examples and the embedded model.
+"""Small configs of the seven supported families, for tests, examples and the embedded model.
 
 Each builds and runs on a CPU in well under a second; shapes are deliberately odd-free and
 small but keep every family's structure (shared experts, dense first layers, biases, ...).
@@ -34,6 +34,25 @@ _FAMILIES: dict[str, dict] = {
     ),
     "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, head_dim=16),
     "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2),
+    "deepseek_v2": dict(
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=1.5,
+        first_k_dense_replace=1,
+        n_shared_experts=2,
+        num_key_value_heads=4,  # MLA: as many key/value heads as query heads
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        rope_scaling=None,
+    ),
     "deepseek_v3": dict(
         intermediate_size=96,
         moe_intermediate_size=48,

@@ -24,7 +24,7 @@ class AffinityPredictor(RoutingPredictor):
     def _fit(self, trace: Trace) -> None:
         used = (context_from_trace(trace, history=0).current > 0).astype(np.float32)
         self.top_k = trace.top_k
-        self.tables = {d: conditional_tables(used, d, trace.top_k) for d in range(1, MAX_LOOKAHEAD + 1)}
+        self.tables = {d: conditional_tables(used, d, trace.top_k) for d in range(1, min(MAX_LOOKAHEAD, trace.num_layers - 1) + 1)}
 
     def predict_rows(self, layer: int, lookahead: int, context: RoutingContext) -> np.ndarray:
         if lookahead not in self.tables:

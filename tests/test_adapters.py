@@ -11,13 +11,13 @@ from moe_runtime.inspection import model_shape
 from moe_runtime.tiny_models import tiny_config, tiny_model
 
 # What each family's config calls E, K and the expert width, read independently of the adapters.
-E_FIELD = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+E_FIELD = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts"}
 I_FIELD = {"mixtral": "intermediate_size", "olmoe": "intermediate_size", "gpt_oss": "intermediate_size"}
-SHARED = {"qwen2_moe": 2, "deepseek_v3": 1}
+SHARED = {"qwen2_moe": 2, "deepseek_v2": 1, "deepseek_v3": 1}
 
 
-def test_six_families_are_supported():
-    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
+def test_seven_families_are_supported():
+    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"}
 
 
 def test_blocks_shapes_and_bytes(family):

@@ -104,7 +104,7 @@ def test_deterministic_reduction_over_k():
     assert torch.equal(grouped_moe(*args, backend="triton"), grouped_moe(*args, backend="triton"))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
 def test_equals_the_transformers_experts_module(family):
     model = tiny_model(family)
     block = adapter_for(model).blocks(model)[0]

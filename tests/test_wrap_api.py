@@ -99,3 +99,42 @@ def test_a_refused_wrap_loses_nothing(tmp_path):
     assert not hasattr(model, "_moe_runtime")
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)  # nothing freed to meta
     assert all(not block.router._forward_hooks for block in blocks)  # no mask left on the routers
+
+
+def test_one_offload_config_for_both_entry_points(tiny_checkpoints):
+    config = moe_runtime.OffloadConfig(budget=0.5, device="cpu", policy="lru", prefetch_width=3)
+    reference = tiny_model("olmoe")
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    for model in (
+        moe_runtime.wrap(tiny_model("olmoe"), config=config),
+        moe_runtime.from_pretrained(tiny_checkpoints["olmoe"], config=config),
+    ):
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected)
+        assert moe_runtime.stats(model)["policy"] == "lru" and moe_runtime.stats(model)["num_slots"] == 12
+        moe_runtime.unwrap(model)
+    with pytest.raises(ValueError, match="either as config=OffloadConfig.*not both.*policy"):
+        moe_runtime.wrap(tiny_model("olmoe"), config=config, policy="arc")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("kernel", "cuda", "kernel must be one of auto, triton, torch, got 'cuda'"),
+        ("policy", "fifo", "unknown cache policy 'fifo'; choose one of arc, lfu, lru, next-use, pinned"),
+        ("prefetch_width", 0, "prefetch_width must be a positive int"),
+        ("prefetch_lookahead", 0, "prefetch_lookahead must be an int >= 1"),
+        ("dtype", "bf16", "must be a torch.dtype such as torch.bfloat16"),
+        ("budget", True, "budget must be bytes"),
+    ],
+)
+def test_a_bad_config_field_is_named_with_its_allowed_values(field, value, message):
+    options = {"budget": 0.5, field: value}
+    with pytest.raises((ValueError, TypeError), match=message):
+        moe_runtime.OffloadConfig(**options)
+    model = tiny_model("olmoe")
+    with pytest.raises((ValueError, TypeError), match=message):
+        moe_runtime.wrap(model, **{"device": "cpu", **options}) if field != "dtype" else moe_runtime.OffloadConfig(**options)
+    assert not hasattr(model, "_moe_runtime")

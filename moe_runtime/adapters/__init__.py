@@ -7,6 +7,7 @@ raises a ValueError listing the supported ones.
 from __future__ import annotations
 
 from .base import EXPERT_PARAMS, ExpertLayout, MoEAdapter, MoEBlock, TensorPart
+from .deepseek_v2 import DeepseekV2Adapter
 from .deepseek_v3 import DeepseekV3Adapter
 from .gpt_oss import GptOssAdapter
 from .mixtral import MixtralAdapter
@@ -21,6 +22,7 @@ ADAPTERS: dict[str, type[MoEAdapter]] = {
         Qwen2MoeAdapter,
         Qwen3MoeAdapter,
         OlmoeAdapter,
+        DeepseekV2Adapter,
         DeepseekV3Adapter,
         GptOssAdapter,
     )
