@@ -91,7 +91,7 @@ def test_missing_array_is_named(tmp_path):
 def test_not_a_trace_file(tmp_path):
     path = tmp_path / "junk.npz"
     path.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="not a .npz trace file"):
         load_trace(path)
     with pytest.raises(FileNotFoundError):
         load_trace(tmp_path / "absent.npz")
