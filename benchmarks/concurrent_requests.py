@@ -72,13 +72,16 @@ def main() -> None:
     generate_all(model, inputs[:1], 1)  # warm-up
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
+        moe_runtime.reset_stats(model)
         seconds = generate_all(model, inputs, threads)
-        rows.append({"threads": threads, "seconds": seconds, "tokens_per_second": len(inputs) * NEW_TOKENS / seconds})
+        hit_rate = moe_runtime.stats(model)["hit_rate"]
+        rows.append({"threads": threads, "seconds": seconds, "tokens_per_second": len(inputs) * NEW_TOKENS / seconds, "hit_rate": hit_rate})
     figures = {"budget": args.budget, "requests": len(inputs), "new_tokens": NEW_TOKENS, "lock_us": lock_cost_us(), "rows": rows}
     print(f"uncontended lock: {figures['lock_us']:.3f} us per MoE layer")
-    print(f"{'threads':>8} {'seconds':>9} {'tok/s':>8} {'vs 1':>6}")
+    print(f"{'threads':>8} {'seconds':>9} {'tok/s':>8} {'vs 1':>6} {'hit rate':>9}")
     for row in rows:
-        print(f"{row['threads']:>8} {row['seconds']:>9.2f} {row['tokens_per_second']:>8.1f} {row['tokens_per_second'] / rows[0]['tokens_per_second']:>6.2f}")
+        ratio = row["tokens_per_second"] / rows[0]["tokens_per_second"]
+        print(f"{row['threads']:>8} {row['seconds']:>9.2f} {row['tokens_per_second']:>8.1f} {ratio:>6.2f} {row['hit_rate']:>9.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(figures, handle, indent=1)
