@@ -21,6 +21,24 @@ _COMMON = dict(
     eos_token_id=2,
 )
 
+# DeepSeek V2 and V3: group-limited routing, a dense first layer, multi-head latent attention.
+_DEEPSEEK = dict(
+    intermediate_size=96,
+    moe_intermediate_size=48,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_key_value_heads=4,  # MLA: as many key/value heads as query heads
+    q_lora_rank=None,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    rope_scaling=None,
+)
+
 # Per family: what its config calls E, K and the expert width, plus its structural extras.
 _FAMILIES: dict[str, dict] = {
     "mixtral": dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
@@ -34,42 +52,8 @@ _FAMILIES: dict[str, dict] = {
     ),
     "qwen3_moe": dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, head_dim=16),
     "olmoe": dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2),
-    "deepseek_v2": dict(
-        intermediate_size=96,
-        moe_intermediate_size=48,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        topk_method="group_limited_greedy",
-        routed_scaling_factor=1.5,
-        first_k_dense_replace=1,
-        n_shared_experts=2,
-        num_key_value_heads=4,  # MLA: as many key/value heads as query heads
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        rope_scaling=None,
-    ),
-    "deepseek_v3": dict(
-        intermediate_size=96,
-        moe_intermediate_size=48,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        n_shared_experts=1,
-        num_key_value_heads=4,  # MLA: as many key/value heads as query heads
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        rope_scaling=None,
-    ),
+    "deepseek_v2": dict(**_DEEPSEEK, topk_method="group_limited_greedy", routed_scaling_factor=1.5, n_shared_experts=2),
+    "deepseek_v3": dict(**_DEEPSEEK, n_shared_experts=1),
     "gpt_oss": dict(
         intermediate_size=48,
         num_local_experts=8,
