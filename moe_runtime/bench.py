@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from .belady import belady_misses, layer_keys
-from .policies import POLICIES, make_policy
+from .policies import DEFAULT_POLICY, POLICIES, make_policy
 from .predictor import PREDICTORS, predictor_from
 from .simulator import Prefetch, TimingModel, replay, replay_per_layer
 from .trace import Trace
 
 NO_PREDICTOR = "none"
+DEFAULT = "default"  # bench's name for the runtime's default policy, built as wrap builds it
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class BenchSettings:
         for budget in self.budgets:
             if not 0 < budget <= 1:
                 raise ValueError(f"bench budgets are fractions of all experts in (0, 1], got {budget}")
-        unknown = [p for p in self.policies if p not in POLICIES]
+        unknown = [p for p in self.policies if p not in POLICIES and p != DEFAULT]
         if unknown:
-            raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))} or all")
+            raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(sorted(POLICIES))}, {DEFAULT} or all")
         unknown = [p for p in self.predictors if p != NO_PREDICTOR and p not in PREDICTORS and not Path(p).is_file()]
         if unknown:
             raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(sorted(PREDICTORS))}, all, or a predictor file")
@@ -107,20 +108,23 @@ def capacity_for(trace: Trace, budget: float) -> int:
     return max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
 
 
+def policy_for(name: str, trace: Trace, capacity: int, fit: Trace | None):
+    """The policy of a bench row: `default` is exactly what wrap uses when given nothing (no fit)."""
+    if name == DEFAULT:
+        return make_policy(DEFAULT_POLICY, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k)
+    return make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=fit)
+
+
 def run_one(run: BenchRun, work: Workload, settings: BenchSettings, forecasts: dict) -> dict:
     """Replay one configuration; returns a JSON-ready row."""
     trace = work.replay
     capacity = capacity_for(trace, run.budget)
     if settings.per_layer_slots:
         slots = settings.per_layer_slots
-        layer_policy = lambda layer: make_policy(  # noqa: E731 - one pool (and policy) per layer
-            run.policy, num_layers=1, num_experts=trace.num_experts, capacity=slots, top_k=trace.top_k, fit=one_layer(work.fit, layer)
-        )
+        layer_policy = lambda layer: policy_for(run.policy, one_layer(trace, layer), slots, one_layer(work.fit, layer))  # noqa: E731
         result = replay_per_layer(trace, layer_policy, slots, settings.timing)
     else:
-        policy = make_policy(
-            run.policy, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=work.fit
-        )
+        policy = policy_for(run.policy, trace, capacity, work.fit)
         prefetch = None
         if run.predictor != NO_PREDICTOR:
             width = settings.prefetch_width or trace.top_k

@@ -87,8 +87,9 @@ class CacheCore:
         to free or evicted slots (the caller loads them). All or nothing: if no slot can be found
         for one, the misses mapped so far are forgotten and the error is raised."""
         counters = self.stats.layers[layer]
-        keys = [self.key(layer, expert) for expert in experts]
-        if len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
+        base = layer * self.num_experts
+        keys = [base + expert for expert in experts]
+        if len(keys) > self.num_slots - len(self.pinned) and len(set(keys) - self.pinned) > self.num_slots - len(self.pinned):
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.protected.update(keys)
         accesses: list[Access] = []
@@ -142,15 +143,16 @@ class CacheCore:
         """The layer is done with `experts`; transient ones leave their slot (unless still
         loading). Returns the slots of the released experts that stay mapped."""
         kept = []
+        base, slot_of, transient = layer * self.num_experts, self.slot_of, self.transient
         for expert in experts:
-            key = self.key(layer, expert)
+            key = base + expert
             self.protected.discard(key)
-            if key not in self.slot_of:
+            if key not in slot_of:
                 continue
-            if key in self.transient and not self.busy(key):  # loaded on use, never kept
+            if transient and key in transient and not self.busy(key):  # loaded on use, never kept
                 self._drop(key)
             else:
-                kept.append(self.slot_of[key])
+                kept.append(slot_of[key])
         return kept
 
     def forget(self, keys: Sequence[int]) -> None:

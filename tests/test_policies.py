@@ -5,7 +5,8 @@ import pytest
 
 from moe_runtime.policies import ARCPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
 from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, reuse_history, used_matrix
-from moe_runtime.trace import Trace
+from moe_runtime.synthetic import flat_routing
+from moe_runtime.trace import Trace, load_trace
 
 
 def test_lru_evicts_least_recently_used():
@@ -176,3 +177,47 @@ def test_generic_reuse_model_from_the_shipped_routing():
 def test_next_use_refuses_a_reuse_model_of_another_shape():
     with pytest.raises(ValueError, match="the reuse model describes 6 experts, not 2 layers x 4"):
         NextUsePolicy(2, 4, ReuseModel.uniform(2, 3, 1))
+
+
+def _loads(name: str, trace, capacity: int) -> int:
+    from moe_runtime.simulator import replay
+
+    policy = make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k)
+    return replay(trace, policy, capacity).loads
+
+
+def test_the_adaptive_default_never_loses_to_lru_where_the_generic_table_does():
+    """Flat popularity, E = 8, K = 2, 32 layers (the routing where next-use's shipped table loses)."""
+    trace = flat_routing(32, 8, 2, 600, reuse=0.3, sequences=1)
+    capacity = 64  # 25% of the experts
+    lru, generic, adaptive = (_loads(name, trace, capacity) for name in ("lru", "next-use", "adaptive"))
+    assert generic > 1.05 * lru  # the case that hurts
+    assert adaptive <= lru
+
+
+def test_the_adaptive_default_keeps_next_uses_gain_on_real_routing(trace_paths):
+    held_out = load_trace(trace_paths["translation"]).split(0.5)[1]
+    lru, adaptive = (_loads(name, held_out, 416) for name in ("lru", "adaptive"))
+    assert adaptive <= 0.92 * lru
+
+
+def test_bench_default_is_what_wrap_uses(trace_paths):
+    from moe_runtime.bench import BenchSettings, run_bench
+    from moe_runtime.policies import DEFAULT_POLICY
+
+    trace = load_trace(trace_paths["intent"]).select_sequences(range(8))
+    report = run_bench({"intent": trace}, BenchSettings(budgets=(0.25,), policies=("default",)))
+    held_out = trace.split(0.5)[1]
+    capacity = report["results"][0]["capacity"]
+    assert DEFAULT_POLICY == "adaptive"
+    assert report["results"][0]["loads_per_token"] * held_out.num_tokens == _loads(DEFAULT_POLICY, held_out, capacity)
+
+
+def test_the_adaptive_default_on_gpt_oss_routing():
+    """The second shipped model (24 layers, 32 experts, top-4): held-out half, 25% of the experts."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "moe_runtime" / "data" / "routing" / "gpt-oss-20b" / "gpqa.npz"
+    held_out = load_trace(path).split(0.5)[1].select_sequences(range(8))
+    lru, adaptive = (_loads(name, held_out, 192) for name in ("lru", "adaptive"))
+    assert adaptive <= 0.9 * lru

@@ -81,7 +81,7 @@ def test_wrapping_twice_is_refused():
 
 
 def test_unknown_policy():
-    with pytest.raises(ValueError, match="unknown cache policy .fifo.; choose one of arc, lfu, lru, next-use, pinned"):
+    with pytest.raises(ValueError, match="unknown cache policy .fifo.; choose one of adaptive, arc, lfu, lru, next-use, pinned"):
         moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", policy="fifo")
 
 
@@ -123,7 +123,7 @@ def test_one_offload_config_for_both_entry_points(tiny_checkpoints):
     ("field", "value", "message"),
     [
         ("kernel", "cuda", "kernel must be one of auto, triton, torch, got 'cuda'"),
-        ("policy", "fifo", "unknown cache policy 'fifo'; choose one of arc, lfu, lru, next-use, pinned"),
+        ("policy", "fifo", "unknown cache policy 'fifo'; choose one of adaptive, arc, lfu, lru, next-use, pinned"),
         ("prefetch_width", 0, "prefetch_width must be a positive int"),
         ("prefetch_lookahead", 0, "prefetch_lookahead must be an int >= 1"),
         ("dtype", "bf16", "must be a torch.dtype such as torch.bfloat16"),

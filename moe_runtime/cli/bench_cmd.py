@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
-from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
+from ..bench import DEFAULT, NO_PREDICTOR, BenchSettings, plan, run_bench
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
 from ..simulator import TimingModel
@@ -21,7 +21,7 @@ def add_parsers(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="replay traces through cache policies and prefetching, against Belady's optimum")
     bench.add_argument("traces", nargs="+", help="trace files to replay (each separately)")
     bench.add_argument("--budget", default="0.1,0.25,0.5", help="fractions of all experts in one global slot pool")
-    bench.add_argument("--policy", default="lru", help=f"comma list of {', '.join(sorted(POLICIES))}, or all")
+    bench.add_argument("--policy", default="lru", help=f"comma list of {', '.join(sorted(POLICIES))}, default (what wrap uses given nothing), or all")
     bench.add_argument("--predictor", default=NO_PREDICTOR, help=f"comma list of {', '.join(sorted(PREDICTORS))}, or all (with and without prefetching)")
     bench.add_argument("--fit", nargs="+", help="traces to fit learned parts on (default: first half of each replayed trace)")
     bench.add_argument("--prefetch-width", type=int, help="experts prefetched per layer (default: top-k)")
@@ -49,7 +49,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         predictors = (NO_PREDICTOR, *predictors)
     return BenchSettings(
         budgets=tuple(float(b) for b in args.budget.split(",")),
-        policies=_choices(args.policy, POLICIES),
+        policies=_choices(args.policy, POLICIES, extra=(DEFAULT,)),
         predictors=predictors,
         prefetch_width=args.prefetch_width,
         lookahead=args.lookahead,

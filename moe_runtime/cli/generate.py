@@ -25,7 +25,7 @@ def add_parsers(subparsers) -> None:
     generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
     live = sorted(set(POLICIES) - NEEDS_FIT)  # pinned needs fit traces: a tiering plan pins experts live
     generate.add_argument("--policy", default=DEFAULT_POLICY, choices=live, help="cache policy")
-    generate.add_argument("--policy-fit", metavar="TRACE", help="fit next-use on this routing trace of your task (from moe-runtime trace)")
+    generate.add_argument("--policy-fit", metavar="TRACE", help="fit next-use on this routing trace of your task (from moe-runtime trace) and use it instead of the default")
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.set_defaults(run=run_generate)
@@ -35,7 +35,7 @@ def policy_from(args: argparse.Namespace):
     """The policy name, or next-use fitted on --policy-fit's trace."""
     if not args.policy_fit:
         return args.policy
-    if args.policy != "next-use":
+    if args.policy not in ("next-use", DEFAULT_POLICY):  # the default gives way to the fitted next-use
         raise ValueError(f"--policy-fit fits the next-use policy, not {args.policy}; drop --policy or pass --policy next-use")
     return NextUsePolicy.fitted(load_trace(args.policy_fit))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..trace import Trace
+from .adaptive import AdaptivePolicy
 from .arc import ARCPolicy
 from .base import EvictionPolicy, NoVictimError
 from .lfu import LFUPolicy
@@ -18,12 +19,12 @@ from .next_use import NextUsePolicy, ReuseModel
 from .pinned import PinnedPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy)
+    cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy, AdaptivePolicy)
 }
 NEEDS_FIT = frozenset({"pinned"})
-# The runtime's default: with the shipped generic reuse model it loads less than LRU on real
-# routing of tasks it never saw (ReuseModel.generic, benchmarks/reuse_transfer.py).
-DEFAULT_POLICY = "next-use"
+# The runtime's default: follows the best of LRU, LFU and next-use (generic reuse model) on the
+# routing it sees, so it is safe on routing no table was fitted on (adaptive.py, BENCHMARKS.md).
+DEFAULT_POLICY = "adaptive"
 
 
 def selection_frequency(trace: Trace) -> np.ndarray:
@@ -60,6 +61,9 @@ def make_policy(
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
+    if name == "adaptive":
+        candidates = (LRUPolicy, LFUPolicy, lambda: NextUsePolicy(num_layers, num_experts, model))
+        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity)
     return NextUsePolicy(num_layers, num_experts, model)
 
 
@@ -74,6 +78,6 @@ def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: in
 
 
 __all__ = [
-    "DEFAULT_POLICY", "POLICIES", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
+    "DEFAULT_POLICY", "POLICIES", "AdaptivePolicy", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
     "make_policy", "selection_frequency",
 ]

@@ -1,0 +1,100 @@
+"""The runtime's default policy against LRU, on routing it was never fitted on.
+
+For every shipped trace (ESFT: DeepSeek-V2-Lite architecture; GPT-OSS-20B) the held-out half
+(second half of the sequences) and synthetic flat-popularity routing, at 10/25/50% of the
+experts in one global pool, no fit traces anywhere: loads per token of Belady's MIN, LRU,
+next-use with the generic table, and the default (adaptive: follows the best of LRU, LFU and
+next-use on the recent routing), as multiples of LRU; plus the default's cost per layer step.
+
+    python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from moe_runtime.belady import belady_misses, layer_keys
+from moe_runtime.policies import DEFAULT_POLICY, make_policy
+from moe_runtime.simulator import replay
+from moe_runtime.synthetic import flat_routing
+from moe_runtime.trace import Trace, load_trace, merge_traces
+
+ROUTING = Path(__file__).parents[1] / "moe_runtime" / "data" / "routing"
+BUDGETS = (0.1, 0.25, 0.5)
+POLICIES = ("lru", "next-use", DEFAULT_POLICY)
+
+
+def workloads() -> dict[str, Trace]:
+    """Held-out halves of every shipped trace, a task switch, and flat routing."""
+    out = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5)[1] for path in sorted(ROUTING.glob("*/*.npz"))}
+    law, translation = out["esft-va/law"], out["esft-va/translation"]
+    out["switch law->transl."] = merge_traces([law, translation])
+    out["flat E8 K2 L32"] = flat_routing(32, 8, 2, 1500, seed=0)
+    out["flat E128 K8 L8"] = flat_routing(8, 128, 8, 1500, seed=1)
+    return out
+
+
+def measure(trace: Trace, budget: float) -> dict:
+    capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
+    row = {"budget": budget, "capacity": capacity}
+    row["belady"] = belady_misses(layer_keys(trace.expert_ids, trace.num_experts), trace.top_k, capacity) / trace.num_tokens
+    for name in POLICIES:
+        policy = make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k)
+        start = time.perf_counter()
+        row[name] = replay(trace, policy, capacity).loads / trace.num_tokens
+        row[f"{name}_us_per_layer_step"] = (time.perf_counter() - start) / (trace.num_tokens * trace.num_layers) * 1e6
+    return row
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({row["trace"] for row in rows})
+    figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.32 * len(names) + 1.6), sharey=True, layout="constrained")
+    for axis, budget in zip(axes, BUDGETS):
+        chosen = {row["trace"]: row for row in rows if row["budget"] == budget}
+        for offset, name in ((-0.2, "next-use"), (0.2, DEFAULT_POLICY)):
+            axis.barh([i + offset for i in range(len(names))], [chosen[n][name] / chosen[n]["lru"] for n in names], height=0.4, label=name)
+        axis.axvline(1.0, color="k", linestyle="--", linewidth=1, label="LRU")
+        axis.set_yticks(range(len(names)), names, fontsize=8)
+        axis.set_title(f"{budget:.0%} of the experts")
+        axis.set_xlabel("loads per token / LRU's")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
+    args = parser.parse_args()
+    rows = []
+    jobs = [(name, trace, budget) for name, trace in workloads().items() for budget in BUDGETS]
+    for name, trace, budget in tqdm(jobs, desc="replays", unit="run"):
+        rows.append({"trace": name, **measure(trace, budget)})
+    print("loads per token as a multiple of LRU's; extra us: the default's replay time per layer step over LRU's")
+    print(f"{'trace':<20} {'budget':>6} {'MIN/LRU':>8} {'next-use':>9} {'default':>8} {'extra us':>8}")
+    for row in rows:
+        lru = row["lru"]
+        extra = row[f"{DEFAULT_POLICY}_us_per_layer_step"] - row["lru_us_per_layer_step"]
+        cells = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, extra)
+        print(f"{row['trace']:<20} {row['budget']:>6.2f} {cells[0]:>8.3f} {cells[1]:>9.3f} {cells[2]:>8.3f} {cells[3]:>8.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
