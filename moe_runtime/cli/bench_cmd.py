@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
-from ..bench import DEFAULT, NO_PREDICTOR, BenchSettings, plan, run_bench
+from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
 from ..simulator import TimingModel
@@ -49,7 +49,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         predictors = (NO_PREDICTOR, *predictors)
     return BenchSettings(
         budgets=tuple(float(b) for b in args.budget.split(",")),
-        policies=_choices(args.policy, POLICIES, extra=(DEFAULT,)),
+        policies=_choices(args.policy, POLICIES),  # "all" leaves out "default", the same policy as "adaptive"
         predictors=predictors,
         prefetch_width=args.prefetch_width,
         lookahead=args.lookahead,
