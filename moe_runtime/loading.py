@@ -52,42 +52,41 @@ def from_pretrained(
     prefetch_lookahead, placement, profile, profiles_dir, kernel: as for `wrap`. The keywords
     build an OffloadConfig; `config=` passes one instead.
     """
-    options = dict(
+    offload = config_from(config, dict(
         budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
         prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel,
-    )
-    options = config_from(config, options)
+    ))
     checkpoint = CheckpointDir(path)
-    if options.store_dir is not None:
-        check_replaceable(options.store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
-    config = checkpoint.config()
-    adapter = adapter_for(config)
-    dtype = options.dtype or _config_dtype(config) or checkpoint.storage_dtype()
-    options = options.with_device(resolve_device(options.device))
-    device = options.device
-    model = build_skeleton(config, dtype)
+    if offload.store_dir is not None:
+        check_replaceable(offload.store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
+    model_config = checkpoint.config()
+    adapter = adapter_for(model_config)
+    dtype = offload.dtype or _config_dtype(model_config) or checkpoint.storage_dtype()
+    offload = offload.with_device(resolve_device(offload.device))
+    device = offload.device
+    model = build_skeleton(model_config, dtype)
     blocks = adapter.blocks(model)
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
     shapes = blocks[0].expert_shapes()
-    plan = checked_placement(options.placement, blocks)
+    plan = checked_placement(offload.placement, blocks)
     if plan is not None and plan["kind"] == "multi_gpu":
         raise ValueError(
             "from_pretrained offloads experts from disk; a multi-GPU plan keeps them all resident: load the model "
             "(transformers' from_pretrained) and call moe_runtime.wrap(model, budget=..., placement=PLAN)"
         )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
-    if options.store_dir is not None:
-        disk = _convert(disk, options.store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
+    if offload.store_dir is not None:
+        disk = _convert(disk, offload.store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
     per_expert = expert_nbytes(shapes, dtype)
     total = per_expert * sum(block.num_experts for block in blocks)
-    host_budget = options.host_budget
+    host_budget = offload.host_budget
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     ram = ram_experts(plan)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
     source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda", keep=ram)
-    runtime = build_runtime(model, adapter, blocks, source, plan, options, home_device=torch.device("cpu"))
+    runtime = build_runtime(model, adapter, blocks, source, plan, offload, home_device=torch.device("cpu"))
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)
     return model

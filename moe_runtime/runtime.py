@@ -403,12 +403,11 @@ def wrap(
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
     """
-    options = dict(
+    config = config_from(config, dict(
         budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
         placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
         profiles_dir=profiles_dir, kernel=kernel, devices=devices,
-    )
-    config = config_from(config, options)
+    ))
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
     if config.dtype is not None:
@@ -555,7 +554,11 @@ def stats(model: nn.Module) -> dict:
     snapshot: taken between MoE layers, never in the middle of one)."""
     runtime = runtime_of(model)
     with _lock_of(runtime):
-        return {**runtime.stats.as_dict(), **runtime.profile_info()}
+        out = {**runtime.stats.as_dict(), **runtime.profile_info()}
+        policy = getattr(getattr(runtime, "cache", None), "policy", None)
+        if hasattr(policy, "leader_name"):  # the adaptive default: which candidate evicts now
+            out["policy_leader"], out["policy_switches"] = policy.leader_name, policy.switches
+        return out
 
 
 def reset_stats(model: nn.Module) -> None:

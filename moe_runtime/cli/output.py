@@ -67,7 +67,7 @@ def stats_tables(stats: dict) -> list[Table]:
         "stall seconds": stats["stall_seconds"],
         "slots": f"{stats['num_slots']} ({stats['slot_pool_bytes']} B on {stats['device']})",
         "compute path": stats["compute_path"],
-        "policy": stats["policy"],
+        "policy": stats["policy"] + (f" (evicting with {stats['policy_leader']})" if "policy_leader" in stats else ""),
     }
     rows = [
         (i, layer["hit_rate"], layer["hits"], layer["misses"], layer["loads"], layer["waves"], layer["stall_seconds"] * 1e3)
