@@ -3,13 +3,16 @@
 forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H], called
 positionally by every supported block (GPT-OSS names the last two router_indices and
 routing_weights; both spellings are accepted). It owns no parameters: the runtime's slot pool
-holds the weights, so `model.to(device)` moves only non-expert weights.
+holds the weights, so `model.to(device)` moves only non-expert weights; its state_dict() entries
+are read back from the runtime, and it refuses to be copied or pickled (wrapped_model.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .wrapped_model import experts_state, refuse_copy
 
 
 class OffloadedExperts(nn.Module):
@@ -24,6 +27,10 @@ class OffloadedExperts(nn.Module):
         for flag in ("is_transposed", "is_concatenated", "has_bias", "has_gate"):
             if hasattr(original, flag):
                 setattr(self, flag, getattr(original, flag))
+        self.register_state_dict_post_hook(_with_experts)  # state_dict() holds the experts again
+
+    __deepcopy__ = refuse_copy("copying")
+    __reduce_ex__ = refuse_copy("pickling")
 
     def forward(
         self,
@@ -42,3 +49,8 @@ class OffloadedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"
+
+
+def _with_experts(module: OffloadedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Add the layer's fused expert parameters, read back from the runtime, under their own names."""
+    state_dict.update({prefix + name: tensor for name, tensor in experts_state(module.runtime, module.layer).items()})

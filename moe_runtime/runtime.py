@@ -26,6 +26,7 @@ from .loader import Loader
 from .offloaded import OffloadedExperts
 from .policies import DEFAULT_POLICY, EvictionPolicy, make_policy
 from .pool import SlotPool
+from . import wrapped_model
 from .stats import RuntimeStats
 from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
 
@@ -35,6 +36,9 @@ CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then
 
 class Runtime:
     """Everything one wrapped model needs: slot pool, cache, loader, source of cold experts."""
+
+    __deepcopy__ = wrapped_model.refuse_copy("copying")
+    __reduce_ex__ = wrapped_model.refuse_copy("pickling")
 
     def __init__(
         self,
@@ -190,6 +194,7 @@ class Runtime:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         model.to(self.device)
+        wrapped_model.install(model, self)
         if self.mask is not None:
             self.mask.attach()
         setattr(model, RUNTIME_ATTR, self)
@@ -211,20 +216,15 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
+        wrapped_model.remove(model)
         self.close()
         model.to(self.home_device)
         delattr(model, RUNTIME_ATTR)
 
     def _materialise(self, block: MoEBlock) -> None:
         """Give an original experts module real weights again, read from the cold tier."""
-        experts = block.experts
-        for name in self.source.shapes:
-            param = getattr(experts, name)
-            fused = torch.empty(param.shape, dtype=self.source.dtype)
-            for expert in range(block.num_experts):
-                with self.source.borrow(block.moe_index, expert) as host:
-                    fused[expert].copy_(host[name])
-            experts._parameters[name] = nn.Parameter(fused, requires_grad=False)
+        for name, fused in wrapped_model.experts_state(self, block.moe_index).items():
+            block.experts._parameters[name] = nn.Parameter(fused, requires_grad=False)
 
     def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
         """Stop the loader once every load in flight has finished (see `drain`)."""

@@ -1,0 +1,137 @@
+"""A wrapped model stays an honest nn.Module: whole-model operations work or refuse by name.
+
+install(model, runtime) -> save_pretrained writes every expert (streamed, one MoE layer in RAM
+at a time, under the checkpoint's own tensor names, loadable by plain transformers);
+state_dict() holds every expert again (read back from slot, host tier or store); deepcopy,
+pickling, casts and moves (`.to(dtype)`, `.half()`, `.cuda()`) and training mode raise an error
+that names offloading and the fix, before anything changes. remove(model) undoes it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import staging_directory
+
+REFUSED = "moe-runtime: {what} a model with offloaded experts is not supported (its experts live in the runtime's slot pool, host RAM tier and store); {fix}"
+UNWRAP_FIRST = "call moe_runtime.unwrap(model) first, then {action}, then wrap again"
+_PATCHED = ("save_pretrained", "_apply", "train")
+
+
+def install(model: nn.Module, runtime) -> None:
+    """Route the whole-model operations of `model` through the runtime (instance attributes)."""
+    model.__dict__["save_pretrained"] = lambda directory, **options: save_offloaded(model, runtime, directory, **options)
+    model.__dict__["_apply"] = _checked_apply(model, runtime)
+    model.__dict__["train"] = _checked_train(model)
+
+
+def remove(model: nn.Module) -> None:
+    for name in _PATCHED:
+        model.__dict__.pop(name, None)
+
+
+def refuse_copy(what: str):
+    """A __deepcopy__ / __reduce_ex__ that names offloading (a copy would share or lose the experts)."""
+    def refuse(self, *args):
+        raise TypeError(REFUSED.format(what=what, fix=UNWRAP_FIRST.format(action="copy it")))
+
+    return refuse
+
+
+def experts_state(runtime, layer: int) -> dict[str, torch.Tensor]:
+    """{fused parameter name: [E, ...] CPU tensor} of one MoE layer, read from the runtime's source."""
+    block = runtime.blocks[layer]
+    fused = {name: torch.empty((block.num_experts, *shape), dtype=runtime.source.dtype) for name, shape in runtime.source.shapes.items()}
+    for expert in range(block.num_experts):
+        with runtime.source.borrow(layer, expert) as host:
+            for name, tensor in fused.items():
+                tensor[expert].copy_(host[name])
+    return fused
+
+
+def save_offloaded(model: nn.Module, runtime, directory: str | os.PathLike, **options) -> Path:
+    """Write a transformers checkpoint of the whole model to `directory`, one MoE layer of experts
+    in RAM at a time: a shard of the non-expert weights, then a shard per MoE layer."""
+    if runtime.mask is not None:
+        raise ValueError(
+            "moe-runtime: this model runs a pruning profile, which a saved checkpoint cannot hold (its router would choose "
+            "pruned experts again); call moe_runtime.unwrap(model) and save the unpruned model, or save the profile beside it"
+        )
+    unknown = set(options) - {"safe_serialization", "max_shard_size", "is_main_process"}
+    if unknown:
+        raise ValueError(f"save_pretrained of an offloaded model takes no {', '.join(sorted(unknown))}; unwrap first for those options")
+    shards = 1 + len(runtime.blocks)
+    name_of = lambda index: f"model-{index + 1:05d}-of-{shards:05d}.safetensors"  # noqa: E731
+    weight_map: dict[str, str] = {}
+    with staging_directory(directory, "save_pretrained folder") as staging:
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        shard = _non_expert_tensors(model, runtime.adapter)
+        save_file(shard, staging / name_of(0), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name_of(0)))
+        for layer, block in enumerate(runtime.blocks):
+            shard = _checkpoint_tensors(runtime.adapter, block, experts_state(runtime, layer))
+            save_file(shard, staging / name_of(layer + 1), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name_of(layer + 1)))
+        index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return Path(directory)
+
+
+def _non_expert_tensors(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer under its checkpoint name; a tied tensor once."""
+    out, seen = {}, set()
+    for module_name, module in model.named_modules():
+        tensors = {**module._parameters, **{k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}}
+        for leaf, tensor in tensors.items():
+            if tensor is None or tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            out[adapter.to_checkpoint_name(name)] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _checkpoint_tensors(adapter, block, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One MoE layer's experts under the checkpoint's names (the inverse of CheckpointStore)."""
+    out = {}
+    for expert in range(block.num_experts):
+        for name, parts in adapter.checkpoint_parts(block, expert).items():
+            if parts[0].index is not None:  # fused [E, ...] tensors (GPT-OSS): written once, whole
+                out[parts[0].name] = fused[name]
+                continue
+            for part, piece in zip(parts, fused[name][expert].chunk(len(parts), dim=0)):
+                out[part.name] = piece.contiguous()
+    return out
+
+
+def _checked_apply(model: nn.Module, runtime):
+    """model._apply that refuses a cast or move of the offloaded experts before anything changes."""
+    apply = type(model)._apply
+
+    def checked(fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=runtime.source.dtype, device=runtime.device))
+        if probe.dtype != runtime.source.dtype or probe.device != runtime.device:
+            fix = UNWRAP_FIRST.format(action=f"cast or move it (to {probe.dtype} on {probe.device})") + f" with device={probe.device.type!r}"
+            raise TypeError(REFUSED.format(what="casting or moving", fix=fix))
+        return apply(model, fn, recurse)
+
+    return checked
+
+
+def _checked_train(model: nn.Module):
+    train = type(model).train
+
+    def checked(mode: bool = True):
+        if mode:
+            raise TypeError(REFUSED.format(what="training", fix="the experts are frozen copies without gradients; fine-tune the unwrapped model"))
+        return train(model, False)
+
+    return checked
