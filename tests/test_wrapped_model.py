@@ -91,9 +91,8 @@ def test_transformers_generation_features_on_a_wrapped_model(family):
         assert torch.equal(model.generate(IDS, **beams), reference.generate(IDS, **beams))
         sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
         assert sampled.shape == (2, 9)
-        if family != "gpt_oss":  # GPT-OSS's sliding-window layers have no static cache in transformers
-            static = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
-            assert torch.equal(model.generate(IDS, **static), reference.generate(IDS, **static))
+        static = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+        assert torch.equal(model.generate(IDS, **static), reference.generate(IDS, **static))
 
     from moe_runtime.embedded import byte_tokenizer
 
