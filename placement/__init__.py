@@ -16,6 +16,7 @@ from .affinity import RoutingStatistics, cut_fraction, routing_statistics
 from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
 from .plan import check_plan_shape, load_plan, save_plan, tier_counts, validate_plan
+from .tier_choice import ALL_DYNAMIC, PLAN, cross_validated_choice
 from .tier_replay import BASELINES, baseline_tiers, compare_tiers, replay_tiers
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
 
@@ -53,18 +54,37 @@ def place_tiering(
     trace: Trace, gpu_slots: int, host_experts: int, costs: TierCosts, *,
     compute_ms_per_token: float = 0.0, time_limit: float = 5.0, sources=(), progress: bool = False,
 ) -> dict:
-    """A single-GPU tiering plan: pinned / dynamic / host / disk per expert."""
-    stats = routing_statistics(trace)
-    result = plan_tiering(
-        tiering_inputs(trace, stats), (trace.num_layers, trace.num_experts, trace.top_k), gpu_slots, host_experts, costs,
-        time_limit=time_limit, compute_ms_per_token=compute_ms_per_token, progress=progress,
+    """A single-GPU tiering plan: pinned / dynamic / host / disk per expert.
+
+    The integer program's plan ships only if it beats plain caching (all experts dynamic) by
+    cross-validation inside `trace` (tier_choice.py); otherwise the all-dynamic tiers do.
+    """
+    shape = (trace.num_layers, trace.num_experts, trace.top_k)
+
+    def solve(part: Trace) -> Tiering:
+        return plan_tiering(
+            tiering_inputs(part), shape, gpu_slots, host_experts, costs,
+            time_limit=time_limit, compute_ms_per_token=compute_ms_per_token, progress=progress,
+        )
+
+    layer_ms = compute_ms_per_token / trace.num_layers
+    winner, cross_validated = cross_validated_choice(
+        trace, lambda part: np.asarray(solve(part).tier_of, dtype=object).ravel(), gpu_slots, host_experts, costs, layer_ms,
     )
+    result = solve(trace)
+    tier_of, dynamic_slots = result.tier_of, result.dynamic_slots
+    if winner == ALL_DYNAMIC:
+        tier_of = baseline_tiers(trace, gpu_slots, host_experts, "lru").reshape(trace.num_layers, trace.num_experts).tolist()
+        dynamic_slots = gpu_slots
+    stats = routing_statistics(trace)
     return {
         "kind": "tiering",
-        "tier_of": result.tier_of,
-        "dynamic_slots": result.dynamic_slots,
+        "tier_of": tier_of,
+        "dynamic_slots": dynamic_slots,
         "gpu_slots": gpu_slots,
         "host_experts": host_experts,
+        "chosen": winner,
+        "cross_validated_ms_per_token": cross_validated,
         "modelled_stall_ms_per_token": result.objective_ms,
         "method": result.method,
         "solver": result.solver,

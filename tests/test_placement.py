@@ -290,3 +290,26 @@ def test_an_integer_program_stopped_without_a_solution_is_refused_not_returned()
     transitions = np.random.default_rng(0).random((6, 32, 32))
     with pytest.raises(ValueError, match="no placement within the 0.001 s time limit .*time limit \\(no solution\\).*--method search"):
         partition(transitions, 4, "ilp", time_limit=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ram_share", [1.0, 0.5])
+def test_a_shipped_tiering_plan_never_loses_to_plain_caching_on_held_out_sequences(trace_paths, ram_share):
+    """Chosen by cross-validation inside the fit half against all-dynamic tiers (issue 20)."""
+    from moe_runtime.placement import ALL_DYNAMIC, compare_tiers, place_tiering
+    from moe_runtime.simulator import TimingModel
+    from moe_runtime.trace import load_trace
+
+    fit, held = load_trace(trace_paths["law"]).split(0.5)
+    timing = TimingModel()
+    costs = TierCosts(timing.load_ms, 17.3e6 / 3e9 * 1e3)
+    experts = fit.num_layers * fit.num_experts
+    slots, ram = experts // 4, int(experts * ram_share)
+    plan = place_tiering(fit, slots, ram, costs, compute_ms_per_token=26 * timing.layer_ms)
+    assert set(plan["cross_validated_ms_per_token"]) == {"plan", ALL_DYNAMIC}
+    assert plan["chosen"] == min(plan["cross_validated_ms_per_token"], key=plan["cross_validated_ms_per_token"].get)
+    tiers = np.array(plan["tier_of"])
+    if plan["chosen"] == ALL_DYNAMIC:
+        assert plan["dynamic_slots"] == slots and set(np.unique(tiers)) <= {"dynamic", "disk"}
+    ms = compare_tiers(fit, held, plan["tier_of"], slots, ram, costs, timing)
+    assert ms["plan"] <= 1.005 * ms["lru"], ms
