@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_runtime.placement import disk_layout, expert_id_order, routing_statistics, runs_per_read
-from moe_runtime.store import ConvertedStore
+from moe_runtime.disk_store import ConvertedStore
 from moe_runtime.trace import load_trace, merge_traces
 
 DATA = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing" / "esft-vanilla-lite"

@@ -12,7 +12,7 @@ from .config import OffloadConfig
 from .errors import InvalidFileError, OutputPathError
 from .recording import record_trace
 from .routing_replay import replay_routing
-from .runtime import reset_stats, runtime_of, stats, unwrap, wrap
+from .assembly import reset_stats, runtime_of, stats, unwrap, wrap
 from .trace import Trace, load_trace, load_traces, merge_traces
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ A fraction means that share of all routed experts' bytes; the caller supplies th
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -67,3 +68,32 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+def slots_for_budget(budget: Budget, per_expert: int, total_experts: int, top_k: int) -> int:
+    """How many slots of `per_expert` bytes `budget` buys; refuses a budget below one token's top-k experts."""
+    total_bytes = per_expert * total_experts
+    slots = min(parse_budget(budget, total_bytes) // per_expert, total_experts)
+    if slots < top_k:
+        minimum = per_expert * top_k
+        raise ValueError(
+            f"budget {budget!r} holds {slots} experts, fewer than one token's top-k = {top_k}: the minimum is "
+            f"{minimum} bytes ({format_bytes(minimum)}), a fraction of {minimum_fraction(minimum, total_bytes)} of all experts"
+            + (f"; did you mean 1.0 (all experts) or a size such as {budget}GiB?" if is_bare_number(budget) else "")
+        )
+    return slots
+
+
+def minimum_fraction(minimum: int, total_bytes: int) -> str:
+    """The smallest fraction, in 4 decimals, that parse_budget turns into at least `minimum` bytes."""
+    fraction = math.ceil(minimum / total_bytes * 1e4) / 1e4
+    while fraction < 1 and parse_budget(fraction, total_bytes) < minimum:
+        fraction = round(fraction + 1e-4, 4)
+    return f"{min(fraction, 1.0):.4f}"
+
+
+def is_bare_number(budget: Budget) -> bool:
+    """A small number with no unit (1, '1.5'): bytes by the rules, but likely meant as 1.0 or '1GiB'."""
+    if isinstance(budget, str) and budget.strip().replace(".", "", 1).isdigit():
+        budget = float(budget)
+    return isinstance(budget, (int, float)) and not isinstance(budget, bool) and 1 <= budget < 1024

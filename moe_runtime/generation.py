@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .runtime import RUNTIME_ATTR, reset_stats, stats
+from .assembly import reset_stats, stats
+from .runtime import RUNTIME_ATTR
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .pool import SlotPool
-from .store import ExpertSource
+from .host_tier import ExpertSource
 
 MISS, PREFETCH = 0, 1  # queue priorities: lower runs first
 

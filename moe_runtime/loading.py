@@ -20,8 +20,10 @@ from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .config import OffloadConfig, config_from
 from .policies import DEFAULT_POLICY, EvictionPolicy
-from .runtime import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
-from .store import CheckpointStore, ConvertedStore, DiskStore, HostTier, allocate_expert, expert_nbytes
+from .assembly import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
+from .disk_store import CheckpointStore, ConvertedStore, DiskStore
+from .expert_tensors import allocate_expert, expert_nbytes
+from .host_tier import HostTier
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import MoEAdapter, MoEBlock
 from .budget import Budget, format_bytes, parse_budget
-from .store import expert_nbytes
+from .expert_tensors import expert_nbytes
 
 
 class DeviceExperts(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .store import ExpertTensors, Shapes, expert_nbytes
+from .expert_tensors import ExpertTensors, Shapes, expert_nbytes
 
 
 class SlotPool:

@@ -1,4 +1,4 @@
-"""The offloading runtime and its one-call entry points: wrap, unwrap, stats, reset_stats.
+"""The executor: what one wrapped model runs per MoE layer (assembly.py builds and installs it).
 
 Per MoE layer: the model's router runs -> run_layer(layer, x, top_k_index, top_k_weights) ->
 distinct experts -> waves of at most S -> slot cache acquire (hits in place, misses loaded) ->
@@ -7,8 +7,6 @@ grouped GEMM from the slots -> release -> [prefetches for the next layers] -> ou
 
 from __future__ import annotations
 
-import contextlib
-import math
 import threading
 import time
 import weakref
@@ -17,18 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
-from .budget import Budget, format_bytes, parse_budget
+from .adapters import ExpertLayout, MoEAdapter, MoEBlock
+from .budget import slots_for_budget
 from .cache import SlotCache
 from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
-from .config import OffloadConfig, config_from
+from .config import OffloadConfig
 from .loader import Loader
 from .offloaded import OffloadedExperts
-from .policies import DEFAULT_POLICY, EvictionPolicy, make_policy
-from .pool import SlotPool
 from . import wrapped_model
+from .policies import make_policy
+from .pool import SlotPool
 from .stats import RuntimeStats
-from .store import ConvertedStore, ExpertSource, HostTier, RamSource, expert_nbytes
+from .expert_tensors import expert_nbytes
+from .host_tier import ExpertSource
 
 RUNTIME_ATTR = "_moe_runtime"
 CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then names the stuck one
@@ -69,7 +68,7 @@ class Runtime:
         self.mask = mask  # a pruning profile's router mask, or None
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
         # Every check before anything starts (loader threads, slot memory).
-        self.num_slots = slots_for_budget(config.budget, source, routed, self.top_k)
+        self.num_slots = slots_for_budget(config.budget, expert_nbytes(source.shapes, source.dtype), routed, self.top_k)
         policy = make_policy(config.policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
         pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
         if len(pinned) + self.top_k > self.num_slots:
@@ -243,330 +242,3 @@ class Runtime:
                     f"the load of expert {ticket.expert} of MoE layer {ticket.layer} into slot {ticket.slot} has not finished "
                     f"after {timeout:.0f} s (a stalled disk read?); the runtime stays installed"
                 )
-
-
-def slots_for_budget(budget: Budget, source: ExpertSource, total_experts: int, top_k: int) -> int:
-    """How many slots `budget` buys; refuses a budget below one layer's top-k experts."""
-    per_expert = expert_nbytes(source.shapes, source.dtype)
-    total_bytes = per_expert * total_experts
-    slots = min(parse_budget(budget, total_bytes) // per_expert, total_experts)
-    if slots < top_k:
-        minimum = per_expert * top_k
-        raise ValueError(
-            f"budget {budget!r} holds {slots} experts, fewer than one token's top-k = {top_k}: the minimum is "
-            f"{minimum} bytes ({format_bytes(minimum)}), a fraction of {minimum_fraction(minimum, total_bytes)} of all experts"
-            + (f"; did you mean 1.0 (all experts) or a size such as {budget}GiB?" if is_bare_number(budget) else "")
-        )
-    return slots
-
-
-def minimum_fraction(minimum: int, total_bytes: int) -> str:
-    """The smallest fraction, in 4 decimals, that parse_budget turns into at least `minimum` bytes."""
-    fraction = math.ceil(minimum / total_bytes * 1e4) / 1e4
-    while fraction < 1 and parse_budget(fraction, total_bytes) < minimum:
-        fraction = round(fraction + 1e-4, 4)
-    return f"{min(fraction, 1.0):.4f}"
-
-
-def is_bare_number(budget: Budget) -> bool:
-    """A small number with no unit (1, '1.5'): bytes by the rules, but likely meant as 1.0 or '1GiB'."""
-    if isinstance(budget, str) and budget.strip().replace(".", "", 1).isdigit():
-        budget = float(budget)
-    return isinstance(budget, (int, float)) and not isinstance(budget, bool) and 1 <= budget < 1024
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu'")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def checked_placement(placement, blocks: list[MoEBlock]) -> dict | None:
-    """The placement plan (path or dict) to follow, checked against the model's shape."""
-    if placement is None:
-        return None
-    from .placement import check_plan_shape, load_plan
-
-    plan = load_plan(placement)
-    check_plan_shape(plan, len(blocks), blocks[0].num_experts)
-    return plan
-
-
-def plan_devices(plan: dict, devices) -> list[torch.device]:
-    """The devices a multi-GPU plan runs on: `devices` if given (one per plan device), else
-    cuda:0 .. cuda:G-1, refused on a machine with fewer GPUs."""
-    if devices is None:
-        available = torch.cuda.device_count()
-        if available < plan["gpus"]:
-            raise ValueError(
-                f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available} "
-                "(pass devices=[...] to choose others, or plan with fewer --gpus)"
-            )
-        return [torch.device("cuda", index) for index in range(plan["gpus"])]
-    devices = [resolve_device(device) for device in devices]
-    if len(devices) != plan["gpus"]:
-        raise ValueError(f"this placement plan puts experts on {plan['gpus']} devices; devices= names {len(devices)}")
-    return devices
-
-
-def tier_keys(plan: dict | None, num_experts: int, tier: str) -> list[int]:
-    """Cache keys (layer * E + expert) of the experts a tiering plan puts in `tier`."""
-    if plan is None or plan["kind"] != "tiering":
-        return []
-    return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, name in enumerate(row) if name == tier]
-
-
-def ram_experts(plan: dict | None) -> frozenset[tuple[int, int]] | None:
-    """(layer, expert) pairs a tiering plan holds in host RAM (dynamic and host tiers), when it
-    puts others on disk; None when it leaves RAM to the budget (no disk tier, or no plan)."""
-    if plan is None or plan["kind"] != "tiering" or not any("disk" in row for row in plan["tier_of"]):
-        return None
-    return frozenset((layer, e) for layer, row in enumerate(plan["tier_of"]) for e, tier in enumerate(row) if tier in ("dynamic", "host"))
-
-
-def planned_host_bytes(ram: frozenset | None, host_budget: Budget | None, host_bytes: int, per_expert: int) -> int:
-    """Host RAM to give the host tier: the plan's RAM set when no host_budget is given (so its
-    disk tier stays on disk), else `host_bytes`, refused when it cannot hold the plan's set."""
-    if ram is None:
-        return host_bytes
-    needed = len(ram) * per_expert
-    if host_budget is None:
-        return needed
-    if host_bytes < needed:
-        raise ValueError(
-            f"the placement plan keeps {len(ram)} experts in host RAM ({format_bytes(needed)}) but host_budget "
-            f"{host_budget!r} holds {host_bytes // per_expert}: short by {format_bytes(needed - host_bytes)}; raise host_budget "
-            "or plan with a smaller --host-budget"
-        )
-    return host_bytes
-
-
-def disk_order(plan: dict | None) -> list[list[int]] | None:
-    """The store file order a plan asks for (a disk layout, or a tiering plan's), if any."""
-    return None if plan is None else plan.get("disk_order")
-
-
-def runtime_of(model: nn.Module) -> Runtime:
-    runtime = getattr(model, RUNTIME_ATTR, None)
-    if runtime is None:
-        raise ValueError("this model is not wrapped by moe_runtime: call moe_runtime.wrap(model, budget=...) first")
-    return runtime
-
-
-def wrap(
-    model: nn.Module,
-    *,
-    budget: Budget | None = None,
-    device: str | torch.device | None = None,
-    host_budget: Budget | None = None,
-    store_dir: str | None = None,
-    policy: str | EvictionPolicy = DEFAULT_POLICY,
-    predictor=None,
-    placement=None,
-    profile=None,
-    prefetch_width: int | None = None,
-    prefetch_lookahead: int = 1,
-    profiles_dir: str | None = None,
-    kernel: str = "auto",
-    devices: list | None = None,
-    config: OffloadConfig | None = None,
-) -> nn.Module:
-    """Offload the routed experts of `model` (in place) and return it.
-
-    The keywords build an OffloadConfig (validated before anything changes); `config=` passes
-    one instead (then no other keyword).
-
-    budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
-    host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
-    needs `store_dir`, where the rest is written once and read back on demand.
-    policy: "next-use" (default), "lru", "lfu", "arc", or a policy instance for this model, such
-    as NextUsePolicy.fitted(trace) on a trace of the user's task (one instance per wrap: it
-    keeps state).
-    predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
-    after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
-    the next `prefetch_lookahead` layers are prefetched.
-    kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
-    SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
-    placement: a plan from `moe-runtime place` (path or dict). A multi-GPU plan keeps every
-    expert resident on its device (cuda:0 .. cuda:G-1, or `devices`), `budget` being each
-    device's expert memory, and runs each (token, expert) pair there. A tiering plan: pinned
-    experts are loaded up front and never evicted; host-tier experts leave the slot pool after
-    their layer; when the plan has a disk tier, host RAM holds exactly its dynamic and host
-    experts (host_budget defaults to that; store_dir is needed) and the rest is read from disk
-    on a miss; a store written to `store_dir` puts each layer's experts in the plan's disk order.
-    profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
-    ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
-    one of `profiles_dir`'s profiles from the first request's routing.
-    """
-    config = config_from(config, dict(
-        budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
-        placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
-        profiles_dir=profiles_dir, kernel=kernel, devices=devices,
-    ))
-    if hasattr(model, RUNTIME_ATTR):
-        raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
-    if config.dtype is not None:
-        raise ValueError("wrap keeps the model's dtype; cast the model before wrapping (dtype is a from_pretrained option)")
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    config = config.with_device(resolve_device(config.device))
-    device = config.device
-    home = next(model.parameters()).device
-    fused = [_fused_params(block) for block in blocks]
-    if any(t.is_meta for layer in fused for t in layer.values()):
-        raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
-    plan = checked_placement(config.placement, blocks)
-    if plan is not None and plan["kind"] == "multi_gpu":
-        unused = {"host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile}
-        if any(value is not None for value in unused.values()):
-            raise ValueError(
-                f"a multi-GPU plan keeps every expert resident on its device: {', '.join(k for k, v in unused.items() if v is not None)} "
-                "do not apply to it; drop them, or use a tiering plan"
-            )
-        from .multi_device import MultiDeviceRuntime
-
-        MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, config.devices), config.budget).install(model, RUNTIME_ATTR)
-        return model
-    source, spilled = _host_source(
-        blocks, fused, config.host_budget, config.store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
-    )
-    runtime = build_runtime(model, adapter, blocks, source, plan, config, home_device=home)
-    runtime.install(model)
-    if spilled:  # only now, with the runtime running from the store: free the RAM copies
-        for block in blocks:
-            for name in block.expert_shapes():
-                block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
-    return model
-
-
-def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *, home_device: torch.device) -> Runtime:
-    """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask, pinned and
-    transient experts resolved from the config's predictor, profile and placement `plan`."""
-    forecaster = live_forecaster(config.predictor, model, blocks)
-    mask = router_mask(config.profile, config.profiles_dir, model, adapter, blocks)
-    experts = blocks[0].num_experts
-    runtime = Runtime(
-        model, adapter, blocks, source, config, home_device=home_device, forecaster=forecaster, mask=mask,
-        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"),
-    )
-    if plan is not None and plan["kind"] == "tiering":
-        from .placement import tier_counts
-
-        runtime.stats.info["placement_tiers"] = tier_counts(plan)
-    return runtime
-
-
-def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):
-    """A RouterMask for `profile` (a path, a PruningProfile, or "auto" with `profiles_dir`)."""
-    if profile is None:
-        return None
-    from .pruning import PruningProfile, RouterMask, load_profile, load_profiles
-
-    shape = (len(blocks), blocks[0].num_experts, blocks[0].top_k, model.config.model_type)
-    if profile == "auto":
-        if profiles_dir is None:
-            raise ValueError("profile='auto' needs profiles_dir=... holding the candidate profiles")
-        candidates = load_profiles(profiles_dir)
-        for candidate in candidates:
-            candidate.check_shape(*shape)
-        return RouterMask(adapter, blocks, None, candidates)
-    profile = profile if isinstance(profile, PruningProfile) else load_profile(profile)
-    profile.check_shape(*shape)
-    return RouterMask(adapter, blocks, profile)
-
-
-def live_forecaster(predictor, model: nn.Module, blocks: list[MoEBlock]):
-    """A LiveForecaster for `predictor`: a kind name, a fitted predictor file, or an instance."""
-    if predictor is None:
-        return None
-    from .predictor import CrossLayerGatePredictor, LiveForecaster, predictor_from
-
-    if predictor == CrossLayerGatePredictor.name:
-        instance = CrossLayerGatePredictor(model)
-    else:
-        instance, fitted = predictor_from(predictor)
-        if not fitted:
-            raise ValueError(
-                f"the {instance.name} predictor must be fitted on traces of this model first: "
-                f"moe-runtime predictor fit TRACE --kind {instance.name} --out P.npz, then predictor='P.npz' "
-                "(or predictor='cross-layer-gate', which needs no fitting)"
-            )
-    return LiveForecaster(instance, len(blocks), blocks[0].num_experts)
-
-
-def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
-    return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
-
-
-def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None, ram=None) -> tuple[ExpertSource, bool]:
-    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier
-    (holding exactly a placement plan's RAM set `ram`, when the plan has a disk tier).
-
-    Returns (source, spilled): when spilled, the experts are on disk and the caller frees the
-    RAM copies once the runtime is installed (a refused wrap must leave the model whole).
-    """
-    shapes = blocks[0].expert_shapes()
-    for block in blocks[1:]:
-        if block.expert_shapes() != shapes:
-            raise ValueError(f"MoE layer {block.moe_index} has expert shapes {block.expert_shapes()} != {shapes}: one slot pool cannot hold both")
-    dtype = next(iter(fused[0].values())).dtype
-    per_expert = expert_nbytes(shapes, dtype)
-    total = per_expert * sum(block.num_experts for block in blocks)
-    host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
-    host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
-    if host_bytes >= total:
-        for block, layer in zip(blocks, fused):
-            for name, tensor in layer.items():
-                if tensor.device.type != "cpu" or (pin and not tensor.is_pinned()):
-                    layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
-                    getattr(block.experts, name).data = layer[name]
-        return RamSource(fused), False
-    if store_dir is None and host_budget is None:
-        raise ValueError(
-            f"the placement plan keeps {total // per_expert - len(ram)} experts off host RAM (its disk and pinned tiers): "
-            "pass store_dir=... for the store they are read from, or host_budget=1.0 to hold every expert in RAM"
-        )
-    if store_dir is None:
-        raise ValueError(
-            f"host_budget {host_budget!r} ({format_bytes(host_bytes)}) is less than the experts' {format_bytes(total)}: "
-            "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
-        )
-    store = ConvertedStore.write(
-        store_dir, shapes, dtype, len(blocks), blocks[0].num_experts,
-        lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}, order=order,
-    )
-    return HostTier(store, shapes, dtype, host_bytes, pin=pin, keep=ram), True
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Put the original expert modules (with their weights) back and stop the runtime."""
-    runtime_of(model).remove(model)
-    return model
-
-
-def stats(model: nn.Module) -> dict:
-    """Hit/miss/load/prefetch/stall counters in total and per layer, plus what ran (a consistent
-    snapshot: taken between MoE layers, never in the middle of one)."""
-    runtime = runtime_of(model)
-    with _lock_of(runtime):
-        out = {**runtime.stats.as_dict(), **runtime.profile_info()}
-        policy = getattr(getattr(runtime, "cache", None), "policy", None)
-        if hasattr(policy, "leader_name"):  # the adaptive default: which candidate evicts now
-            out["policy_leader"], out["policy_switches"] = policy.leader_name, policy.switches
-        return out
-
-
-def reset_stats(model: nn.Module) -> None:
-    runtime = runtime_of(model)
-    with _lock_of(runtime):
-        runtime.stats.reset()
-
-
-def _lock_of(runtime) -> contextlib.AbstractContextManager:
-    """The runtime's layer lock (the multi-GPU executor keeps every expert resident and has none)."""
-    return getattr(runtime, "lock", None) or contextlib.nullcontext()

@@ -16,7 +16,7 @@ from .affinity import RoutingStatistics, cut_fraction, routing_statistics
 from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
 from .plan import check_plan_shape, load_plan, save_plan, tier_counts, validate_plan
-from .tier_choice import ALL_DYNAMIC, PLAN, cross_validated_choice
+from .tier_choice import ALL_DYNAMIC, cross_validated_choice
 from .tier_replay import BASELINES, baseline_tiers, compare_tiers, replay_tiers
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
 

@@ -13,7 +13,7 @@ from moe_runtime.loader import Loader
 from moe_runtime.policies import LRUPolicy
 from moe_runtime.pool import SlotPool
 from moe_runtime.stats import RuntimeStats
-from moe_runtime.store import RamSource
+from moe_runtime.host_tier import RamSource
 from moe_runtime.tiny_models import tiny_model
 
 E = 6

@@ -14,7 +14,8 @@ import torch
 import moe_runtime
 from moe_runtime.placement import load_plan, order_experts, place_disk_layout, place_tiering, routing_statistics, runs_per_read, TierCosts
 from moe_runtime.placement.layout import path_weight
-from moe_runtime.store import ConvertedStore, HostTier
+from moe_runtime.disk_store import ConvertedStore
+from moe_runtime.host_tier import HostTier
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.trace import Trace, load_trace
 

@@ -15,7 +15,7 @@ from moe_runtime.policies import POLICIES, make_policy
 from moe_runtime.pool import SlotPool
 from moe_runtime.simulator import Prefetch, TimingModel, replay
 from moe_runtime.stats import RuntimeStats
-from moe_runtime.store import RamSource
+from moe_runtime.host_tier import RamSource
 from moe_runtime.trace import Trace
 
 

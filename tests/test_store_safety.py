@@ -8,7 +8,6 @@ the middle of swapping an older store out), so each point is hit every time.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ KILLER = textwrap.dedent(
     import os, signal, sys
     import safetensors.torch
     import moe_runtime
-    from moe_runtime import store
+    from moe_runtime import disk_store
 
     checkpoint, store_dir, point, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     calls = {"n": 0}
@@ -43,7 +42,7 @@ KILLER = textwrap.dedent(
         return wrapped
 
     if point == "layer-file":
-        store.save_file = kill_after(safetensors.torch.save_file)
+        disk_store.save_file = kill_after(safetensors.torch.save_file)
     elif point == "swap":
         import moe_runtime.atomic as atomic
         atomic.os.replace = kill_after(os.replace)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..atomic import check_replaceable, check_writable
-from ..store import ConvertedStore
+from ..disk_store import ConvertedStore
 from . import bench_cmd, demo, generate, inspect_cmds, place_cmd, predictor_cmds, profile_cmds, trace_cmds
 
 COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, bench_cmd, predictor_cmds, place_cmd, profile_cmds, demo)

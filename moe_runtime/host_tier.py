@@ -1,0 +1,206 @@
+"""Host-side access to cold experts: all of them in RAM, or a bounded RAM tier in front of a disk store.
+
+disk store (disk_store.py) -> host tier (RAM, bounded by host_budget, LRU; pinned when the device
+is CUDA) -> borrowed host tensors -> copied into a device slot by the loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .disk_store import DiskStore
+from .expert_tensors import ExpertTensors, Shapes, allocate_expert, expert_nbytes
+
+
+class ExpertSource(ABC):
+    """Host-side access to every expert: borrow its host tensors for the time of one copy."""
+
+    shapes: Shapes
+    dtype: torch.dtype
+
+    @abstractmethod
+    def borrow(self, layer: int, expert: int) -> contextlib.AbstractContextManager[ExpertTensors]:
+        """Host tensors of the expert, valid until the context exits."""
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """`experts` grouped so that each group is best fetched together (`borrow_run`)."""
+        return [[expert] for expert in experts]
+
+    @contextlib.contextmanager
+    def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
+        """Host tensors of a group of `runs()`, valid until the context exits."""
+        with contextlib.ExitStack() as stack:
+            yield [stack.enter_context(self.borrow(layer, expert)) for expert in experts]
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class RamSource(ExpertSource):
+    """All experts in host RAM: the fused parameters of the model itself (pinned on CUDA)."""
+
+    def __init__(self, fused: list[dict[str, torch.Tensor]]):
+        self.fused = fused  # per layer: {name: [E, ...] CPU tensor}
+        first = fused[0]
+        self.shapes = {name: tuple(t.shape[1:]) for name, t in first.items()}
+        self.dtype = next(iter(first.values())).dtype
+
+    @contextlib.contextmanager
+    def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
+        yield {name: tensor[expert] for name, tensor in self.fused[layer].items()}
+
+
+class HostTier(ExpertSource):
+    """A bounded RAM cache of experts in front of a disk store (LRU; thread-safe).
+
+    Host buffers are recycled: an evicted entry's tensors receive the next expert read, so
+    pinned memory is allocated once. A borrowed entry is never evicted while borrowed. When
+    every entry is borrowed (or the capacity holds none), a read goes to a temporary buffer.
+    keep: the (layer, expert) pairs a placement plan holds in RAM; then exactly those stay once
+    read, never evicted, and every other expert is read from disk into a temporary buffer.
+    """
+
+    def __init__(
+        self, disk: DiskStore, shapes: Shapes, dtype: torch.dtype, capacity_bytes: int, *, pin: bool,
+        keep: frozenset[tuple[int, int]] | None = None,
+    ):
+        self.disk = disk
+        self.shapes = shapes
+        self.dtype = dtype
+        self.pin = pin
+        self.capacity = max(0, capacity_bytes // expert_nbytes(shapes, dtype))
+        if keep is not None and len(keep) > self.capacity:
+            raise ValueError(f"the host tier holds {self.capacity} experts, fewer than the {len(keep)} it must keep")
+        self.keep = keep
+        self._entries: OrderedDict[tuple[int, int], ExpertTensors] = OrderedDict()
+        self._borrowed: dict[tuple[int, int], int] = {}
+        self._reading: dict[tuple[int, int], threading.Event] = {}
+        self._spare: list[ExpertTensors] = []
+        self._lock = threading.Lock()
+        self.disk_reads = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.contextmanager
+    def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
+        with self.borrow_run(layer, [expert]) as (tensors,):
+            yield tensors
+
+    def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
+        """Experts already in RAM alone; the others in the disk store's contiguous runs."""
+        with self._lock:
+            cold = [e for e in experts if (layer, e) not in self._entries and (layer, e) not in self._reading]
+        return [[e] for e in experts if e not in cold] + self.disk.runs(layer, cold)
+
+    @contextlib.contextmanager
+    def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
+        """The experts from RAM, reading those not there with one disk read per run."""
+        keys = [(layer, expert) for expert in experts]
+        held = self._read_missing(keys)
+        try:
+            for key in keys:
+                if key not in held:
+                    held[key] = self._acquire(key)
+            yield [held[key][0] for key in keys]
+        finally:
+            with self._lock:
+                for key, (tensors, retained) in held.items():
+                    self._give_back(key, tensors, retained)
+
+    def _read_missing(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[ExpertTensors, bool]]:
+        """Reserve buffers for the keys neither in RAM nor being read, and read them run by run."""
+        with self._lock:
+            missing = [key for key in keys if key not in self._entries and key not in self._reading]
+            reserved = {key: self._reserve(key) for key in missing}
+        held = {}
+        try:
+            for run in self.disk.runs(keys[0][0], [expert for _, expert in missing]):
+                run_keys = [(keys[0][0], expert) for expert in run]
+                run_reserved = {key: reserved.pop(key) for key in run_keys}
+                self._fill(run_keys, run_reserved)  # abandons its keys itself if the read fails
+                held.update(run_reserved)
+        except BaseException:
+            with self._lock:
+                for key, (tensors, retained) in held.items():
+                    self._give_back(key, tensors, retained)
+                for key, buffers_retained in reserved.items():
+                    self._abandon(key, *buffers_retained)
+            raise
+        return held
+
+    def _acquire(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
+        while True:
+            with self._lock:
+                pending = self._reading.get(key)  # checked first: a retained entry fills while listed
+                if pending is None and key in self._entries:
+                    self._entries.move_to_end(key)
+                    self._borrowed[key] = self._borrowed.get(key, 0) + 1
+                    return self._entries[key], True
+                if pending is None:
+                    held = {key: self._reserve(key)}
+                    break
+            pending.wait()  # another thread is reading this expert: use its result
+        self._fill([key], held)
+        return held[key]
+
+    def _reserve(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
+        """Buffers for a key about to be read (under the lock); others wait for the read."""
+        self._reading[key] = threading.Event()
+        return self._buffers_for(key)
+
+    def _fill(self, keys: list[tuple[int, int]], held: dict) -> None:
+        """Read reserved `keys` (one layer, a run on disk) and release their waiters."""
+        try:
+            self.disk.read_run(keys[0][0], [expert for _, expert in keys], [held[key][0] for key in keys])
+        except BaseException:
+            with self._lock:
+                for key in keys:
+                    self._abandon(key, *held.pop(key))
+            raise
+        with self._lock:
+            self.disk_reads += len(keys)
+            for key in keys:
+                self._reading.pop(key).set()
+
+    def _abandon(self, key: tuple[int, int], buffers: ExpertTensors, retained: bool) -> None:
+        """Undo a reservation whose read failed or never ran (under the lock)."""
+        if retained:
+            del self._entries[key]
+            self._borrowed.pop(key, None)
+        self._spare.append(buffers)
+        self._reading.pop(key).set()
+
+    def _give_back(self, key: tuple[int, int], tensors: ExpertTensors, retained: bool) -> None:
+        """End one borrow (under the lock): a retained entry becomes evictable when unborrowed."""
+        if retained:
+            self._borrowed[key] -= 1
+            if not self._borrowed[key]:
+                del self._borrowed[key]
+        else:
+            self._spare.append(tensors)
+
+    def _buffers_for(self, key: tuple[int, int]) -> tuple[ExpertTensors, bool]:
+        """Buffers for a new entry (called under the lock); retained=False means temporary."""
+        if self.keep is not None:
+            retained = key in self.keep
+        else:
+            if len(self._entries) >= self.capacity:
+                victim = next((k for k in self._entries if k not in self._borrowed), None)
+                if victim is not None:
+                    self._spare.append(self._entries.pop(victim))
+            retained = len(self._entries) < self.capacity
+        buffers = self._spare.pop() if self._spare else allocate_expert(self.shapes, self.dtype, pin=self.pin)
+        if retained:
+            self._entries[key] = buffers
+            self._borrowed[key] = 1
+        return buffers, retained
+
+    def close(self) -> None:
+        self.disk.close()
