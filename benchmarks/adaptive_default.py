@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
 from moe_runtime.belady import belady_misses, layer_keys
 from moe_runtime.policies import DEFAULT_POLICY, make_policy
 from moe_runtime.simulator import replay
@@ -69,7 +70,7 @@ def plot(rows: list[dict], path: str) -> None:
         axis.set_xlabel("loads per token / LRU's")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
-    figure.savefig(path, dpi=120)
+    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
     plt.close(figure)
 
 
@@ -78,6 +79,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
     args = parser.parse_args()
+    for output in (args.json, args.plot):  # before minutes of replays, not after
+        if output:
+            check_writable(output)
     rows = []
     jobs = [(name, trace, budget) for name, trace in workloads().items() for budget in BUDGETS]
     for name, trace, budget in tqdm(jobs, desc="replays", unit="run"):
@@ -90,7 +94,7 @@ def main() -> None:
         cells = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, extra)
         print(f"{row['trace']:<20} {row['budget']:>6.2f} {cells[0]:>8.3f} {cells[1]:>9.3f} {cells[2]:>8.3f} {cells[3]:>8.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_text_atomically(args.json, json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}")

@@ -17,6 +17,7 @@ import time
 import torch
 
 import moe_runtime
+from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.embedded import embedded_model_dir
 
 NEW_TOKENS = 32
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25, help="share of the experts in the slot pool")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    if args.json:
+        check_writable(args.json)
     model = moe_runtime.from_pretrained(embedded_model_dir(), budget=args.budget, device="cpu")
     inputs = prompts(args.requests)
     generate_all(model, inputs[:1], 1)  # warm-up
@@ -83,8 +86,7 @@ def main() -> None:
         ratio = row["tokens_per_second"] / rows[0]["tokens_per_second"]
         print(f"{row['threads']:>8} {row['seconds']:>9.2f} {row['tokens_per_second']:>8.1f} {ratio:>6.2f} {row['hit_rate']:>9.3f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=1)
+        write_text_atomically(args.json, json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

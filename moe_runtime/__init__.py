@@ -7,12 +7,12 @@
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
-from .loading import from_pretrained
+from .assembly import reset_stats, runtime_of, stats, unwrap, wrap
 from .config import OffloadConfig
 from .errors import InvalidFileError, OutputPathError
+from .loading import from_pretrained
 from .recording import record_trace
 from .routing_replay import replay_routing
-from .assembly import reset_stats, runtime_of, stats, unwrap, wrap
 from .trace import Trace, load_trace, load_traces, merge_traces
 
 __version__ = "0.1.0"

@@ -15,11 +15,11 @@ from torch import nn
 from .adapters import MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, format_bytes, parse_budget
 from .config import OffloadConfig, config_from
-from .policies import DEFAULT_POLICY, EvictionPolicy
-from .runtime import RUNTIME_ATTR, Runtime
 from .disk_store import ConvertedStore
 from .expert_tensors import expert_nbytes
 from .host_tier import ExpertSource, HostTier, RamSource
+from .policies import DEFAULT_POLICY, EvictionPolicy
+from .runtime import RUNTIME_ATTR, Runtime
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

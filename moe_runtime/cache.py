@@ -53,7 +53,6 @@ class SlotCache:
         )
 
     # ------------------------------------------------------------------ views of the core
-    num_slots = property(lambda self: self.core.num_slots)
     policy = property(lambda self: self.core.policy)
     pinned = property(lambda self: self.core.pinned)
     transient = property(lambda self: self.core.transient)
@@ -61,7 +60,6 @@ class SlotCache:
     key_of = property(lambda self: self.core.key_of)
     free = property(lambda self: self.core.free)
     in_use = property(lambda self: self.core.protected)
-    prefetched = property(lambda self: self.core.prefetched)
 
     def resident(self, layer: int) -> list[int]:
         return self.core.resident(layer)

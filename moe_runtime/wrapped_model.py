@@ -69,18 +69,20 @@ def save_offloaded(model: nn.Module, runtime, directory: str | os.PathLike, **op
     shards = 1 + len(runtime.blocks)
     name_of = lambda index: f"model-{index + 1:05d}-of-{shards:05d}.safetensors"  # noqa: E731
     weight_map: dict[str, str] = {}
+
+    def write(staging: Path, index: int, shard: dict[str, torch.Tensor]) -> int:
+        save_file(shard, staging / name_of(index), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name_of(index)))
+        return sum(tensor.numel() * tensor.element_size() for tensor in shard.values())
+
     with staging_directory(directory, "save_pretrained folder") as staging:
         model.config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
-        shard = _non_expert_tensors(model, runtime.adapter)
-        save_file(shard, staging / name_of(0), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name_of(0)))
-        for layer, block in enumerate(runtime.blocks):
-            shard = _checkpoint_tensors(runtime.adapter, block, experts_state(runtime, layer))
-            save_file(shard, staging / name_of(layer + 1), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name_of(layer + 1)))
-        index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
+        total_bytes = write(staging, 0, _non_expert_tensors(model, runtime.adapter))
+        for layer, block in enumerate(runtime.blocks):  # one layer's experts in RAM at a time
+            total_bytes += write(staging, layer + 1, _checkpoint_tensors(runtime.adapter, block, experts_state(runtime, layer)))
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return Path(directory)
 

@@ -206,7 +206,6 @@ def test_plan_reader_survives_fuzzing(tmp_path, plan):
 def test_profile_reader_survives_fuzzing(tmp_path):
     document = json.loads(PROFILE.read_text())
     document["opening"] = document["opening"][:2]  # keeps each case small; the structure is the same
-    document["scores"] = document["scores"]
     original = json.dumps(document).encode()
     extra = json_mutations(document, np.random.default_rng(6), CASES // 2)
     outcomes = fuzz(load_profile, tmp_path / "case.json", original, extra, seed=7)
