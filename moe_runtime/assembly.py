@@ -120,6 +120,7 @@ def wrap(
     prefetch_lookahead: int = 1,
     profiles_dir: str | None = None,
     kernel: str = "auto",
+    execution: str = "auto",
     devices: list | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
@@ -139,6 +140,10 @@ def wrap(
     the next `prefetch_lookahead` layers are prefetched.
     kernel: "auto" (the Triton grouped-GEMM kernel on CUDA where the family's experts are plain
     SwiGLU, else PyTorch), "triton" (required) or "torch"; stats()["compute_calls"] says what ran.
+    execution: where experts are computed: "device" (loaded into the slot pool), "host" (on the
+    CPU where their weights lie: on a CPU device nothing is copied and no pool is allocated),
+    "hybrid" (resident experts on the device, each miss loaded or computed on the CPU by a
+    measured cost model) or "auto" ("host" on a CPU, "device" on CUDA); see execution.py.
     placement: a plan from `moe-runtime place` (path or dict). A multi-GPU plan keeps every
     expert resident on its device (cuda:0 .. cuda:G-1, or `devices`), `budget` being each
     device's expert memory, and runs each (token, expert) pair there. A tiering plan: pinned
@@ -153,7 +158,7 @@ def wrap(
     config = config_from(config, dict(
         budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
         placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
-        profiles_dir=profiles_dir, kernel=kernel, devices=devices,
+        profiles_dir=profiles_dir, kernel=kernel, execution=execution, devices=devices,
     ))
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")

@@ -77,6 +77,13 @@ class SlotCache:
 
         The experts stay protected from eviction until `release(layer)`.
         """
+        slots = self.begin_acquire(layer, experts)
+        self.finish_acquire(layer, experts)
+        return slots
+
+    def begin_acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """The slots `experts` of `layer` will be in, their loads started (not waited for): the
+        caller may work meanwhile, then calls finish_acquire. Protected until `release(layer)`."""
         counters = self.stats.layers[layer]
         accesses = self.core.acquire(layer, experts)
         keys = [access.key for access in accesses]
@@ -88,8 +95,14 @@ class SlotCache:
             self._roll_back(misses)
             self.core.protected.difference_update(keys)
             raise
-        self._wait(keys, counters)
         return [access.slot for access in accesses]
+
+    def finish_acquire(self, layer: int, experts: Sequence[int]) -> None:
+        """Block until the experts of a begin_acquire are in their slots (see `_wait`)."""
+        self._wait([self.core.key(layer, expert) for expert in experts], self.stats.layers[layer])
+
+    def loads_in_flight(self) -> int:
+        return sum(not ticket.done() for ticket in self.tickets.values())
 
     def release(self, layer: int, experts: Sequence[int], compute_done: torch.cuda.Event | None = None) -> None:
         """The layer finished with these experts; on CUDA `compute_done` guards slot reuse."""
@@ -134,16 +147,21 @@ class SlotCache:
                 del self.tickets[key]
 
     # ------------------------------------------------------------------ prefetch path
-    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
-        """Start background loads of those `experts` of `layer` that are not resident.
+    def prefetch(self, layer: int, experts: Sequence[int], *, admission: bool = False) -> int:
+        """Start background loads of those `experts` of `layer` that are not resident (forecast
+        ones, or with `admission` ones the CPU just computed).
 
         Never blocks and never evicts a protected expert; returns how many loads it issued.
         """
-        loads = [self._ticket(layer, access, prefetch=True) for access in self.core.prefetch(layer, experts)]
+        loads = [self._ticket(layer, access, prefetch=True) for access in self.core.prefetch(layer, experts, admission=admission)]
         try:
             self.loader.submit(loads)  # all or nothing
         except BaseException:
-            self.stats.layers[layer].prefetches_issued -= len(loads)
+            counters = self.stats.layers[layer]
+            if admission:
+                counters.admissions -= len(loads)
+            else:
+                counters.prefetches_issued -= len(loads)
             self._roll_back(loads)
             raise
         return len(loads)
@@ -151,7 +169,7 @@ class SlotCache:
     # ------------------------------------------------------------------ loads
     def _ticket(self, layer: int, access: Access, *, prefetch: bool) -> LoadTicket:
         """The pending load of a key the core just mapped to a slot (submitted by the caller)."""
-        self.stats.layers[layer].bytes_loaded += self.loader.pool.bytes_per_slot
+        self.stats.layers[layer].bytes_loaded += self.loader.bytes_per_load
         expert = access.key - layer * self.core.num_experts
         ticket = LoadTicket(layer, expert, access.slot, prefetch, after=self.release_events.pop(access.slot, None))
         self.tickets[access.key] = ticket
@@ -159,7 +177,7 @@ class SlotCache:
 
     def _forget(self, key: int) -> None:
         """Undo a load that failed or was never submitted."""
-        self.stats.layers[key // self.core.num_experts].bytes_loaded -= self.loader.pool.bytes_per_slot
+        self.stats.layers[key // self.core.num_experts].bytes_loaded -= self.loader.bytes_per_load
         self.core.forget([key])
 
     def _roll_back(self, tickets: list[LoadTicket]) -> None:

@@ -115,9 +115,20 @@ class CacheCore:
             raise
         return accesses
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> list[Access]:
+    def compute_elsewhere(self, layer: int, experts: Sequence[int]) -> None:
+        """`experts` of `layer` (none resident) are computed on the CPU this step: misses without
+        a load, and no slot changes (the policy saw them in start_layer)."""
+        counters = self.stats.layers[layer]
+        counters.misses += len(experts)
+        counters.host_computes += len(experts)
+
+    def prefetch(self, layer: int, experts: Sequence[int], *, admission: bool = False) -> list[Access]:
         """Map those `experts` of `layer` that are not resident to free or evicted slots, until
-        no slot can be had without waiting; the caller loads them in the background."""
+        no slot can be had without waiting; the caller loads them in the background.
+        admission: the experts were just computed on the CPU and are admitted for later steps
+        (counted as admissions, not as forecasts)."""
+        counter = "admissions" if admission else "prefetches_issued"
+        counters = self.stats.layers[layer]
         placed: list[Access] = []
         try:
             for expert in experts:
@@ -130,13 +141,17 @@ class CacheCore:
                     except NoVictimError:
                         break
                 self._place(layer, key)
-                self.prefetched.add(key)
-                self.stats.layers[layer].prefetches_issued += 1
+                self.protected.add(key)  # until the call ends: a later one of this call never evicts it
+                if not admission:
+                    self.prefetched.add(key)
+                setattr(counters, counter, getattr(counters, counter) + 1)
                 placed.append(Access(key, self.slot_of[key], False, False))
         except BaseException:
-            self.stats.layers[layer].prefetches_issued -= len(placed)
+            setattr(counters, counter, getattr(counters, counter) - len(placed))
+            self.protected.difference_update(access.key for access in placed)
             self.forget([access.key for access in placed])
             raise
+        self.protected.difference_update(access.key for access in placed)
         return placed
 
     def release(self, layer: int, experts: Sequence[int]) -> list[int]:

@@ -6,7 +6,8 @@ deterministic sum over K.
 
 Three paths: `triton` (moe_runtime.kernels.grouped_moe, plain-SwiGLU families, one wave),
 `grouped_mm` (torch.nn.functional.grouped_mm over the whole pool in place, empty groups for idle
-slots) and `loop` (one pair of GEMMs per used slot). Rows whose expert is not in
+slots) and `loop` (experts_in_place: one pair of GEMMs per used expert, read wherever its
+weights lie: a pool slot, or host RAM for in-place and host-side execution). Rows whose expert is not in
 `slot_of_expert` (-1) contribute nothing: that is how a wave computes part of a layer.
 """
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import ExpertLayout
+from .expert_tensors import ExpertTensors
 from .pool import SlotPool
 
 GROUPED_MM, LOOP, TRITON = "grouped_mm", "loop", "triton"
@@ -95,6 +97,10 @@ def experts_from_slots(
             backend="triton", check_values=False,
         )
         return out.to(hidden.dtype)
+    if path == LOOP:
+        used = torch.nonzero(slot_of_expert >= 0).squeeze(1).tolist()
+        slots = slot_of_expert[used].tolist()
+        return experts_in_place(hidden, top_k_index, top_k_weights, {e: pool.view(s) for e, s in zip(used, slots)}, layout, apply_gate)
     num_tokens, top_k = top_k_index.shape
     flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K]
     rows = torch.nonzero(flat_slots >= 0).squeeze(1)
@@ -105,17 +111,12 @@ def experts_from_slots(
     down = pool.tensors["down_proj"]
     if not layout.is_transposed:  # stored [S, out, in]: GEMMs need [S, in, out]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    if path == GROUPED_MM:
-        offsets = torch.bincount(slots, minlength=pool.num_slots).cumsum(0).to(torch.int32)
-        project = lambda inputs, weight: F.grouped_mm(inputs, weight, offs=offsets)  # noqa: E731
-    else:
-        used, counts = (t.tolist() for t in torch.unique_consecutive(slots, return_counts=True))
-        project = lambda inputs, weight: _per_slot(inputs, weight, used, counts)  # noqa: E731
-    h = project(x, gate_up)  # [N, 2I]
+    offsets = torch.bincount(slots, minlength=pool.num_slots).cumsum(0).to(torch.int32)
+    h = F.grouped_mm(x, gate_up, offs=offsets)  # [N, 2I]
     if layout.has_bias:
         h = h + pool.tensors["gate_up_proj_bias"][slots]
     h = apply_gate(h)  # [N, I]
-    y = project(h, down)  # [N, H]
+    y = F.grouped_mm(h, down, offs=offsets)  # [N, H]
     if layout.has_bias:
         y = y + pool.tensors["down_proj_bias"][slots]
     y = y * top_k_weights.reshape(-1)[order, None]
@@ -124,11 +125,47 @@ def experts_from_slots(
     return contributions.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def _per_slot(inputs: torch.Tensor, weight: torch.Tensor, used: list[int], counts: list[int]) -> torch.Tensor:
-    """The loop path: inputs [N, in] grouped by slot (`used` slots, `counts` rows each),
-    weight [S, in, out] -> [N, out]."""
-    outputs, start = [], 0
-    for slot, count in zip(used, counts):
-        outputs.append(inputs[start : start + count] @ weight[slot])
-        start += count
-    return torch.cat(outputs)
+def experts_in_place(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    weights: dict[int, ExpertTensors],
+    layout: ExpertLayout,
+    apply_gate: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """out [T, H] = sum_k w[t, k] * expert_{e[t, k]}(x_t) over the (t, k) whose expert is in `weights`.
+
+    weights: {expert id: its tensors}, wherever they lie (a pool slot, host RAM): each expert's
+    GEMMs read them in place, one expert at a time, touching only the experts a token uses.
+    A decode step (T = 1) takes its K rows straight from the router's choice; a prefill
+    groups the (t, k) rows of each expert with one comparison per expert.
+    """
+    num_tokens, top_k = top_k_index.shape
+    contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])  # summed over K at the end: deterministic
+    flat_weights = top_k_weights.reshape(-1)
+    if num_tokens == 1:
+        for row, expert in enumerate(top_k_index[0].tolist()):
+            tensors = weights.get(expert)
+            if tensors is not None:
+                y = one_expert(hidden.to(tensors["down_proj"].dtype), tensors, layout, apply_gate)
+                contributions[row] = (y[0] * flat_weights[row]).to(hidden.dtype)
+        return contributions.view(num_tokens, top_k, -1).sum(dim=1)
+    flat = top_k_index.reshape(-1)
+    for expert, tensors in weights.items():
+        rows = torch.nonzero(flat == expert).squeeze(1)  # (t * K + k) rows routed to this expert
+        if rows.numel():
+            y = one_expert(hidden[rows // top_k].to(tensors["down_proj"].dtype), tensors, layout, apply_gate)
+            contributions[rows] = (y * flat_weights[rows, None]).to(hidden.dtype)
+    return contributions.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def one_expert(x: torch.Tensor, tensors: ExpertTensors, layout: ExpertLayout, apply_gate) -> torch.Tensor:
+    """[N, H] -> [N, H] through one expert: gate_up GEMM (+bias), the family's gate, down GEMM (+bias)."""
+    project = torch.matmul if layout.is_transposed else F.linear  # stored [in, out] or [out, in]
+    h = project(x, tensors["gate_up_proj"])
+    if layout.has_bias:
+        h = h + tensors["gate_up_proj_bias"]
+    y = project(apply_gate(h), tensors["down_proj"])
+    if layout.has_bias:
+        y = y + tensors["down_proj_bias"]
+    return y

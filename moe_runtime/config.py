@@ -15,6 +15,7 @@ import torch
 
 from .budget import Budget
 from .compute import KERNELS
+from .execution import EXECUTIONS
 from .policies import DEFAULT_POLICY, POLICIES, EvictionPolicy
 
 
@@ -35,6 +36,7 @@ class OffloadConfig:
     prefetch_width: int | None = None  # default: top-k
     prefetch_lookahead: int = 1
     kernel: str = "auto"
+    execution: str = "auto"  # where experts are computed: "auto", "device", "host" or "hybrid" (execution.py)
     devices: tuple | None = None  # multi-GPU plans: the devices, in plan order
 
     def __post_init__(self) -> None:
@@ -46,6 +48,8 @@ class OffloadConfig:
             raise TypeError(f"OffloadConfig.policy must be a policy name or an EvictionPolicy, got {type(self.policy).__name__}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {self.execution!r}")
         if self.prefetch_width is not None and (not isinstance(self.prefetch_width, int) or self.prefetch_width < 1):
             raise ValueError(f"prefetch_width must be a positive int (experts per layer) or None for top-k, got {self.prefetch_width!r}")
         if not isinstance(self.prefetch_lookahead, int) or self.prefetch_lookahead < 1:

@@ -1,42 +1,62 @@
 """Host-side access to cold experts: all of them in RAM, or a bounded RAM tier in front of a disk store.
 
 disk store (disk_store.py) -> host tier (RAM, bounded by host_budget, LRU; pinned when the device
-is CUDA) -> borrowed host tensors -> copied into a device slot by the loader.
+is CUDA) -> held host tensors -> copied into a device slot by the loader, or (in-place execution,
+host_slots.py) computed where they lie for as long as a slot holds them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .disk_store import DiskStore
 from .expert_tensors import ExpertTensors, Shapes, allocate_expert, expert_nbytes
 
+Held = tuple[ExpertTensors, Callable[[], None]]  # an expert's host tensors and how to let go of them
+
+
+def _nothing() -> None:
+    pass
+
 
 class ExpertSource(ABC):
-    """Host-side access to every expert: borrow its host tensors for the time of one copy."""
+    """Host-side access to every expert: hold its host tensors for as long as a copy or an
+    in-place computation needs them."""
 
     shapes: Shapes
     dtype: torch.dtype
+    instant = False  # True when holding an expert never reads anything (all of them in RAM)
 
     @abstractmethod
-    def borrow(self, layer: int, expert: int) -> contextlib.AbstractContextManager[ExpertTensors]:
-        """Host tensors of the expert, valid until the context exits."""
+    def hold_run(self, layer: int, experts: Sequence[int]) -> list[Held]:
+        """(host tensors, release) of each of `experts` (a group of `runs()`): the tensors stay
+        valid until their release() is called; all or nothing (a failure releases what it held)."""
 
     def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
-        """`experts` grouped so that each group is best fetched together (`borrow_run`)."""
+        """`experts` grouped so that each group is best fetched together (`hold_run`)."""
         return [[expert] for expert in experts]
 
     @contextlib.contextmanager
     def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
         """Host tensors of a group of `runs()`, valid until the context exits."""
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(self.borrow(layer, expert)) for expert in experts]
+        held = self.hold_run(layer, experts)
+        try:
+            yield [tensors for tensors, _ in held]
+        finally:
+            for _, release in held:
+                release()
+
+    @contextlib.contextmanager
+    def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
+        with self.borrow_run(layer, [expert]) as (tensors,):
+            yield tensors
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -51,9 +71,11 @@ class RamSource(ExpertSource):
         self.shapes = {name: tuple(t.shape[1:]) for name, t in first.items()}
         self.dtype = next(iter(first.values())).dtype
 
-    @contextlib.contextmanager
-    def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
-        yield {name: tensor[expert] for name, tensor in self.fused[layer].items()}
+    instant = True
+
+    def hold_run(self, layer: int, experts: Sequence[int]) -> list[Held]:
+        fused = self.fused[layer]
+        return [({name: tensor[expert] for name, tensor in fused.items()}, _nothing) for expert in experts]
 
 
 class HostTier(ExpertSource):
@@ -88,31 +110,31 @@ class HostTier(ExpertSource):
     def __len__(self) -> int:
         return len(self._entries)
 
-    @contextlib.contextmanager
-    def borrow(self, layer: int, expert: int) -> Iterator[ExpertTensors]:
-        with self.borrow_run(layer, [expert]) as (tensors,):
-            yield tensors
-
     def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
         """Experts already in RAM alone; the others in the disk store's contiguous runs."""
         with self._lock:
             cold = [e for e in experts if (layer, e) not in self._entries and (layer, e) not in self._reading]
         return [[e] for e in experts if e not in cold] + self.disk.runs(layer, cold)
 
-    @contextlib.contextmanager
-    def borrow_run(self, layer: int, experts: Sequence[int]) -> Iterator[list[ExpertTensors]]:
-        """The experts from RAM, reading those not there with one disk read per run."""
+    def hold_run(self, layer: int, experts: Sequence[int]) -> list[Held]:
+        """The experts from RAM, reading those not there with one disk read per run. A held
+        entry is never evicted; a read that found the tier full went to a buffer of its own."""
         keys = [(layer, expert) for expert in experts]
         held = self._read_missing(keys)
         try:
             for key in keys:
                 if key not in held:
                     held[key] = self._acquire(key)
-            yield [held[key][0] for key in keys]
-        finally:
+        except BaseException:
             with self._lock:
                 for key, (tensors, retained) in held.items():
                     self._give_back(key, tensors, retained)
+            raise
+        return [(held[key][0], functools.partial(self._let_go, key, *held[key])) for key in keys]
+
+    def _let_go(self, key: tuple[int, int], tensors: ExpertTensors, retained: bool) -> None:
+        with self._lock:
+            self._give_back(key, tensors, retained)
 
     def _read_missing(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[ExpertTensors, bool]]:
         """Reserve buffers for the keys neither in RAM nor being read, and read them run by run."""

@@ -7,6 +7,11 @@ dedicated copy stream from pinned host memory, first waiting for the compute str
 with the slot's previous expert, and records one event per load; the worker waits for that
 event before it hands the host buffer back, so a finished ticket means the slot is complete and
 the compute stream never waits for anything but the experts it needs.
+
+With a HostSlots table (in-place execution on the CPU) nothing is copied: a load holds the
+expert's host tensors (reading it from disk straight into its buffer if it is not in RAM) and
+hands them to the slot. When the source has every expert in RAM (`instant`), that is a pointer
+move, done on the caller's thread: no queue, no thread switch.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pool import SlotPool
+from .host_slots import HostSlots
 from .host_tier import ExpertSource
+from .pool import SlotPool
 
 MISS, PREFETCH = 0, 1  # queue priorities: lower runs first
 
@@ -55,13 +61,19 @@ class LoadTicket:
 
 
 class Loader:
-    def __init__(self, source: ExpertSource, pool: SlotPool, *, workers: int = 2):
+    def __init__(self, source: ExpertSource, pool: SlotPool | HostSlots, *, workers: int = 2):
         self.source = source
         self.pool = pool
+        self.in_place = isinstance(pool, HostSlots)
+        self.inline = self.in_place and source.instant  # nothing to wait for: load on the caller's thread
+        # What a load moves: a copy into a slot; in place, a read into RAM (at most: the host tier
+        # may hold it already); nothing at all when every expert is in RAM.
+        self.bytes_per_load = 0 if self.inline else pool.bytes_per_slot
         self.cuda = pool.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._sequence = itertools.count()
+        workers = 0 if self.inline else workers
         self._threads = [threading.Thread(target=self._work, name=f"moe-loader-{i}", daemon=True) for i in range(workers)]
         for thread in self._threads:
             thread.start()
@@ -75,6 +87,10 @@ class Loader:
         # Nothing below raises: either every ticket is queued or (above) none is.
         for ticket in tickets:
             ticket.submitted = True
+        if self.inline:
+            for group in groups:
+                self._run(group)
+            return
         for group in groups:
             priority = PREFETCH if all(ticket.prefetch for ticket in group) else MISS
             self._queue.put((priority, next(self._sequence), group))
@@ -84,14 +100,24 @@ class Loader:
             _, _, group = self._queue.get()
             if group is None:
                 return
-            try:
-                self._copy(group)
-            except BaseException as error:  # handed to the waiting forward, which raises it
-                for ticket in group:
-                    ticket.error = error
-            finally:
-                for ticket in group:
-                    ticket._done.set()
+            self._run(group)
+
+    def _run(self, group: list[LoadTicket]) -> None:
+        """Load one group; its tickets finish either way (a failure is raised by their wait)."""
+        try:
+            self._hold(group) if self.in_place else self._copy(group)
+        except BaseException as error:  # handed to the waiting forward, which raises it
+            for ticket in group:
+                ticket.error = error
+        finally:
+            for ticket in group:
+                ticket._done.set()
+
+    def _hold(self, group: list[LoadTicket]) -> None:
+        """In place: the slots hold the experts' host tensors (nothing copied)."""
+        held = self.source.hold_run(group[0].layer, [ticket.expert for ticket in group])
+        for ticket, (tensors, release) in zip(group, held):
+            self.pool.assign(ticket.slot, tensors, release)
 
     def _copy(self, group: list[LoadTicket]) -> None:
         with self.source.borrow_run(group[0].layer, [ticket.expert for ticket in group]) as hosts:
@@ -115,3 +141,5 @@ class Loader:
             self._queue.put((-1, next(self._sequence), None))
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.in_place:
+            self.pool.release_all()

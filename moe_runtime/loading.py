@@ -44,6 +44,7 @@ def from_pretrained(
     prefetch_lookahead: int = 1,
     profiles_dir: str | os.PathLike | None = None,
     kernel: str = "auto",
+    execution: str = "auto",
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
@@ -51,13 +52,13 @@ def from_pretrained(
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, placement, profile, profiles_dir, kernel: as for `wrap`. The keywords
+    prefetch_lookahead, placement, profile, profiles_dir, kernel, execution: as for `wrap`. The keywords
     build an OffloadConfig; `config=` passes one instead.
     """
     offload = config_from(config, dict(
         budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
-        prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel,
+        prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution,
     ))
     checkpoint = CheckpointDir(path)
     if offload.store_dir is not None:

@@ -8,8 +8,10 @@ grouped GEMM from the slots -> release -> [prefetches for the next layers] -> ou
 from __future__ import annotations
 
 import threading
+from collections import Counter
 import time
 import weakref
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -18,8 +20,10 @@ from torch import nn
 from .adapters import ExpertLayout, MoEAdapter, MoEBlock
 from .budget import slots_for_budget
 from .cache import SlotCache
-from .compute import TRITON, choose_kernel_path, choose_path, experts_from_slots
+from .compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from .config import OffloadConfig
+from .execution import HOST, HYBRID, measure_costs, resolve_execution
+from .host_slots import HostSlots
 from .loader import Loader
 from .offloaded import OffloadedExperts
 from . import wrapped_model
@@ -76,9 +80,12 @@ class Runtime:
                 f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
                 f"short by {len(pinned) + self.top_k - self.num_slots} slots (pinned + top-k must fit)"
             )
-        self.compute_path = choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
+        self.execution = resolve_execution(config.execution, device, config.kernel)
+        in_place = self.execution == HOST
+        self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
-        self.pool = SlotPool(source.shapes, source.dtype, self.num_slots, device)
+        self.pool = HostSlots(source.shapes, source.dtype, self.num_slots) if in_place else SlotPool(source.shapes, source.dtype, self.num_slots, device)
+        self.costs = measure_costs(source, self.pool, self.layout, self.gates[0]) if self.execution == HYBRID else None
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
         self.cache = SlotCache(
@@ -89,6 +96,8 @@ class Runtime:
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
         self.stats.info = {
+            "execution": self.execution,
+            "hybrid_costs_ms": None if self.costs is None else asdict(self.costs),
             "compute_path": self.compute_path,
             "device": str(device),
             "num_slots": self.num_slots,
@@ -116,30 +125,72 @@ class Runtime:
     def _run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # The layer's distinct experts in the router's order (a decode step: highest weight first),
         # the order the simulator replays a trace in. tolist() is this layer's one host sync.
-        needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
+        routed = top_k_index.flatten().tolist()
+        needed = list(dict.fromkeys(routed))
         self.cache.start_layer(layer, needed)
         if self.forecaster is not None:
             self.forecaster.observe(layer, top_k_index, top_k_weights, hidden)
-        waves = self._waves(layer, needed)
-        self.stats.layers[layer].waves += len(waves) - 1
+        on_host = self._host_share(layer, needed, routed) if self.costs is not None else []
+        on_device = [e for e in needed if e not in on_host] if on_host else needed
+        waves = self._waves(layer, on_device)
+        self.stats.layers[layer].waves += max(0, len(waves) - 1)
         out = None
         for number, wave in enumerate(waves):
-            slots = self.cache.acquire(layer, wave)
+            slots = self.cache.begin_acquire(layer, wave)
             try:  # whatever happens in compute (OOM, an interrupt), the wave's experts are released
-                if number == 0 and self.forecaster is not None:
-                    self._prefetch_after(layer)  # copies overlap this layer's compute
-                part = self._compute_wave(layer, wave, slots, hidden, top_k_index, top_k_weights, single=len(waves) == 1)
+                if number == 0:
+                    if on_host:  # the CPU computes its share while the loads of the device's are in flight
+                        out = self._compute_on_host(layer, on_host, hidden, top_k_index, top_k_weights)
+                    if self.forecaster is not None:
+                        self._prefetch_after(layer)  # copies overlap this layer's compute
+                self.cache.finish_acquire(layer, wave)
+                part = self._compute_wave(layer, wave, slots, hidden, top_k_index, top_k_weights, single=len(waves) == 1 and not on_host)
             finally:
                 self.cache.release(layer, wave, self._compute_done())
             out = part if out is None else out + part
+        if not waves:
+            out = self._compute_on_host(layer, on_host, hidden, top_k_index, top_k_weights)
+            if self.forecaster is not None:
+                self._prefetch_after(layer)
+        if on_host and not self.cache.loads_in_flight():  # an idle copy engine admits what the CPU computed
+            self.cache.prefetch(layer, on_host, admission=True)
         return out
+
+    def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:
+        """Hybrid execution: the missed experts the cost model gives to the CPU this step."""
+        resident = self.cache.slot_of
+        missed = [e for e in needed if self.cache.core.key(layer, e) not in resident]
+        if not missed:
+            return []
+        counts = Counter(routed)
+        tokens = {e: counts[e] for e in missed}
+        backlog = self.cache.loads_in_flight() * self.costs.load_ms
+        _, on_host = self.costs.split(missed, tokens, backlog)
+        self.cache.core.compute_elsewhere(layer, on_host)
+        return on_host
+
+    def _compute_on_host(self, layer: int, experts: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """[T, H] on the compute device: the contribution of `experts`, computed on the CPU from
+        the host tensors where they lie (held for the time of the computation)."""
+        self.stats.paths["host"] = self.stats.paths.get("host", 0) + 1
+        with self.source.borrow_run(layer, experts) as tensors:
+            out = experts_in_place(
+                hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), dict(zip(experts, tensors)), self.layout, self.gates[layer],
+            )
+        return out.to(self.device, non_blocking=True)
 
     def _compute_wave(self, layer, wave, slots, hidden, top_k_index, top_k_weights, *, single: bool) -> torch.Tensor:
         """[T, H]: the contribution of the experts `wave` (sitting in `slots`) to the layer's output."""
-        table = torch.full((self.num_experts,), -1, dtype=torch.long)
-        table[wave] = torch.tensor(slots, dtype=torch.long)
         path = self.compute_path if single or self.compute_path != TRITON else self.fallback_path
         self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
+        if path == LOOP:  # each expert read where it lies: a pool slot, or (in place) host RAM
+            weights = {expert: self.pool.view(slot) for expert, slot in zip(wave, slots)}
+            if self.execution == HOST and self.device.type != "cpu":
+                out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer])
+                return out.to(self.device, non_blocking=True)
+            return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer])
+        table = torch.full((self.num_experts,), -1, dtype=torch.long)
+        table[wave] = torch.tensor(slots, dtype=torch.long)
         device_table = table.to(self.device, non_blocking=True)
         return experts_from_slots(hidden, top_k_index, top_k_weights, device_table, self.pool, self.layout, self.gates[layer], path)
 
@@ -158,6 +209,8 @@ class Runtime:
         """Split a layer's experts into passes that fit the pool, resident experts first (one
         pass keeps the router's order, as the simulator does)."""
         capacity = self.num_slots - len(self.cache.pinned)
+        if not needed:
+            return []
         if len(needed) <= capacity:
             return [needed]
         resident = set(self.cache.resident(layer))

@@ -2,8 +2,8 @@
 
 An expert use is one (forward call, MoE layer, distinct expert) lookup: a decode step at batch 1
 makes K uses per layer; a prefill makes one use per distinct expert its tokens chose. Every use
-is a hit (resident, or prefetched and at most still in flight) or a miss (a blocking load), so
-hits + misses = uses.
+is a hit (resident, or prefetched and at most still in flight) or a miss (a blocking load, or
+under hybrid execution a computation on the CPU), so hits + misses = uses.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class LayerCounters:
     prefetches_issued: int = 0
     prefetches_used: int = 0  # a prefetched expert used before its eviction
     late_prefetches: int = 0  # ... that was still loading when its layer needed it
+    host_computes: int = 0  # misses computed on the CPU where they lie (hybrid execution): no load
+    admissions: int = 0  # background loads of experts the CPU computed, admitted to the pool
     waves: int = 0  # extra passes when a layer needed more distinct experts than slots
     stall_seconds: float = 0.0  # time compute waited for loads
 

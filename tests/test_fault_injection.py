@@ -38,9 +38,13 @@ def expected():
         return tiny_model("olmoe")(input_ids=IDS).logits
 
 
-def offloaded(checkpoint):
-    """At the minimum budget, every expert read from the checkpoint on each miss (no RAM tier)."""
-    return moe_runtime.from_pretrained(checkpoint, budget=MINIMUM, device="cpu", host_budget=0, dtype=torch.float32)
+EXECUTIONS = ("device", "host", "hybrid")
+
+
+def offloaded(checkpoint, execution="device"):
+    """At the minimum budget, every expert read from the checkpoint on each miss (no RAM tier);
+    `execution`: into a slot pool, in place, or both (execution.py)."""
+    return moe_runtime.from_pretrained(checkpoint, budget=MINIMUM, device="cpu", host_budget=0, dtype=torch.float32, execution=execution)
 
 
 def assert_usable_then_unwrap(model, expected) -> None:
@@ -55,9 +59,10 @@ def assert_usable_then_unwrap(model, expected) -> None:
     assert time.perf_counter() - start < 5.0
 
 
-def test_an_exception_in_expert_compute_on_the_kth_forward(checkpoint, expected, monkeypatch):
-    model = offloaded(checkpoint)
-    real = runtime_module.experts_from_slots
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_an_exception_in_expert_compute_on_the_kth_forward(checkpoint, expected, monkeypatch, execution):
+    model = offloaded(checkpoint, execution)
+    real = runtime_module.experts_in_place
     calls = {"n": 0}
 
     def fails_on_the_7th(*args, **kwargs):
@@ -66,18 +71,19 @@ def test_an_exception_in_expert_compute_on_the_kth_forward(checkpoint, expected,
             raise torch.OutOfMemoryError("injected: out of memory in expert compute")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "experts_from_slots", fails_on_the_7th)
+    monkeypatch.setattr(runtime_module, "experts_in_place", fails_on_the_7th)
     with torch.no_grad():
         for _ in range(3):
             with contextlib.suppress(torch.OutOfMemoryError):
                 model(input_ids=IDS)
     assert calls["n"] > 7  # the forwards after the fault ran at the minimum budget
-    monkeypatch.setattr(runtime_module, "experts_from_slots", real)
+    monkeypatch.setattr(runtime_module, "experts_in_place", real)
     assert_usable_then_unwrap(model, expected)
 
 
-def test_an_interrupt_while_a_slow_load_is_pending_never_tears_a_slot(checkpoint, expected):
-    model = offloaded(checkpoint)
+@pytest.mark.parametrize("execution", ["device", "hybrid"])  # the executions with a pool to tear
+def test_an_interrupt_while_a_slow_load_is_pending_never_tears_a_slot(checkpoint, expected, execution):
+    model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
     for slot in range(runtime.num_slots):  # a slot computed before its load finished shows NaN
         for tensor in runtime.pool.view(slot).values():
@@ -133,8 +139,9 @@ def test_an_interrupt_while_a_slow_load_is_pending_never_tears_a_slot(checkpoint
     assert_usable_then_unwrap(model, expected)
 
 
-def test_read_errors_in_the_middle_of_a_layer_100_times(checkpoint, expected):
-    model = offloaded(checkpoint)
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_read_errors_in_the_middle_of_a_layer_100_times(checkpoint, expected, execution):
+    model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
     disk = runtime.source.disk
     real_read = disk.read_run
@@ -165,8 +172,9 @@ def test_read_errors_in_the_middle_of_a_layer_100_times(checkpoint, expected):
     assert_usable_then_unwrap(model, expected)
 
 
-def test_a_failed_acquire_rolls_back_the_loads_it_had_not_submitted(checkpoint, expected, monkeypatch):
-    model = offloaded(checkpoint)
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_failed_acquire_rolls_back_the_loads_it_had_not_submitted(checkpoint, expected, monkeypatch, execution):
+    model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
     loader = runtime.loader
     real_submit = loader.submit
@@ -187,8 +195,9 @@ def test_a_failed_acquire_rolls_back_the_loads_it_had_not_submitted(checkpoint, 
     assert_usable_then_unwrap(model, expected)
 
 
-def test_unwrap_names_a_stuck_load_instead_of_hanging(checkpoint, expected):
-    model = offloaded(checkpoint)
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_unwrap_names_a_stuck_load_instead_of_hanging(checkpoint, expected, execution):
+    model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
     release = threading.Event()
     disk = runtime.source.disk
