@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from .belady import belady_misses, layer_keys
+from .execution import DEVICE, HOST, HYBRID
 from .policies import DEFAULT_POLICY, POLICIES, make_policy
 from .predictor import PREDICTORS, predictor_from
 from .simulator import Prefetch, TimingModel, replay, replay_per_layer
@@ -30,6 +31,7 @@ class BenchRun:
     policy: str
     predictor: str
     budget: float
+    execution: str = DEVICE
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class BenchSettings:
     min_score: float = 0.0
     per_layer_slots: int | None = None
     timing: TimingModel = TimingModel()
+    executions: tuple[str, ...] = (DEVICE,)  # device (load every miss), host, hybrid: see execution.py
 
     def __post_init__(self):
         for budget in self.budgets:
@@ -53,6 +56,11 @@ class BenchSettings:
         unknown = [p for p in self.predictors if p != NO_PREDICTOR and p not in PREDICTORS and not Path(p).is_file()]
         if unknown:
             raise ValueError(f"unknown predictor {unknown[0]!r}; choose from {', '.join(sorted(PREDICTORS))}, all, or a predictor file")
+        unknown = [e for e in self.executions if e not in (DEVICE, HOST, HYBRID)]
+        if unknown:
+            raise ValueError(f"unknown execution {unknown[0]!r}; choose from {DEVICE}, {HOST}, {HYBRID}")
+        if self.per_layer_slots is not None and self.executions != (DEVICE,):
+            raise ValueError("per-layer pools (--per-layer-slots) are replayed with loads only; drop --execution")
         if self.lookahead < 1:
             raise ValueError("lookahead must be at least 1 layer")
         if self.per_layer_slots is not None and any(p != NO_PREDICTOR for p in self.predictors):
@@ -93,8 +101,10 @@ def workloads(traces: dict[str, Trace], fit: Trace | None) -> list[Workload]:
 
 def plan(settings: BenchSettings, names: Sequence[str]) -> list[BenchRun]:
     return [
-        BenchRun(name, policy, predictor, budget)
-        for name, policy, predictor, budget in itertools.product(names, settings.policies, settings.predictors, settings.budgets)
+        BenchRun(name, policy, predictor, budget, execution)
+        for name, policy, predictor, budget, execution in itertools.product(
+            names, settings.policies, settings.predictors, settings.budgets, settings.executions,
+        )
     ]
 
 
@@ -130,7 +140,7 @@ def run_one(run: BenchRun, work: Workload, settings: BenchSettings, forecasts: d
             width = settings.prefetch_width or trace.top_k
             prefetch = Prefetch(forecasts[run.predictor], width, settings.lookahead, settings.min_score)
         pinned = getattr(policy, "pinned", frozenset())
-        result = replay(trace, policy, capacity, timing=settings.timing, prefetch=prefetch, pinned=pinned)
+        result = replay(trace, policy, capacity, timing=settings.timing, prefetch=prefetch, pinned=pinned, execution=run.execution)
     row = {**asdict(run), "capacity": capacity, **result.per_token()}
     row["tokens_per_second"] = 1e3 / row["ms_per_token"] if row["ms_per_token"] > 0 else 0.0
     return row
@@ -195,7 +205,7 @@ def run_bench(
         interrupted = True
     return {
         "fit": "--fit traces" if fit is not None else "first half of each trace's sequences (replayed: second half)",
-        "timing": {**asdict(settings.timing), "load_ms": settings.timing.load_ms},
+        "timing": {**asdict(settings.timing), "load_ms": settings.timing.load_ms, "host_ms": settings.timing.host_ms},
         "per_layer_slots": settings.per_layer_slots,
         "results": results,
         "belady": belady,

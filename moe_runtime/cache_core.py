@@ -31,6 +31,39 @@ class Access(NamedTuple):  # a tuple, not a dataclass: the simulator makes milli
     prefetched: bool  # a hit on an expert a prefetch loaded and nothing had used yet
 
 
+class AdmissionRate:
+    """How often an expert admitted after a CPU computation was used again before its eviction,
+    over the recent admissions (exponentially decayed, starting from one use and one waste).
+
+    Admitting costs the copy engine a load, which can hold up a demand load behind it; it pays
+    only when the admitted expert is hit again. `worthwhile()` keeps admitting while at least
+    half of recent admissions were used, so routing that reuses experts keeps the pool fresh
+    and routing that does not (a small pool, flat popularity) stops spending the copy engine.
+    A single trial admission per `TRIAL_EVERY` refusals keeps the rate measurable.
+    """
+
+    DECAY = 0.98
+    THRESHOLD = 0.5
+    TRIAL_EVERY = 64
+
+    def __init__(self):
+        self.used, self.wasted, self.refused = 1.0, 1.0, 0
+
+    def record(self, *, used: bool) -> None:
+        self.used *= self.DECAY
+        self.wasted *= self.DECAY
+        if used:
+            self.used += 1.0
+        else:
+            self.wasted += 1.0
+
+    def worthwhile(self) -> bool:
+        if self.used / (self.used + self.wasted) >= self.THRESHOLD:
+            return True
+        self.refused += 1
+        return self.refused % self.TRIAL_EVERY == 0
+
+
 class CacheCore:
     def __init__(
         self,
@@ -64,6 +97,8 @@ class CacheCore:
         self.protected: set[int] = set()  # the running layer's experts
         self.prefetched: set[int] = set()  # loaded by a prefetch, not used yet
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.admitted: set[int] = set()  # admitted after a CPU computation, not used yet
+        self.admission_value = AdmissionRate()
 
     # ------------------------------------------------------------------ queries
     def key(self, layer: int, expert: int) -> int:
@@ -100,6 +135,9 @@ class CacheCore:
                 prefetched = hit and key in prefetched_keys
                 if hit:
                     counters.hits += 1
+                    if key in self.admitted:
+                        self.admitted.discard(key)
+                        self.admission_value.record(used=True)
                     if prefetched:
                         prefetched_keys.discard(key)
                         counters.prefetches_used += 1
@@ -142,8 +180,7 @@ class CacheCore:
                         break
                 self._place(layer, key)
                 self.protected.add(key)  # until the call ends: a later one of this call never evicts it
-                if not admission:
-                    self.prefetched.add(key)
+                (self.admitted if admission else self.prefetched).add(key)
                 setattr(counters, counter, getattr(counters, counter) + 1)
                 placed.append(Access(key, self.slot_of[key], False, False))
         except BaseException:
@@ -205,6 +242,8 @@ class CacheCore:
         victim = self.policy.choose_victim(self.evictable)
         if victim in self.prefetched:
             self.wasted_prefetches += 1
+        if victim in self.admitted:
+            self.admission_value.record(used=False)
         self._drop(victim)
 
     def _drop(self, key: int) -> None:
@@ -213,6 +252,7 @@ class CacheCore:
         if key not in self.pinned:
             self.policy.on_evict(key)
         self.prefetched.discard(key)
+        self.admitted.discard(key)
         self.free.append(slot)
         self.on_evicted(key)
 
@@ -223,3 +263,4 @@ class CacheCore:
         for key, slot in self.slot_of.items():
             assert self.key_of[slot] == key, f"slot {slot} maps back to {self.key_of[slot]}, not {key}"
         assert self.prefetched <= set(self.slot_of), "a prefetched key is not resident"
+        assert self.admitted <= set(self.slot_of), "an admitted key is not resident"

@@ -54,26 +54,32 @@ class HybridCostModel:
     host_ms: float
     device_ms: float = 0.0
 
-    def split(self, missed: Sequence[int], tokens: dict[int, int], copy_backlog_ms: float = 0.0) -> tuple[list[int], list[int]]:
-        """(to load, to compute on the CPU): each missed expert, in order, goes to the engine that
-        finishes it first, the copy engine starting after its `copy_backlog_ms` of queued loads
-        and the CPU after the experts already given to it (list scheduling on two machines).
+    def split(
+        self, missed: Sequence[int], tokens: dict[int, int], copy_backlog_ms: float = 0.0, device_busy_ms: float = 0.0,
+    ) -> tuple[list[int], list[int]]:
+        """(to load, to compute on the CPU): each missed expert, in order, goes where the layer
+        then finishes first. The device finishes after its loads (queued behind
+        `copy_backlog_ms`), their compute and its own `device_busy_ms` of work this layer; the
+        CPU after the experts already given to it; the layer when both have (greedy makespan
+        over two machines working side by side).
 
         tokens: the expert's rows in this layer (1 per expert in decode; many in a prefill, where
         the CPU's time grows with them and a load's does not). Ties go to the CPU: no bytes move.
         """
         load, host = [], []
-        copy_free, host_free = max(0.0, copy_backlog_ms), 0.0
+        copy_free, device_compute, host_free = max(0.0, copy_backlog_ms), device_busy_ms, 0.0
         for expert in missed:
             rows = tokens.get(expert, 1)
-            on_host = host_free + rows * self.host_ms
-            on_device = copy_free + self.load_ms + rows * self.device_ms
+            device_end = copy_free + device_compute
+            on_host = max(device_end, host_free + rows * self.host_ms)
+            on_device = max(device_end + self.load_ms + rows * self.device_ms, host_free)
             if on_host <= on_device:
                 host.append(expert)
-                host_free = on_host
+                host_free += rows * self.host_ms
             else:
                 load.append(expert)
                 copy_free += self.load_ms
+                device_compute += rows * self.device_ms
         return load, host
 
 

@@ -152,8 +152,8 @@ class Runtime:
             out = self._compute_on_host(layer, on_host, hidden, top_k_index, top_k_weights)
             if self.forecaster is not None:
                 self._prefetch_after(layer)
-        if on_host and not self.cache.loads_in_flight():  # an idle copy engine admits what the CPU computed
-            self.cache.prefetch(layer, on_host, admission=True)
+        if on_host and not self.cache.loads_in_flight() and self.cache.core.admission_value.worthwhile():
+            self.cache.prefetch(layer, on_host, admission=True)  # an idle copy engine admits what the CPU computed
         return out
 
     def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:

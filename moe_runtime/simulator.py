@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .cache_core import CacheCore
+from .execution import DEVICE, HOST, HYBRID, HybridCostModel
 from .policies import EvictionPolicy
 from .stats import RuntimeStats
 from .trace import Trace
@@ -23,22 +24,33 @@ from .trace import Trace
 
 @dataclass(frozen=True)
 class TimingModel:
-    """Load time per expert and compute time per MoE layer, in ms.
+    """Load time per expert, CPU time per expert and token, and compute time per MoE layer, in ms.
 
-    Defaults: DeepSeek-V2-Lite experts (17.3 MB in bf16) over PCIe 4.0 x16 (25 GB/s pinned).
+    Defaults: DeepSeek-V2-Lite experts (17.3 MB in bf16) over PCIe 4.0 x16 (25 GB/s pinned); a
+    CPU computing an expert from its RAM reads its bytes at 40 GB/s (decode is bandwidth-bound).
     """
 
     expert_mb: float = 17.3
     h2d_gbps: float = 25.0
     layer_ms: float = 0.25
+    host_gbps: float = 40.0
 
     def __post_init__(self):
-        if self.expert_mb <= 0 or self.h2d_gbps <= 0 or self.layer_ms < 0:
-            raise ValueError("expert_mb and h2d_gbps must be positive and layer_ms non-negative")
+        if self.expert_mb <= 0 or self.h2d_gbps <= 0 or self.host_gbps <= 0 or self.layer_ms < 0:
+            raise ValueError("expert_mb, h2d_gbps and host_gbps must be positive and layer_ms non-negative")
 
     @property
     def load_ms(self) -> float:
         return self.expert_mb * 1e6 / (self.h2d_gbps * 1e9) * 1e3
+
+    @property
+    def host_ms(self) -> float:
+        """One expert computed on the CPU for one token: its bytes read at host_gbps."""
+        return self.expert_mb * 1e6 / (self.host_gbps * 1e9) * 1e3
+
+    def costs(self) -> HybridCostModel:
+        """The runtime's cost model with these constants (the device's per-expert compute is in layer_ms)."""
+        return HybridCostModel(load_ms=self.load_ms, host_ms=self.host_ms)
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class SimResult:
     prefetch_hits: int = 0  # a prefetched expert used before eviction
     late_prefetches: int = 0  # ... whose load had not finished when its layer started
     wasted_prefetches: int = 0  # a prefetched expert evicted (or left) unused
+    host_computes: int = 0  # misses computed on the CPU (host and hybrid execution)
+    admissions: int = 0  # background loads of CPU-computed experts (hybrid)
     stall_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -82,6 +96,7 @@ class SimResult:
             "prefetch_hits_per_token": out["prefetch_hits"],
             "late_prefetches_per_token": out["late_prefetches"],
             "wasted_prefetches_per_token": out["wasted_prefetches"],
+            "host_computes_per_token": out["host_computes"],
             "stall_ms_per_token": out["stall_ms"],
             "ms_per_token": out["total_ms"],
         }
@@ -100,14 +115,16 @@ class CopyEngine:
         self.queue.append([key, start, self.busy_until])
         return self.busy_until
 
-    def demand(self, duration: float, now: float, ready: dict[int, float]) -> float:
-        """Load missed experts taking `duration` ms now; queued prefetches not yet started move back."""
+    def in_flight_end(self, now: float) -> float:
+        """When the transfer in flight at `now` ends (demand loads wait for it, not for the
+        queued prefetches behind it); `now` when the engine is idle."""
         while self.queue and self.queue[0][2] <= now:
             self.queue.popleft()
-        in_flight_end = now
-        if self.queue and self.queue[0][1] <= now:
-            in_flight_end = self.queue[0][2]
-        done = in_flight_end + duration
+        return self.queue[0][2] if self.queue and self.queue[0][1] <= now else now
+
+    def demand(self, duration: float, now: float, ready: dict[int, float]) -> float:
+        """Load missed experts taking `duration` ms now; queued prefetches not yet started move back."""
+        done = self.in_flight_end(now) + duration
         delay = duration
         for item in self.queue:
             if item[1] > now:
@@ -129,6 +146,7 @@ def replay(
     load_ms_of: np.ndarray | None = None,
     bypass: frozenset[int] = frozenset(),
     miss_counts: np.ndarray | None = None,
+    execution: str = DEVICE,
 ) -> SimResult:
     """Replay `trace` through `policy` with one global pool of `capacity` slots.
 
@@ -137,8 +155,14 @@ def replay(
     this adds the clock. Pinned experts are loaded before the first token and not counted, as
     the runtime does. load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more),
     default the timing model's; bypass: experts loaded on use but not kept after their layer
-    (the host tier).
+    (the host tier). execution: "device" (every miss loaded), "host" (every expert computed
+    on the CPU, which works while the device computes the rest of the layer: a layer takes
+    max(layer_ms, K x host_ms); no pool) or "hybrid" (each miss to the engine that finishes it
+    first, as the runtime decides it (HybridCostModel); the layer ends when both have; an idle
+    copy engine admits the CPU's experts in the background).
     """
+    if execution not in (DEVICE, HOST, HYBRID):
+        raise ValueError(f"execution must be one of {DEVICE}, {HOST}, {HYBRID}, got {execution!r}")
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if capacity < trace.top_k + len(pinned):
         raise ValueError(f"capacity {capacity} is below top-k {trace.top_k} plus {len(pinned)} pinned experts")
@@ -154,11 +178,20 @@ def replay(
     ready: dict[int, float] = {}  # key -> when its prefetch lands
     engine = CopyEngine()
     cost = [timing.load_ms] * (num_layers * num_experts) if load_ms_of is None else np.asarray(load_ms_of, dtype=float).tolist()
+    costs = timing.costs()
     now = 0.0
     for token, layers in enumerate(trace.expert_ids.astype(np.int64).tolist()):  # [L][K] per token
         for layer, experts in enumerate(layers):
             core.start_layer(layer, experts)
-            accesses = core.acquire(layer, experts)
+            on_host: list[int] = []
+            if execution == HOST:
+                on_host = experts
+            elif execution == HYBRID:
+                missed = [e for e in experts if core.key(layer, e) not in core.slot_of]
+                on_host = costs.split(missed, {}, engine.in_flight_end(now) - now, timing.layer_ms)[1] if missed else []
+            on_device = [e for e in experts if e not in on_host] if on_host else experts
+            core.compute_elsewhere(layer, on_host)
+            accesses = core.acquire(layer, on_device)
             latest_ready = now
             for access in accesses:
                 if access.prefetched and ready.get(access.key, 0.0) > now:
@@ -170,16 +203,20 @@ def replay(
                     np.add.at(miss_counts, missed, 1)
                 latest_ready = max(latest_ready, engine.demand(sum(cost[key] for key in missed), now, ready))
             result.stall_ms += latest_ready - now
-            now = latest_ready + timing.layer_ms
+            now = max(latest_ready + timing.layer_ms, now + len(on_host) * costs.host_ms)
             if top is not None and layer + prefetch.lookahead < num_layers:
                 target = layer + prefetch.lookahead
                 policy.on_forecast(target, np.clip(prefetch.scores[token, layer], 0.0, 1.0))  # as the runtime does
                 for access in core.prefetch(target, [int(e) for e in top[token, layer] if e >= 0]):
                     ready[access.key] = engine.prefetch(access.key, now, cost[access.key])
-            core.release(layer, experts)
+            core.release(layer, on_device)
+            if execution == HYBRID and on_host and engine.busy_until <= now and core.admission_value.worthwhile():  # as the runtime
+                for access in core.prefetch(layer, on_host, admission=True):
+                    ready[access.key] = engine.prefetch(access.key, now, cost[access.key])
     total = stats.total()
     result.hits, result.misses, result.loads = total.hits, total.misses, total.loads
     result.prefetch_loads, result.prefetch_hits = total.prefetches_issued, total.prefetches_used
+    result.host_computes, result.admissions = total.host_computes, total.admissions
     result.wasted_prefetches = core.wasted_prefetches + len(core.prefetched)
     result.total_ms = now
     return result

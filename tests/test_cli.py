@@ -152,6 +152,18 @@ def test_bench_reports_policies_against_belady(trace_paths, tmp_path):
     assert "Belady" in run_cli(*args).stdout
 
 
+def test_bench_models_load_host_and_hybrid_execution(trace_paths):
+    args = ("bench", str(trace_paths["intent"]), "--budget", "0.25", "--execution", "all", "--host-gbps", "40")
+    report = json.loads(run_cli(*args, "--json").stdout)
+    ms = {row["execution"]: row["ms_per_token"] for row in report["results"]}
+    assert set(ms) == {"device", "host", "hybrid"} and ms["hybrid"] < min(ms["device"], ms["host"])
+    assert report["timing"]["host_ms"] == pytest.approx(17.3e6 / 40e9 * 1e3)
+    table = run_cli(*args).stdout
+    assert "exec" in table and "hybrid" in table and max(len(line) for line in table.splitlines()) <= 80
+    result = run_cli("bench", str(trace_paths["intent"]), "--execution", "gpu", check=False)
+    assert result.returncode == 2 and "unknown execution 'gpu'" in result.stderr
+
+
 def test_bench_with_fit_traces_and_bad_input(trace_paths, tmp_path):
     report = json.loads(run_cli("bench", str(trace_paths["law"]), "--fit", str(trace_paths["intent"]), "--budget", "0.5", "--policy", "pinned", "--json").stdout)
     assert report["fit"] == "--fit traces" and report["results"][0]["policy"] == "pinned"

@@ -136,3 +136,43 @@ def test_per_layer_pools_run_every_policy_below_belady(trace_paths):
     optimum = report["belady"][0]["hit_rate"]
     assert sorted(r["policy"] for r in report["results"]) == sorted(POLICIES)
     assert all(0 < r["hit_rate"] <= optimum for r in report["results"])
+
+
+def test_host_execution_computes_every_expert_on_the_cpu_beside_the_layer():
+    ids = np.random.default_rng(0).integers(0, 8, size=(20, 3, 2))  # 20 tokens, 3 layers, top-2 of 8
+    ids[:, :, 1] = (ids[:, :, 0] + 1) % 8  # distinct experts per token
+    timing = TimingModel(expert_mb=20.0, host_gbps=40.0, layer_ms=0.25)  # 0.5 ms per expert on the CPU
+    result = replay(_trace(ids, 8), make_policy("lru", num_experts=8, capacity=4), 4, timing=timing, execution="host")
+    assert result.loads == 0 and result.hits == 0 and result.host_computes == result.misses == 20 * 3 * 2
+    assert result.total_ms == pytest.approx(20 * 3 * max(0.25, 2 * 0.5))
+
+
+def test_hybrid_is_never_slower_than_loading_or_computing_on_the_cpu(trace_paths):
+    from moe_runtime.trace import load_trace
+
+    _, held_out = load_trace(trace_paths["law"]).split(0.5)
+    trace = Trace(held_out.expert_ids[:300], held_out.gate_weights[:300], np.array([0, 300]), held_out.num_experts, held_out.top_k)
+    capacity = int(0.25 * trace.num_layers * trace.num_experts)
+    ms = {}
+    for execution in ("device", "host", "hybrid"):
+        policy = make_policy("lru", num_experts=trace.num_experts, capacity=capacity)
+        result = replay(trace, policy, capacity, execution=execution)
+        ms[execution] = result.total_ms / result.tokens
+        assert result.hits + result.misses == trace.num_tokens * trace.num_layers * trace.top_k
+        if execution == "hybrid":
+            assert 0 < result.host_computes < result.misses and result.loads == result.misses - result.host_computes + result.admissions
+    assert ms["hybrid"] <= 0.6 * ms["device"] and ms["hybrid"] < ms["host"]
+
+
+def test_admissions_stop_when_admitted_experts_are_not_used_again():
+    from moe_runtime.cache_core import AdmissionRate
+
+    rate = AdmissionRate()
+    assert rate.worthwhile()  # no evidence yet: one use, one waste
+    for _ in range(30):
+        rate.record(used=False)
+    refusals = [rate.worthwhile() for _ in range(AdmissionRate.TRIAL_EVERY)]
+    assert refusals.count(True) == 1  # one trial admission keeps the rate measurable
+    for _ in range(40):
+        rate.record(used=True)
+    assert rate.worthwhile()

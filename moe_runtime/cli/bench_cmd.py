@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_atomically
 from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
+from ..execution import DEVICE, HOST, HYBRID
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
 from ..simulator import TimingModel
@@ -31,6 +32,11 @@ def add_parsers(subparsers) -> None:
     bench.add_argument("--expert-mb", type=float, default=TimingModel.expert_mb, help="bytes per expert, MB (default: DeepSeek-V2-Lite bf16)")
     bench.add_argument("--h2d-gbps", type=float, default=TimingModel.h2d_gbps, help="host-to-device GB/s (default: PCIe 4.0 x16)")
     bench.add_argument("--layer-ms", type=float, default=TimingModel.layer_ms, help="compute ms per MoE layer")
+    bench.add_argument("--host-gbps", type=float, default=TimingModel.host_gbps, help="GB/s a CPU reads an expert at when computing it in place")
+    bench.add_argument(
+        "--execution", default="device",
+        help="comma list of device (load every miss), host (every expert on the CPU), hybrid (each miss loaded or run on the CPU), or all",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")
     bench.add_argument("--wide", action="store_true", help="all columns (prefetch hits and waste too); wider than 80 characters")
@@ -55,7 +61,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         lookahead=args.lookahead,
         min_score=args.min_score,
         per_layer_slots=args.per_layer_slots,
-        timing=TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms),
+        timing=TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms, args.host_gbps),
+        executions=_choices(args.execution, (DEVICE, HOST, HYBRID)),
     )
 
 
@@ -72,7 +79,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return 130 if report["interrupted"] else 0
-    console.print(f"fitted on: {report['fit']}; load {report['timing']['load_ms']:.3f} ms/expert, {settings.timing.layer_ms} ms/layer")
+    timing = report["timing"]
+    console.print(
+        f"fitted on: {report['fit']}; load {timing['load_ms']:.3f} ms/expert, CPU {timing['host_ms']:.3f} ms/expert/token, "
+        f"{timing['layer_ms']} ms/layer"
+    )
     console.print(replay_table(report, wide=args.wide))
     bounds = [(r["trace"], r["budget"], r["hit_rate"], r["loads_per_token"], r["compute_bound_ms_per_token"], r["bound_ms_per_token"]) for r in report["belady"]]
     console.print(rows_table("Belady's MIN; bound = max(compute, MIN's loads)", ("trace", "budget", "hit rate", "loads/tok", "compute ms/tok", "bound ms/tok"), bounds))
@@ -93,6 +104,10 @@ REPLAY_TITLE = "replay, per token (x MIN: loads / Belady's loads)"
 def replay_table(report: dict, *, wide: bool):
     """The replay rows; the default columns fit 80 characters, `wide` adds the prefetch counts."""
     columns = WIDE_COLUMNS if wide else REPLAY_COLUMNS
+    if any(row.get("execution", DEVICE) != DEVICE for row in report["results"]):  # the predictor's column makes room
+        columns = {("exec" if key == "predictor" else key): ("execution" if key == "predictor" else field) for key, field in columns.items()}
+        if wide:
+            columns = {**columns, "predictor": "predictor", "CPU": "host_computes_per_token"}
     belady = {(row["trace"], row["budget"]): row["loads_per_token"] for row in report["belady"]}
     rows = []
     for row in report["results"]:
@@ -128,6 +143,7 @@ def hit_rate_figure(report: dict):
         for row in report["results"]:
             if row["trace"] == name:
                 label = row["policy"] if row["predictor"] == NO_PREDICTOR else f"{row['policy']} + {row['predictor']}"
+                label += "" if row.get("execution", DEVICE) == DEVICE else f" ({row['execution']})"
                 lines.setdefault(label, []).append((row["budget"], row["hit_rate"]))
         for label, points in sorted(lines.items()):
             points.sort()
