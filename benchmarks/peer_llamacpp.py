@@ -1,0 +1,200 @@
+"""CPU decode side by side with llama.cpp, on the same random-weight checkpoint, with the bound.
+
+llama.cpp is built from the `llama-cpp-python` source distribution on PyPI (its vendored copy:
+`llama-bench`, `llama-quantize` and the `convert_hf_to_gguf.py` converter), once, into the
+cache folder. The live_decode.py checkpoint (OLMoE-shaped, bf16) is converted by llama.cpp's own
+converter to BF16, F16 and Q8_0 GGUF and quantized to Q4_0 by llama-quantize. A random-weight
+checkpoint has no tokenizer, so a small byte-level BPE one is written beside a link to its
+weights and the converter is told it pre-tokenizes like GPT-2 (tokenization plays no part in a
+decode benchmark: both sides decode token ids).
+
+Contenders alternate, round after round, each in a fresh process: llama-bench (2 threads,
+64 tokens generated after a 16-token context) per format, and on our side the unwrapped
+transformers model and moe-runtime `wrap` at 100% and 25% (in place on the CPU), in bf16 and
+cast to fp16, 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
+measured in the same run divided by the bytes one decode step must read (every non-expert
+weight but the input embedding, plus top-k/E of the experts).
+
+    pip install -e ".[bench]"   # gguf's needs: sentencepiece, protobuf
+    python benchmarks/peer_llamacpp.py --rounds 2 --json peer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from live_decode import Shape, build_checkpoint  # noqa: E402
+
+from moe_runtime.atomic import check_writable, write_atomically  # noqa: E402
+from moe_runtime.embedded import cache_root  # noqa: E402
+
+LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
+OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runtime", "bf16", 1.0), ("moe-runtime", "fp16", 1.0),
+        ("moe-runtime", "bf16", 0.25), ("moe-runtime", "fp16", 0.25)]
+PROMPT, NEW_TOKENS, THREADS = 16, 64, 2
+
+
+# ---------------------------------------------------------------- llama.cpp, built once
+def llama_tree(root: Path) -> Path:
+    """The vendored llama.cpp of the llama-cpp-python sdist, with llama-bench and llama-quantize built."""
+    tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+    if tree is None:
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "llama-cpp-python", "--no-deps", "--no-binary", ":all:", "-d", str(root)], check=True)
+        with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as archive:
+            archive.extractall(root, filter="data")
+        tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if not (tree / "build" / "bin" / "llama-bench").is_file():
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+        subprocess.run(["cmake", "-B", "build", *flags], cwd=tree, check=True)
+        subprocess.run(["cmake", "--build", "build", f"-j{os.cpu_count()}", "--target", "llama-bench", "llama-quantize"], cwd=tree, check=True)
+    return tree
+
+
+def gguf_files(tree: Path, checkpoint: Path, out: Path) -> dict[str, Path]:
+    """The checkpoint in each of LLAMA_FORMATS, converted once."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "hf"
+    if not (source / "tokenizer.json").is_file():
+        source.mkdir(exist_ok=True)
+        for item in checkpoint.iterdir():
+            target = source / item.name
+            if not target.exists():
+                target.symlink_to(item)
+        byte_level_tokenizer(source)
+    files = {name: out / f"model-{name.lower()}.gguf" for name in LLAMA_FORMATS}
+    for name in ("BF16", "F16", "Q8_0"):
+        if not files[name].is_file():
+            convert = "import runpy, sys; sys.path.insert(0, sys.argv[1]); from conversion.base import TextModel; " \
+                      "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; sys.argv = sys.argv[2:]; " \
+                      "runpy.run_path(sys.argv[0], run_name='__main__')"
+            temporary = files[name].with_suffix(".tmp")
+            subprocess.run([sys.executable, "-c", convert, str(tree), str(tree / "convert_hf_to_gguf.py"), str(source),
+                            "--outtype", name.lower(), "--outfile", str(temporary)], check=True)
+            temporary.rename(files[name])
+    if not files["Q4_0"].is_file():
+        temporary = files["Q4_0"].with_suffix(".tmp")
+        subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), str(files["F16"]), str(temporary), "Q4_0"], check=True)
+        temporary.rename(files["Q4_0"])
+    return files
+
+
+def byte_level_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE tokenizer (trained on this file) saved into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([Path(__file__).read_text()] * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
+
+
+def llama_bench(tree: Path, model: Path) -> float:
+    """Generation tok/s of llama-bench: NEW_TOKENS tokens after a PROMPT-token context, THREADS threads."""
+    command = [str(tree / "build" / "bin" / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(NEW_TOKENS), "-d", str(PROMPT),
+               "-t", str(THREADS), "-r", "2", "-o", "json"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+# ---------------------------------------------------------------- our side, one process per row
+def ours(checkpoint: Path, contender: str, dtype: str, budget: float) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import moe_runtime
+    from moe_runtime.generation import time_generation
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    if dtype == "fp16":
+        model = model.half()
+    if contender == "moe-runtime":
+        moe_runtime.wrap(model, budget=budget, device="cpu")
+    ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    time_generation(model, ids, 4)
+    return time_generation(model, ids, NEW_TOKENS).decode_tokens_per_second
+
+
+def read_bandwidth_gbps() -> float:
+    """Memory-read GB/s with THREADS threads: a 1 GiB tensor summed, best of 5."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    data = torch.ones(2**28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best / 1e9
+
+
+def bytes_per_token(checkpoint: Path, shape: Shape) -> int:
+    from moe_runtime.inspection import describe_model_dir
+
+    info = describe_model_dir(checkpoint)
+    embedding = 50304 * shape.hidden_size * 2  # the input embedding: one row per token
+    return int(info["non_expert_bytes"] - embedding + info["total_expert_bytes"] * shape.top_k / shape.num_experts)
+
+
+def child(argv: list[str]) -> None:
+    checkpoint, contender, dtype, budget = argv
+    print(json.dumps(ours(Path(checkpoint), contender, dtype, float(budget))))
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--llama-root", type=Path, default=cache_root() / "llama.cpp", help="where the sdist is unpacked and built")
+    parser.add_argument("--json", help="write {rows, bound_tokens_per_second} here")
+    args = parser.parse_args()
+    if args.json:
+        check_writable(args.json, "output")
+    shape = Shape()
+    checkpoint = build_checkpoint(shape)
+    tree = llama_tree(args.llama_root)
+    files = gguf_files(tree, checkpoint, cache_root() / "bench" / f"{shape.name}-gguf")
+    best: dict[tuple, float] = {}
+    bandwidths = []
+    for round_ in range(args.rounds):
+        bandwidths.append(read_bandwidth_gbps())
+        for name, path in files.items():
+            speed = llama_bench(tree, path)
+            best[("llama.cpp", name, 1.0)] = max(best.get(("llama.cpp", name, 1.0), 0.0), speed)
+            print(f"round {round_ + 1}: llama.cpp {name}: {speed:.1f} tok/s", flush=True)
+        for contender, dtype, budget in OURS:
+            done = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)],
+                                  capture_output=True, text=True, check=True)
+            speed = json.loads(done.stdout.strip().splitlines()[-1])
+            best[(contender, dtype, budget)] = max(best.get((contender, dtype, budget), 0.0), speed)
+            print(f"round {round_ + 1}: {contender} {dtype} {budget}: {speed:.1f} tok/s", flush=True)
+    bound = max(bandwidths) * 1e9 / bytes_per_token(checkpoint, shape)
+    rows = [{"contender": c, "format": f, "budget": b, "tokens_per_second": s} for (c, f, b), s in best.items()]
+    print(f"{shape.name}: read bandwidth {max(bandwidths):.1f} GB/s, {bytes_per_token(checkpoint, shape) / 1e6:.0f} MB per token")
+    print(f"{'contender':<14}{'format':<8}{'budget':>7}{'tok/s':>8}{'of bound':>10}")
+    for row in rows:
+        print(f"{row['contender']:<14}{row['format']:<8}{row['budget']:>7}{row['tokens_per_second']:>8.1f}{row['tokens_per_second'] / bound:>10.0%}")
+    print(f"{'bound':<14}{'':<8}{'':>7}{bound:>8.1f}")
+    if args.json:
+        report = {"shape": shape.name, "bandwidth_gbps": max(bandwidths), "rows": rows, "bound_tokens_per_second": bound}
+        write_atomically(args.json, lambda handle: handle.write(json.dumps(report, indent=1).encode()))
+
+
+if __name__ == "__main__":
+    main()
