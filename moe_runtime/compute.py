@@ -141,15 +141,16 @@ def experts_in_place(
     groups the (t, k) rows of each expert with one comparison per expert.
     """
     num_tokens, top_k = top_k_index.shape
-    contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])  # summed over K at the end: deterministic
     flat_weights = top_k_weights.reshape(-1)
-    if num_tokens == 1:
-        for row, expert in enumerate(top_k_index[0].tolist()):
-            tensors = weights.get(expert)
-            if tensors is not None:
-                y = one_expert(hidden.to(tensors["down_proj"].dtype), tensors, layout, apply_gate)
-                contributions[row] = (y[0] * flat_weights[row]).to(hidden.dtype)
-        return contributions.view(num_tokens, top_k, -1).sum(dim=1)
+    if num_tokens == 1:  # a decode step: the K outputs stacked, weighted and summed in three ops
+        rows = [(row, tensors) for row, expert in enumerate(top_k_index[0].tolist()) if (tensors := weights.get(expert)) is not None]
+        if not rows:
+            return torch.zeros_like(hidden)
+        x = hidden.to(rows[0][1]["down_proj"].dtype)
+        outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
+        scale = flat_weights[[row for row, _ in rows]] if len(rows) < top_k else flat_weights
+        return (outputs * scale[:, None]).to(hidden.dtype).sum(dim=0, keepdim=True)
+    contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])  # summed over K at the end: deterministic
     flat = top_k_index.reshape(-1)
     for expert, tensors in weights.items():
         rows = torch.nonzero(flat == expert).squeeze(1)  # (t * K + k) rows routed to this expert

@@ -12,7 +12,8 @@ The shadows replay a sample of at most SAMPLED_LAYERS layers with the capacity s
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks. A
 default must be safe on routing it has never seen, and following the measured best of
-candidates that include LRU stays close to LRU at worst.
+candidates that include LRU stays close to LRU at worst. When every expert fits in the pool no
+victim is ever chosen, and the policy does nothing at all (no per-layer cost at budget 1.0).
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ class AdaptivePolicy(EvictionPolicy):
         self.misses = np.zeros(len(candidates))  # decayed shadow misses
         self.leader = 0
         self.switches = 0
+        self.idle = capacity >= num_layers * num_experts  # every expert fits: nothing will ever be evicted
 
     @property
     def leader_name(self) -> str:
         return self.rankers[self.leader].name
 
     def on_layer_start(self, layer: int, keys: list[int]) -> None:
+        if self.idle:
+            return
         for ranker in self.rankers:
             ranker.on_layer_start(layer, keys)
         sampled = self.sampled.get(layer)
@@ -82,14 +86,20 @@ class AdaptivePolicy(EvictionPolicy):
                 shadow.policy.on_forecast(self.sampled[layer], probabilities)
 
     def on_insert(self, key: int) -> None:
+        if self.idle:
+            return
         for ranker in self.rankers:
             ranker.on_insert(key)
 
     def on_access(self, key: int) -> None:
+        if self.idle:
+            return
         for ranker in self.rankers:
             ranker.on_access(key)
 
     def on_evict(self, key: int) -> None:
+        if self.idle:
+            return
         for ranker in self.rankers:
             ranker.on_evict(key)
 
