@@ -1,16 +1,20 @@
 """The executor: what one wrapped model runs per MoE layer (assembly.py builds and installs it).
 
 Per MoE layer: the model's router runs -> run_layer(layer, x, top_k_index, top_k_weights) ->
-distinct experts -> waves of at most S -> slot cache acquire (hits in place, misses loaded) ->
-grouped GEMM from the slots -> release -> [prefetches for the next layers] -> out.
+distinct experts -> [hybrid: the misses the cost model gives the CPU] -> waves of at most S of
+the rest -> slot cache acquire (hits in place, misses loaded) -> while loads fly: the CPU's share
+and the prefetches for the next layers -> GEMMs from the slots -> release -> out.
+
+The slots are a device pool (execution "device" and "hybrid") or, in place on a CPU ("host"),
+references to the experts' host tensors (host_slots.py): the same cache either way.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
 import weakref
+from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
@@ -139,22 +143,35 @@ class Runtime:
             slots = self.cache.begin_acquire(layer, wave)
             try:  # whatever happens in compute (OOM, an interrupt), the wave's experts are released
                 if number == 0:
-                    if on_host:  # the CPU computes its share while the loads of the device's are in flight
-                        out = self._compute_on_host(layer, on_host, hidden, top_k_index, top_k_weights)
-                    if self.forecaster is not None:
-                        self._prefetch_after(layer)  # copies overlap this layer's compute
+                    out = self._while_loading(layer, on_host, hidden, top_k_index, top_k_weights)
                 self.cache.finish_acquire(layer, wave)
                 part = self._compute_wave(layer, wave, slots, hidden, top_k_index, top_k_weights, single=len(waves) == 1 and not on_host)
             finally:
                 self.cache.release(layer, wave, self._compute_done())
             out = part if out is None else out + part
-        if not waves:
-            out = self._compute_on_host(layer, on_host, hidden, top_k_index, top_k_weights)
-            if self.forecaster is not None:
-                self._prefetch_after(layer)
+        if not waves:  # hybrid: the CPU computes every expert of this step
+            out = self._while_loading(layer, on_host, hidden, top_k_index, top_k_weights)
         if on_host and not self.cache.loads_in_flight() and self.cache.core.admission_value.worthwhile():
             self.cache.prefetch(layer, on_host, admission=True)  # an idle copy engine admits what the CPU computed
         return out
+
+    def _while_loading(self, layer: int, on_host: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor | None:
+        """What runs while the first wave's loads are in flight: the CPU's share of the layer
+        (hybrid), and the prefetches of the next layers (their copies overlap this compute)."""
+        out = None
+        if on_host:
+            with self.source.borrow_run(layer, on_host) as tensors:
+                out = self._compute_on_cpu(layer, dict(zip(on_host, tensors)), hidden, top_k_index, top_k_weights)
+        if self.forecaster is not None:
+            self._prefetch_after(layer)
+        return out
+
+    def _compute_on_cpu(self, layer: int, weights: dict, hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """[T, H] on the compute device: the contribution of the experts `weights` (host
+        tensors), computed on the CPU; the activations go over and the result comes back."""
+        self.stats.paths["host"] = self.stats.paths.get("host", 0) + 1
+        out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer])
+        return out.to(self.device, non_blocking=True)
 
     def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:
         """Hybrid execution: the missed experts the cost model gives to the CPU this step."""
@@ -169,25 +186,14 @@ class Runtime:
         self.cache.core.compute_elsewhere(layer, on_host)
         return on_host
 
-    def _compute_on_host(self, layer: int, experts: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor:
-        """[T, H] on the compute device: the contribution of `experts`, computed on the CPU from
-        the host tensors where they lie (held for the time of the computation)."""
-        self.stats.paths["host"] = self.stats.paths.get("host", 0) + 1
-        with self.source.borrow_run(layer, experts) as tensors:
-            out = experts_in_place(
-                hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), dict(zip(experts, tensors)), self.layout, self.gates[layer],
-            )
-        return out.to(self.device, non_blocking=True)
-
     def _compute_wave(self, layer, wave, slots, hidden, top_k_index, top_k_weights, *, single: bool) -> torch.Tensor:
         """[T, H]: the contribution of the experts `wave` (sitting in `slots`) to the layer's output."""
         path = self.compute_path if single or self.compute_path != TRITON else self.fallback_path
         self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
         if path == LOOP:  # each expert read where it lies: a pool slot, or (in place) host RAM
             weights = {expert: self.pool.view(slot) for expert, slot in zip(wave, slots)}
-            if self.execution == HOST and self.device.type != "cpu":
-                out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer])
-                return out.to(self.device, non_blocking=True)
+            if self.execution == HOST and self.device.type != "cpu":  # llama.cpp's --cpu-moe: experts stay in RAM
+                return self._compute_on_cpu(layer, weights, hidden, top_k_index, top_k_weights)
             return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer])
         table = torch.full((self.num_experts,), -1, dtype=torch.long)
         table[wave] = torch.tensor(slots, dtype=torch.long)
