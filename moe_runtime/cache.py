@@ -147,13 +147,14 @@ class SlotCache:
                 del self.tickets[key]
 
     # ------------------------------------------------------------------ prefetch path
-    def prefetch(self, layer: int, experts: Sequence[int], *, admission: bool = False) -> int:
+    def prefetch(self, layer: int, experts: Sequence[int], *, admission: bool = False, probabilities: dict[int, float] | None = None) -> int:
         """Start background loads of those `experts` of `layer` that are not resident (forecast
         ones, or with `admission` ones the CPU just computed).
 
         Never blocks and never evicts a protected expert; returns how many loads it issued.
         """
-        loads = [self._ticket(layer, access, prefetch=True) for access in self.core.prefetch(layer, experts, admission=admission)]
+        placed = self.core.prefetch(layer, experts, admission=admission, probabilities=probabilities)
+        loads = [self._ticket(layer, access, prefetch=True) for access in placed]
         try:
             self.loader.submit(loads)  # all or nothing
         except BaseException:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from .outcome_rates import AdmissionRate, PrefetchOutcomes
 from .policies import EvictionPolicy, NoVictimError
 from .stats import RuntimeStats
 
@@ -29,39 +30,6 @@ class Access(NamedTuple):  # a tuple, not a dataclass: the simulator makes milli
     slot: int
     hit: bool
     prefetched: bool  # a hit on an expert a prefetch loaded and nothing had used yet
-
-
-class AdmissionRate:
-    """How often an expert admitted after a CPU computation was used again before its eviction,
-    over the recent admissions (exponentially decayed, starting from one use and one waste).
-
-    Admitting costs the copy engine a load, which can hold up a demand load behind it; it pays
-    only when the admitted expert is hit again. `worthwhile()` keeps admitting while at least
-    half of recent admissions were used, so routing that reuses experts keeps the pool fresh
-    and routing that does not (a small pool, flat popularity) stops spending the copy engine.
-    A single trial admission per `TRIAL_EVERY` refusals keeps the rate measurable.
-    """
-
-    DECAY = 0.98
-    THRESHOLD = 0.5
-    TRIAL_EVERY = 64
-
-    def __init__(self):
-        self.used, self.wasted, self.refused = 1.0, 1.0, 0
-
-    def record(self, *, used: bool) -> None:
-        self.used *= self.DECAY
-        self.wasted *= self.DECAY
-        if used:
-            self.used += 1.0
-        else:
-            self.wasted += 1.0
-
-    def worthwhile(self) -> bool:
-        if self.used / (self.used + self.wasted) >= self.THRESHOLD:
-            return True
-        self.refused += 1
-        return self.refused % self.TRIAL_EVERY == 0
 
 
 class CacheCore:
@@ -99,6 +67,8 @@ class CacheCore:
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
         self.admitted: set[int] = set()  # admitted after a CPU computation, not used yet
         self.admission_value = AdmissionRate()
+        self.prefetch_outcomes = PrefetchOutcomes(horizon_steps=len(stats.layers))  # a token's worth of layer steps
+        self.prefetch_probability: dict[int, float] = {}  # prefetched key -> its forecast probability
 
     # ------------------------------------------------------------------ queries
     def key(self, layer: int, expert: int) -> int:
@@ -128,6 +98,7 @@ class CacheCore:
             raise AssertionError(f"wave of {len(keys)} experts exceeds the {self.num_slots} slots")
         self.protected.update(keys)
         accesses: list[Access] = []
+        missed: list[int] = []
         slot_of, prefetched_keys, pinned, on_access = self.slot_of, self.prefetched, self.pinned, self.policy.on_access
         try:
             for key in keys:
@@ -137,12 +108,14 @@ class CacheCore:
                     counters.hits += 1
                     if key in self.admitted:
                         self.admitted.discard(key)
-                        self.admission_value.record(used=True)
+                        self.admission_value.record(True)
                     if prefetched:
                         prefetched_keys.discard(key)
                         counters.prefetches_used += 1
+                        self.prefetch_outcomes.record_use(self.prefetch_probability.pop(key, 1.0), True)
                 else:
                     counters.misses += 1
+                    missed.append(key)
                     self._place(layer, key)
                 if key not in pinned:
                     on_access(key)
@@ -151,6 +124,7 @@ class CacheCore:
             self.forget([access.key for access in accesses if not access.hit])
             self.protected.difference_update(keys)
             raise
+        self.prefetch_outcomes.next_step(missed)
         return accesses
 
     def compute_elsewhere(self, layer: int, experts: Sequence[int]) -> None:
@@ -160,11 +134,14 @@ class CacheCore:
         counters.misses += len(experts)
         counters.host_computes += len(experts)
 
-    def prefetch(self, layer: int, experts: Sequence[int], *, admission: bool = False) -> list[Access]:
+    def prefetch(
+        self, layer: int, experts: Sequence[int], *, admission: bool = False, probabilities: dict[int, float] | None = None,
+    ) -> list[Access]:
         """Map those `experts` of `layer` that are not resident to free or evicted slots, until
         no slot can be had without waiting; the caller loads them in the background.
         admission: the experts were just computed on the CPU and are admitted for later steps
-        (counted as admissions, not as forecasts)."""
+        (counted as admissions, not as forecasts). probabilities: each expert's forecast, whose
+        outcomes (used or wasted) calibrate the prefetch gate."""
         counter = "admissions" if admission else "prefetches_issued"
         counters = self.stats.layers[layer]
         placed: list[Access] = []
@@ -175,10 +152,14 @@ class CacheCore:
                     continue
                 if not self.free:
                     try:
-                        self._evict_one()
+                        victim = self._evict_one()
                     except NoVictimError:
                         break
+                    if not admission:
+                        self.prefetch_outcomes.evicted_by_prefetch(victim)
                 self._place(layer, key)
+                if probabilities is not None:
+                    self.prefetch_probability[key] = probabilities[expert]
                 self.protected.add(key)  # until the call ends: a later one of this call never evicts it
                 (self.admitted if admission else self.prefetched).add(key)
                 setattr(counters, counter, getattr(counters, counter) + 1)
@@ -237,14 +218,16 @@ class CacheCore:
                 if not self.wait_for_slot():
                     raise AssertionError("no evictable slot: every slot is in use by the running layer or pinned") from None
 
-    def _evict_one(self) -> None:
-        """Evict the policy's victim among evictable keys; raises NoVictimError if there is none."""
+    def _evict_one(self) -> int:
+        """Evict the policy's victim among evictable keys (returned); raises NoVictimError if there is none."""
         victim = self.policy.choose_victim(self.evictable)
         if victim in self.prefetched:
             self.wasted_prefetches += 1
+            self.prefetch_outcomes.record_use(self.prefetch_probability.get(victim, 1.0), False)
         if victim in self.admitted:
-            self.admission_value.record(used=False)
+            self.admission_value.record(False)
         self._drop(victim)
+        return victim
 
     def _drop(self, key: int) -> None:
         slot = self.slot_of.pop(key)
@@ -252,6 +235,7 @@ class CacheCore:
         if key not in self.pinned:
             self.policy.on_evict(key)
         self.prefetched.discard(key)
+        self.prefetch_probability.pop(key, None)
         self.admitted.discard(key)
         self.free.append(slot)
         self.on_evicted(key)

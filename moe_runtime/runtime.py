@@ -32,6 +32,7 @@ from .loader import Loader
 from .offloaded import OffloadedExperts
 from . import wrapped_model
 from .policies import make_policy
+from .prefetch_gate import PrefetchGate
 from .pool import SlotPool
 from .stats import RuntimeStats
 from .expert_tensors import expert_nbytes
@@ -89,7 +90,12 @@ class Runtime:
         self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
         self.pool = HostSlots(source.shapes, source.dtype, self.num_slots) if in_place else SlotPool(source.shapes, source.dtype, self.num_slots, device)
-        self.costs = measure_costs(source, self.pool, self.layout, self.gates[0]) if self.execution == HYBRID else None
+        measured = None if in_place or (self.execution != HYBRID and forecaster is None) else measure_costs(source, self.pool, self.layout, self.gates[0])
+        self.costs = measured if self.execution == HYBRID else None
+        # Prefetches over a copy engine are gated by their expected value (in place from RAM a
+        # load is a pointer move: nothing to weigh); layer_ms is kept measured as layers run.
+        self.prefetch_gate = PrefetchGate(load_ms=measured.load_ms, layer_ms=measured.device_ms) if measured and forecaster else None
+        self._layer_started = None
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
         self.cache = SlotCache(
@@ -124,7 +130,18 @@ class Runtime:
         are only ever changed under the lock.
         """
         with self.lock:
+            if self.prefetch_gate is not None:
+                self._time_layers()
             return self._run_layer(layer, hidden, top_k_index, top_k_weights)
+
+    def _time_layers(self) -> None:
+        """Keep the prefetch gate's layer time measured: the decayed mean time between the
+        starts of consecutive MoE layers (gaps over 100 ms, between requests, are skipped)."""
+        now = time.perf_counter()
+        if self._layer_started is not None and now - self._layer_started < 0.1:
+            gate = self.prefetch_gate
+            gate.layer_ms = 0.9 * gate.layer_ms + 0.1 * (now - self._layer_started) * 1e3
+        self._layer_started = now
 
     def _run_layer(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # The layer's distinct experts in the router's order (a decode step: highest weight first),
@@ -209,7 +226,14 @@ class Runtime:
             scores = self.forecaster.forecast(layer, lookahead)
             self.cache.forecast(target, np.clip(scores, 0.0, 1.0))
             ranked = np.argsort(-scores, kind="stable")[: self.prefetch_width]
-            self.cache.prefetch(target, [int(e) for e in ranked if scores[e] > 0])
+            forecast = {int(e): float(min(scores[e], 1.0)) for e in ranked if scores[e] > 0}
+            wanted = list(forecast)
+            if self.prefetch_gate is not None:  # as the simulator decides (simulator.replay)
+                resident = self.cache.slot_of
+                candidates = [(e, forecast[e]) for e in wanted if self.cache.core.key(target, e) not in resident]
+                backlog = self.cache.loads_in_flight() * self.prefetch_gate.load_ms
+                wanted = self.prefetch_gate.select(candidates, lookahead, backlog, self.cache.core.prefetch_outcomes)
+            self.cache.prefetch(target, wanted, probabilities=forecast)
 
     def _waves(self, layer: int, needed: list[int]) -> list[list[int]]:
         """Split a layer's experts into passes that fit the pool, resident experts first (one

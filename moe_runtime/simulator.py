@@ -18,6 +18,7 @@ import numpy as np
 from .cache_core import CacheCore
 from .execution import DEVICE, HOST, HYBRID, HybridCostModel
 from .policies import EvictionPolicy
+from .prefetch_gate import PrefetchGate
 from .stats import RuntimeStats
 from .trace import Trace
 
@@ -58,13 +59,16 @@ class Prefetch:
     """Prefetch the top `width` experts forecast for layer l + `lookahead` after layer l.
 
     scores: [T, L, E] from a predictor's forecast_trace for that lookahead; only experts scoring
-    at least `min_score` are fetched (a confidence threshold that keeps wasted loads down).
+    at least `min_score` are fetched (a confidence threshold that keeps wasted loads down), and,
+    `gated`, only those whose expected saving beats their expected cost (PrefetchGate, as the
+    runtime decides).
     """
 
     scores: np.ndarray
     width: int
     lookahead: int
     min_score: float = 0.0
+    gated: bool = True  # PrefetchGate: only when the expected saving beats the expected cost
 
 
 @dataclass
@@ -179,6 +183,7 @@ def replay(
     engine = CopyEngine()
     cost = [timing.load_ms] * (num_layers * num_experts) if load_ms_of is None else np.asarray(load_ms_of, dtype=float).tolist()
     costs = timing.costs()
+    gate = PrefetchGate(load_ms=timing.load_ms, layer_ms=timing.layer_ms)
     now = 0.0
     for token, layers in enumerate(trace.expert_ids.astype(np.int64).tolist()):  # [L][K] per token
         for layer, experts in enumerate(layers):
@@ -207,7 +212,13 @@ def replay(
             if top is not None and layer + prefetch.lookahead < num_layers:
                 target = layer + prefetch.lookahead
                 policy.on_forecast(target, np.clip(prefetch.scores[token, layer], 0.0, 1.0))  # as the runtime does
-                for access in core.prefetch(target, [int(e) for e in top[token, layer] if e >= 0]):
+                wanted = [int(e) for e in top[token, layer] if e >= 0]
+                forecast = {e: float(np.clip(prefetch.scores[token, layer, e], 0.0, 1.0)) for e in wanted}
+                if prefetch.gated:
+                    resident = core.slot_of
+                    candidates = [(e, forecast[e]) for e in wanted if core.key(target, e) not in resident]
+                    wanted = gate.select(candidates, prefetch.lookahead, engine.busy_until - now, core.prefetch_outcomes)
+                for access in core.prefetch(target, wanted, probabilities=forecast):
                     ready[access.key] = engine.prefetch(access.key, now, cost[access.key])
             core.release(layer, on_device)
             if execution == HYBRID and on_host and engine.busy_until <= now and core.admission_value.worthwhile():  # as the runtime

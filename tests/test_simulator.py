@@ -165,14 +165,45 @@ def test_hybrid_is_never_slower_than_loading_or_computing_on_the_cpu(trace_paths
 
 
 def test_admissions_stop_when_admitted_experts_are_not_used_again():
-    from moe_runtime.cache_core import AdmissionRate
+    from moe_runtime.outcome_rates import AdmissionRate
 
     rate = AdmissionRate()
     assert rate.worthwhile()  # no evidence yet: one use, one waste
     for _ in range(30):
-        rate.record(used=False)
+        rate.record(False)
     refusals = [rate.worthwhile() for _ in range(AdmissionRate.TRIAL_EVERY)]
     assert refusals.count(True) == 1  # one trial admission keeps the rate measurable
     for _ in range(40):
-        rate.record(used=True)
+        rate.record(True)
     assert rate.worthwhile()
+
+
+def test_the_prefetch_gate_weighs_saving_against_cost():
+    from moe_runtime.outcome_rates import PrefetchOutcomes
+    from moe_runtime.prefetch_gate import PrefetchGate
+
+    gate = PrefetchGate(load_ms=0.69, layer_ms=0.25)
+    outcomes = PrefetchOutcomes(horizon_steps=4)
+    # One layer ahead, idle link: a sure forecast saves 0.25 ms against a victim's 0.25 x 0.69.
+    assert gate.select([(3, 0.99), (5, 0.95)], 1, 0.0, outcomes) == [3]  # the second waits behind the first: no saving left
+    assert gate.select([(3, 0.3)], 1, 0.0, outcomes) == []  # a likely-wrong prefetch holds the link 0.44 ms too long
+    assert gate.select([(3, 0.99)], 1, 2.0, outcomes) == []  # a busy link: it would land after its layer starts
+    assert gate.select([(3, 0.9), (4, 0.9)], 3, 0.0, outcomes) == [3]  # further ahead: the next layer's loads wait behind it
+    for _ in range(200):  # this routing's forecasts of 0.9 turn out wrong: the gate stops trusting them
+        outcomes.record_use(0.9, False)
+    assert gate.select([(3, 0.99)], 1, 0.0, outcomes) == []
+
+
+def test_gated_prefetching_costs_at_most_a_little_where_ungated_costs_much(trace_paths):
+    from moe_runtime.trace import load_trace
+
+    fit, held_out = load_trace(trace_paths["law"]).split(0.5)
+    part = Trace(held_out.expert_ids[:300], held_out.gate_weights[:300], np.array([0, 300]), held_out.num_experts, held_out.top_k)
+    scores = np.zeros((300, part.num_layers, part.num_experts), dtype=np.float32)
+    scores[:, :-1] = 0.9 * np.eye(part.num_experts, dtype=np.float32)[part.expert_ids[:, 1:]].max(axis=2)  # right, 0.9 each
+    scores[:, :-1] += 0.6 * np.eye(part.num_experts, dtype=np.float32)[(part.expert_ids[:, 1:] + 7) % part.num_experts].max(axis=2)
+    capacity = int(0.25 * part.num_layers * part.num_experts)
+    ms = {}
+    for name, prefetch in (("none", None), ("ungated", Prefetch(scores, 12, 1, gated=False)), ("gated", Prefetch(scores, 12, 1))):
+        ms[name] = replay(part, make_policy("lru", num_experts=part.num_experts, capacity=capacity), capacity, prefetch=prefetch).total_ms
+    assert ms["ungated"] > 1.05 * ms["none"] and ms["gated"] <= 1.01 * ms["none"]
