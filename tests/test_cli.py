@@ -229,3 +229,15 @@ def test_place_writes_plans_and_refuses_infeasible_budgets(trace_paths, tmp_path
     assert refused.returncode == 2 and "G must divide E" in refused.stderr
     refused = run_cli("place", str(trace_paths["summary"]), "--gpu-budget", "4", "--host-budget", "0.5", "--out", str(out), check=False)
     assert refused.returncode == 2 and "fewer than top-k = 6: short by 2" in refused.stderr
+
+
+def test_bench_live_replays_real_routing_through_the_engine_and_the_simulator_agrees(trace_paths):
+    args = ("bench", str(trace_paths["law"]), "--live", "--scale", "64", "--tokens", "12", "--budget", "0.1,0.25", "--policy", "lru")
+    report = json.loads(run_cli(*args, "--json").stdout)
+    assert set(report["constants"]["law"]) == {"layer_ms", "load_ms", "bytes_per_expert"}
+    for row in report["live"]:
+        assert row["arch"] == "deepseek-v2-lite" and row["tokens"] == 12  # chosen from the trace's (L, E, K)
+        assert row["measured_loads_per_token"] == row["simulated_loads_per_token"] > 0  # the same decisions
+        assert row["measured_ms_per_token"] > 0 and row["simulated_ms_per_token"] > 0 and row["disk_bytes_per_token"] > 0
+    result = run_cli("bench", str(trace_paths["law"]), "--live", "--arch", "gpt-oss-20b", "--scale", "64", check=False)
+    assert result.returncode == 2 and "routes (L, E, K) = (24, 32, 4)" in result.stderr

@@ -37,6 +37,12 @@ def add_parsers(subparsers) -> None:
         "--execution", default="device",
         help="comma list of device (load every miss), host (every expert on the CPU), hybrid (each miss loaded or run on the CPU), or all",
     )
+    bench.add_argument("--live", action="store_true", help="run the real engine on the traces' routing at a real model's shape (see --arch)")
+    bench.add_argument("--arch", help="--live: a preset shape (default: the trace's model_type, or its (L, E, K))")
+    bench.add_argument("--scale", type=int, default=1, help="--live: divide hidden and intermediate sizes by this")
+    bench.add_argument("--tokens", type=int, default=64, help="--live: decode the first N tokens of the trace's sequences")
+    bench.add_argument("--host-budget", default="0", help="--live: RAM for cold experts (default 0: misses read from disk)")
+    bench.add_argument("--store-dir", help="--live: convert the experts into a store here first")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")
     bench.add_argument("--wide", action="store_true", help="all columns (prefetch hits and waste too); wider than 80 characters")
@@ -68,6 +74,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    if args.live:
+        return run_live_command(args, settings)
     traces = {Path(path).stem: load_trace(path) for path in args.traces}
     fit = load_traces(args.fit) if args.fit else None
     total = len(plan(settings, list(traces)))
@@ -91,6 +99,43 @@ def run_bench_command(args: argparse.Namespace) -> int:
         console.print(f"[yellow]interrupted: {len(report['results'])} of {total} runs finished[/yellow]")
         return 130
     return 0
+
+
+def run_live_command(args: argparse.Namespace, settings: BenchSettings) -> int:
+    """`bench --live`: measured rows beside the simulator's, per trace and budget."""
+    from ..live_bench import ARCHES, run_live
+
+    if args.arch is not None and args.arch not in ARCHES:
+        raise ValueError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHES)}")
+    if args.scale < 1 or args.tokens < 1:
+        raise ValueError("--scale and --tokens must be at least 1")
+    host_budget = _budget_value(args.host_budget)
+    policy = settings.policies[0]
+    report = {"live": [], "constants": {}}
+    for path in args.traces:
+        name = Path(path).stem
+        part = run_live(name, load_trace(path), arch=args.arch, scale=args.scale, tokens=args.tokens, budgets=settings.budgets,
+                        policy=policy, host_budget=host_budget, store_dir=args.store_dir)
+        report["live"] += part["live"]
+        report["constants"][name] = part["constants"]
+    if args.json:
+        print_json(report)
+        return 0
+    columns = ("trace", "budget", "ms", "sim ms", "loads", "sim loads", "hit rate", "stall ms")
+    fields = ("trace", "budget", "measured_ms_per_token", "simulated_ms_per_token", "measured_loads_per_token",
+              "simulated_loads_per_token", "hit_rate", "stall_ms_per_token")
+    console.print(rows_table(f"live, {policy}, per token (measured beside simulated)", columns, [[row[f] for f in fields] for row in report["live"]]))
+    return 0
+
+
+def _budget_value(text: str):
+    """A budget as the API takes it: "0" bytes (int), "0.5" a fraction (float), "2GiB" a size string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 REPLAY_COLUMNS = {  # header -> row field (None: loads against Belady's MIN at the same budget)
