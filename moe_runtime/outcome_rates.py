@@ -86,6 +86,6 @@ class PrefetchOutcomes:
                 self.victim_reuse.record(True)
         while self.expiry and self.expiry[0][0] <= self.step - self.horizon:
             _, key = self.expiry.popleft()
-            if self.victims.get(key, -1) <= self.step - self.horizon and key in self.victims:
+            if key in self.victims and self.victims[key] <= self.step - self.horizon:  # not evicted again since
                 del self.victims[key]
                 self.victim_reuse.record(False)
