@@ -83,7 +83,13 @@ class SlotCache:
 
     def begin_acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """The slots `experts` of `layer` will be in, their loads started (not waited for): the
-        caller may work meanwhile, then calls finish_acquire. Protected until `release(layer)`."""
+        caller may work meanwhile, then calls finish_acquire. Protected until `release(layer)`.
+        A background load (prefetch, admission) of one of them that failed earlier is forgotten
+        first, so this step loads the expert again instead of raising an old error."""
+        for expert in experts:
+            ticket = self.tickets.get(self.core.key(layer, expert))
+            if ticket is not None and ticket.prefetch and ticket.done() and ticket.error is not None:
+                self._forget(self.core.key(layer, expert))
         counters = self.stats.layers[layer]
         accesses = self.core.acquire(layer, experts)
         keys = [access.key for access in accesses]

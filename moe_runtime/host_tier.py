@@ -224,5 +224,17 @@ class HostTier(ExpertSource):
             self._borrowed[key] = 1
         return buffers, retained
 
+    def reserve(self, count: int) -> None:
+        """Allocate and touch `count` spare buffers now, so the first reads into them do not pay
+        for page faults in the middle of a decode (in-place slots own up to one each)."""
+        with self._lock:
+            missing = max(0, count - len(self._spare))
+        buffers = [allocate_expert(self.shapes, self.dtype, pin=self.pin) for _ in range(missing)]
+        for tensors in buffers:
+            for tensor in tensors.values():
+                tensor.zero_()
+        with self._lock:
+            self._spare.extend(buffers)
+
     def close(self) -> None:
         self.disk.close()

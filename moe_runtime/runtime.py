@@ -36,7 +36,7 @@ from .prefetch_gate import PrefetchGate
 from .pool import SlotPool
 from .stats import RuntimeStats
 from .expert_tensors import expert_nbytes
-from .host_tier import ExpertSource
+from .host_tier import ExpertSource, HostTier
 
 RUNTIME_ATTR = "_moe_runtime"
 CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then names the stuck one
@@ -96,6 +96,8 @@ class Runtime:
         # load is a pointer move: nothing to weigh); layer_ms is kept measured as layers run.
         self.prefetch_gate = PrefetchGate(load_ms=measured.load_ms, layer_ms=measured.device_ms) if measured and forecaster else None
         self._layer_started = None
+        if in_place and isinstance(source, HostTier):  # buffers for the misses the tier cannot keep, touched now
+            source.reserve(min(self.num_slots, max(0, len(blocks) * self.num_experts - source.capacity)))
         self.stats = RuntimeStats(len(blocks))
         self.loader = Loader(source, self.pool)
         self.cache = SlotCache(

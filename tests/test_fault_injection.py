@@ -216,3 +216,21 @@ def test_unwrap_names_a_stuck_load_instead_of_hanging(checkpoint, expected, exec
     release.set()
     disk.read_run = real_read
     assert_usable_then_unwrap(model, expected)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_background_load_that_failed_is_loaded_again_on_demand(checkpoint, expected, execution):
+    model = offloaded(checkpoint, execution)
+    runtime = getattr(model, RUNTIME_ATTR)
+    disk = runtime.source.disk
+    real_read = disk.read_run
+
+    def fails(layer, experts, outs):
+        raise OSError(5, "injected: Input/output error")
+
+    disk.read_run = fails
+    experts = [int(e) for e in range(runtime.num_experts)][:2]
+    assert runtime.prefetch(0, experts) == 2  # both fail in the background
+    runtime.drain()
+    disk.read_run = real_read
+    assert_usable_then_unwrap(model, expected)  # the old errors are not raised: the experts load again
