@@ -23,6 +23,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).parent))
 from live_decode import Shape, build_checkpoint  # noqa: E402
 
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+
 
 def one_row(path: Path, contender: str, budget: float, new_tokens: int, from_disk: bool) -> dict:
     """Runs in the child: load, wrap, decode; its figures."""
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--from-disk", action="store_true", help="from_pretrained with host_budget=0: every miss read from disk")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.json:
+        check_writable(args.json)  # before minutes of decoding, not after
     path = build_checkpoint(Shape())
     budgets = [float(b) for b in args.budgets.split(",")]
     best: dict[tuple, dict] = {}
@@ -87,7 +91,7 @@ def main() -> None:
         pool = f"{row['slot_pool_mib']:>10.0f}{row['hit_rate']:>10.3f}" if "hit_rate" in row else f"{'-':>10}{'-':>10}"
         print(f"{row['contender']:<11}{row['budget']:>7}{row['ms_per_token']:>10.1f}{row['rss_mib']:>9.0f}{row['peak_rss_mib']:>10.0f}{pool}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": Shape().name, "rows": rows}, indent=1))
+        write_text_atomically(args.json, json.dumps({"shape": Shape().name, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from moe_runtime.atomic import check_writable, write_atomically
+from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
 from moe_runtime.bench import DEFAULT, BenchRun, BenchSettings, Workload, belady_row, run_one
 from moe_runtime.simulator import TimingModel
 from moe_runtime.trace import load_trace
@@ -55,7 +55,7 @@ def main() -> None:
                     bar.update()
     table = summarise(rows, bounds, budgets)
     if args.json:
-        write_atomically(args.json, lambda f: f.write(json.dumps({"timing": settings.timing.__dict__, "rows": rows, "belady": bounds}, indent=1).encode()))
+        write_text_atomically(args.json, json.dumps({"timing": settings.timing.__dict__, "rows": rows, "belady": bounds}, indent=1))
     if args.plot:
         plot(rows, bounds, args.plot)
     print(table)

@@ -25,6 +25,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before Triton is fir
 
 import torch  # noqa: E402
 
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.tiny_models import expert_fields, tiny_config  # noqa: E402
 
 
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    if args.json:
+        check_writable(args.json)  # before the runs, not after
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU; --smoke runs tiny shapes on CPU to check the script")
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -80,8 +83,7 @@ def main() -> None:
             print(_line(row))
         del pool
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": str(device), "hbm_gbps": hbm, "results": rows}, handle, indent=1)
+        write_text_atomically(args.json, json.dumps({"device": str(device), "hbm_gbps": hbm, "results": rows}, indent=1))
     if args.plot:
         _plot(rows, hbm, args.plot)
 

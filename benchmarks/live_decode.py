@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moe_runtime
+from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.embedded import cache_root
 from moe_runtime.generation import time_generation
 from moe_runtime.inspection import describe_model_dir
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--no-accelerate", action="store_true")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.json:
+        check_writable(args.json)  # before the runs, not after
     shape = Shape(args.family, args.hidden, args.intermediate, args.experts, args.top_k, args.layers, args.dtype)
     device = torch.device(args.device)
     rows = run(shape, [float(b) for b in args.budgets.split(",")], args.new_tokens, device, not args.no_accelerate)
@@ -167,7 +170,7 @@ def main() -> None:
         extra = "".join(f"{c:>11.3f}" if c is not None else f"{'-':>11}" for c in cells)
         print(f"{row.contender:<20}{row.budget if row.budget is not None else '-':>8}{row.decode_tokens_per_second:>10.2f}{row.ms_per_token:>10.1f}{extra}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": asdict(shape), "device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
+        write_text_atomically(args.json, json.dumps({"shape": asdict(shape), "device": str(device), "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":

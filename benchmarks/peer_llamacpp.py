@@ -27,13 +27,14 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from live_decode import Shape, build_checkpoint  # noqa: E402
 
-from moe_runtime.atomic import check_writable, write_atomically  # noqa: E402
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.embedded import cache_root  # noqa: E402
 
 LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
@@ -49,8 +50,12 @@ def llama_tree(root: Path) -> Path:
     if tree is None:
         root.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "llama-cpp-python", "--no-deps", "--no-binary", ":all:", "-d", str(root)], check=True)
+        unpacking = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=root))  # an interrupted unpack is never trusted
         with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as archive:
-            archive.extractall(root, filter="data")
+            archive.extractall(unpacking, filter="data")
+        for folder in unpacking.iterdir():
+            folder.rename(root / folder.name)
+        unpacking.rmdir()
         tree = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
     if not (tree / "build" / "bin" / "llama-bench").is_file():
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
@@ -192,7 +197,7 @@ def main() -> None:
     print(f"{'bound':<14}{'':<8}{'':>7}{bound:>8.1f}")
     if args.json:
         report = {"shape": shape.name, "bandwidth_gbps": max(bandwidths), "rows": rows, "bound_tokens_per_second": bound}
-        write_atomically(args.json, lambda handle: handle.write(json.dumps(report, indent=1).encode()))
+        write_text_atomically(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import moe_runtime
+from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.embedded import EMBEDDED_TASKS, load_embedded_model
 from moe_runtime.pruning import make_profile
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--write-profiles", help="also write keep-0.5 profiles made from ALL prompts of each task here")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if args.json:
+        check_writable(args.json)  # before the runs, not after
     model, tokenizer = load_embedded_model()
     encode = lambda prompts: [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]  # noqa: E731
     split = {task: (encode(p[: len(p) // 2]), encode(p[len(p) // 2 :])) for task, p in EMBEDDED_TASKS.items()}
@@ -72,7 +75,7 @@ def main() -> None:
             other = next(r for r in rows if r["task"] == task and r["keep"] == keep and r["profile"] != task)
             print(f"{task:<10}{keep:>6}{own['delta_loss']:>11.4f}{own['kl']:>9.4f}{other['profile']:>11}{other['delta_loss']:>13.4f}{other['kl']:>10.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_text_atomically(args.json, json.dumps(rows, indent=1))
     if args.write_profiles:
         for task, prompts in EMBEDDED_TASKS.items():
             trace = moe_runtime.record_trace(model, encode(prompts), task=task)
