@@ -86,10 +86,10 @@ class SlotCache:
         caller may work meanwhile, then calls finish_acquire. Protected until `release(layer)`.
         A background load (prefetch, admission) of one of them that failed earlier is forgotten
         first, so this step loads the expert again instead of raising an old error."""
-        for expert in experts:
-            ticket = self.tickets.get(self.core.key(layer, expert))
+        for key in (self.core.key(layer, expert) for expert in experts):
+            ticket = self.tickets.get(key)
             if ticket is not None and ticket.prefetch and ticket.done() and ticket.error is not None:
-                self._forget(self.core.key(layer, expert))
+                self._forget(key)
         counters = self.stats.layers[layer]
         accesses = self.core.acquire(layer, experts)
         keys = [access.key for access in accesses]
@@ -164,11 +164,7 @@ class SlotCache:
         try:
             self.loader.submit(loads)  # all or nothing
         except BaseException:
-            counters = self.stats.layers[layer]
-            if admission:
-                counters.admissions -= len(loads)
-            else:
-                counters.prefetches_issued -= len(loads)
+            self.core.count_prefetches(layer, -len(loads), admission=admission)
             self._roll_back(loads)
             raise
         return len(loads)

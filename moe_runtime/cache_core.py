@@ -142,8 +142,6 @@ class CacheCore:
         admission: the experts were just computed on the CPU and are admitted for later steps
         (counted as admissions, not as forecasts). probabilities: each expert's forecast, whose
         outcomes (used or wasted) calibrate the prefetch gate."""
-        counter = "admissions" if admission else "prefetches_issued"
-        counters = self.stats.layers[layer]
         placed: list[Access] = []
         try:
             for expert in experts:
@@ -162,15 +160,22 @@ class CacheCore:
                     self.prefetch_probability[key] = probabilities[expert]
                 self.protected.add(key)  # until the call ends: a later one of this call never evicts it
                 (self.admitted if admission else self.prefetched).add(key)
-                setattr(counters, counter, getattr(counters, counter) + 1)
                 placed.append(Access(key, self.slot_of[key], False, False))
         except BaseException:
-            setattr(counters, counter, getattr(counters, counter) - len(placed))
             self.protected.difference_update(access.key for access in placed)
             self.forget([access.key for access in placed])
             raise
         self.protected.difference_update(access.key for access in placed)
+        self.count_prefetches(layer, len(placed), admission=admission)
         return placed
+
+    def count_prefetches(self, layer: int, count: int, *, admission: bool) -> None:
+        """Add `count` (negative: take back) to the layer's prefetches issued, or its admissions."""
+        counters = self.stats.layers[layer]
+        if admission:
+            counters.admissions += count
+        else:
+            counters.prefetches_issued += count
 
     def release(self, layer: int, experts: Sequence[int]) -> list[int]:
         """The layer is done with `experts`; transient ones leave their slot (unless still

@@ -195,7 +195,8 @@ def replay(
                 missed = [e for e in experts if core.key(layer, e) not in core.slot_of]
                 on_host = costs.split(missed, {}, engine.in_flight_end(now) - now, timing.layer_ms)[1] if missed else []
             on_device = [e for e in experts if e not in on_host] if on_host else experts
-            core.compute_elsewhere(layer, on_host)
+            if on_host:
+                core.compute_elsewhere(layer, on_host)
             accesses = core.acquire(layer, on_device)
             latest_ready = now
             for access in accesses:
