@@ -47,6 +47,24 @@ def offloaded(checkpoint, execution="device"):
     return moe_runtime.from_pretrained(checkpoint, budget=MINIMUM, device="cpu", host_budget=0, dtype=torch.float32, execution=execution)
 
 
+@contextlib.contextmanager
+def before_each_read(runtime, hook):
+    """Within the block every read from the store first calls hook(), which may sleep, wait or
+    raise a fault; the real read is back afterwards, whatever happened."""
+    disk = runtime.source.disk
+    real_read = disk.read_run
+
+    def read(layer, experts, outs):
+        hook()
+        real_read(layer, experts, outs)
+
+    disk.read_run = read
+    try:
+        yield
+    finally:
+        disk.read_run = real_read
+
+
 def assert_usable_then_unwrap(model, expected) -> None:
     runtime = getattr(model, RUNTIME_ATTR)
     runtime.drain()
@@ -88,16 +106,12 @@ def test_an_interrupt_while_a_slow_load_is_pending_never_tears_a_slot(checkpoint
     for slot in range(runtime.num_slots):  # a slot computed before its load finished shows NaN
         for tensor in runtime.pool.view(slot).values():
             tensor.fill_(float("nan"))
-    disk = runtime.source.disk
-    real_read = disk.read_run
     reading = threading.Event()
 
-    def slow_read(layer, experts, outs):
+    def slow():
         reading.set()
         time.sleep(0.4)
-        real_read(layer, experts, outs)
 
-    disk.read_run = slow_read
     in_flight: set = set()  # tickets a worker is copying right now
     real_copy = runtime.loader._copy
 
@@ -114,61 +128,63 @@ def test_an_interrupt_while_a_slow_load_is_pending_never_tears_a_slot(checkpoint
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        for delay in (0.1, 0.3, 0.5, 0.9):  # the interrupt lands while different loads are pending
-            signal.setitimer(signal.ITIMER_REAL, delay)
-            tickets = []
-            real_submit = runtime.loader.submit
-            runtime.loader.submit = lambda group: (tickets.extend(group), real_submit(group))
-            with pytest.raises(KeyboardInterrupt), torch.no_grad():
-                model(input_ids=IDS)
-            runtime.loader.submit = real_submit
-            assert reading.is_set()
-            for ticket in tickets:  # a slot being written stays mapped to its expert, never free
-                if id(ticket) in in_flight:
-                    key = ticket.layer * runtime.num_experts + ticket.expert
-                    assert runtime.cache.key_of[ticket.slot] == key and ticket.slot not in runtime.cache.free
-            runtime.cache.check_invariants()
-            assert runtime.cache.in_use == set()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    with torch.no_grad():  # still slow, with interrupted loads in flight: the answer is exact
-        torch.testing.assert_close(model(input_ids=IDS).logits, expected)
-    disk.read_run = real_read
+    with before_each_read(runtime, slow):
+        try:
+            _interrupt_at(runtime, model, reading, in_flight)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        with torch.no_grad():  # still slow, with interrupted loads in flight: the answer is exact
+            torch.testing.assert_close(model(input_ids=IDS).logits, expected)
     assert_usable_then_unwrap(model, expected)
+
+
+def _interrupt_at(runtime, model, reading, in_flight) -> None:
+    """Forwards interrupted by SIGALRM at several delays; after each, no slot being written is
+    free or remapped, and the cache is consistent."""
+    for delay in (0.1, 0.3, 0.5, 0.9):  # the interrupt lands while different loads are pending
+        signal.setitimer(signal.ITIMER_REAL, delay)
+        tickets = []
+        real_submit = runtime.loader.submit
+        runtime.loader.submit = lambda group: (tickets.extend(group), real_submit(group))
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model(input_ids=IDS)
+        runtime.loader.submit = real_submit
+        assert reading.is_set()
+        for ticket in tickets:  # a slot being written stays mapped to its expert, never free
+            if id(ticket) in in_flight:
+                key = ticket.layer * runtime.num_experts + ticket.expert
+                assert runtime.cache.key_of[ticket.slot] == key and ticket.slot not in runtime.cache.free
+        runtime.cache.check_invariants()
+        assert runtime.cache.in_use == set()
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
 def test_read_errors_in_the_middle_of_a_layer_100_times(checkpoint, expected, execution):
     model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
-    disk = runtime.source.disk
-    real_read = disk.read_run
     reads = {"n": 0}
 
-    def every_third_read_fails(layer, experts, outs):
+    def every_third_read_fails():
         reads["n"] += 1
         if reads["n"] % 3 == 0:
             raise OSError(5, "injected: Input/output error")
-        real_read(layer, experts, outs)
 
-    disk.read_run = every_third_read_fails
     failures = 0
-    for _ in range(100):
-        try:
-            with torch.no_grad():
-                model(input_ids=IDS[:, :2])
-        except OSError:
-            failures += 1
-        runtime.cache.check_invariants()
-        assert runtime.cache.in_use == set()
+    with before_each_read(runtime, every_third_read_fails):
+        for _ in range(100):
+            try:
+                with torch.no_grad():
+                    model(input_ids=IDS[:, :2])
+            except OSError:
+                failures += 1
+            runtime.cache.check_invariants()
+            assert runtime.cache.in_use == set()
     assert failures >= 50
     stats = moe_runtime.stats(model)
     per_layer = stats["per_layer"]
     assert stats["hits"] + stats["misses"] == sum(layer["hits"] + layer["misses"] for layer in per_layer)
     assert stats["loads"] <= stats["misses"] and stats["bytes_loaded"] == stats["loads"] * PER_EXPERT
-    disk.read_run = real_read
     assert_usable_then_unwrap(model, expected)
 
 
@@ -200,21 +216,13 @@ def test_unwrap_names_a_stuck_load_instead_of_hanging(checkpoint, expected, exec
     model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
     release = threading.Event()
-    disk = runtime.source.disk
-    real_read = disk.read_run
-
-    def stuck_read(layer, experts, outs):
-        release.wait(10)
-        real_read(layer, experts, outs)
-
-    disk.read_run = stuck_read
-    runtime.prefetch(0, [0])  # in flight, held by the stuck read
-    start = time.perf_counter()
-    with pytest.raises(TimeoutError, match="load of expert 0 of MoE layer 0 .* has not finished"):
-        runtime.drain(timeout=0.5)
-    assert time.perf_counter() - start < 2.0
-    release.set()
-    disk.read_run = real_read
+    with before_each_read(runtime, lambda: release.wait(10)):
+        runtime.prefetch(0, [0])  # in flight, held by the stuck read
+        start = time.perf_counter()
+        with pytest.raises(TimeoutError, match="load of expert 0 of MoE layer 0 .* has not finished"):
+            runtime.drain(timeout=0.5)
+        assert time.perf_counter() - start < 2.0
+        release.set()
     assert_usable_then_unwrap(model, expected)
 
 
@@ -222,15 +230,10 @@ def test_unwrap_names_a_stuck_load_instead_of_hanging(checkpoint, expected, exec
 def test_a_background_load_that_failed_is_loaded_again_on_demand(checkpoint, expected, execution):
     model = offloaded(checkpoint, execution)
     runtime = getattr(model, RUNTIME_ATTR)
-    disk = runtime.source.disk
-    real_read = disk.read_run
-
-    def fails(layer, experts, outs):
+    def fails():
         raise OSError(5, "injected: Input/output error")
 
-    disk.read_run = fails
-    experts = [int(e) for e in range(runtime.num_experts)][:2]
-    assert runtime.prefetch(0, experts) == 2  # both fail in the background
-    runtime.drain()
-    disk.read_run = real_read
+    with before_each_read(runtime, fails):
+        assert runtime.prefetch(0, [0, 1]) == 2  # both fail in the background
+        runtime.drain()
     assert_usable_then_unwrap(model, expected)  # the old errors are not raised: the experts load again
