@@ -90,7 +90,8 @@ class Runtime:
         self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
         self.pool = HostSlots(source.shapes, source.dtype, self.num_slots) if in_place else SlotPool(source.shapes, source.dtype, self.num_slots, device)
-        measured = None if in_place or (self.execution != HYBRID and forecaster is None) else measure_costs(source, self.pool, self.layout, self.gates[0])
+        weighs_loads = not in_place and (self.execution == HYBRID or forecaster is not None)  # hybrid splits, gated prefetches
+        measured = measure_costs(source, self.pool, self.layout, self.gates[0]) if weighs_loads else None
         self.costs = measured if self.execution == HYBRID else None
         # Prefetches over a copy engine are gated by their expected value (in place from RAM a
         # load is a pointer move: nothing to weigh); layer_ms is kept measured as layers run.
