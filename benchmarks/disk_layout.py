@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from moe_runtime.placement import disk_layout, expert_id_order, routing_statistics, runs_per_read
 from moe_runtime.disk_store import ConvertedStore
 from moe_runtime.trace import load_trace, merge_traces
+from moe_runtime.expert_format import ExpertSpec
 
 DATA = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing" / "esft-vanilla-lite"
 TASKS = ("intent", "law", "summary", "translation")
@@ -67,7 +68,7 @@ def _random_store(directory: Path, order: np.ndarray, expert_mb: float) -> Conve
     generator = torch.Generator().manual_seed(0)
     experts = order.shape[1]
     return ConvertedStore.write(
-        directory, shapes, torch.float16, len(order), experts,
+        directory, ExpertSpec(shapes, torch.float16), len(order), experts,
         lambda layer, expert: {"weight": torch.randn(shapes["weight"], generator=generator).half()}, order=order.tolist(),
     )
 

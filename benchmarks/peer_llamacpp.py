@@ -10,8 +10,8 @@ decode benchmark: both sides decode token ids).
 
 Contenders alternate, round after round, each in a fresh process: llama-bench (2 threads,
 64 tokens generated after a 16-token context) per format, and on our side the unwrapped
-transformers model and moe-runtime `wrap` at 100% and 25% (in place on the CPU), in bf16 and
-cast to fp16, 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
+transformers model and moe-runtime `wrap` at 100% and 25% (in place on the CPU), in bf16,
+cast to fp16, and with int8 / int4 (group 64) experts, 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
 measured in the same run divided by the bytes one decode step must read (every non-expert
 weight but the input embedding, plus top-k/E of the experts).
 
@@ -39,7 +39,9 @@ from moe_runtime.embedded import cache_root  # noqa: E402
 
 LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
 OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runtime", "bf16", 1.0), ("moe-runtime", "fp16", 1.0),
-        ("moe-runtime", "bf16", 0.25), ("moe-runtime", "fp16", 0.25)]
+        ("moe-runtime", "bf16", 0.25), ("moe-runtime", "fp16", 0.25), ("moe-runtime", "int8", 1.0), ("moe-runtime", "int4", 1.0),
+        ("moe-runtime", "int8", 0.25), ("moe-runtime", "int4", 0.25)]
+QUANTIZED = ("int8", "int4")  # our formats held by quantize=... (expert_format.py); the rest of the model stays bf16
 PROMPT, NEW_TOKENS, THREADS = 16, 64, 2
 
 
@@ -126,7 +128,7 @@ def ours(checkpoint: Path, contender: str, dtype: str, budget: float) -> float:
     if dtype == "fp16":
         model = model.half()
     if contender == "moe-runtime":
-        moe_runtime.wrap(model, budget=budget, device="cpu")
+        moe_runtime.wrap(model, budget=budget, device="cpu", quantize=dtype if dtype in QUANTIZED else None)
     ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     time_generation(model, ids, 4)
     return time_generation(model, ids, NEW_TOKENS).decode_tokens_per_second
@@ -167,7 +169,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--llama-root", type=Path, default=cache_root() / "llama.cpp", help="where the sdist is unpacked and built")
     parser.add_argument("--json", help="write {rows, bound_tokens_per_second} here")
+    parser.add_argument("--formats", help="only these formats, a comma list of llama.cpp's and ours (e.g. Q8_0,Q4_0,int8,int4)")
     args = parser.parse_args()
+    only = None if args.formats is None else set(args.formats.split(","))
     if args.json:
         check_writable(args.json, "output")
     shape = Shape()
@@ -179,10 +183,14 @@ def main() -> None:
     for round_ in range(args.rounds):
         bandwidths.append(read_bandwidth_gbps())
         for name, path in files.items():
+            if only is not None and name not in only:
+                continue
             speed = llama_bench(tree, path)
             best[("llama.cpp", name, 1.0)] = max(best.get(("llama.cpp", name, 1.0), 0.0), speed)
             print(f"round {round_ + 1}: llama.cpp {name}: {speed:.1f} tok/s", flush=True)
         for contender, dtype, budget in OURS:
+            if only is not None and dtype not in only:
+                continue
             done = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)],
                                   capture_output=True, text=True, check=True)
             speed = json.loads(done.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ plain PyTorch reference. Imported as `moe_runtime.kernels`; the @triton.jit code
 """
 
 from .grouped_moe import BACKENDS, grouped_moe, tile_config
+from .quantized import QuantizedBank, quantized_banks
 from .reference import grouped_moe_reference
 
-__all__ = ["BACKENDS", "grouped_moe", "grouped_moe_reference", "tile_config"]
+__all__ = ["BACKENDS", "QuantizedBank", "grouped_moe", "grouped_moe_reference", "quantized_banks", "tile_config"]

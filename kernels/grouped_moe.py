@@ -6,6 +6,8 @@ and raises if Triton cannot run; "torch" runs the PyTorch reference; "auto" pick
 and PyTorch otherwise. Layouts: the transformers default (gate_up [S, 2I, H], gate rows then up
 rows; down [S, H, I]). GPT-OSS (transposed, interleaved gate/up, biases, clamped SwiGLU) is not
 expressible with these arguments: the runtime keeps its PyTorch path for that family.
+gate_up and down may also be QuantizedBank (int8, or int4 nibbles: kernels/quantized.py), whose
+tiles the kernels dequantize in registers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .quantized import QuantizedBank
 from .reference import grouped_moe_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,20 +38,24 @@ def tile_config(kind: str) -> dict:
 
 
 def _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, check_values: bool) -> None:
-    if hidden.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
-        raise ValueError(f"expected hidden [T, H], gate_up [S, 2I, H], down [S, H, I]; got {tuple(hidden.shape)}, {tuple(gate_up.shape)}, {tuple(down.shape)}")
+    gate_up_shape, down_shape = tuple(gate_up.shape), tuple(down.shape)  # a QuantizedBank's: the dequantized shape
+    if hidden.dim() != 2 or len(gate_up_shape) != 3 or len(down_shape) != 3:
+        raise ValueError(f"expected hidden [T, H], gate_up [S, 2I, H], down [S, H, I]; got {tuple(hidden.shape)}, {gate_up_shape}, {down_shape}")
     tokens, size = hidden.shape
-    slots, double, gate_size = gate_up.shape
-    if double % 2 or gate_size != size or down.shape != (slots, size, double // 2):
-        raise ValueError(f"gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not fit hidden size {size}: need [S, 2I, H] and [S, H, I]")
+    slots, double, gate_size = gate_up_shape
+    if double % 2 or gate_size != size or down_shape != (slots, size, double // 2):
+        raise ValueError(f"gate_up {gate_up_shape} and down {down_shape} do not fit hidden size {size}: need [S, 2I, H] and [S, H, I]")
     if top_k_index.dim() != 2 or top_k_index.shape[0] != tokens or top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_index and top_k_weights must both be [T={tokens}, K], got {tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
     if slot_of_expert.dim() != 1 or slot_of_expert.dtype.is_floating_point or top_k_index.dtype.is_floating_point:
         raise ValueError("slot_of_expert [E] and top_k_index [T, K] must be integer tensors")
+    quantized = isinstance(gate_up, QuantizedBank), isinstance(down, QuantizedBank)
+    if quantized[0] != quantized[1]:
+        raise ValueError("gate_up and down must both be quantized banks or both be tensors")
     for name, tensor in (("hidden", hidden), ("gate_up", gate_up), ("down", down)):
-        if tensor.dtype not in DTYPES:
-            raise ValueError(f"{name} has dtype {tensor.dtype}; grouped_moe supports float32, float16 and bfloat16")
-    if not (hidden.dtype == gate_up.dtype == down.dtype):
+        if not isinstance(tensor, QuantizedBank) and tensor.dtype not in DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}; grouped_moe supports float32, float16 and bfloat16 (or a QuantizedBank)")
+    if not quantized[0] and not (hidden.dtype == gate_up.dtype == down.dtype):
         raise ValueError(f"hidden, gate_up and down must share a dtype, got {hidden.dtype}, {gate_up.dtype}, {down.dtype}")
     devices = {t.device for t in (hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)}
     if len(devices) != 1:
@@ -85,6 +92,8 @@ def grouped_moe(
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
     if backend == "torch":
+        if isinstance(gate_up, QuantizedBank):
+            gate_up, down = gate_up.dequantize(), down.dequantize()
         return grouped_moe_reference(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
     return _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
 
@@ -101,10 +110,12 @@ def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, p
     except ImportError as error:
         raise RuntimeError(f"Triton is not installed or cannot load here ({error}); use backend='torch'") from None
     out_dtype = hidden.dtype
+    gate_up, down = _operand(gate_up), _operand(down)
     if interpreting() and out_dtype == torch.bfloat16:
         # The interpreter computes bf16 on raw bits: upcast on the host, round back with torch.
-        hidden, gate_up, down = hidden.float(), gate_up.float(), down.float()
-    hidden, gate_up, down = hidden.contiguous(), gate_up.contiguous(), down.contiguous()
+        hidden = hidden.float()
+        gate_up, down = (operand.with_dtype(torch.float32) for operand in (gate_up, down))
+    hidden = hidden.contiguous()
     slots = slot_of_expert.to(torch.int32)[top_k_index.long()].reshape(-1).contiguous()  # [T*K]
     weights = top_k_weights.float().reshape(-1).contiguous()
     config = tile_config("cuda" if hidden.is_cuda else "interpreter")
@@ -116,6 +127,25 @@ def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, p
     return run(_grouped_moe, config, hidden, gate_up, down, slots, weights, top_k).to(out_dtype)
 
 
+class _Operand:
+    """One weight bank as the kernels take it: values, scales (the values again when full
+    precision: unread), its QUANT constant, group size and logical [S, N, K] shape."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, quant: int, group: int, shape: tuple[int, int, int]):
+        self.values, self.scales, self.quant, self.group, self.shape = values.contiguous(), scales.contiguous(), quant, group, shape
+
+    def with_dtype(self, dtype: torch.dtype) -> _Operand:
+        """Floating-point parts in `dtype` (the interpreter's bf16 workaround); integer values kept."""
+        values = self.values.to(dtype) if self.values.is_floating_point() else self.values
+        return _Operand(values, self.scales.to(dtype), self.quant, self.group, self.shape)
+
+
+def _operand(bank) -> _Operand:
+    if isinstance(bank, QuantizedBank):
+        return _Operand(bank.values, bank.scales, bank.quant_code, bank.group, bank.shape)
+    return _Operand(bank, bank, 0, 0, tuple(bank.shape))
+
+
 def _run_pairs(kernels, config, hidden, gate_up, down, slots, weights, top_k) -> torch.Tensor:
     """One program per (token, k) pair (first GEMM) and per token (second): decode."""
     tokens, size = hidden.shape
@@ -125,13 +155,13 @@ def _run_pairs(kernels, config, hidden, gate_up, down, slots, weights, top_k) ->
     first, second = config["swiglu"], config["down"]
     grid = (tokens * top_k, triton_cdiv(intermediate, first["BLOCK_I"]))
     kernels.swiglu_kernel[grid](
-        hidden, gate_up, slots, h, top_k, size, intermediate,
-        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), **first,
+        hidden, gate_up.values, gate_up.scales, slots, h, top_k, size, intermediate, gate_up.group,
+        hidden.stride(0), *_strides(gate_up), h.stride(0), **first, QUANT=gate_up.quant,
     )
     grid = (tokens, triton_cdiv(size, second["BLOCK_H"]))
     kernels.down_kernel[grid](
-        h, down, slots, weights, out, top_k, size, intermediate,
-        h.stride(0), down.stride(0), down.stride(1), out.stride(0), **second,
+        h, down.values, down.scales, slots, weights, out, top_k, size, intermediate, down.group,
+        h.stride(0), *_strides(down), out.stride(0), **second, QUANT=down.quant,
     )
     return out
 
@@ -146,15 +176,20 @@ def _run_grouped(kernels, config, hidden, gate_up, down, slots, weights, top_k) 
     y = torch.empty((tokens * top_k, size), dtype=torch.float32, device=hidden.device)
     grid = (len(tile_rows), triton_cdiv(intermediate, first["BLOCK_I"]))
     kernels.swiglu_grouped_kernel[grid](
-        hidden, gate_up, pairs, tile_slot, tile_start, tile_rows, h, top_k, size, intermediate,
-        hidden.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0), **first,
+        hidden, gate_up.values, gate_up.scales, pairs, tile_slot, tile_start, tile_rows, h, top_k, size, intermediate, gate_up.group,
+        hidden.stride(0), *_strides(gate_up), h.stride(0), **first, QUANT=gate_up.quant,
     )
     grid = (len(tile_rows), triton_cdiv(size, second["BLOCK_H"]))
     kernels.down_grouped_kernel[grid](
-        h, down, pairs, tile_slot, tile_start, tile_rows, weights, y, size, intermediate,
-        h.stride(0), down.stride(0), down.stride(1), y.stride(0), **second,
+        h, down.values, down.scales, pairs, tile_slot, tile_start, tile_rows, weights, y, size, intermediate, down.group,
+        h.stride(0), *_strides(down), y.stride(0), **second, QUANT=down.quant,
     )
     return y.view(tokens, top_k, size).sum(dim=1)
+
+
+def _strides(operand: _Operand) -> tuple[int, int, int]:
+    """(slot stride, row stride, scales' slot stride) of a bank, in elements of its tensors."""
+    return operand.values.stride(0), operand.values.stride(1), operand.scales.stride(0)
 
 
 def tile_table(slots: torch.Tensor, num_slots: int, block_t: int) -> tuple[torch.Tensor, ...]:

@@ -12,11 +12,12 @@ import contextlib
 import torch
 from torch import nn
 
-from .adapters import MoEAdapter, MoEBlock, adapter_for
+from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, format_bytes, parse_budget
 from .config import OffloadConfig, config_from
 from .disk_store import ConvertedStore
-from .expert_tensors import expert_nbytes
+from .execution import HOST, resolve_execution
+from .expert_format import ExpertSpec, expert_format
 from .host_tier import ExpertSource, HostTier, RamSource
 from .policies import DEFAULT_POLICY, EvictionPolicy
 from .runtime import RUNTIME_ATTR, Runtime
@@ -122,6 +123,7 @@ def wrap(
     kernel: str = "auto",
     execution: str = "auto",
     devices: list | None = None,
+    quantize: str | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
@@ -154,11 +156,15 @@ def wrap(
     profile: a pruning profile (path or PruningProfile): routers choose only kept experts, pruned
     ones are never loaded, and a fractional budget is a share of the kept experts; "auto" picks
     one of `profiles_dir`'s profiles from the first request's routing.
+    quantize: "int8" (per output channel) or "int4" (group 64; "int4-g32" / "int4-g128"): the
+    routed experts are quantized once (in RAM, or into the store in `store_dir`) and held,
+    moved and computed in that format; the model's own expert weights are freed, and unwrap
+    gives back their dequantized values. Shared experts and the rest keep the model's dtype.
     """
     config = config_from(config, dict(
         budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
         placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
-        profiles_dir=profiles_dir, kernel=kernel, execution=execution, devices=devices,
+        profiles_dir=profiles_dir, kernel=kernel, execution=execution, devices=devices, quantize=quantize,
     ))
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
@@ -174,7 +180,10 @@ def wrap(
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     plan = checked_placement(config.placement, blocks)
     if plan is not None and plan["kind"] == "multi_gpu":
-        unused = {"host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile}
+        unused = {
+            "host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile,
+            "quantize": config.quantize,
+        }
         if any(value is not None for value in unused.values()):
             raise ValueError(
                 f"a multi-GPU plan keeps every expert resident on its device: {', '.join(k for k, v in unused.items() if v is not None)} "
@@ -184,12 +193,13 @@ def wrap(
 
         MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, config.devices), config.budget).install(model, RUNTIME_ATTR)
         return model
+    spec = expert_spec(blocks, next(iter(fused[0].values())).dtype, config)
     source, spilled = _host_source(
-        blocks, fused, config.host_budget, config.store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
+        blocks, fused, spec, config.host_budget, config.store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
     )
     runtime = build_runtime(model, adapter, blocks, source, plan, config, home_device=home)
     runtime.install(model)
-    if spilled:  # only now, with the runtime running from the store: free the RAM copies
+    if spilled:  # only now, with the runtime running from the store (or quantized copies): free the RAM copies
         for block in blocks:
             for name in block.expert_shapes():
                 block.experts._parameters[name] = nn.Parameter(getattr(block.experts, name).to("meta"), requires_grad=False)
@@ -255,29 +265,41 @@ def _fused_params(block: MoEBlock) -> dict[str, torch.Tensor]:
     return {name: getattr(block.experts, name).data for name in block.expert_shapes()}
 
 
-def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None, ram=None) -> tuple[ExpertSource, bool]:
-    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier
-    (holding exactly a placement plan's RAM set `ram`, when the plan has a disk tier).
-
-    Returns (source, spilled): when spilled, the experts are on disk and the caller frees the
-    RAM copies once the runtime is installed (a refused wrap must leave the model whole).
-    """
+def expert_spec(blocks: list[MoEBlock], dtype: torch.dtype, config: OffloadConfig) -> ExpertSpec:
+    """How the runtime holds each expert: the model's shapes and `dtype` in `config.quantize`'s
+    format (int4 in torch's CPU tile order where the CPU computes the experts)."""
     shapes = blocks[0].expert_shapes()
     for block in blocks[1:]:
         if block.expert_shapes() != shapes:
             raise ValueError(f"MoE layer {block.moe_index} has expert shapes {block.expert_shapes()} != {shapes}: one slot pool cannot hold both")
-    dtype = next(iter(fused[0].values())).dtype
-    per_expert = expert_nbytes(shapes, dtype)
+    execution = resolve_execution(config.execution, config.device, config.kernel)
+    on_cpu = execution == HOST or (config.device.type == "cpu" and config.kernel != "triton")
+    spec = ExpertSpec(shapes, dtype, ExpertLayout.of(blocks[0].experts).is_transposed, expert_format(config.quantize, on_cpu=on_cpu))
+    spec.specs  # refuses shapes the format cannot hold, before anything changes
+    return spec
+
+
+def _host_source(blocks, fused, spec: ExpertSpec, host_budget, store_dir, *, pin: bool, order=None, ram=None) -> tuple[ExpertSource, bool]:
+    """RAM for all experts when host_budget allows it, else a disk store behind a RAM tier
+    (holding exactly a placement plan's RAM set `ram`, when the plan has a disk tier).
+
+    Returns (source, spilled): when spilled, the experts are on disk (or quantized in RAM) and
+    the caller frees the model's copies once the runtime is installed (a refused wrap must
+    leave the model whole).
+    """
+    per_expert = spec.nbytes
     total = per_expert * sum(block.num_experts for block in blocks)
     host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
+    if host_bytes >= total and spec.format.quantized:
+        return RamSource([_encoded_layer(spec, layer, block.num_experts, pin) for block, layer in zip(blocks, fused)], spec), True
     if host_bytes >= total:
         for block, layer in zip(blocks, fused):
             for name, tensor in layer.items():
                 if tensor.device.type != "cpu" or (pin and not tensor.is_pinned()):
                     layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
                     getattr(block.experts, name).data = layer[name]
-        return RamSource(fused), False
+        return RamSource(fused, spec), False
     if store_dir is None and host_budget is None:
         raise ValueError(
             f"the placement plan keeps {total // per_expert - len(ram)} experts off host RAM (its disk and pinned tiers): "
@@ -289,10 +311,19 @@ def _host_source(blocks, fused, host_budget, store_dir, *, pin: bool, order=None
             "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
         )
     store = ConvertedStore.write(
-        store_dir, shapes, dtype, len(blocks), blocks[0].num_experts,
-        lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()}, order=order,
+        store_dir, spec, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()},
+        order=order,
     )
-    return HostTier(store, shapes, dtype, host_bytes, pin=pin, keep=ram), True
+    return HostTier(store, spec, host_bytes, pin=pin, keep=ram), True
+
+
+def _encoded_layer(spec: ExpertSpec, fused: dict[str, torch.Tensor], num_experts: int, pin: bool) -> dict[str, torch.Tensor]:
+    """One MoE layer's experts in `spec`'s format: {stored name: [E, ...] CPU tensor}."""
+    out = {name: torch.empty((num_experts, *shape), dtype=dtype, pin_memory=pin) for name, (shape, dtype) in spec.specs.items()}
+    for expert in range(num_experts):
+        for name, tensor in spec.encode({n: t[expert].cpu() for n, t in fused.items()}).items():
+            out[name][expert].copy_(tensor)
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:

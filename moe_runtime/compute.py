@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import ExpertLayout
+from .expert_format import ExpertSpec, linear
 from .expert_tensors import ExpertTensors
 from .pool import SlotPool
 
@@ -32,9 +33,10 @@ def triton_applies(layout: ExpertLayout, act_fn) -> bool:
     return default and type(act_fn).__name__ in ("SiLU", "SiLUActivation")
 
 
-def choose_kernel_path(kernel: str, device: torch.device, dtype: torch.dtype, layout: ExpertLayout, act_fn) -> str:
+def choose_kernel_path(kernel: str, device: torch.device, spec: ExpertSpec, layout: ExpertLayout, act_fn) -> str:
     """`kernel`: "auto" (Triton on CUDA where it applies, else the PyTorch paths), "triton"
-    (required; CUDA, or CPU under TRITON_INTERPRET=1), or "torch"."""
+    (required; CUDA, or CPU under TRITON_INTERPRET=1), or "torch". Quantized experts: Triton
+    dequantizes tiles in registers; the PyTorch path is the per-expert loop (expert_format.linear)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     applies = triton_applies(layout, act_fn)
@@ -46,7 +48,7 @@ def choose_kernel_path(kernel: str, device: torch.device, dtype: torch.dtype, la
         if not applies:
             raise ValueError("the Triton kernel computes plain SwiGLU experts; this family's experts need kernel='torch'")
         return TRITON
-    return choose_path(device, dtype)
+    return choose_path(device, spec)
 
 
 def triton_imports() -> bool:
@@ -58,8 +60,8 @@ def triton_imports() -> bool:
     return True
 
 
-def choose_path(device: torch.device, dtype: torch.dtype) -> str:
-    """grouped_mm on CUDA (SM80+, bf16: one launch for the whole pool), else the per-slot loop.
+def choose_path(device: torch.device, spec: ExpertSpec) -> str:
+    """grouped_mm on CUDA (SM80+, bf16 experts: one launch for the whole pool), else the per-slot loop.
 
     On CPU, torch's grouped_mm pays for every group, idle slots included: 3.2 ms per call over a
     512-slot pool against 1.2 ms for a loop over the 8 slots in use (bf16, H=1024, I=512, decode,
@@ -69,7 +71,7 @@ def choose_path(device: torch.device, dtype: torch.dtype) -> str:
         return LOOP
     if device.type == "cuda":
         capable = torch.cuda.get_device_capability(device) >= (8, 0)
-        return GROUPED_MM if capable and dtype == torch.bfloat16 else LOOP
+        return GROUPED_MM if capable and spec.dtype == torch.bfloat16 and not spec.format.quantized else LOOP
     return LOOP
 
 
@@ -92,9 +94,11 @@ def experts_from_slots(
     if path == TRITON:
         from .kernels import grouped_moe
 
+        from .kernels import quantized_banks
+
+        gate_up, down = quantized_banks(pool.tensors)
         out = grouped_moe(  # the cache made every routed expert resident: no value checks (no host sync)
-            hidden, pool.tensors["gate_up_proj"], pool.tensors["down_proj"], slot_of_expert, top_k_index, top_k_weights,
-            backend="triton", check_values=False,
+            hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, backend="triton", check_values=False,
         )
         return out.to(hidden.dtype)
     if path == LOOP:
@@ -142,11 +146,12 @@ def experts_in_place(
     """
     num_tokens, top_k = top_k_index.shape
     flat_weights = top_k_weights.reshape(-1)
+    dtype = compute_dtype(next(iter(weights.values()), {}), hidden.dtype)
     if num_tokens == 1:  # a decode step: the K outputs stacked, weighted and summed in three ops
         rows = [(row, tensors) for row, expert in enumerate(top_k_index[0].tolist()) if (tensors := weights.get(expert)) is not None]
         if not rows:
             return torch.zeros_like(hidden)
-        x = hidden.to(rows[0][1]["down_proj"].dtype)
+        x = hidden.to(dtype)
         outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
         scale = flat_weights[[row for row, _ in rows]] if len(rows) < top_k else flat_weights
         return (outputs * scale[:, None]).to(hidden.dtype).sum(dim=0, keepdim=True)
@@ -155,18 +160,25 @@ def experts_in_place(
     for expert, tensors in weights.items():
         rows = torch.nonzero(flat == expert).squeeze(1)  # (t * K + k) rows routed to this expert
         if rows.numel():
-            y = one_expert(hidden[rows // top_k].to(tensors["down_proj"].dtype), tensors, layout, apply_gate)
+            y = one_expert(hidden[rows // top_k].to(dtype), tensors, layout, apply_gate)
             contributions[rows] = (y * flat_weights[rows, None]).to(hidden.dtype)
     return contributions.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def compute_dtype(tensors: ExpertTensors, activations: torch.dtype) -> torch.dtype:
+    """The dtype an expert's activations are in: its weights' (full precision), else the
+    model's (`activations`; a quantized GEMM casts to what its kernel reads, see linear)."""
+    held = tensors.get("down_proj")
+    return held.dtype if held is not None else activations
+
+
 def one_expert(x: torch.Tensor, tensors: ExpertTensors, layout: ExpertLayout, apply_gate) -> torch.Tensor:
-    """[N, H] -> [N, H] through one expert: gate_up GEMM (+bias), the family's gate, down GEMM (+bias)."""
-    project = torch.matmul if layout.is_transposed else F.linear  # stored [in, out] or [out, in]
-    h = project(x, tensors["gate_up_proj"])
+    """[N, H] -> [N, H] through one expert: gate_up GEMM (+bias), the family's gate, down GEMM
+    (+bias); each GEMM reads the expert's weights in whatever format they are held."""
+    h = linear(x, tensors, "gate_up_proj", layout.is_transposed)  # stored [in, out] or [out, in]
     if layout.has_bias:
         h = h + tensors["gate_up_proj_bias"]
-    y = project(apply_gate(h), tensors["down_proj"])
+    y = linear(apply_gate(h), tensors, "down_proj", layout.is_transposed)
     if layout.has_bias:
         y = y + tensors["down_proj_bias"]
     return y

@@ -16,6 +16,7 @@ import torch
 from .budget import Budget
 from .compute import KERNELS
 from .execution import EXECUTIONS
+from .expert_format import QUANTIZE
 from .policies import DEFAULT_POLICY, POLICIES, EvictionPolicy
 
 
@@ -38,6 +39,7 @@ class OffloadConfig:
     kernel: str = "auto"
     execution: str = "auto"  # where experts are computed: "auto", "device", "host" or "hybrid" (execution.py)
     devices: tuple | None = None  # multi-GPU plans: the devices, in plan order
+    quantize: str | None = None  # routed experts held as "int8" or "int4" (expert_format.py); None: the model's dtype
 
     def __post_init__(self) -> None:
         if self.budget is None or isinstance(self.budget, bool) or not isinstance(self.budget, (int, float, str)):
@@ -56,6 +58,10 @@ class OffloadConfig:
             raise ValueError(f"prefetch_lookahead must be an int >= 1 (layers ahead), got {self.prefetch_lookahead!r}")
         if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"OffloadConfig.dtype must be a torch.dtype such as torch.bfloat16, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {self.quantize!r}")
+        if self.quantize == "none":
+            object.__setattr__(self, "quantize", None)
         if self.devices is not None:
             object.__setattr__(self, "devices", tuple(self.devices))
 

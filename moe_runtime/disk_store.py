@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .adapters import MoEAdapter, MoEBlock
 from .atomic import staging_directory
 from .checkpoint import CheckpointDir
-from .expert_tensors import ExpertTensors, Shapes
+from .expert_format import ExpertSpec
+from .expert_tensors import ExpertTensors
 from .safetensors_file import CheckpointError, SafetensorsFile
 
 
@@ -28,7 +29,7 @@ class DiskStore(ABC):
 
     @abstractmethod
     def read_into(self, layer: int, expert: int, out: ExpertTensors) -> None:
-        """Fill `out` (contiguous CPU tensors of the runtime dtype) with the expert's weights."""
+        """Fill `out` (contiguous CPU tensors of the expert's stored specs) with its weights."""
 
     def runs(self, layer: int, experts: Sequence[int]) -> list[list[int]]:
         """`experts` grouped into runs that one read can fill (here: one expert per read)."""
@@ -94,7 +95,10 @@ class ConvertedStore(DiskStore):
     by name, so experts that are read together are also next to each other on disk.
 
     Written once (into a temporary folder renamed into place) and reused when its manifest
-    matches the model's shape, dtype and order.
+    matches the model's shape, dtype, order and expert format (a quantized store holds the
+    packed tensors of expert_format.py; one of another format is rebuilt, never misread). A
+    quantized expert mixes dtypes, and safetensors groups a file's tensors by dtype before name,
+    so a quantized store keeps every tensor as raw bytes (uint8): an expert stays one run.
     """
 
     MANIFEST = "manifest.json"
@@ -107,6 +111,7 @@ class ConvertedStore(DiskStore):
         self.manifest = json.loads(manifest.read_text())
         self.files = [SafetensorsFile(self.directory / name) for name in self.manifest["files"]]
         self.position = [{expert: place for place, expert in enumerate(order)} for order in self.manifest["description"]["order"]]
+        self.as_bytes = "format" in self.manifest["description"]
 
     @staticmethod
     def tensor_name(position: int, name: str) -> str:
@@ -129,7 +134,10 @@ class ConvertedStore(DiskStore):
     def read_run(self, layer: int, experts: Sequence[int], outs: Sequence[ExpertTensors]) -> None:
         """One preadv for experts adjacent on disk, in file order (see `runs`)."""
         file, place = self.files[layer], self.position[layer]
-        target_of = {self.tensor_name(place[expert], name): target for expert, out in zip(experts, outs) for name, target in out.items()}
+        target_of = {
+            self.tensor_name(place[expert], name): as_bytes(target) if self.as_bytes else target
+            for expert, out in zip(experts, outs) for name, target in out.items()
+        }
         names = sorted(target_of, key=lambda name: file.entries[name].begin)
         file.read_span_into(names, [target_of[name] for name in names])
 
@@ -158,10 +166,11 @@ class ConvertedStore(DiskStore):
 
     @classmethod
     def write(
-        cls, directory: str | os.PathLike, shapes: Shapes, dtype: torch.dtype, layers: int, experts: int, read, *, order=None,
+        cls, directory: str | os.PathLike, spec: ExpertSpec, layers: int, experts: int, read, *, order=None,
         protected: Sequence[str | os.PathLike] = (),
     ) -> ConvertedStore:
-        """Write a store of `layers` x `experts` experts; `read(layer, expert)` gives each one.
+        """Write a store of `layers` x `experts` experts; `read(layer, expert)` gives each one in
+        the model's dtype and layout, and the store holds it in `spec`'s format.
 
         order: [layers][experts] expert ids in file order per layer (default: id order).
         protected: folders the store must never replace (the checkpoint it is converted from).
@@ -172,7 +181,10 @@ class ConvertedStore(DiskStore):
         """
         directory = Path(directory)
         order = _checked_order(order, layers, experts)
-        description = {"shapes": {k: list(v) for k, v in shapes.items()}, "dtype": str(dtype), "layers": layers, "experts": experts, "order": order}
+        description = {
+            "shapes": {k: list(v) for k, v in spec.shapes.items()}, "dtype": str(spec.dtype), "layers": layers, "experts": experts,
+            "order": order, **spec.describe(),
+        }
         if cls.matches(directory, description):
             with contextlib.suppress(CheckpointError):  # a damaged store of ours is rebuilt
                 return cls(directory)
@@ -181,12 +193,17 @@ class ConvertedStore(DiskStore):
             for layer in tqdm(range(layers), desc="writing expert store", unit="layer", disable=layers < 4):
                 tensors = {}
                 for place, expert in enumerate(order[layer]):
-                    for name, tensor in read(layer, expert).items():
-                        tensors[cls.tensor_name(place, name)] = tensor.contiguous()
+                    for name, tensor in spec.encode(read(layer, expert)).items():
+                        tensors[cls.tensor_name(place, name)] = as_bytes(tensor.contiguous()) if spec.format.quantized else tensor.contiguous()
                 files.append(f"layer-{layer:03d}.safetensors")
                 save_file(tensors, staging / files[-1])
             (staging / cls.MANIFEST).write_text(json.dumps({"description": description, "files": files}, indent=1))
         return cls(directory)
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (a view: reads into it fill the tensor)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def _checked_order(order, layers: int, experts: int) -> list[list[int]]:

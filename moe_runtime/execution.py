@@ -90,7 +90,7 @@ def measure_costs(source: ExpertSource, pool: SlotPool, layout: ExpertLayout, ap
     device = pool.device
     with source.borrow(0, 0) as host:
         slot = pool.view(0)
-        in_features = host["gate_up_proj"].shape[0 if layout.is_transposed else 1]
+        in_features = source.spec.shapes["gate_up_proj"][0 if layout.is_transposed else 1]
         x_host = torch.randn(1, in_features, dtype=pool.dtype)
         x_device = x_host.to(device)
         load_ms = _best_ms(lambda: [target.copy_(host[name], non_blocking=True) for name, target in slot.items()], device, repeats)

@@ -19,20 +19,21 @@ from collections.abc import Callable
 
 import torch
 
-from .expert_tensors import ExpertTensors, Shapes, expert_nbytes
+from .expert_format import ExpertSpec
+from .expert_tensors import ExpertTensors
 
 
 class HostSlots:
     """S slots of references to host tensors; the counterpart of SlotPool for in-place compute."""
 
-    def __init__(self, shapes: Shapes, dtype: torch.dtype, num_slots: int):
+    def __init__(self, spec: ExpertSpec, num_slots: int):
         if num_slots <= 0:
             raise ValueError("a slot table needs at least one slot")
-        self.shapes = shapes
-        self.dtype = dtype
+        self.spec = spec
+        self.dtype = spec.dtype
         self.num_slots = num_slots
         self.device = torch.device("cpu")
-        self.bytes_per_slot = expert_nbytes(shapes, dtype)
+        self.bytes_per_slot = spec.nbytes
         self._held: list[tuple[ExpertTensors, Callable[[], None]] | None] = [None] * num_slots
         self._lock = threading.Lock()  # workers assign, the closing thread lets go
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .disk_store import DiskStore
-from .expert_tensors import ExpertTensors, Shapes, allocate_expert, expert_nbytes
+from .expert_format import ExpertSpec
+from .expert_tensors import ExpertTensors
 
 Held = tuple[ExpertTensors, Callable[[], None]]  # an expert's host tensors and how to let go of them
 
@@ -30,8 +31,7 @@ class ExpertSource(ABC):
     """Host-side access to every expert: hold its host tensors for as long as a copy or an
     in-place computation needs them."""
 
-    shapes: Shapes
-    dtype: torch.dtype
+    spec: ExpertSpec  # how each expert is held (shapes, dtype, format)
     instant = False  # True when holding an expert never reads anything (all of them in RAM)
 
     @abstractmethod
@@ -63,13 +63,14 @@ class ExpertSource(ABC):
 
 
 class RamSource(ExpertSource):
-    """All experts in host RAM: the fused parameters of the model itself (pinned on CUDA)."""
+    """All experts in host RAM: the fused parameters of the model itself (pinned on CUDA), or
+    their quantized copies (one [E, ...] tensor per stored tensor of `spec`)."""
 
-    def __init__(self, fused: list[dict[str, torch.Tensor]]):
+    def __init__(self, fused: list[dict[str, torch.Tensor]], spec: ExpertSpec | None = None):
+        """spec: how the tensors hold each expert (default: the model's own parameters, as they are)."""
         self.fused = fused  # per layer: {name: [E, ...] CPU tensor}
         first = fused[0]
-        self.shapes = {name: tuple(t.shape[1:]) for name, t in first.items()}
-        self.dtype = next(iter(first.values())).dtype
+        self.spec = spec or ExpertSpec({name: tuple(t.shape[1:]) for name, t in first.items()}, next(iter(first.values())).dtype)
 
     instant = True
 
@@ -89,14 +90,13 @@ class HostTier(ExpertSource):
     """
 
     def __init__(
-        self, disk: DiskStore, shapes: Shapes, dtype: torch.dtype, capacity_bytes: int, *, pin: bool,
+        self, disk: DiskStore, spec: ExpertSpec, capacity_bytes: int, *, pin: bool,
         keep: frozenset[tuple[int, int]] | None = None,
     ):
         self.disk = disk
-        self.shapes = shapes
-        self.dtype = dtype
+        self.spec = spec
         self.pin = pin
-        self.capacity = max(0, capacity_bytes // expert_nbytes(shapes, dtype))
+        self.capacity = max(0, capacity_bytes // spec.nbytes)
         if keep is not None and len(keep) > self.capacity:
             raise ValueError(f"the host tier holds {self.capacity} experts, fewer than the {len(keep)} it must keep")
         self.keep = keep
@@ -218,7 +218,7 @@ class HostTier(ExpertSource):
                 if victim is not None:
                     self._spare.append(self._entries.pop(victim))
             retained = len(self._entries) < self.capacity
-        buffers = self._spare.pop() if self._spare else allocate_expert(self.shapes, self.dtype, pin=self.pin)
+        buffers = self._spare.pop() if self._spare else self.spec.allocate(pin=self.pin)
         if retained:
             self._entries[key] = buffers
             self._borrowed[key] = 1
@@ -229,7 +229,7 @@ class HostTier(ExpertSource):
         for page faults in the middle of a decode (in-place slots own up to one each)."""
         with self._lock:
             missing = max(0, count - len(self._spare))
-        buffers = [allocate_expert(self.shapes, self.dtype, pin=self.pin) for _ in range(missing)]
+        buffers = [self.spec.allocate(pin=self.pin) for _ in range(missing)]
         for tensors in buffers:
             for tensor in tensors.values():
                 tensor.zero_()

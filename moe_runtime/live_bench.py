@@ -143,6 +143,7 @@ class LiveRow:
     trace: str
     arch: str
     scale: int
+    quantize: str  # the experts' format: "none", "int8", "int4-g64", ...
     policy: str
     budget: float
     tokens: int
@@ -155,22 +156,22 @@ class LiveRow:
     disk_bytes_per_token: float
 
 
-def measure_constants(path: Path, part: Trace, host_budget) -> dict:
+def measure_constants(path: Path, part: Trace, host_budget, **options) -> dict:
     """The simulator's clock on this machine: the ms per MoE layer of `part`'s decode with every
     expert resident (a second pass after a first one loaded them all), and the ms one demand load
     takes through the engine (queue, workers, store read or RAM, hand-over), timed on a separate
     runtime with the same host budget and K slots loading K cold experts per layer step, as a
     decode step does (the workers read them side by side: the per-load figure is a layer's wall
-    time / K)."""
+    time / K). options: quantize and store_dir, as the rows run."""
     import moe_runtime
 
-    model = moe_runtime.from_pretrained(path, budget=1.0, host_budget=1.0, device="cpu")
+    model = moe_runtime.from_pretrained(path, budget=1.0, host_budget=1.0, device="cpu", **options)
     decode(model, part)
     seconds = decode(model, part)
     runtime = moe_runtime.runtime_of(model)
     blocks, per_expert = len(runtime.blocks), runtime.pool.bytes_per_slot
     moe_runtime.unwrap(model)
-    model = moe_runtime.from_pretrained(path, budget=part.top_k * per_expert, host_budget=host_budget, device="cpu")
+    model = moe_runtime.from_pretrained(path, budget=part.top_k * per_expert, host_budget=host_budget, device="cpu", **options)
     cache = moe_runtime.runtime_of(model).cache
     step = list(range(0, cache.core.num_experts, max(1, cache.core.num_experts // part.top_k)))[: part.top_k]
     for rounds in range(2):  # the second round is timed: its buffers are recycled ones, as in a long decode
@@ -185,22 +186,28 @@ def measure_constants(path: Path, part: Trace, host_budget) -> dict:
 
 def run_live(
     name: str, trace: Trace, *, arch: str | None, scale: int, tokens: int, budgets, policy: str, host_budget=0, store_dir=None,
+    quantize: str | None = None,
 ) -> dict:
     """Measured against simulated rows, one per budget, and the constants measured.
-    host_budget: RAM for cold experts (default 0: every miss read from the store on disk)."""
+    host_budget: RAM for cold experts (default 0: every miss read from the store on disk).
+    quantize: hold the experts as int8 / int4 (a store beside the checkpoint unless store_dir)."""
     import moe_runtime
 
     preset = arch_for(trace, arch)
     path = checkpoint_for(preset, scale)
+    if quantize is not None and store_dir is None:
+        store_dir = path.parent / f"{path.name}-{quantize}-store"
+    options = {"quantize": quantize, "store_dir": store_dir}
     part = first_tokens(trace, tokens)
-    constants = measure_constants(path, part, host_budget)
+    constants = measure_constants(path, part, host_budget, **options)
     expert_mb = constants["bytes_per_expert"] / 1e6
     timing = TimingModel(expert_mb=expert_mb, h2d_gbps=expert_mb / constants["load_ms"], layer_ms=constants["layer_ms"])
     rows = []
     live_policy = DEFAULT_POLICY if policy == "default" else policy
     for budget in budgets:
-        model = moe_runtime.from_pretrained(path, budget=budget, host_budget=host_budget, policy=live_policy, device="cpu", store_dir=store_dir)
+        model = moe_runtime.from_pretrained(path, budget=budget, host_budget=host_budget, policy=live_policy, device="cpu", **options)
         runtime = moe_runtime.runtime_of(model)
+        expert_format = runtime.source.spec.format.name
         seconds = decode(model, part)
         counters = moe_runtime.stats(model)
         disk_bytes = getattr(runtime.source, "disk_reads", 0) * constants["bytes_per_expert"]
@@ -209,7 +216,7 @@ def run_live(
         simulated = replay(part, policy_for(policy, part, capacity, None), capacity, timing=timing)
         n = part.num_tokens
         rows.append(LiveRow(
-            name, preset, scale, policy, budget, n, seconds / n * 1e3, simulated.total_ms / n, counters["loads"] / n,
+            name, preset, scale, expert_format, policy, budget, n, seconds / n * 1e3, simulated.total_ms / n, counters["loads"] / n,
             simulated.loads / n, counters["hit_rate"], counters["stall_seconds"] / n * 1e3, disk_bytes / n,
         ))
     return {"live": [asdict(row) for row in rows], "constants": constants}

@@ -20,9 +20,9 @@ from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .config import OffloadConfig, config_from
 from .policies import DEFAULT_POLICY, EvictionPolicy
-from .assembly import build_runtime, checked_placement, disk_order, planned_host_bytes, ram_experts, resolve_device
+from .assembly import build_runtime, checked_placement, disk_order, expert_spec, planned_host_bytes, ram_experts, resolve_device
 from .disk_store import CheckpointStore, ConvertedStore, DiskStore
-from .expert_tensors import allocate_expert, expert_nbytes
+from .expert_format import ExpertSpec
 from .host_tier import HostTier
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -45,6 +45,7 @@ def from_pretrained(
     profiles_dir: str | os.PathLike | None = None,
     kernel: str = "auto",
     execution: str = "auto",
+    quantize: str | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
@@ -52,14 +53,18 @@ def from_pretrained(
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
     a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, placement, profile, profiles_dir, kernel, execution: as for `wrap`. The keywords
-    build an OffloadConfig; `config=` passes one instead.
+    prefetch_lookahead, placement, profile, profiles_dir, kernel, execution: as for `wrap`.
+    quantize: "int8" or "int4" (group 64; "int4-g32" / "int4-g128" choose the group): the routed
+    experts are quantized once into the store in `store_dir` (needed), and RAM, loads and compute
+    use the quantized bytes. The keywords build an OffloadConfig; `config=` passes one instead.
     """
     offload = config_from(config, dict(
         budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
-        prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution,
+        prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution, quantize=quantize,
     ))
+    if offload.quantize is not None and offload.store_dir is None:
+        raise ValueError(f"quantize={offload.quantize!r} needs store_dir=...: the quantized experts are written there once and read from it")
     checkpoint = CheckpointDir(path)
     if offload.store_dir is not None:
         check_replaceable(offload.store_dir, "store_dir", protected=[path], legacy=ConvertedStore.is_store)  # before any work
@@ -72,7 +77,6 @@ def from_pretrained(
     blocks = adapter.blocks(model)
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
-    shapes = blocks[0].expert_shapes()
     plan = checked_placement(offload.placement, blocks)
     if plan is not None and plan["kind"] == "multi_gpu":
         raise ValueError(
@@ -80,15 +84,16 @@ def from_pretrained(
             "(transformers' from_pretrained) and call moe_runtime.wrap(model, budget=..., placement=PLAN)"
         )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
+    spec = expert_spec(blocks, dtype, offload)
     if offload.store_dir is not None:
-        disk = _convert(disk, offload.store_dir, shapes, dtype, blocks, disk_order(plan), protected=[path])
-    per_expert = expert_nbytes(shapes, dtype)
+        disk = _convert(disk, offload.store_dir, spec, blocks, disk_order(plan), protected=[path])
+    per_expert = spec.nbytes
     total = per_expert * sum(block.num_experts for block in blocks)
     host_budget = offload.host_budget
     host_bytes = _default_host_bytes(total) if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     ram = ram_experts(plan)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
-    source = HostTier(disk, shapes, dtype, host_bytes, pin=device.type == "cuda", keep=ram)
+    source = HostTier(disk, spec, host_bytes, pin=device.type == "cuda", keep=ram)
     runtime = build_runtime(model, adapter, blocks, source, plan, offload, home_device=torch.device("cpu"))
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)
@@ -130,13 +135,15 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name) if module_name else model, leaf)
 
 
-def _convert(disk: DiskStore, store_dir, shapes, dtype, blocks, order, protected) -> ConvertedStore:
+def _convert(disk: DiskStore, store_dir, spec: ExpertSpec, blocks, order, protected) -> ConvertedStore:
+    full = ExpertSpec(spec.shapes, spec.dtype, spec.transposed)  # what the checkpoint holds
+
     def read(layer: int, expert: int):
-        out = allocate_expert(shapes, dtype, pin=False)
+        out = full.allocate(pin=False)
         disk.read_into(layer, expert, out)
         return out
 
-    store = ConvertedStore.write(store_dir, shapes, dtype, len(blocks), blocks[0].num_experts, read, order=order, protected=protected)
+    store = ConvertedStore.write(store_dir, spec, len(blocks), blocks[0].num_experts, read, order=order, protected=protected)
     disk.close()
     return store
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import MoEAdapter, MoEBlock
 from .budget import Budget, format_bytes, parse_budget
-from .expert_tensors import expert_nbytes
+from .expert_tensors import expert_nbytes, uniform_specs
 
 
 class DeviceExperts(nn.Module):
@@ -112,7 +112,7 @@ class MultiDeviceRuntime:
 
 def _check_budget(blocks: list[MoEBlock], plan: dict, budget: Budget) -> None:
     """Every expert stays resident: each device's share must fit the per-device `budget`."""
-    per_expert = expert_nbytes(blocks[0].expert_shapes(), next(blocks[0].experts.parameters()).dtype)
+    per_expert = expert_nbytes(uniform_specs(blocks[0].expert_shapes(), next(blocks[0].experts.parameters()).dtype))
     total = per_expert * sum(block.num_experts for block in blocks)
     most = max(sum(row.count(index) for row in plan["device_of"]) for index in range(plan["gpus"])) * per_expert
     room = parse_budget(budget, total)

@@ -35,7 +35,6 @@ from .policies import make_policy
 from .prefetch_gate import PrefetchGate
 from .pool import SlotPool
 from .stats import RuntimeStats
-from .expert_tensors import expert_nbytes
 from .host_tier import ExpertSource, HostTier
 
 RUNTIME_ATTR = "_moe_runtime"
@@ -77,7 +76,7 @@ class Runtime:
         self.mask = mask  # a pruning profile's router mask, or None
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
         # Every check before anything starts (loader threads, slot memory).
-        self.num_slots = slots_for_budget(config.budget, expert_nbytes(source.shapes, source.dtype), routed, self.top_k)
+        self.num_slots = slots_for_budget(config.budget, source.spec.nbytes, routed, self.top_k)
         policy = make_policy(config.policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
         pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
         if len(pinned) + self.top_k > self.num_slots:
@@ -87,9 +86,10 @@ class Runtime:
             )
         self.execution = resolve_execution(config.execution, device, config.kernel)
         in_place = self.execution == HOST
-        self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, source.dtype, self.layout, getattr(blocks[0].experts, "act_fn", None))
-        self.fallback_path = choose_path(device, source.dtype)  # for multi-wave layers on the Triton path
-        self.pool = HostSlots(source.shapes, source.dtype, self.num_slots) if in_place else SlotPool(source.shapes, source.dtype, self.num_slots, device)
+        spec = source.spec
+        self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, spec, self.layout, getattr(blocks[0].experts, "act_fn", None))
+        self.fallback_path = choose_path(device, spec)  # for multi-wave layers on the Triton path
+        self.pool = HostSlots(spec, self.num_slots) if in_place else SlotPool(spec, self.num_slots, device)
         weighs_loads = not in_place and (self.execution == HYBRID or forecaster is not None)  # hybrid splits, gated prefetches
         measured = measure_costs(source, self.pool, self.layout, self.gates[0]) if weighs_loads else None
         self.costs = measured if self.execution == HYBRID else None
@@ -116,6 +116,7 @@ class Runtime:
             "num_slots": self.num_slots,
             "slot_pool_bytes": self.pool.nbytes,
             "bytes_per_expert": self.pool.bytes_per_slot,
+            "expert_format": spec.format.name,
             "policy": self.cache.policy.name,
             "host_tier": type(source).__name__,
             "predictor": forecaster.predictor.name if forecaster else None,

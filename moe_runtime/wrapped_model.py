@@ -45,13 +45,14 @@ def refuse_copy(what: str):
 
 
 def experts_state(runtime, layer: int) -> dict[str, torch.Tensor]:
-    """{fused parameter name: [E, ...] CPU tensor} of one MoE layer, read from the runtime's source."""
-    block = runtime.blocks[layer]
-    fused = {name: torch.empty((block.num_experts, *shape), dtype=runtime.source.dtype) for name, shape in runtime.source.shapes.items()}
+    """{fused parameter name: [E, ...] CPU tensor} of one MoE layer, read from the runtime's source
+    (quantized experts dequantized to the model's dtype)."""
+    block, spec = runtime.blocks[layer], runtime.source.spec
+    fused = {name: torch.empty((block.num_experts, *shape), dtype=spec.dtype) for name, shape in spec.shapes.items()}
     for expert in range(block.num_experts):
         with runtime.source.borrow(layer, expert) as host:
-            for name, tensor in fused.items():
-                tensor[expert].copy_(host[name])
+            for name, tensor in spec.decode(host).items():
+                fused[name][expert].copy_(tensor)
     return fused
 
 
@@ -119,8 +120,8 @@ def _checked_apply(model: nn.Module, runtime):
     apply = type(model)._apply
 
     def checked(fn, recurse=True):
-        probe = fn(torch.empty(0, dtype=runtime.source.dtype, device=runtime.device))
-        if probe.dtype != runtime.source.dtype or probe.device != runtime.device:
+        probe = fn(torch.empty(0, dtype=runtime.source.spec.dtype, device=runtime.device))
+        if probe.dtype != runtime.source.spec.dtype or probe.device != runtime.device:
             fix = UNWRAP_FIRST.format(action=f"cast or move it (to {probe.dtype} on {probe.device})") + f" with device={probe.device.type!r}"
             raise TypeError(REFUSED.format(what="casting or moving", fix=fix))
         return apply(model, fn, recurse)

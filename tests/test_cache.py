@@ -15,6 +15,7 @@ from moe_runtime.pool import SlotPool
 from moe_runtime.stats import RuntimeStats
 from moe_runtime.host_tier import RamSource
 from moe_runtime.tiny_models import tiny_model
+from moe_runtime.expert_format import ExpertSpec
 
 E = 6
 
@@ -22,7 +23,7 @@ E = 6
 def _cache(num_slots: int, layers: int = 2):
     """A cache over real RAM experts: expert (l, e) is filled with the value 10 * l + e."""
     fused = [{"w": torch.stack([torch.full((4,), 10.0 * layer + e) for e in range(E)])} for layer in range(layers)]
-    pool = SlotPool({"w": (4,)}, torch.float32, num_slots, torch.device("cpu"), fill=float("nan"))
+    pool = SlotPool(ExpertSpec({"w": (4,)}, torch.float32), num_slots, torch.device("cpu"), fill=float("nan"))
     stats = RuntimeStats(layers)
     cache = SlotCache(num_experts=E, num_slots=num_slots, policy=LRUPolicy(), loader=Loader(RamSource(fused), pool), stats=stats)
     return cache, pool, stats

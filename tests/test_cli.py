@@ -241,3 +241,32 @@ def test_bench_live_replays_real_routing_through_the_engine_and_the_simulator_ag
         assert row["measured_ms_per_token"] > 0 and row["simulated_ms_per_token"] > 0 and row["disk_bytes_per_token"] > 0
     result = run_cli("bench", str(trace_paths["law"]), "--live", "--arch", "gpt-oss-20b", "--scale", "64", check=False)
     assert result.returncode == 2 and "routes (L, E, K) = (24, 32, 4)" in result.stderr
+
+
+def test_bench_simulates_quantized_experts_with_their_bytes(trace_paths):
+    args = ("bench", str(trace_paths["intent"]), "--budget", "0.25", "--json")
+    plain = json.loads(run_cli(*args).stdout)
+    int4 = json.loads(run_cli(*args, "--quantize", "int4").stdout)
+    assert int4["results"][0]["loads_per_token"] == plain["results"][0]["loads_per_token"]  # the same decisions
+    assert int4["results"][0]["ms_per_token"] < plain["results"][0]["ms_per_token"]  # each load moves 0.28x the bytes
+    assert run_cli("bench", str(trace_paths["intent"]), "--quantize", "int2", check=False).returncode == 2
+
+
+def test_bench_live_with_int8_experts_reads_their_bytes_from_disk(trace_paths):
+    args = ("bench", str(trace_paths["law"]), "--live", "--scale", "64", "--tokens", "6", "--budget", "0.25", "--policy", "lru")
+    plain, int8 = (json.loads(run_cli(*args, *extra, "--json").stdout) for extra in ((), ("--quantize", "int8")))
+    assert int8["live"][0]["quantize"] == "int8" and plain["live"][0]["quantize"] == "none"
+    assert int8["constants"]["law"]["bytes_per_expert"] < 0.56 * plain["constants"]["law"]["bytes_per_expert"]
+    assert int8["live"][0]["measured_loads_per_token"] == int8["live"][0]["simulated_loads_per_token"] == plain["live"][0]["measured_loads_per_token"]
+    assert int8["live"][0]["disk_bytes_per_token"] < 0.56 * plain["live"][0]["disk_bytes_per_token"]
+
+
+def test_evaluate_scores_quantized_experts_against_the_unquantized_model(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Mixture-of-Experts models route each token to a few experts. " * 20)
+    report = json.loads(run_cli("evaluate", "embedded", "--text", str(text), "--quantize", "int8", "--budget", "0.5", "--tokens", "200", "--json").stdout)
+    assert report["tokens"] == 199 and report["perplexity"] > 1 and report["quantize"] == "int8"
+    assert 0 <= report["kl_to_reference"] < 0.01 and report["top1_agreement"] > 0.9
+    assert "perplexity" in run_cli("evaluate", "embedded", "--text", str(text), "--tokens", "50", "--no-reference").stdout
+    result = run_cli("evaluate", "embedded", "--text", str(tmp_path / "missing.txt"), check=False)
+    assert result.returncode == 2 and "missing.txt" in result.stderr

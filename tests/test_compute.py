@@ -9,11 +9,12 @@ from moe_runtime.adapters import ExpertLayout, adapter_for
 from moe_runtime.compute import GROUPED_MM, LOOP, experts_from_slots
 from moe_runtime.pool import SlotPool
 from moe_runtime.tiny_models import tiny_model
+from moe_runtime.expert_format import ExpertSpec
 
 
 def _pool_with(block, slot_of_expert: torch.Tensor, num_slots: int) -> SlotPool:
     """A pool whose free slots hold NaN and whose used slots hold the block's experts."""
-    pool = SlotPool(block.expert_shapes(), torch.float32, num_slots, torch.device("cpu"), fill=float("nan"))
+    pool = SlotPool(ExpertSpec(block.expert_shapes(), torch.float32), num_slots, torch.device("cpu"), fill=float("nan"))
     for expert, slot in enumerate(slot_of_expert.tolist()):
         if slot >= 0:
             for name, tensor in pool.view(slot).items():
@@ -67,6 +68,6 @@ def test_without_triton_auto_takes_pytorch_and_triton_is_refused_by_name(monkeyp
     layout, act = ExpertLayout.of(experts), experts.act_fn
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
     assert not triton_imports()
-    assert choose_kernel_path("auto", torch.device("cpu"), torch.float32, layout, act) in ("loop", "grouped_mm")
+    assert choose_kernel_path("auto", torch.device("cpu"), ExpertSpec({}, torch.float32), layout, act) in ("loop", "grouped_mm")
     with pytest.raises(ValueError, match="needs the triton package, which does not import here"):
-        choose_kernel_path("triton", torch.device("cpu"), torch.float32, layout, act)
+        choose_kernel_path("triton", torch.device("cpu"), ExpertSpec({}, torch.float32), layout, act)

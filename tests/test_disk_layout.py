@@ -18,6 +18,7 @@ from moe_runtime.disk_store import ConvertedStore
 from moe_runtime.host_tier import HostTier
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.trace import Trace, load_trace
+from moe_runtime.expert_format import ExpertSpec
 
 
 def _symmetric(rng, experts: int) -> np.ndarray:
@@ -79,7 +80,7 @@ def test_bad_disk_orders_are_refused():
     with pytest.raises(ValueError, match="'disk_order' must order all 4 experts of each of the 2 layers"):
         load_plan({"kind": "disk_layout", "disk_order": [[0, 1, 2, 2], [0, 1, 2, 3]], "shape": shape})
     with pytest.raises(ValueError, match="must list a permutation of the 4 experts"):
-        ConvertedStore.write("unused", {"w": (2,)}, torch.float32, 2, 4, None, order=[[0, 1, 2, 3], [3, 2, 1, 1]])
+        ConvertedStore.write("unused", ExpertSpec({"w": (2,)}, torch.float32), 2, 4, None, order=[[0, 1, 2, 3], [3, 2, 1, 1]])
 
 
 def _expert(layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -89,7 +90,7 @@ def _expert(layer: int, expert: int) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def ordered_store(tmp_path):
     order = [[3, 0, 2, 1, 4], [4, 3, 2, 1, 0]]
-    store = ConvertedStore.write(tmp_path / "store", {"down": (3, 5), "gate_up": (4, 5)}, torch.float32, 2, 5, _expert, order=order)
+    store = ConvertedStore.write(tmp_path / "store", ExpertSpec({"down": (3, 5), "gate_up": (4, 5)}, torch.float32), 2, 5, _expert, order=order)
     yield store, order
     store.close()
 
@@ -120,7 +121,7 @@ def test_a_run_is_one_read_that_fills_every_expert(ordered_store):
 
 def test_host_tier_reads_a_cold_run_once_and_serves_warm_experts_from_ram(ordered_store):
     store, _ = ordered_store
-    tier = HostTier(store, {"down": (3, 5), "gate_up": (4, 5)}, torch.float32, capacity_bytes=10**6, pin=False)
+    tier = HostTier(store, ExpertSpec({"down": (3, 5), "gate_up": (4, 5)}, torch.float32), capacity_bytes=10**6, pin=False)
     assert tier.runs(0, [1, 2, 4]) == [[2, 1, 4]]
     with tier.borrow_run(0, [2, 1, 4]) as hosts:
         assert [h["down"][0, 0].item() for h in hosts] == [2.0, 1.0, 4.0]

@@ -17,6 +17,7 @@ from moe_runtime.simulator import Prefetch, TimingModel, replay
 from moe_runtime.stats import RuntimeStats
 from moe_runtime.host_tier import RamSource
 from moe_runtime.trace import Trace
+from moe_runtime.expert_format import ExpertSpec
 
 
 def _trace(ids, num_experts: int, sequences=None) -> Trace:
@@ -102,7 +103,7 @@ def test_simulator_and_runtime_lru_agree(trace_paths):
     num_experts, capacity = trace.num_experts, 300
     simulated = replay(trace, make_policy("lru"), capacity)
     fused = [{"w": torch.zeros(num_experts, 1)} for _ in range(trace.num_layers)]
-    pool = SlotPool({"w": (1,)}, torch.float32, capacity, torch.device("cpu"))
+    pool = SlotPool(ExpertSpec({"w": (1,)}, torch.float32), capacity, torch.device("cpu"))
     stats = RuntimeStats(trace.num_layers)
     cache = SlotCache(num_experts=num_experts, num_slots=capacity, policy=make_policy("lru"), loader=Loader(RamSource(fused), pool), stats=stats)
     for token in trace.expert_ids.tolist():

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomically
 from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
 from ..execution import DEVICE, HOST, HYBRID
+from ..expert_format import QUANTIZE, format_size_ratio
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
 from ..simulator import TimingModel
@@ -43,6 +44,8 @@ def add_parsers(subparsers) -> None:
     bench.add_argument("--tokens", type=int, default=64, help="--live: decode the first N tokens of the trace's sequences")
     bench.add_argument("--host-budget", default="0", help="--live: RAM for cold experts (default 0: misses read from disk)")
     bench.add_argument("--store-dir", help="--live: convert the experts into a store here first")
+    bench.add_argument("--quantize", choices=[q for q in QUANTIZE if q != "none"],
+                       help="experts held as int8 / int4: --live quantizes the store; the simulator scales --expert-mb by the format's size")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")
     bench.add_argument("--wide", action="store_true", help="all columns (prefetch hits and waste too); wider than 80 characters")
@@ -67,7 +70,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         lookahead=args.lookahead,
         min_score=args.min_score,
         per_layer_slots=args.per_layer_slots,
-        timing=TimingModel(args.expert_mb, args.h2d_gbps, args.layer_ms, args.host_gbps),
+        timing=TimingModel(args.expert_mb * format_size_ratio(args.quantize), args.h2d_gbps, args.layer_ms, args.host_gbps),
         executions=_choices(args.execution, (DEVICE, HOST, HYBRID)),
     )
 
@@ -112,7 +115,7 @@ def run_live_command(args: argparse.Namespace, settings: BenchSettings) -> int:
     for path in args.traces:
         name = Path(path).stem
         part = run_live(name, load_trace(path), arch=args.arch, scale=args.scale, tokens=args.tokens, budgets=settings.budgets,
-                        policy=policy, host_budget=args.host_budget, store_dir=args.store_dir)
+                        policy=policy, host_budget=args.host_budget, store_dir=args.store_dir, quantize=args.quantize)
         report["live"] += part["live"]
         report["constants"][name] = part["constants"]
     if args.json:

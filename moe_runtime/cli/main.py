@@ -7,9 +7,9 @@ import sys
 
 from ..atomic import check_replaceable, check_writable
 from ..disk_store import ConvertedStore
-from . import bench_cmd, demo, generate, inspect_cmds, place_cmd, predictor_cmds, profile_cmds, trace_cmds
+from . import bench_cmd, demo, evaluate_cmd, generate, inspect_cmds, place_cmd, predictor_cmds, profile_cmds, trace_cmds
 
-COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, bench_cmd, predictor_cmds, place_cmd, profile_cmds, demo)
+COMMAND_GROUPS = (inspect_cmds, trace_cmds, generate, evaluate_cmd, bench_cmd, predictor_cmds, place_cmd, profile_cmds, demo)
 
 
 OUTPUT_FILES = ("out", "plot", "out_fit", "out_held")  # argument names of files a command writes

@@ -1,0 +1,278 @@
+"""How an expert's weight matrices are held: the model's dtype, int8 or int4 (quantized once,
+when the store or the RAM copy is written; loads then move the quantized bytes).
+
+A quantized expert's tensors describe themselves by name, so compute needs no side table:
+
+    full:  W [N, K] (or [K, N] for transposed families)         model dtype
+    int8:  W.int8 [N, K] int8,  W.scale [N] bf16                 w = q * scale[n]
+    int4:  W.int4 [N, K/2] uint8 (two inputs per byte, low nibble first),
+           or W.int4_cpu: the same nibbles in torch's CPU tile order (for
+           torch._weight_int4pack_mm_for_cpu; its order is torch's, so a store
+           records a fingerprint of it and is rebuilt when torch packs otherwise),
+           W.scales_zeros [K/G, N, 2] bf16                       w = (q - 8) * s + z per group
+
+N = output features, K = input features; quantized matrices are always [out, in], whatever the
+family's orientation. Biases (and everything outside the routed experts) keep the model's dtype.
+Scales are bf16, not fp16: torch's CPU int4 and int8 kernels run 30-50x slower with fp16
+activations and scales on the 2-core EPYC this was measured on (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .expert_tensors import ExpertTensors, Shapes, Specs, allocate_expert, expert_nbytes
+
+SCALE_DTYPE = torch.bfloat16
+QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+INT4_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """scheme: "none", "int8" or "int4"; group: int4's group size along K; cpu_packing: int4 in
+    torch's CPU tile order (computed on the CPU) instead of plain nibbles (Triton, GPU)."""
+
+    scheme: str = "none"
+    group: int = 64
+    cpu_packing: bool = False
+
+    @property
+    def name(self) -> str:
+        return {"none": "none", "int8": "int8"}.get(self.scheme, f"int4-g{self.group}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "none"
+
+    def specs(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, transposed: bool) -> Specs:
+        """{stored tensor name: (shape, dtype)} of one expert whose parameters have `shapes`."""
+        out: Specs = {}
+        for name, shape in shapes.items():
+            if not self.quantized or is_bias(name):
+                out[name] = (tuple(shape), dtype)
+                continue
+            n, k = (shape[1], shape[0]) if transposed else shape
+            if self.scheme == "int8":
+                out[f"{name}.int8"], out[f"{name}.scale"] = ((n, k), torch.int8), ((n,), SCALE_DTYPE)
+                continue
+            self._check_int4_shape(name, n, k)
+            packed = f"{name}.int4_cpu" if self.cpu_packing else f"{name}.int4"
+            out[packed] = ((n, k // 2), torch.uint8)
+            out[f"{name}.scales_zeros"] = ((k // self.group, n, 2), SCALE_DTYPE)
+        return out
+
+    def _check_int4_shape(self, name: str, n: int, k: int) -> None:
+        if k % self.group or (self.cpu_packing and n % 32):
+            need = f"input features divisible by the group size {self.group}" + (" and output features by 32" if self.cpu_packing else "")
+            raise ValueError(f"int4 experts need {need}; {name} is [{n}, {k}]: use quantize='int8', or a smaller int4 group")
+
+    def encode(self, tensors: ExpertTensors, transposed: bool) -> ExpertTensors:
+        """One expert's tensors in this format (from the model's dtype; quantizes on a miss of nothing)."""
+        if not self.quantized:
+            return tensors
+        out = {}
+        for name, tensor in tensors.items():
+            if is_bias(name):
+                out[name] = tensor
+                continue
+            weight = tensor.t() if transposed else tensor  # [N, K]
+            if self.scheme == "int8":
+                out[f"{name}.int8"], out[f"{name}.scale"] = quantize_int8(weight)
+                continue
+            self._check_int4_shape(name, *weight.shape)
+            q, scales_zeros = quantize_int4(weight, self.group)
+            if self.cpu_packing:
+                out[f"{name}.int4_cpu"] = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+            else:
+                out[f"{name}.int4"] = pack_nibbles(q)
+            out[f"{name}.scales_zeros"] = scales_zeros
+        return out
+
+    def describe(self, specs: Specs) -> dict:
+        """What a store's manifest records: a store of another description is rebuilt."""
+        out = {"scheme": self.scheme}
+        if self.scheme == "int4":
+            out["group"] = self.group
+            out["packing"] = "torch-cpu" if self.cpu_packing else "nibbles"
+            if self.cpu_packing:
+                shapes = sorted({shape for name, (shape, _) in specs.items() if name.endswith(".int4_cpu")})
+                out["torch_packing"] = [cpu_packing_fingerprint(n, 2 * half) for n, half in shapes]
+        return out
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Everything that says how one expert of a model is held: the model's per-expert parameter
+    shapes and dtype, their orientation ([in, out] when `transposed`) and the format."""
+
+    shapes: Shapes
+    dtype: torch.dtype
+    transposed: bool = False
+    format: ExpertFormat = ExpertFormat()
+
+    @cached_property
+    def specs(self) -> Specs:
+        """{stored tensor name: (shape, dtype)} of one expert."""
+        return self.format.specs(self.shapes, self.dtype, self.transposed)
+
+    @cached_property
+    def nbytes(self) -> int:
+        return expert_nbytes(self.specs)
+
+    def allocate(self, *, pin: bool) -> ExpertTensors:
+        return allocate_expert(self.specs, pin=pin)
+
+    def encode(self, tensors: ExpertTensors) -> ExpertTensors:
+        """One expert's parameters (model dtype and layout) in this format."""
+        return self.format.encode(tensors, self.transposed)
+
+    def decode(self, tensors: ExpertTensors) -> ExpertTensors:
+        """One expert's stored tensors back in the model's dtype and layout."""
+        return decode(tensors, self.dtype, self.transposed, self.shapes)
+
+    def describe(self) -> dict:
+        """The store manifest's description of this format (empty for full precision, so stores
+        written before quantized formats existed still match)."""
+        return {"format": self.format.describe(self.specs)} if self.format.quantized else {}
+
+
+def expert_format(quantize: str | None, *, on_cpu: bool) -> ExpertFormat:
+    """The format for a `quantize=` option ("int4" is group 64); int4 experts computed on the
+    CPU use torch's CPU tile order (`on_cpu`)."""
+    if quantize in (None, "none"):
+        return ExpertFormat()
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize == "int8":
+        return ExpertFormat("int8")
+    group = int(quantize.split("-g")[1]) if "-g" in quantize else 64
+    return ExpertFormat("int4", group, cpu_packing=on_cpu and int4_cpu_kernel_available())
+
+
+REFERENCE_SHAPES = {"gate_up_proj": (2816, 2048), "down_proj": (2048, 1408)}  # DeepSeek-V2-Lite's experts
+
+
+def format_size_ratio(quantize: str | None, shapes: Shapes = REFERENCE_SHAPES) -> float:
+    """Bytes of an expert in `quantize`'s format over its bf16 bytes, at `shapes` (by default
+    DeepSeek-V2-Lite's, whose bf16 size is the simulator's default expert_mb): 1.0 for None."""
+    held = ExpertSpec(shapes, torch.bfloat16, format=expert_format(quantize, on_cpu=False)).nbytes
+    return held / ExpertSpec(shapes, torch.bfloat16).nbytes
+
+
+def is_bias(name: str) -> bool:
+    return name.endswith("_bias")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] int8, scale [N] bf16): symmetric per output channel, absmax / 127."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(SCALE_DTYPE)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (q [N, K] uint8 in 0..15, scales_zeros [K/G, N, 2] bf16): asymmetric min-max per
+    group of G inputs, w ~ (q - 8) * s + z; q is rounded against the stored (bf16) s and z."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(SCALE_DTYPE).float()  # [N, K/G]
+    zero = (low + 8 * scale).to(SCALE_DTYPE).float()
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    scales_zeros = torch.stack([scale.t(), zero.t()], dim=2).to(SCALE_DTYPE).contiguous()
+    return q, scales_zeros
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K/2] uint8, input 2j in the low nibble, 2j+1 in the high."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] values 0..15 (inverse of pack_nibbles)."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Parameter `name` of one expert as an [N, K] matrix of `dtype` (full precision: as stored)."""
+    if f"{name}.int8" in tensors:
+        return (tensors[f"{name}.int8"].to(torch.float32) * tensors[f"{name}.scale"].float()[:, None]).to(dtype)
+    scales_zeros = tensors[f"{name}.scales_zeros"].float()  # [K/G, N, 2]
+    if f"{name}.int4" in tensors:
+        q = unpack_nibbles(tensors[f"{name}.int4"])
+    else:
+        q = unpack_int4_cpu(tensors[f"{name}.int4_cpu"], scales_zeros.shape[1], 2 * tensors[f"{name}.int4_cpu"].shape[1])
+    group = q.shape[1] // scales_zeros.shape[0]
+    scale = scales_zeros[..., 0].t().repeat_interleave(group, dim=1)
+    zero = scales_zeros[..., 1].t().repeat_interleave(group, dim=1)
+    return ((q.float() - 8) * scale + zero).to(dtype)
+
+
+def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool) -> torch.Tensor:
+    """x [M, K] times parameter `name` of one expert: [M, N], whatever its format.
+
+    On the CPU the quantized matrices go to torch's weight-only kernels (int8: x in bf16; int4:
+    the CPU tile order), which read the packed bytes without expanding them; elsewhere, and for
+    plain-nibble int4 on the CPU, the matrix is dequantized for the one product.
+    """
+    if name in tensors:
+        return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
+    if f"{name}.int8" in tensors and x.device.type == "cpu":
+        return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), tensors[f"{name}.int8"], tensors[f"{name}.scale"]).to(x.dtype)
+    packed = tensors.get(f"{name}.int4_cpu")
+    if packed is not None:
+        scales_zeros = tensors[f"{name}.scales_zeros"]
+        group = x.shape[1] // scales_zeros.shape[0]
+        return torch._weight_int4pack_mm_for_cpu(x.to(SCALE_DTYPE).contiguous(), packed, group, scales_zeros).to(x.dtype)
+    return F.linear(x, dequantize(tensors, name, x.dtype))
+
+
+def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:
+    """One expert back in the model's layout and dtype (for state_dict, save_pretrained, unwrap)."""
+    out = {}
+    for name in shapes:
+        if name in tensors:
+            out[name] = tensors[name]
+        else:
+            weight = dequantize(tensors, name, dtype)
+            out[name] = weight.t().contiguous() if transposed else weight
+    return out
+
+
+def int4_cpu_kernel_available() -> bool:
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+
+
+@lru_cache(maxsize=None)
+def _cpu_tile_order(n: int, k: int) -> torch.Tensor:
+    """For each nibble of torch's CPU int4 tile order at [n, k], the flat (row * k + input)
+    index it holds: found by packing index-coding matrices (4 bits per call), never assumed."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    order = torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+        digits = ((index >> shift) & 0xF).to(torch.int32).reshape(n, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(digits, 2)
+        order |= unpack_nibbles(packed).reshape(-1).to(torch.int64) << shift
+    return order
+
+
+def unpack_int4_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """torch's CPU int4 tile order [N, K/2] -> [N, K] values 0..15 (for decode and tests)."""
+    values = unpack_nibbles(packed).reshape(-1)
+    out = torch.empty(n * k, dtype=values.dtype)
+    out[_cpu_tile_order(n, k)] = values
+    return out.reshape(n, k)
+
+
+@lru_cache(maxsize=None)
+def cpu_packing_fingerprint(n: int, k: int) -> str:
+    """A short hash of torch's CPU int4 tile order at [n, k]: stores record it, and one packed
+    by a torch that orders tiles otherwise is rebuilt instead of misread."""
+    return f"{n}x{k}:" + hashlib.sha256(_cpu_tile_order(n, k).numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,188 @@
+"""Quantized experts: the int8 and int4 formats, their CPU and Triton compute, and wrap /
+from_pretrained holding, moving and computing them end to end for every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_runtime
+from moe_runtime.expert_format import (
+    ExpertFormat, ExpertSpec, dequantize, expert_format, linear, pack_nibbles, quantize_int4, quantize_int8, unpack_int4_cpu,
+    unpack_nibbles,
+)
+from moe_runtime.kernels import QuantizedBank, grouped_moe
+from moe_runtime.kernels.grouped_moe import _launch
+from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
+
+FORMATS = ("int8", "int4-g32", "int4")
+
+
+def _wide(family: str, **extra):
+    """A tiny model whose expert width (64) every int4 group size divides."""
+    return tiny_model(family, **expert_fields(family, num_experts=8, intermediate_size=64, top_k=2), **extra)
+
+
+def test_int8_round_trip_is_within_half_a_step_per_row():
+    weight = torch.randn(96, 128) * torch.rand(96, 1) * 3
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (96,) and scale.dtype == torch.bfloat16
+    error = (dequantize({"w.int8": q, "w.scale": scale}, "w", torch.float32) - weight).abs()
+    assert (error <= scale.float()[:, None] * 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group", (32, 64, 128))
+def test_int4_round_trip_is_within_half_a_step_per_group(group):
+    weight = torch.randn(64, 256) + torch.linspace(-2, 2, 256)  # groups with offsets: zero points matter
+    q, scales_zeros = quantize_int4(weight, group)
+    assert q.max() <= 15 and scales_zeros.shape == (256 // group, 64, 2)
+    packed = pack_nibbles(q)
+    assert packed.shape == (64, 128) and torch.equal(unpack_nibbles(packed), q)
+    restored = dequantize({"w.int4": packed, "w.scales_zeros": scales_zeros}, "w", torch.float32)
+    step = scales_zeros[..., 0].float().t().repeat_interleave(group, dim=1)
+    assert ((restored - weight).abs() <= step * 0.5 + 1e-2 * step + 1e-6).all()
+
+
+def test_torch_cpu_tile_order_is_read_back_exactly():
+    q = torch.randint(0, 16, (96, 128), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    assert torch.equal(unpack_int4_cpu(packed, 96, 128), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("quantize", FORMATS)
+@pytest.mark.parametrize("transposed", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_linear_reads_each_format_as_its_dequantized_matrix(quantize, transposed, dtype):
+    weight = torch.randn(128, 64) / 8  # [out, in]
+    stored = weight.t().contiguous() if transposed else weight
+    x = torch.randn(3, 64).to(dtype)
+    for on_cpu in (True, False):
+        spec = ExpertSpec({"down_proj": tuple(stored.shape)}, dtype, transposed, expert_format(quantize, on_cpu=on_cpu))
+        tensors = spec.encode({"down_proj": stored.to(dtype)})
+        assert {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} == spec.specs
+        want = F.linear(x.float(), dequantize(tensors, "down_proj", torch.float32))
+        got = linear(x, tensors, "down_proj", transposed)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=0.03 * want.abs().max().item(), rtol=0)
+        matrix = dequantize(tensors, "down_proj", dtype)
+        assert torch.equal(spec.decode(tensors)["down_proj"], matrix.t() if transposed else matrix)  # the model's layout again
+
+
+def test_bytes_per_expert_against_bf16_at_a_real_shape():
+    shapes = {"gate_up_proj": (2816, 2048), "down_proj": (2048, 1408)}  # DeepSeek-V2-Lite's experts
+    full = ExpertSpec(shapes, torch.bfloat16).nbytes
+    int8 = ExpertSpec(shapes, torch.bfloat16, format=ExpertFormat("int8")).nbytes
+    int4 = ExpertSpec(shapes, torch.bfloat16, format=ExpertFormat("int4", 64, cpu_packing=True)).nbytes
+    assert int8 / full <= 0.53 and int4 / full <= 0.30
+
+
+def test_bad_formats_and_shapes_are_refused_by_name():
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, quantize="int3")
+    model = tiny_model("olmoe")  # expert width 48: no int4 group of 64 divides it
+    with pytest.raises(ValueError, match="int4 experts need input features divisible by the group size 64.*quantize='int8'"):
+        moe_runtime.wrap(model, budget=0.5, quantize="int4")
+    assert not hasattr(model, "_moe_runtime") and not any(p.is_meta for p in model.parameters())  # left whole
+    with pytest.raises(ValueError, match="quantize='int8' needs store_dir"):
+        moe_runtime.from_pretrained("unused", budget=0.5, quantize="int8")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("quantize", FORMATS)
+def test_wrapped_quantized_model_computes_its_dequantized_weights(family, quantize):
+    """What the runtime computes from packed bytes equals the plain model holding the
+    dequantized weights (which unwrap gives back), at a budget that forces loads."""
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(1))
+    model = moe_runtime.wrap(_wide(family).eval(), budget=0.3, quantize=quantize)
+    with torch.no_grad():
+        quantized = model(ids).logits
+    stats = moe_runtime.stats(model)
+    assert stats["expert_format"] == ExpertFormat(*((quantize.split("-g")[0], int(quantize.split("-g")[1])) if "-g" in quantize else (quantize,))).name
+    assert stats["misses"] > 0 and stats["bytes_per_expert"] < 0.55 * _full_expert_bytes(model)
+    assert all(p.is_meta for block in moe_runtime.assembly.runtime_of(model).blocks for p in block.experts.parameters())
+    moe_runtime.unwrap(model)
+    with torch.no_grad():
+        dequantized = model(ids).logits
+    torch.testing.assert_close(quantized, dequantized, atol=0.02 * dequantized.abs().max().item(), rtol=0)
+
+
+def _full_expert_bytes(model) -> int:
+    block = moe_runtime.assembly.runtime_of(model).blocks[0]
+    return ExpertSpec(block.expert_shapes(), torch.float32).nbytes
+
+
+def test_triton_kernels_dequantize_int8_and_int4_tiles_like_the_reference():
+    generator = torch.Generator().manual_seed(0)
+    slots, hidden, inter, experts, top_k, tokens = 5, 128, 64, 4, 2, 7
+    gate_up, down = torch.randn(slots, 2 * inter, hidden, generator=generator), torch.randn(slots, hidden, inter, generator=generator)
+    x = torch.randn(tokens, hidden, generator=generator)
+    routing = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=generator)
+    table = torch.tensor([3, 0, 4, 1], dtype=torch.int32)
+    for scheme in ("int8", "int4"):
+        banks = [_bank(w, scheme) for w in (gate_up, down)]
+        for dtype in (torch.float32, torch.bfloat16):
+            want = grouped_moe(x.to(dtype), *banks, table, routing, weights, backend="torch").float()
+            for path in ("pairs", "grouped"):
+                got = _launch(x.to(dtype), *banks, table, routing, weights, path).float()
+                torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
+
+
+def _bank(weights: torch.Tensor, scheme: str) -> QuantizedBank:
+    if scheme == "int8":
+        pairs = [quantize_int8(w) for w in weights]
+        return QuantizedBank(torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs]))
+    pairs = [quantize_int4(w, 32) for w in weights]
+    return QuantizedBank(torch.stack([pack_nibbles(q) for q, _ in pairs]), torch.stack([s for _, s in pairs]))
+
+
+@pytest.mark.parametrize("quantize", ("int8", "int4"))
+def test_runtime_runs_quantized_experts_through_the_triton_kernels(quantize):
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(2))
+    loop = moe_runtime.wrap(_wide("qwen3_moe").eval(), budget=0.5, quantize=quantize, device="cpu", execution="device", kernel="torch")
+    triton = moe_runtime.wrap(_wide("qwen3_moe").eval(), budget=0.5, quantize=quantize, device="cpu", execution="device", kernel="triton")
+    with torch.no_grad():
+        want, got = loop(ids).logits, triton(ids).logits
+    stats = moe_runtime.stats(triton)
+    assert stats["compute_calls"].get("triton", 0) > 0 and stats["expert_format"].startswith(quantize)
+    torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+def test_from_pretrained_writes_reads_and_counts_quantized_bytes(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    _wide("mixtral").save_pretrained(checkpoint)
+    store = tmp_path / "store"
+    model = moe_runtime.from_pretrained(checkpoint, budget=0.25, host_budget=0, store_dir=store, quantize="int4")
+    manifest = json.loads((store / "manifest.json").read_text())["description"]
+    assert manifest["format"]["scheme"] == "int4" and manifest["format"]["group"] == 64
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids)
+    stats = moe_runtime.stats(model)
+    assert stats["bytes_loaded"] == stats["loads"] * stats["bytes_per_expert"] > 0  # read from disk: quantized bytes moved
+    written = (store / "manifest.json").stat().st_mtime_ns
+    moe_runtime.unwrap(model)
+    again = moe_runtime.from_pretrained(checkpoint, budget=0.25, host_budget=0, store_dir=store, quantize="int4")
+    assert (store / "manifest.json").stat().st_mtime_ns == written  # the same format: reused
+    moe_runtime.unwrap(again)
+    other = moe_runtime.from_pretrained(checkpoint, budget=0.25, host_budget=0, store_dir=store, quantize="int8")
+    assert json.loads((store / "manifest.json").read_text())["description"]["format"]["scheme"] == "int8"  # rebuilt
+    with torch.no_grad():
+        other(ids)
+    moe_runtime.unwrap(other)
+
+
+def test_save_pretrained_of_a_quantized_model_writes_its_dequantized_weights(tmp_path):
+    model = moe_runtime.wrap(_wide("olmoe").eval(), budget=0.5, quantize="int8")
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, want, atol=0.02 * want.abs().max().item(), rtol=0)
