@@ -8,9 +8,10 @@ kernels: one decode row (x [1, K]) times each expert matrix of a bank too large 
 (>= 400 MB, as a decode step streams experts from RAM), per candidate: bf16 and fp16 F.linear,
 torch._weight_int8pack_mm (bf16 and fp32 activations), torch._weight_int4pack_mm_for_cpu
 (bf16 and fp16 scales), and a whole-matrix dequantize then F.linear; GB/s counts the bytes
-the candidate reads. quality: every tiny family (expert width 64, so every int4 group applies)
-saved as a checkpoint and scored with evaluate_checkpoint on 512 tokens of README.md (the
-embedded byte-level tokenizer): perplexity, KL to the unquantized model and top-1 agreement.
+the candidate reads. quality: every tiny family (hidden and expert widths 128, so every int4
+group applies; random weights) saved as a checkpoint and scored with evaluate_checkpoint on 512
+tokens of README.md (the embedded byte-level tokenizer): perplexity, KL to the unquantized model
+and top-1 agreement.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def quality_rows(tokens: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as scratch:
         for family in TINY_FAMILIES:
             checkpoint = Path(scratch) / family
-            tiny_model(family, **expert_fields(family, num_experts=8, intermediate_size=64, top_k=2)).save_pretrained(checkpoint)
+            tiny_model(family, hidden_size=128, **expert_fields(family, num_experts=8, intermediate_size=128, top_k=2)).save_pretrained(checkpoint)
             base = evaluate_checkpoint(checkpoint, ids, reference=False)
             for quantize in FORMATS:
                 result = evaluate_checkpoint(checkpoint, ids, budget=0.5, quantize=quantize)

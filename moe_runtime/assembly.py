@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from .budget import Budget, format_bytes, parse_budget
@@ -124,6 +125,8 @@ def wrap(
     execution: str = "auto",
     devices: list | None = None,
     quantize: str | None = None,
+    quantize_rest: str | None = None,
+    miss_precision: str | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
@@ -159,12 +162,20 @@ def wrap(
     quantize: "int8" (per output channel) or "int4" (group 64; "int4-g32" / "int4-g128"): the
     routed experts are quantized once (in RAM, or into the store in `store_dir`) and held,
     moved and computed in that format; the model's own expert weights are freed, and unwrap
-    gives back their dequantized values. Shared experts and the rest keep the model's dtype.
+    gives back their dequantized values. Shared experts and the rest keep the model's dtype
+    unless `quantize_rest` names a format for them too (on a CPU: every other linear layer but
+    the routers, computed by the same kernels; see dense_quantization.py).
+    miss_precision: "int8" or "int4" (HOBBIT's mixed precision): a low-bit copy of every routed
+    expert is kept in RAM; resident experts compute in the model's precision (or `quantize`'s),
+    and a missed expert is computed on the CPU from its low-bit copy instead of waiting for its
+    load, while its full copy is admitted in the background when recent admissions were reused
+    (stats()["host_computes"] counts the low-bit computations).
     """
     config = config_from(config, dict(
         budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
         placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
         profiles_dir=profiles_dir, kernel=kernel, execution=execution, devices=devices, quantize=quantize,
+        quantize_rest=quantize_rest, miss_precision=miss_precision,
     ))
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
@@ -182,7 +193,7 @@ def wrap(
     if plan is not None and plan["kind"] == "multi_gpu":
         unused = {
             "host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile,
-            "quantize": config.quantize,
+            "quantize": config.quantize, "quantize_rest": config.quantize_rest, "miss_precision": config.miss_precision,
         }
         if any(value is not None for value in unused.values()):
             raise ValueError(
@@ -194,10 +205,11 @@ def wrap(
         MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, config.devices), config.budget).install(model, RUNTIME_ATTR)
         return model
     spec = expert_spec(blocks, next(iter(fused[0].values())).dtype, config)
+    low_bit = low_bit_copies(spec, config, len(blocks), blocks[0].num_experts, _reader(fused))
     source, spilled = _host_source(
         blocks, fused, spec, config.host_budget, config.store_dir, pin=device.type == "cuda", order=disk_order(plan), ram=ram_experts(plan),
     )
-    runtime = build_runtime(model, adapter, blocks, source, plan, config, home_device=home)
+    runtime = build_runtime(model, adapter, blocks, source, plan, config, home_device=home, low_bit=low_bit)
     runtime.install(model)
     if spilled:  # only now, with the runtime running from the store (or quantized copies): free the RAM copies
         for block in blocks:
@@ -206,21 +218,58 @@ def wrap(
     return model
 
 
-def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *, home_device: torch.device) -> Runtime:
+def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *, home_device: torch.device, low_bit=None) -> Runtime:
     """The Runtime `wrap` and `from_pretrained` install: its forecaster, router mask, pinned and
-    transient experts resolved from the config's predictor, profile and placement `plan`."""
+    transient experts resolved from the config's predictor, profile and placement `plan`;
+    low_bit: the low-bit copies of miss_precision (see low_bit_copies)."""
     forecaster = live_forecaster(config.predictor, model, blocks)
     mask = router_mask(config.profile, config.profiles_dir, model, adapter, blocks)
     experts = blocks[0].num_experts
     runtime = Runtime(
         model, adapter, blocks, source, config, home_device=home_device, forecaster=forecaster, mask=mask,
-        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"),
+        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"), dense=dense_quantization(model, blocks, config),
+        low_bit=low_bit,
     )
     if plan is not None and plan["kind"] == "tiering":
         from .placement import tier_counts
 
         runtime.stats.info["placement_tiers"] = tier_counts(plan)
     return runtime
+
+
+def low_bit_copies(spec: ExpertSpec, config: OffloadConfig, layers: int, experts: int, read) -> RamSource | None:
+    """For miss_precision: every expert in that format in RAM (computed on the CPU), encoded from
+    `read(layer, expert)` (the model's dtype and layout) once, at start-up; None without it."""
+    if config.miss_precision is None:
+        return None
+    low = ExpertSpec(spec.shapes, spec.dtype, spec.transposed, expert_format(config.miss_precision, on_cpu=True))
+    return encoded_copies(low, layers, experts, read, pin=False)
+
+
+def encoded_copies(spec: ExpertSpec, layers: int, experts: int, read, *, pin: bool) -> RamSource:
+    """Every expert in RAM in `spec`'s format (per layer {stored name: [E, ...] CPU tensor}),
+    encoded one at a time from `read(layer, expert)` (the model's dtype and layout)."""
+    fused = [{name: torch.empty((experts, *shape), dtype=dtype, pin_memory=pin) for name, (shape, dtype) in spec.specs.items()} for _ in range(layers)]
+    for layer in tqdm(range(layers), desc=f"{spec.format.name} copies of the experts", unit="layer", disable=layers < 4):
+        for expert in range(experts):
+            for name, tensor in spec.encode(read(layer, expert)).items():
+                fused[layer][name][expert].copy_(tensor)
+    return RamSource(fused, spec)
+
+
+def dense_quantization(model: nn.Module, blocks: list[MoEBlock], config: OffloadConfig):
+    """The DenseQuantization `config.quantize_rest` asks for (refused off the CPU), or None."""
+    if config.quantize_rest is None:
+        return None
+    if config.device.type != "cpu":
+        raise ValueError(
+            f"quantize_rest={config.quantize_rest!r} computes the dense layers with torch's CPU kernels; on {config.device} they stay "
+            "resident in the model's dtype: drop quantize_rest (quantize= still applies to the experts)"
+        )
+    from .dense_quantization import DenseQuantization
+
+    skipped = [module for block in blocks for module in (block.experts, block.router)]
+    return DenseQuantization(model, expert_format(config.quantize_rest, on_cpu=True), skipped)
 
 
 def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):
@@ -292,7 +341,7 @@ def _host_source(blocks, fused, spec: ExpertSpec, host_budget, store_dir, *, pin
     host_bytes = total if host_budget is None else parse_budget(host_budget, total, name="host_budget", allow_zero=True)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
     if host_bytes >= total and spec.format.quantized:
-        return RamSource([_encoded_layer(spec, layer, block.num_experts, pin) for block, layer in zip(blocks, fused)], spec), True
+        return encoded_copies(spec, len(blocks), blocks[0].num_experts, _reader(fused), pin=pin), True
     if host_bytes >= total:
         for block, layer in zip(blocks, fused):
             for name, tensor in layer.items():
@@ -311,19 +360,14 @@ def _host_source(blocks, fused, spec: ExpertSpec, host_budget, store_dir, *, pin
             "pass store_dir=... so the experts that do not fit in RAM can be kept on disk"
         )
     store = ConvertedStore.write(
-        store_dir, spec, len(blocks), blocks[0].num_experts, lambda layer, expert: {n: t[expert].cpu() for n, t in fused[layer].items()},
-        order=order,
+        store_dir, spec, len(blocks), blocks[0].num_experts, _reader(fused), order=order,
     )
     return HostTier(store, spec, host_bytes, pin=pin, keep=ram), True
 
 
-def _encoded_layer(spec: ExpertSpec, fused: dict[str, torch.Tensor], num_experts: int, pin: bool) -> dict[str, torch.Tensor]:
-    """One MoE layer's experts in `spec`'s format: {stored name: [E, ...] CPU tensor}."""
-    out = {name: torch.empty((num_experts, *shape), dtype=dtype, pin_memory=pin) for name, (shape, dtype) in spec.specs.items()}
-    for expert in range(num_experts):
-        for name, tensor in spec.encode({n: t[expert].cpu() for n, t in fused.items()}).items():
-            out[name][expert].copy_(tensor)
-    return out
+def _reader(fused: list[dict[str, torch.Tensor]]):
+    """read(layer, expert) -> the expert's tensors (CPU) from the model's fused parameters."""
+    return lambda layer, expert: {name: tensor[expert].cpu() for name, tensor in fused[layer].items()}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -40,6 +40,8 @@ class OffloadConfig:
     execution: str = "auto"  # where experts are computed: "auto", "device", "host" or "hybrid" (execution.py)
     devices: tuple | None = None  # multi-GPU plans: the devices, in plan order
     quantize: str | None = None  # routed experts held as "int8" or "int4" (expert_format.py); None: the model's dtype
+    quantize_rest: str | None = None  # the other linear layers too, on a CPU (dense_quantization.py)
+    miss_precision: str | None = None  # a missed expert computed on the CPU from its copy in this format (HOBBIT)
 
     def __post_init__(self) -> None:
         if self.budget is None or isinstance(self.budget, bool) or not isinstance(self.budget, (int, float, str)):
@@ -60,8 +62,14 @@ class OffloadConfig:
             raise TypeError(f"OffloadConfig.dtype must be a torch.dtype such as torch.bfloat16, got {self.dtype!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} (or None), got {self.quantize!r}")
-        if self.quantize == "none":
-            object.__setattr__(self, "quantize", None)
+        for name in ("quantize_rest", "miss_precision"):
+            if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE:
+                raise ValueError(f"{name} must be one of {', '.join(QUANTIZE)} (or None), got {getattr(self, name)!r}")
+        if self.miss_precision is not None and self.execution == "hybrid":
+            raise ValueError("miss_precision decides where misses are computed (on the CPU, from low-bit copies); drop execution='hybrid'")
+        for name in ("quantize", "quantize_rest", "miss_precision"):
+            if getattr(self, name) == "none":
+                object.__setattr__(self, name, None)
         if self.devices is not None:
             object.__setattr__(self, "devices", tuple(self.devices))
 

@@ -12,12 +12,14 @@ decode with every expert resident (so nothing but the misses differs).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -25,11 +27,16 @@ from .atomic import staging_directory
 from .budget import format_bytes
 from .bench import policy_for
 from .embedded import cache_root
+from .expert_format import format_size_ratio
+from .inspection import describe_model_dir
 from .policies import DEFAULT_POLICY
+from .random_checkpoint import write_random_checkpoint
 from .routing_replay import replay_routing
 from .simulator import TimingModel, replay
 from .tiny_models import expert_fields, tiny_config, tiny_model
 from .trace import Trace
+
+RESIDENT_SHARE_OF_RAM = 0.7  # the resident pass of measure_constants runs when the experts fit in this share
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ def arch_for(trace: Trace, name: str | None) -> str:
 
 def checkpoint_for(name: str, scale: int) -> Path:
     """The random-weight bf16 checkpoint of preset `name` at `scale`, built once (atomically);
-    refused before any work when the disk cannot hold it."""
+    refused before any work when the disk cannot hold it. One that would take more than half
+    of the available RAM is written a MoE layer at a time (random_checkpoint.py)."""
     target = cache_root() / "live" / f"{name}-scale{scale}"
     if (target / "config.json").is_file():
         return target
@@ -104,7 +112,10 @@ def checkpoint_for(name: str, scale: int) -> Path:
             f"pass a larger --scale (hidden sizes divided by it)"
         )
     with staging_directory(target, "live bench checkpoint", legacy=lambda folder: (folder / "config.json").is_file()) as staging:
-        tiny_model(arch.family, dtype=torch.bfloat16, **arch.config(scale)).save_pretrained(staging)
+        if needed > psutil.virtual_memory().available // 2:
+            write_random_checkpoint(tiny_config(arch.family, **arch.config(scale)), staging)
+        else:
+            tiny_model(arch.family, dtype=torch.bfloat16, **arch.config(scale)).save_pretrained(staging)
     return target
 
 
@@ -148,7 +159,7 @@ class LiveRow:
     budget: float
     tokens: int
     measured_ms_per_token: float
-    simulated_ms_per_token: float
+    simulated_ms_per_token: float | None  # None when the clock's layer time could not be measured (see measure_constants)
     measured_loads_per_token: float
     simulated_loads_per_token: float
     hit_rate: float
@@ -156,23 +167,42 @@ class LiveRow:
     disk_bytes_per_token: float
 
 
-def measure_constants(path: Path, part: Trace, host_budget, **options) -> dict:
+def uncache(model) -> None:
+    """Emulate a store much larger than RAM: its pages leave the page cache now and after every
+    read, so each miss is read from the disk (dirty pages are written back first)."""
+    import moe_runtime
+
+    os.sync()
+    disk = getattr(moe_runtime.runtime_of(model).source, "disk", None)  # none when every expert is in RAM
+    files = getattr(disk, "files", None) or getattr(getattr(disk, "checkpoint", None), "files", ())  # a store's, or the checkpoint's
+    for file in files:
+        file.uncached_reads = True
+        file._after_read(0, file.path.stat().st_size)
+
+
+def measure_constants(path: Path, part: Trace, host_budget, *, uncached: bool = False, **options) -> dict:
     """The simulator's clock on this machine: the ms per MoE layer of `part`'s decode with every
-    expert resident (a second pass after a first one loaded them all), and the ms one demand load
+    expert resident (a second pass after a first one loaded them all; None when the experts do
+    not fit in the available RAM, and then nothing is simulated), and the ms one demand load
     takes through the engine (queue, workers, store read or RAM, hand-over), timed on a separate
     runtime with the same host budget and K slots loading K cold experts per layer step, as a
     decode step does (the workers read them side by side: the per-load figure is a layer's wall
-    time / K). options: quantize and store_dir, as the rows run."""
+    time / K). uncached, options (quantize, store_dir): as the rows run."""
     import moe_runtime
 
-    model = moe_runtime.from_pretrained(path, budget=1.0, host_budget=1.0, device="cpu", **options)
-    decode(model, part)
-    seconds = decode(model, part)
+    shape = describe_model_dir(path)
+    held = shape["total_expert_bytes"] * format_size_ratio(options.get("quantize"))
+    layer_ms = None
+    if held < RESIDENT_SHARE_OF_RAM * psutil.virtual_memory().available:
+        model = moe_runtime.from_pretrained(path, budget=1.0, host_budget=1.0, device="cpu", **options)
+        decode(model, part)
+        layer_ms = decode(model, part) / part.num_tokens / shape["num_moe_layers"] * 1e3
+        moe_runtime.unwrap(model)
+    model = moe_runtime.from_pretrained(path, budget=part.top_k * shape["bytes_per_expert"], host_budget=host_budget, device="cpu", **options)
+    if uncached:
+        uncache(model)
     runtime = moe_runtime.runtime_of(model)
-    blocks, per_expert = len(runtime.blocks), runtime.pool.bytes_per_slot
-    moe_runtime.unwrap(model)
-    model = moe_runtime.from_pretrained(path, budget=part.top_k * per_expert, host_budget=host_budget, device="cpu", **options)
-    cache = moe_runtime.runtime_of(model).cache
+    blocks, per_expert, cache = len(runtime.blocks), runtime.pool.bytes_per_slot, runtime.cache
     step = list(range(0, cache.core.num_experts, max(1, cache.core.num_experts // part.top_k)))[: part.top_k]
     for rounds in range(2):  # the second round is timed: its buffers are recycled ones, as in a long decode
         started = time.perf_counter()
@@ -181,33 +211,42 @@ def measure_constants(path: Path, part: Trace, host_budget, **options) -> dict:
             cache.release(layer, step)
     load_ms = (time.perf_counter() - started) / (blocks * len(step)) * 1e3
     moe_runtime.unwrap(model)
-    return {"layer_ms": seconds / part.num_tokens / blocks * 1e3, "load_ms": load_ms, "bytes_per_expert": per_expert}
+    return {"layer_ms": layer_ms, "load_ms": load_ms, "bytes_per_expert": per_expert}
 
 
 def run_live(
     name: str, trace: Trace, *, arch: str | None, scale: int, tokens: int, budgets, policy: str, host_budget=0, store_dir=None,
-    quantize: str | None = None,
+    quantize: str | None = None, uncached: bool = False, miss_precision: str | None = None,
 ) -> dict:
     """Measured against simulated rows, one per budget, and the constants measured.
     host_budget: RAM for cold experts (default 0: every miss read from the store on disk).
-    quantize: hold the experts as int8 / int4 (a store beside the checkpoint unless store_dir)."""
+    quantize: hold the experts as int8 / int4. uncached: every store read from the disk, never
+    the page cache (see `uncache`). Both use a store beside the checkpoint unless store_dir.
+    miss_precision: misses computed from low-bit copies in RAM (the rows only: the simulator's
+    columns and the constants stay those of loading every miss, the baseline it is measured against)."""
     import moe_runtime
 
     preset = arch_for(trace, arch)
     path = checkpoint_for(preset, scale)
     if quantize is not None and store_dir is None:
-        store_dir = path.parent / f"{path.name}-{quantize}-store"
+        store_dir = path.parent / f"{path.name}-{quantize or 'bf16'}-store"
     options = {"quantize": quantize, "store_dir": store_dir}
     part = first_tokens(trace, tokens)
-    constants = measure_constants(path, part, host_budget, **options)
+    constants = measure_constants(path, part, host_budget, uncached=uncached, **options)
     expert_mb = constants["bytes_per_expert"] / 1e6
-    timing = TimingModel(expert_mb=expert_mb, h2d_gbps=expert_mb / constants["load_ms"], layer_ms=constants["layer_ms"])
+    timing = TimingModel(expert_mb=expert_mb, h2d_gbps=expert_mb / constants["load_ms"], layer_ms=constants["layer_ms"] or 0.0)
     rows = []
     live_policy = DEFAULT_POLICY if policy == "default" else policy
     for budget in budgets:
-        model = moe_runtime.from_pretrained(path, budget=budget, host_budget=host_budget, policy=live_policy, device="cpu", **options)
+        model = moe_runtime.from_pretrained(
+            path, budget=budget, host_budget=host_budget, policy=live_policy, device="cpu", miss_precision=miss_precision, **options,
+        )
         runtime = moe_runtime.runtime_of(model)
         expert_format = runtime.source.spec.format.name
+        if runtime.low_bit is not None:
+            expert_format += f", misses {runtime.low_bit.spec.format.name}"
+        if uncached:
+            uncache(model)
         seconds = decode(model, part)
         counters = moe_runtime.stats(model)
         disk_bytes = getattr(runtime.source, "disk_reads", 0) * constants["bytes_per_expert"]
@@ -216,7 +255,8 @@ def run_live(
         simulated = replay(part, policy_for(policy, part, capacity, None), capacity, timing=timing)
         n = part.num_tokens
         rows.append(LiveRow(
-            name, preset, scale, expert_format, policy, budget, n, seconds / n * 1e3, simulated.total_ms / n, counters["loads"] / n,
+            name, preset, scale, expert_format, policy, budget, n, seconds / n * 1e3,
+            None if constants["layer_ms"] is None else simulated.total_ms / n, counters["loads"] / n,
             simulated.loads / n, counters["hit_rate"], counters["stall_seconds"] / n * 1e3, disk_bytes / n,
         ))
     return {"live": [asdict(row) for row in rows], "constants": constants}

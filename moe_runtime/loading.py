@@ -7,6 +7,7 @@ host tier (RAM, host_budget) -> runtime (device slot pool, budget).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import psutil
@@ -20,7 +21,9 @@ from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .config import OffloadConfig, config_from
 from .policies import DEFAULT_POLICY, EvictionPolicy
-from .assembly import build_runtime, checked_placement, disk_order, expert_spec, planned_host_bytes, ram_experts, resolve_device
+from .assembly import (
+    build_runtime, checked_placement, disk_order, expert_spec, low_bit_copies, planned_host_bytes, ram_experts, resolve_device,
+)
 from .disk_store import CheckpointStore, ConvertedStore, DiskStore
 from .expert_format import ExpertSpec
 from .host_tier import HostTier
@@ -46,6 +49,8 @@ def from_pretrained(
     kernel: str = "auto",
     execution: str = "auto",
     quantize: str | None = None,
+    quantize_rest: str | None = None,
+    miss_precision: str | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
@@ -56,12 +61,15 @@ def from_pretrained(
     prefetch_lookahead, placement, profile, profiles_dir, kernel, execution: as for `wrap`.
     quantize: "int8" or "int4" (group 64; "int4-g32" / "int4-g128" choose the group): the routed
     experts are quantized once into the store in `store_dir` (needed), and RAM, loads and compute
-    use the quantized bytes. The keywords build an OffloadConfig; `config=` passes one instead.
+    use the quantized bytes. quantize_rest, miss_precision: as for `wrap` (the low-bit copies
+    are read from the checkpoint or the store once, at start-up). The keywords build an OffloadConfig;
+    `config=` passes one instead.
     """
     offload = config_from(config, dict(
         budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
         prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution, quantize=quantize,
+        quantize_rest=quantize_rest, miss_precision=miss_precision,
     ))
     if offload.quantize is not None and offload.store_dir is None:
         raise ValueError(f"quantize={offload.quantize!r} needs store_dir=...: the quantized experts are written there once and read from it")
@@ -85,6 +93,7 @@ def from_pretrained(
         )
     disk: DiskStore = CheckpointStore(checkpoint, adapter, blocks)
     spec = expert_spec(blocks, dtype, offload)
+    low_bit = low_bit_copies(spec, offload, len(blocks), blocks[0].num_experts, functools.partial(_read_full, disk, spec))
     if offload.store_dir is not None:
         disk = _convert(disk, offload.store_dir, spec, blocks, disk_order(plan), protected=[path])
     per_expert = spec.nbytes
@@ -94,7 +103,7 @@ def from_pretrained(
     ram = ram_experts(plan)
     host_bytes = planned_host_bytes(ram, host_budget, host_bytes, per_expert)
     source = HostTier(disk, spec, host_bytes, pin=device.type == "cuda", keep=ram)
-    runtime = build_runtime(model, adapter, blocks, source, plan, offload, home_device=torch.device("cpu"))
+    runtime = build_runtime(model, adapter, blocks, source, plan, offload, home_device=torch.device("cpu"), low_bit=low_bit)
     runtime.stats.info["host_tier_experts"] = source.capacity
     runtime.install(model)
     return model
@@ -135,14 +144,15 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(module_name) if module_name else model, leaf)
 
 
+def _read_full(disk: DiskStore, spec: ExpertSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One expert as the checkpoint holds it (the model's dtype and layout), read from `disk`."""
+    out = ExpertSpec(spec.shapes, spec.dtype, spec.transposed).allocate(pin=False)
+    disk.read_into(layer, expert, out)
+    return out
+
+
 def _convert(disk: DiskStore, store_dir, spec: ExpertSpec, blocks, order, protected) -> ConvertedStore:
-    full = ExpertSpec(spec.shapes, spec.dtype, spec.transposed)  # what the checkpoint holds
-
-    def read(layer: int, expert: int):
-        out = full.allocate(pin=False)
-        disk.read_into(layer, expert, out)
-        return out
-
+    read = functools.partial(_read_full, disk, spec)
     store = ConvertedStore.write(store_dir, spec, len(blocks), blocks[0].num_experts, read, order=order, protected=protected)
     disk.close()
     return store

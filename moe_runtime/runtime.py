@@ -1,9 +1,10 @@
 """The executor: what one wrapped model runs per MoE layer (assembly.py builds and installs it).
 
 Per MoE layer: the model's router runs -> run_layer(layer, x, top_k_index, top_k_weights) ->
-distinct experts -> [hybrid: the misses the cost model gives the CPU] -> waves of at most S of
-the rest -> slot cache acquire (hits in place, misses loaded) -> while loads fly: the CPU's share
-and the prefetches for the next layers -> GEMMs from the slots -> release -> out.
+distinct experts -> [hybrid: the misses the cost model gives the CPU; miss_precision: every
+miss, computed from its low-bit copy] -> waves of at most S of the rest -> slot cache acquire
+(hits in place, misses loaded) -> while loads fly: the CPU's share and the prefetches for the
+next layers -> GEMMs from the slots -> release -> out.
 
 The slots are a device pool (execution "device" and "hybrid") or, in place on a CPU ("host"),
 references to the experts' host tensors (host_slots.py): the same cache either way.
@@ -60,9 +61,13 @@ class Runtime:
         mask=None,
         pinned: list[int] = (),
         transient: list[int] = (),
+        dense=None,
+        low_bit: ExpertSource | None = None,
     ):
         """config: the options, with the device resolved; forecaster, mask, pinned and transient
-        come from its predictor, profile and placement plan (see build_runtime)."""
+        come from its predictor, profile and placement plan, dense (a DenseQuantization) from
+        its quantize_rest, low_bit (every expert's low-bit copy in RAM) from its miss_precision
+        (see build_runtime)."""
         device = config.device
         self.adapter = adapter
         self.blocks = blocks
@@ -106,6 +111,8 @@ class Runtime:
             transient=transient,
         )
         self.forecaster = forecaster
+        self.dense = dense
+        self.low_bit = low_bit
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
         self.stats.info = {
@@ -117,6 +124,8 @@ class Runtime:
             "slot_pool_bytes": self.pool.nbytes,
             "bytes_per_expert": self.pool.bytes_per_slot,
             "expert_format": spec.format.name,
+            "dense_format": dense.fmt.name if dense else None,
+            "miss_precision": low_bit.spec.format.name if low_bit else None,
             "policy": self.cache.policy.name,
             "host_tier": type(source).__name__,
             "predictor": forecaster.predictor.name if forecaster else None,
@@ -155,7 +164,7 @@ class Runtime:
         self.cache.start_layer(layer, needed)
         if self.forecaster is not None:
             self.forecaster.observe(layer, top_k_index, top_k_weights, hidden)
-        on_host = self._host_share(layer, needed, routed) if self.costs is not None else []
+        on_host = self._host_share(layer, needed, routed) if self.costs is not None or self.low_bit is not None else []
         on_device = [e for e in needed if e not in on_host] if on_host else needed
         waves = self._waves(layer, on_device)
         self.stats.layers[layer].waves += max(0, len(waves) - 1)
@@ -181,7 +190,7 @@ class Runtime:
         (hybrid), and the prefetches of the next layers (their copies overlap this compute)."""
         out = None
         if on_host:
-            with self.source.borrow_run(layer, on_host) as tensors:
+            with (self.low_bit or self.source).borrow_run(layer, on_host) as tensors:
                 out = self._compute_on_cpu(layer, dict(zip(on_host, tensors)), hidden, top_k_index, top_k_weights)
         if self.forecaster is not None:
             self._prefetch_after(layer)
@@ -195,15 +204,19 @@ class Runtime:
         return out.to(self.device, non_blocking=True)
 
     def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:
-        """Hybrid execution: the missed experts the cost model gives to the CPU this step."""
+        """The missed experts the CPU computes this step: under miss_precision all of them (from
+        their low-bit copies), under hybrid execution those the cost model gives it."""
         resident = self.cache.slot_of
         missed = [e for e in needed if self.cache.core.key(layer, e) not in resident]
         if not missed:
             return []
-        counts = Counter(routed)
-        tokens = {e: counts[e] for e in missed}
-        backlog = self.cache.loads_in_flight() * self.costs.load_ms
-        _, on_host = self.costs.split(missed, tokens, backlog)
+        if self.low_bit is not None:
+            on_host = missed
+        else:
+            counts = Counter(routed)
+            tokens = {e: counts[e] for e in missed}
+            backlog = self.cache.loads_in_flight() * self.costs.load_ms
+            _, on_host = self.costs.split(missed, tokens, backlog)
         self.cache.core.compute_elsewhere(layer, on_host)
         return on_host
 
@@ -279,6 +292,8 @@ class Runtime:
     def install(self, model: nn.Module) -> None:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
+        if self.dense is not None:
+            self.stats.info["dense_quantized_linears"] = self.dense.apply()
         model.to(self.device)
         wrapped_model.install(model, self)
         if self.mask is not None:
@@ -302,6 +317,8 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
+        if self.dense is not None:
+            self.dense.undo()
         wrapped_model.remove(model)
         self.close()
         model.to(self.home_device)

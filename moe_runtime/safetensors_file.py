@@ -63,6 +63,9 @@ class SafetensorsFile:
         self.entries, self.metadata = _read_header(self.path)
         self._fd: int | None = None
         self._lock = threading.Lock()
+        # Benchmarks set this to emulate a file much larger than RAM: every read's pages are
+        # dropped from the page cache afterwards, so the next read of them goes to the disk.
+        self.uncached_reads = False
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -94,7 +97,12 @@ class SafetensorsFile:
         if out.numel() * out.element_size() != size:
             raise AssertionError(f"{name}: destination holds {out.numel() * out.element_size()} bytes, tensor has {size}")
         _read_fully(self._descriptor(), [_bytes_of(out)], begin, f"{self.path}: unexpected end of file reading {name} (file truncated?)")
+        self._after_read(begin, end)
         return out
+
+    def _after_read(self, begin: int, end: int) -> None:
+        if self.uncached_reads:
+            os.posix_fadvise(self._descriptor(), begin, end - begin, os.POSIX_FADV_DONTNEED)
 
     def read_span_into(self, names: list[str], outs: list[torch.Tensor]) -> None:
         """Read tensors that lie back to back in the file with one positional read (preadv).
@@ -111,6 +119,7 @@ class SafetensorsFile:
                 raise AssertionError(f"{name}: destination does not match the stored {entry.dtype} tensor of {entry.end - entry.begin} bytes")
         views = [_bytes_of(out) for out in outs]
         _read_fully(self._descriptor(), views, entries[0].begin, f"{self.path}: unexpected end of file reading {names[0]}.. (file truncated?)")
+        self._after_read(entries[0].begin, entries[-1].end)
 
     def read(self, name: str, row: int | None = None) -> torch.Tensor:
         """A new CPU tensor holding tensor `name` (or its row `row`), in the stored dtype."""

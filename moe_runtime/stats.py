@@ -20,7 +20,7 @@ class LayerCounters:
     prefetches_issued: int = 0
     prefetches_used: int = 0  # a prefetched expert used before its eviction
     late_prefetches: int = 0  # ... that was still loading when its layer needed it
-    host_computes: int = 0  # misses computed on the CPU where they lie (hybrid execution): no load
+    host_computes: int = 0  # misses computed on the CPU where they lie (hybrid), or from low-bit copies (miss_precision): no load
     admissions: int = 0  # background loads of experts the CPU computed, admitted to the pool
     waves: int = 0  # extra passes when a layer needed more distinct experts than slots
     stall_seconds: float = 0.0  # time compute waited for loads

@@ -9,6 +9,7 @@ that names offloading and the fix, before anything changes. remove(model) undoes
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -67,32 +68,44 @@ def save_offloaded(model: nn.Module, runtime, directory: str | os.PathLike, **op
     unknown = set(options) - {"safe_serialization", "max_shard_size", "is_main_process"}
     if unknown:
         raise ValueError(f"save_pretrained of an offloaded model takes no {', '.join(sorted(unknown))}; unwrap first for those options")
-    shards = 1 + len(runtime.blocks)
-    name_of = lambda index: f"model-{index + 1:05d}-of-{shards:05d}.safetensors"  # noqa: E731
-    weight_map: dict[str, str] = {}
-
-    def write(staging: Path, index: int, shard: dict[str, torch.Tensor]) -> int:
-        save_file(shard, staging / name_of(index), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name_of(index)))
-        return sum(tensor.numel() * tensor.element_size() for tensor in shard.values())
-
     with staging_directory(directory, "save_pretrained folder") as staging:
-        model.config.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
-        total_bytes = write(staging, 0, _non_expert_tensors(model, runtime.adapter))
-        for layer, block in enumerate(runtime.blocks):  # one layer's experts in RAM at a time
-            total_bytes += write(staging, layer + 1, _checkpoint_tensors(runtime.adapter, block, experts_state(runtime, layer)))
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        layers = (checkpoint_tensors(runtime.adapter, block, experts_state(runtime, layer)) for layer, block in enumerate(runtime.blocks))
+        write_checkpoint(staging, model, runtime.adapter, runtime.blocks, layers)
     return Path(directory)
 
 
-def _non_expert_tensors(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
-    """Every parameter and persistent buffer under its checkpoint name; a tied tensor once."""
+def write_checkpoint(folder: Path, model: nn.Module, adapter, blocks, expert_shards) -> None:
+    """config.json, a shard of every non-expert tensor of `model`, then one shard per MoE layer
+    from the iterable `expert_shards` (consumed one at a time: one layer of experts in RAM), and
+    the index that names each tensor's shard."""
+    shards = 1 + len(blocks)
+    name_of = lambda index: f"model-{index + 1:05d}-of-{shards:05d}.safetensors"  # noqa: E731
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    model.config.save_pretrained(folder)
+    for index, shard in enumerate(itertools.chain([_non_expert_tensors(model, adapter, blocks)], expert_shards)):
+        save_file(shard, folder / name_of(index), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name_of(index)))
+        total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in shard.values())
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def _non_expert_tensors(model: nn.Module, adapter, blocks=()) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer under its checkpoint name; a tied tensor once; a
+    quantized linear layer (quantize_rest) as its dequantized weight."""
+    from .dense_quantization import QuantizedLinear
+
     out, seen = {}, set()
+    experts = {id(block.experts) for block in blocks}  # written by the per-layer shards
     for module_name, module in model.named_modules():
+        if id(module) in experts:
+            continue
         tensors = {**module._parameters, **{k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}}
+        if isinstance(module, QuantizedLinear):
+            tensors = {"weight": module.dequantized_weight(), "bias": module.bias}
         for leaf, tensor in tensors.items():
             if tensor is None or tensor.data_ptr() in seen:
                 continue
@@ -102,7 +115,7 @@ def _non_expert_tensors(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
     return out
 
 
-def _checkpoint_tensors(adapter, block, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(adapter, block, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One MoE layer's experts under the checkpoint's names (the inverse of CheckpointStore)."""
     out = {}
     for expert in range(block.num_experts):

@@ -252,13 +252,16 @@ def test_bench_simulates_quantized_experts_with_their_bytes(trace_paths):
     assert run_cli("bench", str(trace_paths["intent"]), "--quantize", "int2", check=False).returncode == 2
 
 
-def test_bench_live_with_int8_experts_reads_their_bytes_from_disk(trace_paths):
+def test_bench_live_with_int8_experts_or_int8_misses(trace_paths):
     args = ("bench", str(trace_paths["law"]), "--live", "--scale", "64", "--tokens", "6", "--budget", "0.25", "--policy", "lru")
-    plain, int8 = (json.loads(run_cli(*args, *extra, "--json").stdout) for extra in ((), ("--quantize", "int8")))
+    plain, int8 = (json.loads(run_cli(*args, *extra, "--json").stdout) for extra in ((), ("--quantize", "int8", "--uncached")))
     assert int8["live"][0]["quantize"] == "int8" and plain["live"][0]["quantize"] == "none"
     assert int8["constants"]["law"]["bytes_per_expert"] < 0.56 * plain["constants"]["law"]["bytes_per_expert"]
     assert int8["live"][0]["measured_loads_per_token"] == int8["live"][0]["simulated_loads_per_token"] == plain["live"][0]["measured_loads_per_token"]
     assert int8["live"][0]["disk_bytes_per_token"] < 0.56 * plain["live"][0]["disk_bytes_per_token"]
+    mixed = json.loads(run_cli(*args, "--miss-precision", "int8", "--json").stdout)["live"][0]
+    assert mixed["quantize"] == "none, misses int8"
+    assert mixed["stall_ms_per_token"] < plain["live"][0]["stall_ms_per_token"]  # misses never wait for a load
 
 
 def test_evaluate_scores_quantized_experts_against_the_unquantized_model(tmp_path):

@@ -186,3 +186,55 @@ def test_save_pretrained_of_a_quantized_model_writes_its_dequantized_weights(tmp
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, want, atol=0.02 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("family", ("olmoe", "qwen2_moe", "deepseek_v2"))
+def test_quantize_rest_computes_the_dense_layers_from_int8_and_gives_them_back(family, tmp_path):
+    from moe_runtime.dense_quantization import QuantizedLinear
+
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(6))
+    model = moe_runtime.wrap(_wide(family, tie_word_embeddings=True).eval(), budget=0.5, quantize="int8", quantize_rest="int8")
+    runtime = moe_runtime.assembly.runtime_of(model)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == moe_runtime.stats(model)["dense_quantized_linears"] > 0
+    assert not any(isinstance(m, QuantizedLinear) for block in runtime.blocks for m in block.router.modules())  # routing untouched
+    with torch.no_grad():
+        got = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    moe_runtime.unwrap(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # a tied head is given back tied
+    with torch.no_grad():
+        want = model(ids).logits  # the dequantized weights
+    torch.testing.assert_close(got, want, atol=0.03 * want.abs().max().item(), rtol=0)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()(ids).logits
+    torch.testing.assert_close(saved, want, atol=0.03 * want.abs().max().item(), rtol=0)
+
+
+def test_quantize_rest_is_refused_by_name_when_unknown():
+    with pytest.raises(ValueError, match="quantize_rest must be one of"):
+        moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, quantize_rest="fp8")
+
+
+def test_miss_precision_serves_every_miss_from_its_low_bit_copy_and_admits_the_full_one(tmp_path):
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(7))
+    reference = _wide("qwen3_moe").eval()
+    with torch.no_grad():
+        want = reference(ids).logits
+    reference.save_pretrained(tmp_path / "checkpoint")
+    model = moe_runtime.from_pretrained(tmp_path / "checkpoint", budget=0.3, host_budget=0, store_dir=tmp_path / "store", miss_precision="int4")
+    with torch.no_grad():
+        got = model(ids).logits
+        model.generate(ids, max_new_tokens=8, do_sample=False)
+    stats = moe_runtime.stats(model)
+    assert stats["miss_precision"] == "int4-g64" and stats["expert_format"] == "none"  # resident experts keep full precision
+    assert stats["host_computes"] == stats["misses"] > 0  # no miss waited for a load
+    assert stats["loads"] == stats["admissions"] > 0  # every load is a background upgrade
+    assert stats["bytes_loaded"] == stats["loads"] * stats["bytes_per_expert"]
+    torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+    moe_runtime.unwrap(model)
+    with pytest.raises(ValueError, match="miss_precision decides where misses are computed"):
+        moe_runtime.wrap(_wide("qwen3_moe"), budget=0.3, miss_precision="int8", execution="hybrid")

@@ -44,6 +44,10 @@ def add_parsers(subparsers) -> None:
     bench.add_argument("--tokens", type=int, default=64, help="--live: decode the first N tokens of the trace's sequences")
     bench.add_argument("--host-budget", default="0", help="--live: RAM for cold experts (default 0: misses read from disk)")
     bench.add_argument("--store-dir", help="--live: convert the experts into a store here first")
+    bench.add_argument("--uncached", action="store_true",
+                       help="--live: emulate a store much larger than RAM (every read's pages leave the page cache: misses read the disk)")
+    bench.add_argument("--miss-precision", choices=[q for q in QUANTIZE if q != "none"],
+                       help="--live: compute each miss on the CPU from a low-bit copy in RAM (the simulated columns still load every miss)")
     bench.add_argument("--quantize", choices=[q for q in QUANTIZE if q != "none"],
                        help="experts held as int8 / int4: --live quantizes the store; the simulator scales --expert-mb by the format's size")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
@@ -115,7 +119,8 @@ def run_live_command(args: argparse.Namespace, settings: BenchSettings) -> int:
     for path in args.traces:
         name = Path(path).stem
         part = run_live(name, load_trace(path), arch=args.arch, scale=args.scale, tokens=args.tokens, budgets=settings.budgets,
-                        policy=policy, host_budget=args.host_budget, store_dir=args.store_dir, quantize=args.quantize)
+                        policy=policy, host_budget=args.host_budget, store_dir=args.store_dir, quantize=args.quantize,
+                        uncached=args.uncached, miss_precision=args.miss_precision)
         report["live"] += part["live"]
         report["constants"][name] = part["constants"]
     if args.json:

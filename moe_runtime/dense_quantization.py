@@ -1,0 +1,91 @@
+"""Quantizing what lies outside the routed experts, when asked (`quantize_rest="int8" | "int4"`).
+
+On a CPU, once the experts are int8 or int4, the model's other linear layers (attention
+projections, shared experts, dense MLPs, the output head) in bf16 take most of a decode step:
+60% of it on the live_decode model with int4 experts (profiled on the 2-core EPYC of
+BENCHMARKS.md). With quantize_rest, each nn.Linear outside the routed experts and the routers
+becomes a QuantizedLinear holding the same formats as the experts (expert_format.py) and
+computing through the same CPU kernels; its bf16 weight is freed. Undo gives back nn.Linear
+modules holding the dequantized weights (the original values are gone, as with the experts).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .expert_format import ExpertFormat, dequantize, linear
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held in an int8 / int4 format (expert_format.py) as buffers named
+    "weight.int8", "weight.scale", ... ; activations keep the model's dtype."""
+
+    def __init__(self, original: nn.Linear, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.dtype = original.weight.dtype
+        self.names = list(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(name.replace(".", "_"), tensor)
+        self.bias = original.bias
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name.replace(".", "_")) for name in self.names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = linear(rows, self.tensors, "weight", False)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in] in the model's dtype."""
+        return dequantize(self.tensors, "weight", self.dtype)
+
+
+class DenseQuantization:
+    """Replaces the linear layers of `model` outside `skipped` modules (the routed experts and
+    the routers) with QuantizedLinear in `fmt`, and puts nn.Linear modules back on undo."""
+
+    def __init__(self, model: nn.Module, fmt: ExpertFormat, skipped: list[nn.Module]):
+        self.fmt = fmt
+        uses = {}
+        for _, parameter in model.named_parameters(remove_duplicate=False):
+            uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+        self.tied = {key for key, count in uses.items() if count > 1}  # e.g. an output head tied to the embedding
+        skip = {id(module) for root in skipped for module in root.modules()}
+        self.targets = [
+            (parent, name, child) for parent in model.modules() if id(parent) not in skip
+            for name, child in parent.named_children() if type(child) is nn.Linear and id(child) not in skip and self._fits(child)
+        ]
+        self.originals: list[tuple[nn.Module, str, nn.Linear, nn.Parameter | None]] = []
+
+    def _fits(self, module: nn.Linear) -> bool:
+        """Whether the format holds this shape (int4: K divisible by the group, N by 32)."""
+        try:
+            self.fmt.specs({"weight": (module.out_features, module.in_features)}, module.weight.dtype, False)
+        except ValueError:
+            return False
+        return not module.weight.is_meta
+
+    def apply(self) -> int:
+        """Quantize every target, one at a time (each bf16 weight freed as it goes, unless another
+        module shares it: then it is kept and given back as it was); returns how many."""
+        for parent, name, module in self.targets:
+            tensors = self.fmt.encode({"weight": module.weight.detach().cpu()}, False)
+            setattr(parent, name, QuantizedLinear(module, tensors))
+            kept = module.weight if id(module.weight) in self.tied else None
+            module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
+            self.originals.append((parent, name, module, kept))
+        return len(self.originals)
+
+    def undo(self) -> None:
+        """nn.Linear modules again, holding the dequantized weights."""
+        for parent, name, module, kept in self.originals:
+            quantized = getattr(parent, name)
+            module.weight = kept if kept is not None else nn.Parameter(quantized.dequantized_weight(), requires_grad=False)
+            setattr(parent, name, module)
+        self.originals = []
