@@ -12,6 +12,8 @@ decode with every expert resident (so nothing but the misses differs).
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import shutil
 import time
@@ -188,30 +190,62 @@ def measure_constants(path: Path, part: Trace, host_budget, *, uncached: bool = 
     runtime with the same host budget and K slots loading K cold experts per layer step, as a
     decode step does (the workers read them side by side: the per-load figure is a layer's wall
     time / K). uncached, options (quantize, store_dir): as the rows run."""
-    import moe_runtime
-
     shape = describe_model_dir(path)
     held = shape["total_expert_bytes"] * format_size_ratio(options.get("quantize"))
     layer_ms = None
     if held < RESIDENT_SHARE_OF_RAM * psutil.virtual_memory().available:
-        model = moe_runtime.from_pretrained(path, budget=1.0, host_budget=1.0, device="cpu", **options)
-        decode(model, part)
-        layer_ms = decode(model, part) / part.num_tokens / shape["num_moe_layers"] * 1e3
-        moe_runtime.unwrap(model)
-    model = moe_runtime.from_pretrained(path, budget=part.top_k * shape["bytes_per_expert"], host_budget=host_budget, device="cpu", **options)
+        seconds = with_model(path, lambda model: (decode(model, part), decode(model, part))[1], budget=1.0, host_budget=1.0, **options)
+        layer_ms = seconds / part.num_tokens / shape["num_moe_layers"] * 1e3
+    budget = part.top_k * shape["bytes_per_expert"]
+    load_ms, per_expert = with_model(path, lambda model: _time_loads(model, part.top_k, uncached), budget=budget, host_budget=host_budget, **options)
+    return {"layer_ms": layer_ms, "load_ms": load_ms, "bytes_per_expert": per_expert}
+
+
+def _time_loads(model, top_k: int, uncached: bool) -> tuple[float, int]:
+    """(ms per demand load, bytes per expert): K cold experts per layer step, the second of two
+    rounds timed."""
+    import moe_runtime
+
     if uncached:
         uncache(model)
     runtime = moe_runtime.runtime_of(model)
-    blocks, per_expert, cache = len(runtime.blocks), runtime.pool.bytes_per_slot, runtime.cache
-    step = list(range(0, cache.core.num_experts, max(1, cache.core.num_experts // part.top_k)))[: part.top_k]
-    for rounds in range(2):  # the second round is timed: its buffers are recycled ones, as in a long decode
+    blocks, cache = len(runtime.blocks), runtime.cache
+    step = list(range(0, cache.core.num_experts, max(1, cache.core.num_experts // top_k)))[:top_k]
+    for _ in range(2):  # the second round is timed: its buffers are recycled ones, as in a long decode
         started = time.perf_counter()
         for layer in range(blocks):  # a layer step's misses go to the loader together, as in a decode
             cache.acquire(layer, step)
             cache.release(layer, step)
-    load_ms = (time.perf_counter() - started) / (blocks * len(step)) * 1e3
-    moe_runtime.unwrap(model)
-    return {"layer_ms": layer_ms, "load_ms": load_ms, "bytes_per_expert": per_expert}
+    return (time.perf_counter() - started) / (blocks * len(step)) * 1e3, runtime.pool.bytes_per_slot
+
+
+def with_model(path: Path, work, **options):
+    """work(model) on from_pretrained(path, device="cpu", **options); then the runtime stops and
+    the model is collected. (unwrap would read every expert back into RAM: at full width more
+    than the machine has.)"""
+    import moe_runtime
+
+    model = moe_runtime.from_pretrained(path, device="cpu", **options)
+    try:
+        return work(model)
+    finally:
+        moe_runtime.runtime_of(model).close()
+        del model
+        gc.collect()
+
+
+def _decode_row(part: Trace, uncached: bool, model) -> tuple:
+    """(seconds, stats, expert format, disk reads, slots) of `part` decoded on `model`."""
+    import moe_runtime
+
+    runtime = moe_runtime.runtime_of(model)
+    expert_format = runtime.source.spec.format.name
+    if runtime.low_bit is not None:
+        expert_format += f", misses {runtime.low_bit.spec.format.name}"
+    if uncached:
+        uncache(model)
+    seconds = decode(model, part)
+    return seconds, moe_runtime.stats(model), expert_format, getattr(runtime.source, "disk_reads", 0), runtime.num_slots
 
 
 def run_live(
@@ -220,16 +254,14 @@ def run_live(
 ) -> dict:
     """Measured against simulated rows, one per budget, and the constants measured.
     host_budget: RAM for cold experts (default 0: every miss read from the store on disk).
-    quantize: hold the experts as int8 / int4. uncached: every store read from the disk, never
-    the page cache (see `uncache`). Both use a store beside the checkpoint unless store_dir.
+    quantize: hold the experts as int8 / int4 (in a store beside the checkpoint unless store_dir).
+    uncached: every read of the experts from the disk, never the page cache (see `uncache`).
     miss_precision: misses computed from low-bit copies in RAM (the rows only: the simulator's
     columns and the constants stay those of loading every miss, the baseline it is measured against)."""
-    import moe_runtime
-
     preset = arch_for(trace, arch)
     path = checkpoint_for(preset, scale)
     if quantize is not None and store_dir is None:
-        store_dir = path.parent / f"{path.name}-{quantize or 'bf16'}-store"
+        store_dir = path.parent / f"{path.name}-{quantize}-store"
     options = {"quantize": quantize, "store_dir": store_dir}
     part = first_tokens(trace, tokens)
     constants = measure_constants(path, part, host_budget, uncached=uncached, **options)
@@ -238,20 +270,11 @@ def run_live(
     rows = []
     live_policy = DEFAULT_POLICY if policy == "default" else policy
     for budget in budgets:
-        model = moe_runtime.from_pretrained(
-            path, budget=budget, host_budget=host_budget, policy=live_policy, device="cpu", miss_precision=miss_precision, **options,
+        seconds, counters, expert_format, disk_reads, capacity = with_model(
+            path, functools.partial(_decode_row, part, uncached), budget=budget, host_budget=host_budget, policy=live_policy,
+            miss_precision=miss_precision, **options,
         )
-        runtime = moe_runtime.runtime_of(model)
-        expert_format = runtime.source.spec.format.name
-        if runtime.low_bit is not None:
-            expert_format += f", misses {runtime.low_bit.spec.format.name}"
-        if uncached:
-            uncache(model)
-        seconds = decode(model, part)
-        counters = moe_runtime.stats(model)
-        disk_bytes = getattr(runtime.source, "disk_reads", 0) * constants["bytes_per_expert"]
-        capacity = runtime.num_slots
-        moe_runtime.unwrap(model)
+        disk_bytes = disk_reads * constants["bytes_per_expert"]
         simulated = replay(part, policy_for(policy, part, capacity, None), capacity, timing=timing)
         n = part.num_tokens
         rows.append(LiveRow(

@@ -19,11 +19,13 @@ from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
 from .adapters import ExpertLayout, MoEAdapter, MoEBlock
-from .budget import slots_for_budget
+from .budget import format_bytes, slots_for_budget
+from .expert_format import ExpertSpec
 from .cache import SlotCache
 from .compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from .config import OffloadConfig
@@ -312,6 +314,7 @@ class Runtime:
 
     def remove(self, model: nn.Module) -> None:
         self.drain()  # before anything changes: a stuck load leaves the model wrapped, not half unwrapped
+        self._check_room_to_materialise()
         for block in self.blocks:
             original = block.experts
             if any(p.is_meta for p in original.parameters()):
@@ -323,6 +326,21 @@ class Runtime:
         self.close()
         model.to(self.home_device)
         delattr(model, RUNTIME_ATTR)
+
+    def _check_room_to_materialise(self) -> None:
+        """Refuse, before anything changes, an unwrap whose experts (never in RAM: from_pretrained,
+        or freed) would not fit in the available RAM once read back."""
+        missing = [block for block in self.blocks if any(p.is_meta for p in block.experts.parameters())]
+        if not missing:
+            return
+        full = ExpertSpec(self.source.spec.shapes, self.source.spec.dtype, self.source.spec.transposed)
+        needed = full.nbytes * sum(block.num_experts for block in missing)
+        available = psutil.virtual_memory().available
+        if needed > available:
+            raise MemoryError(
+                f"unwrap reads every expert back into RAM ({format_bytes(needed)}), and {format_bytes(available)} is available: "
+                "keep the model wrapped, or drop it (del model; its runtime stops when it is collected)"
+            )
 
     def _materialise(self, block: MoEBlock) -> None:
         """Give an original experts module real weights again, read from the cold tier."""

@@ -238,3 +238,22 @@ def test_miss_precision_serves_every_miss_from_its_low_bit_copy_and_admits_the_f
     moe_runtime.unwrap(model)
     with pytest.raises(ValueError, match="miss_precision decides where misses are computed"):
         moe_runtime.wrap(_wide("qwen3_moe"), budget=0.3, miss_precision="int8", execution="hybrid")
+
+
+def test_unwrap_refuses_to_read_back_more_experts_than_ram_holds_and_changes_nothing(tmp_path, monkeypatch):
+    import collections
+
+    import moe_runtime.runtime as runtime_module
+
+    _wide("olmoe").save_pretrained(tmp_path / "checkpoint")
+    model = moe_runtime.from_pretrained(tmp_path / "checkpoint", budget=0.5, store_dir=tmp_path / "store", quantize="int8")
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(8))
+    real = runtime_module.psutil.virtual_memory
+    monkeypatch.setattr(runtime_module.psutil, "virtual_memory", lambda: collections.namedtuple("Memory", "available")(1024))
+    with pytest.raises(MemoryError, match="unwrap reads every expert back into RAM .*del model"):
+        moe_runtime.unwrap(model)
+    with torch.no_grad():
+        model(ids)  # still wrapped and running
+    monkeypatch.setattr(runtime_module.psutil, "virtual_memory", real)
+    moe_runtime.unwrap(model)
+    assert not any(p.is_meta for p in model.parameters())
