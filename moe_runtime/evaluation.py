@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .assembly import unwrap
+from .assembly import runtime_of
 from .loading import from_pretrained
 
 DEFAULT_TOKENS = 512
@@ -74,4 +74,4 @@ def _offloaded_logits(model_dir, token_ids: list[int], *, device, **options) -> 
                 pieces.append(model(ids).logits[0].float().cpu())
         return torch.cat(pieces)[: len(token_ids) - 1]
     finally:
-        unwrap(model)
+        runtime_of(model).close()  # not unwrap: it would read every expert back into RAM
