@@ -234,7 +234,7 @@ def with_model(path: Path, work, **options):
         gc.collect()
 
 
-def _decode_row(part: Trace, uncached: bool, model) -> tuple:
+def decode_row(part: Trace, uncached: bool, model) -> tuple:
     """(seconds, stats, expert format, disk reads, slots) of `part` decoded on `model`."""
     import moe_runtime
 
@@ -271,7 +271,7 @@ def run_live(
     live_policy = DEFAULT_POLICY if policy == "default" else policy
     for budget in budgets:
         seconds, counters, expert_format, disk_reads, capacity = with_model(
-            path, functools.partial(_decode_row, part, uncached), budget=budget, host_budget=host_budget, policy=live_policy,
+            path, functools.partial(decode_row, part, uncached), budget=budget, host_budget=host_budget, policy=live_policy,
             miss_precision=miss_precision, **options,
         )
         disk_bytes = disk_reads * constants["bytes_per_expert"]

@@ -1,0 +1,139 @@
+"""The out-of-core headline: a model larger than RAM decoding real routing, against HF
+Accelerate's disk offload given the same memory, with the physical bound measured in the same run.
+
+The full-width DeepSeek-V2-Lite shape (random bf16 weights, 28 GB, written a layer at a time by
+the live bench) decodes the first --tokens tokens of a shipped ESFT task one at a time with its
+real routing replayed (routing_replay.py), on the CPU:
+
+- moe-runtime: from_pretrained at each expert budget with --host-budget of RAM for cold experts
+  (the rest read from the checkpoint's shards on a miss), once as the OS leaves it (the page
+  cache keeps what fits) and once with every read dropped from the page cache (`--uncached`:
+  every miss from the disk);
+- HF Accelerate: transformers' from_pretrained with device_map="auto" and max_memory = the
+  non-expert bytes + the same expert budget + the same host budget; the rest is disk-offloaded;
+- the bound of the uncached run: its bytes read from disk per token over the disk's read
+  bandwidth (a 1 GiB span of a shard read cold, in 16 MiB reads) plus the bytes a decode step
+  computes (non-expert weights and K experts per layer) over the memory bandwidth (a 1 GiB
+  tensor summed), both measured in the same run.
+
+    python benchmarks/out_of_core.py --tokens 8 --budgets 0.25,0.5 --host-budget 2GiB --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_runtime.atomic import check_writable, write_text_atomically
+from moe_runtime.budget import parse_budget
+from moe_runtime.inspection import describe_model_dir
+from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tokens, with_model
+from moe_runtime.trace import load_trace
+
+TRACES = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing" / "esft-vanilla-lite"
+
+
+def disk_read_gbps(path: Path, span: int = 2**30, chunk: int = 16 * 2**20) -> float:
+    """GB/s of reading `span` bytes of `path` cold (dropped from the page cache first)."""
+    os.sync()
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        buffer = bytearray(chunk)
+        started = time.perf_counter()
+        done = 0
+        while done < span:
+            read = os.preadv(descriptor, [buffer], done)
+            if read <= 0:
+                break
+            done += read
+        seconds = time.perf_counter() - started
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+    return done / seconds / 1e9
+
+
+def memory_read_gbps() -> float:
+    data = torch.ones(2**28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.nbytes / best / 1e9
+
+
+def accelerate_ms(path: Path, part, memory: int) -> float:
+    """ms/token of transformers' own disk offload given `memory` bytes of RAM, the same routing
+    replayed (decode)."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as offload:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": memory}, offload_folder=offload,
+        ).eval()
+        seconds = decode(model, part)
+        del model
+        gc.collect()
+    return seconds / part.num_tokens * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="law", help="an ESFT task: intent, law, summary or translation")
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--budgets", default="0.25,0.5")
+    parser.add_argument("--host-budget", default="2GiB")
+    parser.add_argument("--no-accelerate", action="store_true")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    if args.json:
+        check_writable(args.json, "output")
+    path = checkpoint_for("deepseek-v2-lite", 1)
+    part = first_tokens(load_trace(TRACES / f"{args.task}.npz"), args.tokens)
+    shape = describe_model_dir(path)
+    shards = sorted(path.glob("model-*.safetensors"), key=lambda shard: shard.stat().st_size)
+    disk_gbps, memory_gbps = disk_read_gbps(shards[-1]), memory_read_gbps()
+    computed = shape["non_expert_bytes"] + shape["num_moe_layers"] * shape["top_k"] * shape["bytes_per_expert"]
+    print(f"disk {disk_gbps:.2f} GB/s, memory {memory_gbps:.1f} GB/s, {computed / 1e9:.2f} GB computed per token", flush=True)
+    host_bytes = parse_budget(args.host_budget, shape["total_expert_bytes"], name="--host-budget", allow_zero=True)
+    rows = []
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for uncached in (False, True):
+            seconds, counters, _, disk_reads, _ = with_model(
+                path, functools.partial(decode_row, part, uncached), budget=budget, host_budget=host_bytes, policy="lru",
+            )
+            n = part.num_tokens
+            disk_bytes = disk_reads * shape["bytes_per_expert"] / n
+            row = {"contender": "moe-runtime" + (", uncached" if uncached else ""), "budget": budget, "ms_per_token": seconds / n * 1e3,
+                   "disk_mb_per_token": disk_bytes / 1e6, "hit_rate": counters["hit_rate"]}
+            if uncached:
+                row["bound_ms_per_token"] = (disk_bytes / disk_gbps + computed / memory_gbps) / 1e6
+            rows.append(row)
+            print(row, flush=True)
+        if not args.no_accelerate:
+            memory = int(shape["non_expert_bytes"] + budget * shape["total_expert_bytes"] + host_bytes)
+            rows.append({"contender": "HF Accelerate disk offload", "budget": budget, "ms_per_token": accelerate_ms(path, part, memory)})
+            print(rows[-1], flush=True)
+    report = {"shape": "deepseek-v2-lite full width, bf16", "task": args.task, "tokens": part.num_tokens, "host_budget": args.host_budget,
+              "disk_gbps": disk_gbps, "memory_gbps": memory_gbps, "rows": rows}
+    print(f"{'contender':<28}{'budget':>7}{'ms/token':>10}{'disk MB':>9}{'bound ms':>10}")
+    for row in rows:
+        bound = f"{row['bound_ms_per_token']:>10.1f}" if "bound_ms_per_token" in row else f"{'':>10}"
+        disk = f"{row['disk_mb_per_token']:>9.0f}" if "disk_mb_per_token" in row else f"{'':>9}"
+        print(f"{row['contender']:<28}{row['budget']:>7}{row['ms_per_token']:>10.1f}{disk}{bound}")
+    if args.json:
+        write_text_atomically(args.json, json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
