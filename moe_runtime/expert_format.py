@@ -30,7 +30,6 @@ from .expert_tensors import ExpertTensors, Shapes, Specs, allocate_expert, exper
 
 SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
-INT4_GROUPS = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class ExpertFormat:
             raise ValueError(f"int4 experts need {need}; {name} is [{n}, {k}]: use quantize='int8', or a smaller int4 group")
 
     def encode(self, tensors: ExpertTensors, transposed: bool) -> ExpertTensors:
-        """One expert's tensors in this format (from the model's dtype; quantizes on a miss of nothing)."""
+        """One expert's tensors (the model's dtype and layout) in this format; full precision returns them as they are."""
         if not self.quantized:
             return tensors
         out = {}
