@@ -2,9 +2,11 @@
 
 For every shipped trace (ESFT: DeepSeek-V2-Lite architecture; GPT-OSS-20B) the held-out half
 (second half of the sequences) and synthetic flat-popularity routing, at 10/25/50% of the
-experts in one global pool, no fit traces anywhere: loads per token of Belady's MIN, LRU,
-next-use with the generic table, and the default (adaptive: follows the best of LRU, LFU and
-next-use on the recent routing), as multiples of LRU; plus the default's cost per layer step.
+experts in one global pool: loads per token of Belady's MIN, LRU, next-use with the generic
+table, and the default (adaptive: follows the best of LRU, LFU and next-use on the recent
+routing), none of them fitted, and next-use fitted on the fit half (the first half of the same
+file's sequences; for synthetic routing another seed), as multiples of LRU; plus the default's
+cost per layer step.
 
     python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
 """
@@ -30,17 +32,17 @@ BUDGETS = (0.1, 0.25, 0.5)
 POLICIES = ("lru", "next-use", DEFAULT_POLICY)
 
 
-def workloads() -> dict[str, Trace]:
-    """Held-out halves of every shipped trace, a task switch, and flat routing."""
-    out = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5)[1] for path in sorted(ROUTING.glob("*/*.npz"))}
+def workloads() -> dict[str, tuple[Trace, Trace]]:
+    """(held-out, fit) halves of every shipped trace, a task switch, and flat routing."""
+    out = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5)[::-1] for path in sorted(ROUTING.glob("*/*.npz"))}
     law, translation = out["esft-va/law"], out["esft-va/translation"]
-    out["switch law->transl."] = merge_traces([law, translation])
-    out["flat E8 K2 L32"] = flat_routing(32, 8, 2, 1500, seed=0)
-    out["flat E128 K8 L8"] = flat_routing(8, 128, 8, 1500, seed=1)
+    out["switch law->transl."] = (merge_traces([law[0], translation[0]]), merge_traces([law[1], translation[1]]))
+    out["flat E8 K2 L32"] = (flat_routing(32, 8, 2, 1500, seed=0), flat_routing(32, 8, 2, 1500, seed=2))
+    out["flat E128 K8 L8"] = (flat_routing(8, 128, 8, 1500, seed=1), flat_routing(8, 128, 8, 1500, seed=3))
     return out
 
 
-def measure(trace: Trace, budget: float) -> dict:
+def measure(trace: Trace, fit: Trace, budget: float) -> dict:
     capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
     row = {"budget": budget, "capacity": capacity}
     row["belady"] = belady_misses(layer_keys(trace.expert_ids, trace.num_experts), trace.top_k, capacity) / trace.num_tokens
@@ -49,6 +51,8 @@ def measure(trace: Trace, budget: float) -> dict:
         start = time.perf_counter()
         row[name] = replay(trace, policy, capacity).loads / trace.num_tokens
         row[f"{name}_us_per_layer_step"] = (time.perf_counter() - start) / (trace.num_tokens * trace.num_layers) * 1e6
+    fitted = make_policy("next-use", num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=fit)
+    row["fitted"] = replay(trace, fitted, capacity).loads / trace.num_tokens
     return row
 
 
@@ -83,16 +87,16 @@ def main() -> None:
         if output:
             check_writable(output)
     rows = []
-    jobs = [(name, trace, budget) for name, trace in workloads().items() for budget in BUDGETS]
-    for name, trace, budget in tqdm(jobs, desc="replays", unit="run"):
-        rows.append({"trace": name, **measure(trace, budget)})
+    jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in BUDGETS]
+    for name, trace, fit, budget in tqdm(jobs, desc="replays", unit="run"):
+        rows.append({"trace": name, **measure(trace, fit, budget)})
     print("loads per token as a multiple of LRU's; extra us: the default's replay time per layer step over LRU's")
-    print(f"{'trace':<20} {'budget':>6} {'MIN/LRU':>8} {'next-use':>9} {'default':>8} {'extra us':>8}")
+    print(f"{'trace':<20} {'budget':>6} {'LRU':>6} {'MIN/LRU':>8} {'next-use':>9} {'default':>8} {'fitted':>7} {'extra us':>8}")
     for row in rows:
         lru = row["lru"]
         extra = row[f"{DEFAULT_POLICY}_us_per_layer_step"] - row["lru_us_per_layer_step"]
-        cells = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, extra)
-        print(f"{row['trace']:<20} {row['budget']:>6.2f} {cells[0]:>8.3f} {cells[1]:>9.3f} {cells[2]:>8.3f} {cells[3]:>8.1f}")
+        cells = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, row["fitted"] / lru, extra)
+        print(f"{row['trace']:<20} {row['budget']:>6.2f} {lru:>6.1f} {cells[0]:>8.3f} {cells[1]:>9.3f} {cells[2]:>8.3f} {cells[3]:>7.3f} {cells[4]:>8.1f}")
     if args.json:
         write_text_atomically(args.json, json.dumps(rows, indent=1))
     if args.plot:
