@@ -14,7 +14,7 @@ real routing replayed (routing_replay.py), on the CPU:
 - the bound of the uncached run: its bytes read from disk per token over the disk's read
   bandwidth (a 2 GiB span of a shard read cold, 16 MiB reads from 4 threads) plus the bytes a decode step
   computes (non-expert weights and K experts per layer) over the memory bandwidth (a 1 GiB
-  tensor summed), both measured in the same run.
+  tensor summed with 2 threads), both measured in the same run.
 
     python benchmarks/out_of_core.py --tokens 8 --budgets 0.25,0.5 --host-budget 2GiB --json out.json
 """
@@ -35,11 +35,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_runtime.atomic import check_writable, write_text_atomically
-from moe_runtime.budget import parse_budget
-from moe_runtime.inspection import describe_model_dir
-from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tokens, with_model
-from moe_runtime.trace import load_trace
+sys.path.insert(0, str(Path(__file__).parent))
+from peer_llamacpp import read_bandwidth_gbps  # noqa: E402
+
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.budget import parse_budget  # noqa: E402
+from moe_runtime.inspection import describe_model_dir  # noqa: E402
+from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tokens, with_model  # noqa: E402
+from moe_runtime.trace import load_trace  # noqa: E402
 
 TRACES = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing" / "esft-vanilla-lite"
 
@@ -65,16 +68,6 @@ def disk_read_gbps(path: Path, span: int = 2**31, chunk: int = 16 * 2**20, threa
     finally:
         os.close(descriptor)
     return done / seconds / 1e9
-
-
-def memory_read_gbps() -> float:
-    data = torch.ones(2**28, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - started)
-    return data.nbytes / best / 1e9
 
 
 def accelerate_ms(path: Path, part, memory: int) -> float:
@@ -108,7 +101,7 @@ def main() -> None:
     # This VM's virtual disk serves a span's first read at about 0.6 GB/s and later ones at 2.5-2.8
     # GB/s (the host caches it); the runs read the same files again and again, so the bound takes
     # the better of two passes.
-    disk_gbps, memory_gbps = max(disk_read_gbps(shards[-1]) for _ in range(2)), memory_read_gbps()
+    disk_gbps, memory_gbps = max(disk_read_gbps(shards[-1]) for _ in range(2)), read_bandwidth_gbps()
     computed = shape["non_expert_bytes"] + shape["num_moe_layers"] * shape["top_k"] * shape["bytes_per_expert"]
     print(f"disk {disk_gbps:.2f} GB/s, memory {memory_gbps:.1f} GB/s, {computed / 1e9:.2f} GB computed per token", flush=True)
     host_bytes = parse_budget(args.host_budget, shape["total_expert_bytes"], name="--host-budget", allow_zero=True)

@@ -7,8 +7,10 @@ deterministic sum over K.
 Three paths: `triton` (moe_runtime.kernels.grouped_moe, plain-SwiGLU families, one wave),
 `grouped_mm` (torch.nn.functional.grouped_mm over the whole pool in place, empty groups for idle
 slots) and `loop` (experts_in_place: one pair of GEMMs per used expert, read wherever its
-weights lie: a pool slot, or host RAM for in-place and host-side execution). Rows whose expert is not in
-`slot_of_expert` (-1) contribute nothing: that is how a wave computes part of a layer.
+weights lie: a pool slot, or host RAM for in-place and host-side execution). int8 / int4 experts
+go through expert_format.linear on the loop path, and the Triton kernels dequantize their tiles.
+Rows whose expert is not in `slot_of_expert` (-1) contribute nothing: that is how a wave
+computes part of a layer.
 """
 
 from __future__ import annotations
@@ -92,9 +94,7 @@ def experts_from_slots(
     every routed expert in the table (one wave); the caller falls back to the PyTorch path otherwise.
     """
     if path == TRITON:
-        from .kernels import grouped_moe
-
-        from .kernels import quantized_banks
+        from .kernels import grouped_moe, quantized_banks
 
         gate_up, down = quantized_banks(pool.tensors)
         out = grouped_moe(  # the cache made every routed expert resident: no value checks (no host sync)

@@ -30,6 +30,7 @@ from .expert_tensors import ExpertTensors, Shapes, Specs, allocate_expert, exper
 
 SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+QUANTIZED = QUANTIZE[1:]  # the formats a command-line flag offers
 
 
 @dataclass(frozen=True)

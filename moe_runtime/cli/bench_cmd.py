@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_atomically
 from ..bench import NO_PREDICTOR, BenchSettings, plan, run_bench
 from ..execution import DEVICE, HOST, HYBRID
-from ..expert_format import QUANTIZE, format_size_ratio
+from ..expert_format import QUANTIZED, format_size_ratio
 from ..policies import POLICIES
 from ..predictor import PREDICTORS
 from ..simulator import TimingModel
@@ -46,9 +46,9 @@ def add_parsers(subparsers) -> None:
     bench.add_argument("--store-dir", help="--live: convert the experts into a store here first")
     bench.add_argument("--uncached", action="store_true",
                        help="--live: emulate a store much larger than RAM (every read's pages leave the page cache: misses read the disk)")
-    bench.add_argument("--miss-precision", choices=[q for q in QUANTIZE if q != "none"],
+    bench.add_argument("--miss-precision", choices=QUANTIZED,
                        help="--live: compute each miss on the CPU from a low-bit copy in RAM (the simulated columns still load every miss)")
-    bench.add_argument("--quantize", choices=[q for q in QUANTIZE if q != "none"],
+    bench.add_argument("--quantize", choices=QUANTIZED,
                        help="experts held as int8 / int4: --live quantizes the store; the simulator scales --expert-mb by the format's size")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--plot", help="write hit rate against budget per policy, with Belady, to this PNG")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..embedded import embedded_model_dir
 from ..evaluation import DEFAULT_TOKENS, evaluate_checkpoint
-from ..expert_format import QUANTIZE
+from ..expert_format import QUANTIZED
 from .output import console, key_value_table, print_json
 from .trace_cmds import load_tokenizer
 
@@ -19,7 +19,7 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--text", required=True, help="a UTF-8 text file to score")
     evaluate.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="score the first N tokens of the text")
     evaluate.add_argument("--budget", default="1.0", help="slot pool memory: bytes, '2GiB' or a fraction of all experts")
-    evaluate.add_argument("--quantize", choices=[q for q in QUANTIZE if q != "none"], help="hold the routed experts in this format")
+    evaluate.add_argument("--quantize", choices=QUANTIZED, help="hold the routed experts in this format")
     evaluate.add_argument("--profile", help="a pruning profile (from moe-runtime profile build)")
     evaluate.add_argument("--store-dir", help="where the quantized store is written (default: a temporary folder)")
     evaluate.add_argument("--no-reference", action="store_true", help="skip the comparison with the unquantized, unpruned model")
