@@ -13,7 +13,7 @@ A quantized expert's tensors describe themselves by name, so compute needs no si
 
 N = output features, K = input features; quantized matrices are always [out, in], whatever the
 family's orientation. Biases (and everything outside the routed experts) keep the model's dtype.
-Scales are bf16, not fp16: torch's CPU int4 and int8 kernels run 30-50x slower with fp16
+Scales are bf16, not fp16: torch's CPU int4 and int8 kernels run 28-47x slower with fp16
 activations and scales on the 2-core EPYC this was measured on (BENCHMARKS.md).
 """
 
