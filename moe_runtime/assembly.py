@@ -242,7 +242,7 @@ def low_bit_copies(spec: ExpertSpec, config: OffloadConfig, layers: int, experts
     `read(layer, expert)` (the model's dtype and layout) once, at start-up; None without it."""
     if config.miss_precision is None:
         return None
-    low = ExpertSpec(spec.shapes, spec.dtype, spec.transposed, expert_format(config.miss_precision, on_cpu=True))
+    low = spec.in_format(expert_format(config.miss_precision, on_cpu=True))
     return encoded_copies(low, layers, experts, read, pin=False)
 
 

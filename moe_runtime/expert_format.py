@@ -128,6 +128,10 @@ class ExpertSpec:
     def allocate(self, *, pin: bool) -> ExpertTensors:
         return allocate_expert(self.specs, pin=pin)
 
+    def in_format(self, fmt: ExpertFormat) -> ExpertSpec:
+        """The same expert held in `fmt` (ExpertFormat(): as the checkpoint holds it)."""
+        return ExpertSpec(self.shapes, self.dtype, self.transposed, fmt)
+
     def encode(self, tensors: ExpertTensors) -> ExpertTensors:
         """One expert's parameters (model dtype and layout) in this format."""
         return self.format.encode(tensors, self.transposed)

@@ -179,7 +179,7 @@ def uncache(model) -> None:
     files = getattr(disk, "files", None) or getattr(getattr(disk, "checkpoint", None), "files", ())  # a store's, or the checkpoint's
     for file in files:
         file.uncached_reads = True
-        file._after_read(0, file.path.stat().st_size)
+        file.drop_cached_pages()
 
 
 def measure_constants(path: Path, part: Trace, host_budget, *, uncached: bool = False, **options) -> dict:

@@ -25,7 +25,7 @@ from .assembly import (
     build_runtime, checked_placement, disk_order, expert_spec, low_bit_copies, planned_host_bytes, ram_experts, resolve_device,
 )
 from .disk_store import CheckpointStore, ConvertedStore, DiskStore
-from .expert_format import ExpertSpec
+from .expert_format import ExpertFormat, ExpertSpec
 from .host_tier import HostTier
 
 RAM_RESERVE_BYTES = 2 * 2**30  # left free for the OS, activations and the Python heap
@@ -146,7 +146,7 @@ def _get(model: nn.Module, name: str) -> torch.Tensor:
 
 def _read_full(disk: DiskStore, spec: ExpertSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
     """One expert as the checkpoint holds it (the model's dtype and layout), read from `disk`."""
-    out = ExpertSpec(spec.shapes, spec.dtype, spec.transposed).allocate(pin=False)
+    out = spec.in_format(ExpertFormat()).allocate(pin=False)
     disk.read_into(layer, expert, out)
     return out
 

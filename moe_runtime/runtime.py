@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import ExpertLayout, MoEAdapter, MoEBlock
 from .budget import format_bytes, slots_for_budget
-from .expert_format import ExpertSpec
+from .expert_format import ExpertFormat
 from .cache import SlotCache
 from .compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from .config import OffloadConfig
@@ -333,7 +333,7 @@ class Runtime:
         missing = [block for block in self.blocks if any(p.is_meta for p in block.experts.parameters())]
         if not missing:
             return
-        full = ExpertSpec(self.source.spec.shapes, self.source.spec.dtype, self.source.spec.transposed)
+        full = self.source.spec.in_format(ExpertFormat())
         needed = full.nbytes * sum(block.num_experts for block in missing)
         available = psutil.virtual_memory().available
         if needed > available:

@@ -102,7 +102,12 @@ class SafetensorsFile:
 
     def _after_read(self, begin: int, end: int) -> None:
         if self.uncached_reads:
-            os.posix_fadvise(self._descriptor(), begin, end - begin, os.POSIX_FADV_DONTNEED)
+            self.drop_cached_pages(begin, end)
+
+    def drop_cached_pages(self, begin: int = 0, end: int | None = None) -> None:
+        """Ask the kernel to drop bytes [begin, end) of the file (default: all) from the page cache."""
+        length = 0 if end is None else end - begin  # 0: to the end of the file
+        os.posix_fadvise(self._descriptor(), begin, length, os.POSIX_FADV_DONTNEED)
 
     def read_span_into(self, names: list[str], outs: list[torch.Tensor]) -> None:
         """Read tensors that lie back to back in the file with one positional read (preadv).
