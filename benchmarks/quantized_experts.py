@@ -88,7 +88,7 @@ def _dequantize_nibbles(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tor
 
 
 def quality_rows(tokens: int) -> list[dict]:
-    from moe_runtime.embedded import byte_tokenizer
+    from moe_runtime.tiny_models import byte_tokenizer
     from moe_runtime.evaluation import evaluate_checkpoint
     from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
 

@@ -1,4 +1,4 @@
-"""Small configs of the seven supported families, for tests, examples and the embedded model.
+"""Small configs of the seven supported families, and a byte-level tokenizer, for tests and examples.
 
 Each builds and runs on a CPU in well under a second; shapes are deliberately odd-free and
 small but keep every family's structure (shared experts, dense first layers, biases, ...).
@@ -7,7 +7,10 @@ small but keep every family's structure (shared experts, dense first layers, bia
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 
 _COMMON = dict(
     vocab_size=320,
@@ -98,3 +101,14 @@ def tiny_model(model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.flo
             if gate is not None and hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.normal_(0, 0.1)
     return model.eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer for the tiny models' 320 ids (3 special + 256 bytes): needs no training or download."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=4096)

@@ -43,6 +43,7 @@ def test_info_reports_shape_and_budget(tiny_checkpoints):
 
 
 def test_trace_from_text_and_jsonl_prompts(tmp_path):
+    from moe_runtime.cli.trace_cmds import load_tokenizer
     from moe_runtime.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir()
@@ -55,7 +56,8 @@ def test_trace_from_text_and_jsonl_prompts(tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text('{"input_ids": [5, 6, 7, 8]}\n{"text": "hello"}\n')
     run_cli("trace", str(model_dir), "--prompts", str(jsonl), "--out", str(tmp_path / "t2.npz"))
-    assert np.diff(load_trace(tmp_path / "t2.npz").seq_offsets).tolist() == [4, 5]
+    hello = len(load_tokenizer(str(model_dir))("hello", add_special_tokens=False)["input_ids"])
+    assert np.diff(load_trace(tmp_path / "t2.npz").seq_offsets).tolist() == [4, hello]
 
 
 def test_generate_with_next_use_fitted_on_a_recorded_trace(tmp_path, trace_paths):
@@ -213,7 +215,7 @@ def test_info_reports_what_a_profile_keeps():
     from moe_runtime.embedded import embedded_model_dir
     from moe_runtime.profiles import PROFILES_DIR
 
-    info = json.loads(run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "embedded-olmoe-v1" / "code.json"), "--json").stdout)
+    info = json.loads(run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "embedded" / "code.json"), "--json").stdout)
     assert info["kept_experts"] == 96 and info["pruned_experts"] == 96
     assert info["kept_expert_bytes"] == info["total_expert_bytes"] // 2
     refused = run_cli("info", str(embedded_model_dir()), "--profile", str(PROFILES_DIR / "esft-vanilla-lite" / "law.json"), check=False)

@@ -126,7 +126,7 @@ def test_prefetching_raises_the_hit_rate_of_the_embedded_model(embedded):
     want = model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
     rates = {}
     for predictor in (None, "cross-layer-gate"):
-        offloaded = moe_runtime.from_pretrained(path, budget=0.5, device="cpu", predictor=predictor, prefetch_width=8)
+        offloaded = moe_runtime.from_pretrained(path, budget=0.5, device="cpu", dtype=torch.float32, predictor=predictor, prefetch_width=8)
         assert torch.equal(offloaded.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False), want)
         stats = moe_runtime.stats(offloaded)
         rates[predictor] = stats["hit_rate"]

@@ -136,18 +136,18 @@ def test_shipped_profiles_load_and_fit_their_traces(trace_paths):
     assert sorted(p.task for p in profiles) == ["intent", "law", "summary", "translation"]
     for profile in profiles:
         assert profile.kept_share() == pytest.approx(0.5) and profile.num_layers == 26
-    assert len(load_profiles(PROFILES_DIR / "embedded-olmoe-v1")) == 3
+    assert sorted(p.task for p in load_profiles(PROFILES_DIR / "embedded")) == ["code", "legal", "manual", "translation"]
 
 
 def test_auto_profile_picks_the_task_of_the_first_request():
-    from moe_runtime.embedded import EMBEDDED_TASKS, embedded_model_dir
+    from moe_runtime.embedded import DEMO_PROMPTS, embedded_model_dir
 
-    model = moe_runtime.from_pretrained(embedded_model_dir(), budget=0.5, device="cpu", profile="auto", profiles_dir=PROFILES_DIR / "embedded-olmoe-v1")
+    model = moe_runtime.from_pretrained(embedded_model_dir(), budget=0.5, device="cpu", profile="auto", profiles_dir=PROFILES_DIR / "embedded")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     assert moe_runtime.stats(model)["profile"] == "auto (not chosen yet)"
-    prompt = tokenizer(EMBEDDED_TASKS["code"][0], return_tensors="pt").input_ids
+    prompt = tokenizer(DEMO_PROMPTS[0], return_tensors="pt").input_ids  # a Python function
     model.generate(prompt, max_new_tokens=4, do_sample=False)
     stats = moe_runtime.stats(model)
     assert stats["profile"] == "code" and stats["pruned_experts"] == 96

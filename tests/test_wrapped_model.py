@@ -94,7 +94,7 @@ def test_transformers_generation_features_on_a_wrapped_model(family):
         static = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
         assert torch.equal(model.generate(IDS, **static), reference.generate(IDS, **static))
 
-    from moe_runtime.embedded import byte_tokenizer
+    from moe_runtime.tiny_models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     streamer = TextIteratorStreamer(tokenizer)

@@ -47,7 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.json:
         print_json(figures)
         return 0
-    console.print(f"embedded model: {model_dir} (random weights, so the text is noise)")
+    console.print(f"embedded model: {model_dir} (a small OLMoE trained here on code, manual pages, licences and translations; its card: README.md)")
     console.print(f"[bold]{DEMO_PROMPTS[0]}[/bold]{text!r}")
     console.print(f"{timing.new_tokens} tokens, decode {timing.decode_tokens_per_second:.1f} tokens/s with {DEMO_BUDGET:.0%} of experts on {stats['device']}")
     for table in stats_tables(stats):
