@@ -35,6 +35,7 @@ from moe_runtime.embedded import (  # noqa: E402
     load_embedded_model,
 )
 from moe_runtime.pruning import make_profile  # noqa: E402
+from train_embedded import read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PIECE_TOKENS = 256
@@ -56,12 +57,6 @@ def pieces(text: str, tokenizer, limit: int = PIECE_TOKENS) -> list[str]:
         out.append(text[begin:end])
         begin = end
     return [piece for piece in out if piece.strip()]
-
-
-def documents(corpus: Path, domain: str, split: str) -> list[tuple[str, str]]:
-    """(name, text) of every document of one domain and split."""
-    with open(corpus / domain / f"{split}.jsonl") as handle:
-        return [(row["name"], row["text"]) for row in map(json.loads, handle)]
 
 
 def sample_pieces(named: list[tuple[str, str]], tokenizer, count: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -86,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     encode = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # noqa: E731
     for domain in EMBEDDED_DOMAINS:
         rng = np.random.default_rng([SEED, EMBEDDED_DOMAINS.index(domain)])
-        named = sample_pieces(documents(args.corpus, domain, "heldout"), tokenizer, HELDOUT_PIECES, rng)
+        named = sample_pieces(read_documents(args.corpus, domain, "heldout"), tokenizer, HELDOUT_PIECES, rng)
         held = [piece for _, piece in named]
         write_text_atomically(HELDOUT_DIR / f"{domain}.txt", PIECE_SEPARATOR.join(held))
         sources[domain] = sorted({name for name, _ in named})
         moe_runtime.record_trace(model, encode(held), router_inputs=True, task=domain).save(TRACES_DIR / f"{domain}.npz")
-        fit = [piece for _, piece in sample_pieces(documents(args.corpus, domain, "train"), tokenizer, PROFILE_PIECES, rng)]
+        fit = [piece for _, piece in sample_pieces(read_documents(args.corpus, domain, "train"), tokenizer, PROFILE_PIECES, rng)]
         trace = moe_runtime.record_trace(model, encode(fit), task=domain)
         source = [f"{PROFILE_PIECES} pieces of {PIECE_TOKENS} tokens of the training split of the {domain} corpus"]
         make_profile(trace, domain, 0.5, source_names=source).save(args.profiles / f"{domain}.json")

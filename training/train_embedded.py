@@ -59,9 +59,10 @@ WARMUP = 200
 EVAL_WINDOWS = 8
 
 
-def read_documents(corpus: Path, domain: str, split: str) -> list[str]:
+def read_documents(corpus: Path, domain: str, split: str) -> list[tuple[str, str]]:
+    """(name, text) of every document of one domain and split of the corpus."""
     with open(corpus / domain / f"{split}.jsonl") as handle:
-        return [json.loads(line)["text"] for line in handle]
+        return [(row["name"], row["text"]) for row in map(json.loads, handle)]
 
 
 def train_tokenizer(corpus: Path, out: Path):
@@ -75,7 +76,7 @@ def train_tokenizer(corpus: Path, out: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    core.train_from_iterator((text for domain in DOMAINS for text in read_documents(corpus, domain, "train")), trainer)
+    core.train_from_iterator((text for domain in DOMAINS for _, text in read_documents(corpus, domain, "train")), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=1024)
     tokenizer.save_pretrained(out)
     return tokenizer
@@ -85,7 +86,7 @@ def token_arrays(corpus: Path, tokenizer, split: str) -> dict[str, np.ndarray]:
     """Each domain's documents as one uint16 array, each document followed by </s>."""
     arrays = {}
     for domain in DOMAINS:
-        encoded = tokenizer(read_documents(corpus, domain, split), add_special_tokens=False)["input_ids"]
+        encoded = tokenizer([text for _, text in read_documents(corpus, domain, split)], add_special_tokens=False)["input_ids"]
         arrays[domain] = np.fromiter((t for ids in encoded for t in (*ids, 2)), dtype=np.uint16)
     return arrays
 
