@@ -10,7 +10,7 @@ torch._weight_int8pack_mm (bf16 and fp32 activations), torch._weight_int4pack_mm
 (bf16 and fp16 scales), and a whole-matrix dequantize then F.linear; GB/s counts the bytes
 the candidate reads. quality: every tiny family (hidden and expert widths 128, so every int4
 group applies; random weights) saved as a checkpoint and scored with evaluate_checkpoint on 512
-tokens of README.md (the embedded byte-level tokenizer): perplexity, KL to the unquantized model
+tokens of README.md (the tiny models' byte-level tokenizer; the trained model's figures: benchmarks/embedded_quality.py): perplexity, KL to the unquantized model
 and top-1 agreement.
 """
 
