@@ -58,10 +58,9 @@ def perplexity(ids: list[int], **options) -> float:
     return evaluate_checkpoint(embedded_model_dir(), ids, reference=False, **options).perplexity
 
 
-def pruning_rows(texts: dict[str, list[int]], profiles: dict) -> list[dict]:
+def pruning_rows(texts: dict[str, list[int]], base: dict[str, float], profiles: dict) -> list[dict]:
     rows = []
     jobs = [(d, p, k) for d in EMBEDDED_DOMAINS for k in KEEPS for p in EMBEDDED_DOMAINS]
-    base = {d: perplexity(texts[d]) for d in EMBEDDED_DOMAINS}
     for domain, source, keep in tqdm(jobs, desc="pruning", unit="run"):
         value = perplexity(texts[domain], profile=at_keep(profiles[source], keep))
         rows.append({"domain": domain, "profile": source, "keep": keep, "perplexity": value, "base": base[domain]})
@@ -81,13 +80,12 @@ def pruning_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
-def quantization_rows(texts: dict[str, list[int]]) -> list[dict]:
+def quantization_rows(texts: dict[str, list[int]], base: dict[str, float]) -> list[dict]:
     rows = []
     for domain in tqdm(EMBEDDED_DOMAINS, desc="quantized experts", unit="domain"):
-        base = perplexity(texts[domain])
         for fmt in FORMATS:
             value = perplexity(texts[domain], quantize=fmt)
-            rows.append({"domain": domain, "format": fmt, "perplexity": value, "base": base, "change": value / base - 1})
+            rows.append({"domain": domain, "format": fmt, "perplexity": value, "base": base[domain], "change": value / base[domain] - 1})
     return rows
 
 
@@ -179,9 +177,10 @@ def main() -> None:
     texts = {d: tokens_of(d, tokenizer) for d in EMBEDDED_DOMAINS}
     profiles = {p.task: p for p in load_profiles(PROFILES_DIR)}
     traces = {d: load_trace(TRACES_DIR / f"{d}.npz") for d in EMBEDDED_DOMAINS}
-    report = {"tokens": {d: len(t) for d, t in texts.items()}, "pruning": pruning_rows(texts, profiles)}
+    base = {d: perplexity(texts[d]) for d in EMBEDDED_DOMAINS}  # every expert resident, bf16, unpruned
+    report = {"tokens": {d: len(t) for d, t in texts.items()}, "pruning": pruning_rows(texts, base, profiles)}
     report["pruning_verdicts"] = pruning_verdicts(report["pruning"])
-    report["quantization"] = quantization_rows(texts)
+    report["quantization"] = quantization_rows(texts, base)
     report["auto_profile"] = auto_profile_rows(traces, profiles)
     report["predictors"] = predictor_rows(traces, model)
     report["caching"] = caching_rows(traces)

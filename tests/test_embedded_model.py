@@ -5,7 +5,8 @@ product promises on them (profile retrieval, cross-layer-gate recall)."""
 from __future__ import annotations
 
 import json
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from moe_runtime.pruning import load_profiles, match_trace
 from moe_runtime.trace import load_trace
 from moe_runtime.predictor.cross_layer import CrossLayerGatePredictor
 from moe_runtime.predictor.evaluation import evaluate as predictor_recall
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from model_card import model_nll, perplexity  # noqa: E402  the card's own scoring
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +45,11 @@ def test_the_shipped_model_is_small_trained_and_tokenizes_with_bpe(embedded):
     assert card["training"]["tokens_seen"] >= 10_000_000
 
 
-def perplexity(model, pieces: list[list[int]]) -> float:
-    total = count = 0.0
-    with torch.no_grad():
-        for ids in pieces:
-            x = torch.tensor([ids])
-            total += float(model(input_ids=x, labels=x).loss) * (len(ids) - 1)
-            count += len(ids) - 1
-    return math.exp(total / count)
-
-
 def test_the_cards_perplexity_recomputes_and_beats_its_baselines(embedded):
     model, tokenizer = embedded
     card = json.loads((PACKAGED_MODEL_DIR / "card.json").read_text())["perplexity"]
     pieces = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in heldout_pieces("legal")]
-    assert perplexity(model.float(), pieces) == pytest.approx(card["legal"]["trained"], rel=0.01)
+    assert perplexity(lambda ids: model_nll(model, ids), pieces) == pytest.approx(card["legal"]["trained"], rel=0.01)
     for domain, row in card.items():
         assert row["trained"] < row["bigram"] < row["untrained"], domain
 
@@ -70,9 +64,9 @@ def test_heldout_text_and_traces_agree_per_domain(embedded, traces):
         assert (trace.num_layers, trace.num_experts, trace.top_k, trace.task) == (6, 32, 4, domain)
 
 
-def test_the_runtime_routes_heldout_text_as_its_trace_says(traces):
+def test_the_runtime_routes_heldout_text_as_its_trace_says(embedded, traces):
+    _, tokenizer = embedded
     model = moe_runtime.from_pretrained(embedded_model_dir(), budget=0.25, device="cpu", dtype=torch.float32)  # as traced
-    _, tokenizer = load_embedded_model()
     ids = tokenizer(heldout_pieces("manual")[0], add_special_tokens=False)["input_ids"]
     live = moe_runtime.record_trace(model, [ids])
     shipped = traces["manual"].select_sequences([0])

@@ -57,6 +57,8 @@ def tiny_corpus(folder: Path) -> Path:
 def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     corpus = tiny_corpus(tmp_path / "corpus")
     train_embedded.train(corpus, tmp_path / "straight", steps=4, seed=7, save_every=2, eval_every=2)
+    with pytest.raises(ValueError, match="resume it with --seed 7"):
+        train_embedded.train(corpus, tmp_path / "straight", steps=6, seed=8, save_every=2, eval_every=2)
     real_batch, calls = train_embedded.batch, []
 
     def interrupted(*args, **kwargs):

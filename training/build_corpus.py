@@ -131,16 +131,17 @@ READERS = {"code": code_documents, "manual": manual_documents, "legal": legal_do
 
 
 def chunks(name: str, text: str) -> Iterator[tuple[str, str]]:
-    """Split a long document into pieces of at most MAX_DOCUMENT_CHARS at blank lines (keeps domains balanced)."""
+    """Split a long document at blank lines into pieces just over MAX_DOCUMENT_CHARS (one line of JSONL each)."""
     if len(text) <= MAX_DOCUMENT_CHARS:
         yield name, text
         return
-    piece, number = [], 0
+    piece, length, number = [], 0, 0
     for paragraph in text.split("\n\n"):
         piece.append(paragraph)
-        if sum(map(len, piece)) > MAX_DOCUMENT_CHARS:
+        length += len(paragraph)
+        if length > MAX_DOCUMENT_CHARS:
             yield f"{name}#{number}", "\n\n".join(piece)
-            piece, number = [], number + 1
+            piece, length, number = [], 0, number + 1
     if piece:
         yield f"{name}#{number}", "\n\n".join(piece)
 

@@ -35,10 +35,10 @@ from moe_runtime.embedded import (  # noqa: E402
     load_embedded_model,
 )
 from moe_runtime.pruning import make_profile  # noqa: E402
-from train_embedded import read_documents  # noqa: E402
+from train_embedded import SEQUENCE, read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PIECE_TOKENS = 256
+PIECE_TOKENS = SEQUENCE  # one piece fills the context the model was trained on
 HELDOUT_PIECES = 12  # about 3,000 tokens per domain
 PROFILE_PIECES = 64
 SEED = 1234
@@ -85,12 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         held = [piece for _, piece in named]
         write_text_atomically(HELDOUT_DIR / f"{domain}.txt", PIECE_SEPARATOR.join(held))
         sources[domain] = sorted({name for name, _ in named})
-        moe_runtime.record_trace(model, encode(held), router_inputs=True, task=domain).save(TRACES_DIR / f"{domain}.npz")
+        held_trace = moe_runtime.record_trace(model, encode(held), router_inputs=True, task=domain)
+        held_trace.save(TRACES_DIR / f"{domain}.npz")
         fit = [piece for _, piece in sample_pieces(read_documents(args.corpus, domain, "train"), tokenizer, PROFILE_PIECES, rng)]
         trace = moe_runtime.record_trace(model, encode(fit), task=domain)
         source = [f"{PROFILE_PIECES} pieces of {PIECE_TOKENS} tokens of the training split of the {domain} corpus"]
         make_profile(trace, domain, 0.5, source_names=source).save(args.profiles / f"{domain}.json")
-        print(f"{domain}: {len(held)} held-out pieces ({sum(map(len, encode(held)))} tokens); profile from {trace.num_tokens} tokens")
+        print(f"{domain}: {len(held)} held-out pieces ({held_trace.num_tokens} tokens); profile from {trace.num_tokens} tokens")
     write_sources(sources, json.loads((args.corpus / "manifest.json").read_text()))
     print(f"model: {PACKAGED_MODEL_DIR}")
 

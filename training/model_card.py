@@ -61,9 +61,9 @@ def perplexity(score, pieces: list[list[int]]) -> float:
     return math.exp(sum(t for t, _ in totals) / sum(n for _, n in totals))
 
 
-def measure(corpus: Path) -> dict:
+def measure(corpus: Path, seed: int) -> dict:
     model, tokenizer = load_embedded_model(torch.float32)
-    untrained = new_model(json.loads((PACKAGED_MODEL_DIR / "training.json").read_text())["seed"]).eval()
+    untrained = new_model(seed).eval()
     train = token_arrays(corpus, tokenizer, "train")
     bigram = Bigram(np.concatenate(list(train.values())), MODEL_SHAPE["vocab_size"])
     rows = {}
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=Path, default=cache_root() / "corpus")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    rows = measure(args.corpus)
     training = json.loads((PACKAGED_MODEL_DIR / "training.json").read_text())
+    rows = measure(args.corpus, training["seed"])
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     write_text_atomically(PACKAGED_MODEL_DIR / "README.md", card(rows, manifest, training))
     print(f"{'domain':<12}{'trained':>9}{'bigram':>9}{'untrained':>11}")

@@ -6,7 +6,7 @@ windows, loss = next-token cross-entropy + OLMoE's own load-balancing loss (rout
 -> RUN/checkpoint.pt every --save-every steps (resumes from it), RUN/log.jsonl, RUN/loss.png
 -> --export DIR: bf16 safetensors + tokenizer, the shipped embedded model.
 
-    python training/train_embedded.py --run ~/.cache/moe-runtime/train-embedded --steps 3600
+    python training/train_embedded.py --run ~/.cache/moe-runtime/train-embedded --steps 3200
     python training/train_embedded.py --run ~/.cache/moe-runtime/train-embedded --export moe_runtime/data/embedded/model
 
 Measured on the 2-core EPYC VM: about 0.9 s per step of 16 x 256 tokens alone on the machine;
@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -78,7 +80,10 @@ def train_tokenizer(corpus: Path, out: Path):
     )
     core.train_from_iterator((text for domain in DOMAINS for _, text in read_documents(corpus, domain, "train")), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=1024)
-    tokenizer.save_pretrained(out)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:  # tokenizer.json, whose presence a resume trusts, lands last and whole
+        tokenizer.save_pretrained(scratch)
+        os.replace(Path(scratch) / "tokenizer_config.json", out / "tokenizer_config.json")
+        os.replace(Path(scratch) / "tokenizer.json", out / "tokenizer.json")
     return tokenizer
 
 
@@ -153,8 +158,8 @@ def plot(log: list[dict], out: Path) -> None:
     plt.close(figure)
 
 
-def save_checkpoint(run: Path, model, optimizer, step: int, log: list[dict], elapsed: float) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed}
+def save_checkpoint(run: Path, model, optimizer, step: int, seed: int, log: list[dict], elapsed: float) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed, "seed": seed}
     write_atomically(run / "checkpoint.pt", lambda handle: torch.save(state, handle))
     write_atomically(run / "log.jsonl", lambda handle: handle.write("".join(json.dumps(r) + "\n" for r in log).encode()))
     plot(log, run / "loss.png")
@@ -171,11 +176,12 @@ def train(corpus: Path, run: Path, steps: int, seed: int, save_every: int, eval_
     start, log, elapsed = 0, [], 0.0
     if (run / "checkpoint.pt").is_file():
         state = torch.load(run / "checkpoint.pt", weights_only=False)
+        if state.get("seed", seed) != seed:
+            raise ValueError(f"{run} holds a run with seed {state['seed']}; resume it with --seed {state['seed']}, or choose another --run")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed = state["step"], state["elapsed"]
-        log = [json.loads(line) for line in open(run / "log.jsonl")]
-        log = [row for row in log if row["step"] < start]
+        log = [row for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if row["step"] < start]
     else:
         log.append({"step": 0, "heldout": heldout_loss(model, heldout, seed), "tokens_per_domain": {d: len(a) for d, a in arrays.items()}})
     began = time.perf_counter() - elapsed
@@ -195,11 +201,12 @@ def train(corpus: Path, run: Path, steps: int, seed: int, save_every: int, eval_
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             log.append({"step": step + 1, "heldout": heldout_loss(model, heldout, seed), "seconds": time.perf_counter() - began})
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_checkpoint(run, model, optimizer, step + 1, log, time.perf_counter() - began)
+            save_checkpoint(run, model, optimizer, step + 1, seed, log, time.perf_counter() - began)
 
 
 def export(run: Path, out: Path, seed: int) -> None:
-    """The trained weights in bf16 with the tokenizer, written atomically as a checkpoint folder."""
+    """The trained weights in bf16 with the tokenizer, written atomically as a checkpoint folder
+    (`seed` is recorded where the checkpoint predates storing its own)."""
     from transformers import AutoTokenizer
 
     from moe_runtime.atomic import staging_directory
@@ -215,7 +222,7 @@ def export(run: Path, out: Path, seed: int) -> None:
         AutoTokenizer.from_pretrained(run).save_pretrained(staging)
         shutil.copyfile(run / "loss.png", staging / "loss.png")
         (staging / "training.json").write_text(json.dumps({"steps": state["step"], "seconds": state["elapsed"], "sequence": SEQUENCE, "batch": BATCH,
-                                                          "tokens_seen": state["step"] * SEQUENCE * BATCH, "seed": seed,
+                                                          "tokens_seen": state["step"] * SEQUENCE * BATCH, "seed": state.get("seed", seed),
                                                           "parameters": sum(p.numel() for p in model.parameters())}, indent=2) + "\n")
 
 
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=cache_root() / "corpus")
     parser.add_argument("--run", type=Path, default=cache_root() / "train-embedded", help="run folder: tokenizer, checkpoint, log, plot")
-    parser.add_argument("--steps", type=int, default=3600)
+    parser.add_argument("--steps", type=int, default=3200, help="the shipped model's run: %(default)s")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=400)
