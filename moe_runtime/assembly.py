@@ -8,6 +8,7 @@ installed in the model in place of each MoE block's experts.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from .host_tier import ExpertSource, HostTier, RamSource
 from .policies import DEFAULT_POLICY, EvictionPolicy
 from .runtime import RUNTIME_ATTR, Runtime
 
+if TYPE_CHECKING:  # the placement package imports scipy: loaded only when a plan is given
+    from .placement import MultiGpuPlan, PlacementPlan
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
@@ -35,47 +39,43 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def checked_placement(placement, blocks: list[MoEBlock]) -> dict | None:
-    """The placement plan (path or dict) to follow, checked against the model's shape."""
+def checked_placement(placement, blocks: list[MoEBlock]) -> PlacementPlan | None:
+    """The placement plan (path, JSON dict or typed plan) to follow, checked against the model's shape."""
     if placement is None:
         return None
-    from .placement import check_plan_shape, load_plan
+    from .placement import load_plan
 
     plan = load_plan(placement)
-    check_plan_shape(plan, len(blocks), blocks[0].num_experts)
+    plan.check_shape(len(blocks), blocks[0].num_experts)
     return plan
 
 
-def plan_devices(plan: dict, devices) -> list[torch.device]:
+def plan_devices(plan: MultiGpuPlan, devices) -> list[torch.device]:
     """The devices a multi-GPU plan runs on: `devices` if given (one per plan device), else
     cuda:0 .. cuda:G-1, refused on a machine with fewer GPUs."""
     if devices is None:
         available = torch.cuda.device_count()
-        if available < plan["gpus"]:
+        if available < plan.gpus:
             raise ValueError(
-                f"this placement plan puts experts on {plan['gpus']} GPUs; this machine has {available} "
+                f"this placement plan puts experts on {plan.gpus} GPUs; this machine has {available} "
                 "(pass devices=[...] to choose others, or plan with fewer --gpus)"
             )
-        return [torch.device("cuda", index) for index in range(plan["gpus"])]
+        return [torch.device("cuda", index) for index in range(plan.gpus)]
     devices = [resolve_device(device) for device in devices]
-    if len(devices) != plan["gpus"]:
-        raise ValueError(f"this placement plan puts experts on {plan['gpus']} devices; devices= names {len(devices)}")
+    if len(devices) != plan.gpus:
+        raise ValueError(f"this placement plan puts experts on {plan.gpus} devices; devices= names {len(devices)}")
     return devices
 
 
-def tier_keys(plan: dict | None, num_experts: int, tier: str) -> list[int]:
+def tier_keys(plan: PlacementPlan | None, tier: str) -> list[int]:
     """Cache keys (layer * E + expert) of the experts a tiering plan puts in `tier`."""
-    if plan is None or plan["kind"] != "tiering":
-        return []
-    return [layer * num_experts + expert for layer, row in enumerate(plan["tier_of"]) for expert, name in enumerate(row) if name == tier]
+    return plan.keys_in(tier) if plan is not None and plan.kind == "tiering" else []
 
 
-def ram_experts(plan: dict | None) -> frozenset[tuple[int, int]] | None:
-    """(layer, expert) pairs a tiering plan holds in host RAM (dynamic and host tiers), when it
-    puts others on disk; None when it leaves RAM to the budget (no disk tier, or no plan)."""
-    if plan is None or plan["kind"] != "tiering" or not any("disk" in row for row in plan["tier_of"]):
-        return None
-    return frozenset((layer, e) for layer, row in enumerate(plan["tier_of"]) for e, tier in enumerate(row) if tier in ("dynamic", "host"))
+def ram_experts(plan: PlacementPlan | None) -> frozenset[tuple[int, int]] | None:
+    """(layer, expert) pairs a tiering plan holds in host RAM, when it puts others on disk;
+    None when it leaves RAM to the budget (no disk tier, or no tiering plan)."""
+    return plan.ram_experts() if plan is not None and plan.kind == "tiering" else None
 
 
 def planned_host_bytes(ram: frozenset | None, host_budget: Budget | None, host_bytes: int, per_expert: int) -> int:
@@ -95,9 +95,9 @@ def planned_host_bytes(ram: frozenset | None, host_budget: Budget | None, host_b
     return host_bytes
 
 
-def disk_order(plan: dict | None) -> list[list[int]] | None:
+def disk_order(plan: PlacementPlan | None) -> list[list[int]] | None:
     """The store file order a plan asks for (a disk layout, or a tiering plan's), if any."""
-    return None if plan is None else plan.get("disk_order")
+    return None if plan is None else plan.disk_order
 
 
 def runtime_of(model: nn.Module) -> Runtime:
@@ -190,7 +190,7 @@ def wrap(
     if any(t.is_meta for layer in fused for t in layer.values()):
         raise ValueError("the model's experts are on the meta device; build it with moe_runtime.from_pretrained(path, budget=...)")
     plan = checked_placement(config.placement, blocks)
-    if plan is not None and plan["kind"] == "multi_gpu":
+    if plan is not None and plan.kind == "multi_gpu":
         unused = {
             "host_budget": config.host_budget, "store_dir": config.store_dir, "predictor": config.predictor, "profile": config.profile,
             "quantize": config.quantize, "quantize_rest": config.quantize_rest, "miss_precision": config.miss_precision,
@@ -224,16 +224,13 @@ def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *
     low_bit: the low-bit copies of miss_precision (see low_bit_copies)."""
     forecaster = live_forecaster(config.predictor, model, blocks)
     mask = router_mask(config.profile, config.profiles_dir, model, adapter, blocks)
-    experts = blocks[0].num_experts
     runtime = Runtime(
         model, adapter, blocks, source, config, home_device=home_device, forecaster=forecaster, mask=mask,
-        pinned=tier_keys(plan, experts, "pinned"), transient=tier_keys(plan, experts, "host"), dense=dense_quantization(model, blocks, config),
+        pinned=tier_keys(plan, "pinned"), transient=tier_keys(plan, "host"), dense=dense_quantization(model, blocks, config),
         low_bit=low_bit,
     )
-    if plan is not None and plan["kind"] == "tiering":
-        from .placement import tier_counts
-
-        runtime.stats.info["placement_tiers"] = tier_counts(plan)
+    if plan is not None and plan.kind == "tiering":
+        runtime.stats.info["placement_tiers"] = plan.tier_counts()
     return runtime
 
 

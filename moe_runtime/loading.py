@@ -86,7 +86,7 @@ def from_pretrained(
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
     plan = checked_placement(offload.placement, blocks)
-    if plan is not None and plan["kind"] == "multi_gpu":
+    if plan is not None and plan.kind == "multi_gpu":
         raise ValueError(
             "from_pretrained offloads experts from disk; a multi-GPU plan keeps them all resident: load the model "
             "(transformers' from_pretrained) and call moe_runtime.wrap(model, budget=..., placement=PLAN)"

@@ -11,6 +11,7 @@ per layer (`stats()["remote_pairs"]`), beside the pairs each device computed.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch import nn
 from .adapters import MoEAdapter, MoEBlock
 from .budget import Budget, format_bytes, parse_budget
 from .expert_tensors import expert_nbytes, uniform_specs
+
+if TYPE_CHECKING:
+    from .placement import MultiGpuPlan
 
 
 class DeviceExperts(nn.Module):
@@ -67,13 +71,13 @@ def _experts_subset(original: nn.Module, names: list[str], experts: list[int], d
 class MultiDeviceRuntime:
     """What `wrap` installs for a multi-GPU plan: the split experts and their counters."""
 
-    def __init__(self, adapter: MoEAdapter, blocks: list[MoEBlock], plan: dict, devices: list[torch.device], budget: Budget):
+    def __init__(self, adapter: MoEAdapter, blocks: list[MoEBlock], plan: MultiGpuPlan, devices: list[torch.device], budget: Budget):
         self.adapter = adapter
         self.blocks = blocks
         self.devices = devices
         _check_budget(blocks, plan, budget)
         self.parts = [
-            DeviceExperts(block.experts, list(block.expert_shapes()), plan["device_of"][index], devices) for index, block in enumerate(blocks)
+            DeviceExperts(block.experts, list(block.expert_shapes()), plan.device_of[index], devices) for index, block in enumerate(blocks)
         ]
         self.stats = self  # stats() reads as_dict(); reset_stats() calls reset()
 
@@ -110,11 +114,11 @@ class MultiDeviceRuntime:
         return {}
 
 
-def _check_budget(blocks: list[MoEBlock], plan: dict, budget: Budget) -> None:
+def _check_budget(blocks: list[MoEBlock], plan: MultiGpuPlan, budget: Budget) -> None:
     """Every expert stays resident: each device's share must fit the per-device `budget`."""
     per_expert = expert_nbytes(uniform_specs(blocks[0].expert_shapes(), next(blocks[0].experts.parameters()).dtype))
     total = per_expert * sum(block.num_experts for block in blocks)
-    most = max(sum(row.count(index) for row in plan["device_of"]) for index in range(plan["gpus"])) * per_expert
+    most = max(plan.experts_on(index) for index in range(plan.gpus)) * per_expert
     room = parse_budget(budget, total)
     if room < most:
         raise ValueError(

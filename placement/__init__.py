@@ -15,7 +15,7 @@ from moe_runtime.trace import Trace
 from .affinity import RoutingStatistics, cut_fraction, routing_statistics
 from .layout import disk_layout, expert_id_order, order_experts, runs_per_read
 from .partition import Partition, partition
-from .plan import check_plan_shape, load_plan, save_plan, tier_counts, validate_plan
+from .plan import DiskLayoutPlan, MultiGpuPlan, PlacementPlan, TieringPlan, load_plan, save_plan, validate_plan
 from .tier_choice import ALL_DYNAMIC, cross_validated_choice
 from .tier_replay import BASELINES, baseline_tiers, compare_tiers, replay_tiers
 from .tiering import TIERS, TierCosts, Tiering, plan_tiering, tiering_inputs
@@ -118,12 +118,15 @@ def place_disk_layout(trace: Trace, sources=()) -> dict:
 __all__ = [
     "BASELINES",
     "TIERS",
+    "DiskLayoutPlan",
+    "MultiGpuPlan",
     "Partition",
+    "PlacementPlan",
     "RoutingStatistics",
     "TierCosts",
     "Tiering",
+    "TieringPlan",
     "baseline_tiers",
-    "check_plan_shape",
     "compare_tiers",
     "cut_fraction",
     "disk_layout",
@@ -140,7 +143,6 @@ __all__ = [
     "routing_statistics",
     "runs_per_read",
     "save_plan",
-    "tier_counts",
     "tiering_inputs",
     "validate_plan",
 ]

@@ -65,7 +65,8 @@ def test_layout_fitted_on_some_sequences_cuts_reads_on_the_others(trace_paths):
     identity = runs_per_read(np.tile(np.arange(64), (fit.num_layers, 1)), held_out)
     assert planned < 0.8 * identity
     assert plan["runs_per_read"] < plan["id_order_runs_per_read"]
-    assert load_plan(plan) is plan
+    typed = load_plan(plan)
+    assert typed.kind == "disk_layout" and typed.disk_order == plan["disk_order"] and typed.to_dict() == plan
 
 
 def test_tiering_plans_carry_a_disk_order(trace_paths):
@@ -163,4 +164,4 @@ def test_place_cli_writes_a_disk_layout_plan(trace_paths, tmp_path):
     )
     summary = json.loads(result.stdout)
     assert summary["kind"] == "disk_layout" and summary["held_out_runs_per_read"] < summary["held_out_id_order_runs_per_read"]
-    assert load_plan(out)["kind"] == "disk_layout"
+    assert load_plan(out).kind == "disk_layout"

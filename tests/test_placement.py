@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_runtime
-from moe_runtime.placement import TierCosts, cut_fraction, load_plan, partition, place_multi_gpu, plan_tiering, save_plan, tiering_inputs
+from moe_runtime.placement import TierCosts, TieringPlan, cut_fraction, load_plan, partition, place_multi_gpu, plan_tiering, save_plan, tiering_inputs
 from moe_runtime.placement.partition import _balanced_labelings
 from moe_runtime.tiny_models import tiny_model
 
@@ -99,7 +99,11 @@ def _tiering_plan(model, pinned: dict[int, list[int]], host=None, disk=None) -> 
 def test_plan_round_trip_and_validation(tmp_path):
     plan = _tiering_plan(tiny_model("olmoe"), {0: [1, 2]})
     path = save_plan(plan, tmp_path / "plan.json")
-    assert load_plan(path) == plan
+    loaded = load_plan(path)
+    assert isinstance(loaded, TieringPlan) and loaded.to_dict() == plan
+    assert loaded.keys_in("pinned") == [1, 2] and loaded.tier_counts()["pinned"] == 2 and loaded.ram_experts() is None
+    with pytest.raises(ValueError, match="made for \\(L, E\\) = \\(3, 8\\)"):
+        loaded.check_shape(4, 8)
     broken = dict(plan, tier_of=[["gpu"] * 8] * 3)
     path.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="unknown tiers \\['gpu'\\]"):

@@ -9,17 +9,16 @@ import numpy as np
 
 from ..placement import (
     TierCosts,
-    check_plan_shape,
     compare_tiers,
     cut_fraction,
     expert_id_order,
+    load_plan,
     place_disk_layout,
     place_multi_gpu,
     place_tiering,
     routing_statistics,
     runs_per_read,
     save_plan,
-    tier_counts,
 )
 from ..simulator import TimingModel
 from ..trace import load_traces
@@ -66,12 +65,12 @@ def run_place(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         plan = place_multi_gpu(trace, args.gpus, args.method, args.time_limit, sources)
         if held_out is not None:
-            check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+            load_plan(plan).check_shape(held_out.num_layers, held_out.num_experts)
             plan["held_out_cut_fraction"] = cut_fraction(np.asarray(plan["device_of"]), routing_statistics(held_out).transitions)
     elif args.disk_layout:
         plan = place_disk_layout(trace, sources)
         if held_out is not None:
-            check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+            load_plan(plan).check_shape(held_out.num_layers, held_out.num_experts)
             plan["held_out_runs_per_read"] = runs_per_read(np.asarray(plan["disk_order"]), held_out)
             plan["held_out_id_order_runs_per_read"] = runs_per_read(expert_id_order(held_out.num_layers, held_out.num_experts), held_out)
     else:
@@ -79,8 +78,9 @@ def run_place(args: argparse.Namespace) -> int:
     path = save_plan(plan, args.out)
     summary = {k: v for k, v in plan.items() if k not in ("device_of", "tier_of", "disk_order")}
     summary["out"] = str(path)
-    if plan["kind"] == "tiering":
-        summary["experts_per_tier"] = tier_counts(plan)
+    typed = load_plan(plan)
+    if typed.kind == "tiering":
+        summary["experts_per_tier"] = typed.tier_counts()
     if args.json:
         print_json(summary)
     else:
@@ -100,6 +100,6 @@ def _tiering_plan(args: argparse.Namespace, trace, sources: list[str], held_out)
         sources=sources, progress=not args.json,
     )
     if held_out is not None:
-        check_plan_shape(plan, held_out.num_layers, held_out.num_experts)
+        load_plan(plan).check_shape(held_out.num_layers, held_out.num_experts)
         plan["held_out_ms_per_token"] = compare_tiers(trace, held_out, plan["tier_of"], slots, host, costs, timing)
     return plan
