@@ -159,7 +159,7 @@ def _implementation(name: str, pool: Pool, hidden, index, weights):
     from moe_runtime.kernels import grouped_moe
 
     if name == "moe-runtime triton":
-        return lambda: grouped_moe(hidden, pool.gate_up, pool.down, pool.slot_of_expert, index, weights, backend="triton", check_values=False)
+        return lambda: grouped_moe(hidden, pool.gate_up, pool.down, pool.slot_of_expert, index, weights, kernel="triton", check_values=False)
     pool.module.config._experts_implementation = name.rsplit(" ", 1)[1]
     return lambda: pool.module(hidden, index, weights)
 

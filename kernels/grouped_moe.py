@@ -1,7 +1,7 @@
 """grouped_moe: experts computed straight from the slot pool (validate -> allocate -> launch).
 
 out [T, H] = sum_k w[t, k] * down_s @ (silu(gate_s @ x_t) * (up_s @ x_t)), s = slot_of_expert[e].
-backend "triton" runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+kernel "triton" runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
 and raises if Triton cannot run; "torch" runs the PyTorch reference; "auto" picks Triton on CUDA
 and PyTorch otherwise. Layouts: the transformers default (gate_up [S, 2I, H], gate rows then up
 rows; down [S, H, I]). GPT-OSS (transposed, interleaved gate/up, biases, clamped SwiGLU) is not
@@ -23,7 +23,7 @@ from .quantized import QuantizedBank
 from .reference import grouped_moe_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch")  # the same choice as OffloadConfig.kernel
 
 
 def interpreting() -> bool:
@@ -78,7 +78,7 @@ def _validate_values(slots: int, slot_of_expert, top_k_index) -> None:
 
 
 def grouped_moe(
-    hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, backend: str = "auto", check_values: bool = True
+    hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, *, kernel: str = "auto", check_values: bool = True
 ) -> torch.Tensor:
     """The experts' output [T, H] for tokens `hidden` routed to resident experts of the pool.
 
@@ -86,12 +86,12 @@ def grouped_moe(
     resident), which wait for the device: for callers that guarantee them (the runtime's slot
     cache) and for CUDA graph capture. Shapes, dtypes and devices are always checked.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     _validate(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, check_values=check_values)
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "torch"
-    if backend == "torch":
+    if kernel == "auto":
+        kernel = "triton" if hidden.is_cuda else "torch"
+    if kernel == "torch":
         if isinstance(gate_up, QuantizedBank):
             gate_up, down = gate_up.dequantize(), down.dequantize()
         return grouped_moe_reference(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights)
@@ -104,11 +104,11 @@ def _launch(hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, p
     path: "auto" (by the table's pairs-per-expert threshold), "pairs" or "grouped".
     """
     if not hidden.is_cuda and not interpreting():
-        raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
+        raise RuntimeError("the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 (set before import) for CPU tensors")
     try:
         from . import _grouped_moe
     except ImportError as error:
-        raise RuntimeError(f"Triton is not installed or cannot load here ({error}); use backend='torch'") from None
+        raise RuntimeError(f"Triton is not installed or cannot load here ({error}); use kernel='torch'") from None
     out_dtype = hidden.dtype
     gate_up, down = _operand(gate_up), _operand(down)
     if interpreting() and out_dtype == torch.bfloat16:

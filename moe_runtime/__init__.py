@@ -7,10 +7,10 @@
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
-from .assembly import reset_stats, runtime_of, stats, unwrap, wrap
+from .runtime.assembly import reset_stats, runtime_of, stats, unwrap, wrap
 from .config import OffloadConfig
 from .errors import InvalidFileError, OutputPathError
-from .loading import from_pretrained
+from .pretrained import from_pretrained
 from .recording import record_trace
 from .routing_replay import replay_routing
 from .trace import Trace, load_trace, load_traces, merge_traces

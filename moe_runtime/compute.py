@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from .adapters import ExpertLayout
 from .expert_format import ExpertSpec, linear
 from .expert_tensors import ExpertTensors
-from .pool import SlotPool
+from .kernels import KERNELS
+from .runtime.slot_pool import SlotPool
 
 GROUPED_MM, LOOP, TRITON = "grouped_mm", "loop", "triton"
-KERNELS = ("auto", "triton", "torch")
 
 
 def triton_applies(layout: ExpertLayout, act_fn) -> bool:
@@ -98,7 +98,7 @@ def experts_from_slots(
 
         gate_up, down = quantized_banks(pool.tensors)
         out = grouped_moe(  # the cache made every routed expert resident: no value checks (no host sync)
-            hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, backend="triton", check_values=False,
+            hidden, gate_up, down, slot_of_expert, top_k_index, top_k_weights, kernel="triton", check_values=False,
         )
         return out.to(hidden.dtype)
     if path == LOOP:

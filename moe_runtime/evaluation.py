@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .assembly import runtime_of
-from .loading import from_pretrained
+from .runtime.assembly import runtime_of
+from .pretrained import from_pretrained
 
 DEFAULT_TOKENS = 512
 

@@ -25,7 +25,7 @@ import torch
 from .adapters import ExpertLayout
 from .compute import one_expert
 from .host_tier import ExpertSource
-from .pool import SlotPool
+from .runtime.slot_pool import SlotPool
 
 DEVICE, HOST, HYBRID = "device", "host", "hybrid"
 EXECUTIONS = ("auto", DEVICE, HOST, HYBRID)

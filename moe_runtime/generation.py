@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .assembly import reset_stats, stats
-from .runtime import RUNTIME_ATTR
+from .runtime.assembly import reset_stats, stats
+from .runtime.executor import RUNTIME_ATTR
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .cache_core import CacheCore
+from .runtime.cache_core import CacheCore
 from .execution import DEVICE, HOST, HYBRID, HybridCostModel
 from .policies import EvictionPolicy
 from .prefetch_gate import PrefetchGate
@@ -148,7 +148,7 @@ def replay(
     prefetch: Prefetch | None = None,
     pinned: frozenset[int] = frozenset(),
     load_ms_of: np.ndarray | None = None,
-    bypass: frozenset[int] = frozenset(),
+    transient: frozenset[int] = frozenset(),
     miss_counts: np.ndarray | None = None,
     execution: str = DEVICE,
 ) -> SimResult:
@@ -158,7 +158,7 @@ def replay(
     layer's experts acquired, the next layer's prefetches issued, the layer's experts released);
     this adds the clock. Pinned experts are loaded before the first token and not counted, as
     the runtime does. load_ms_of [L*E]: per-expert load time (e.g. disk-tier experts cost more),
-    default the timing model's; bypass: experts loaded on use but not kept after their layer
+    default the timing model's; transient: experts loaded on use but not kept after their layer
     (the host tier). execution: "device" (every miss loaded), "host" (every expert computed
     on the CPU, which works while the device computes the rest of the layer: a layer takes
     max(layer_ms, K x host_ms); no pool) or "hybrid" (each miss to the engine that finishes it
@@ -171,7 +171,7 @@ def replay(
     if capacity < trace.top_k + len(pinned):
         raise ValueError(f"capacity {capacity} is below top-k {trace.top_k} plus {len(pinned)} pinned experts")
     stats = RuntimeStats(num_layers)
-    core = CacheCore(num_experts=num_experts, num_slots=capacity, policy=policy, stats=stats, pinned=pinned, transient=bypass)
+    core = CacheCore(num_experts=num_experts, num_slots=capacity, policy=policy, stats=stats, pinned=pinned, transient=transient)
     _load_pinned(core, num_layers)
     top = None
     if prefetch is not None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .atomic import write_atomically
 from .errors import InvalidFileError
-from .reading import read_npz
+from .checked_reading import read_npz
 
 REQUIRED_ARRAYS = ("expert_ids", "gate_weights", "seq_offsets", "num_experts", "top_k")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from moe_runtime.atomic import write_text_atomically
 from moe_runtime.errors import InvalidFileError
-from moe_runtime.reading import read_json
+from moe_runtime.checked_reading import read_json
 
 from .tiering import TIERS
 

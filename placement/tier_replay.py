@@ -27,7 +27,7 @@ def replay_tiers(trace: Trace, tiers: np.ndarray, gpu_slots: int, costs: TierCos
     tiers = np.asarray(tiers).ravel()
     load_ms = np.where(tiers == "disk", costs.h2d_ms + costs.disk_ms, costs.h2d_ms)
     keys = lambda tier: frozenset(np.flatnonzero(tiers == tier).tolist())  # noqa: E731
-    return replay(trace, make_policy("lru"), gpu_slots, timing=timing, pinned=keys("pinned"), load_ms_of=load_ms, bypass=keys("host"))
+    return replay(trace, make_policy("lru"), gpu_slots, timing=timing, pinned=keys("pinned"), load_ms_of=load_ms, transient=keys("host"))
 
 
 def baseline_tiers(fit: Trace, gpu_slots: int, host_experts: int, baseline: str) -> np.ndarray:

@@ -68,7 +68,7 @@ class TieringInputs:
 
         pinned = frozenset(self.most_used(gpu_slots - dynamic).tolist())
         misses = np.zeros(len(self.uses))
-        replay(self.trace, make_policy("lru"), gpu_slots, pinned=pinned, bypass=transient, miss_counts=misses)
+        replay(self.trace, make_policy("lru"), gpu_slots, pinned=pinned, transient=transient, miss_counts=misses)
         uses = self.uses * self.trace.num_tokens
         return np.where(uses > 0, misses / np.maximum(uses, 1), 1.0)
 

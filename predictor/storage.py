@@ -13,7 +13,7 @@ import numpy as np
 
 from moe_runtime.atomic import write_atomically
 from moe_runtime.errors import InvalidFileError
-from moe_runtime.reading import read_npz
+from moe_runtime.checked_reading import read_npz
 from moe_runtime.trace import Trace
 
 from .affinity import AffinityPredictor

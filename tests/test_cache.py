@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import moe_runtime
-from moe_runtime.cache import SlotCache
-from moe_runtime.loader import Loader
+from moe_runtime.runtime.slot_cache import SlotCache
+from moe_runtime.runtime.expert_loader import Loader
 from moe_runtime.policies import LRUPolicy
-from moe_runtime.pool import SlotPool
+from moe_runtime.runtime.slot_pool import SlotPool
 from moe_runtime.stats import RuntimeStats
 from moe_runtime.host_tier import RamSource
 from moe_runtime.tiny_models import tiny_model

@@ -7,7 +7,7 @@ import torch
 
 from moe_runtime.adapters import ExpertLayout, adapter_for
 from moe_runtime.compute import GROUPED_MM, LOOP, experts_from_slots
-from moe_runtime.pool import SlotPool
+from moe_runtime.runtime.slot_pool import SlotPool
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.expert_format import ExpertSpec
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moe_runtime
-from moe_runtime.runtime import RUNTIME_ATTR
+from moe_runtime.runtime.executor import RUNTIME_ATTR
 from moe_runtime.tiny_models import tiny_model
 
 PER_EXPERT = 3 * 64 * 48 * 4  # tiny olmoe, fp32

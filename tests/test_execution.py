@@ -12,7 +12,7 @@ import torch
 
 import moe_runtime
 from moe_runtime.execution import HybridCostModel, resolve_execution
-from moe_runtime.host_slots import HostSlots
+from moe_runtime.runtime.host_slots import HostSlots
 from moe_runtime.tiny_models import tiny_model
 
 ALTERNATING = HybridCostModel(load_ms=1.0, host_ms=1.0)  # equal costs: the two engines take turns

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import moe_runtime
-import moe_runtime.runtime as runtime_module
-from moe_runtime.runtime import RUNTIME_ATTR
+import moe_runtime.runtime.executor as runtime_module
+from moe_runtime.runtime.executor import RUNTIME_ATTR
 from moe_runtime.tiny_models import tiny_model
 
 PER_EXPERT = 3 * 64 * 48 * 4  # tiny olmoe: gate_up [96, 64] + down [64, 48], fp32

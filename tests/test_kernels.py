@@ -44,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("tokens, experts, top_k, hidden, inter, reason", CASES, ids=[c[-1] for c in CASES])
 def test_fp32_matches_the_reference(tokens, experts, top_k, hidden, inter, reason):
     args = _case(tokens, experts, top_k, hidden, inter)
-    out = grouped_moe(*args, backend="triton")
+    out = grouped_moe(*args, kernel="triton")
     want = grouped_moe_reference(*args)
     assert torch.isfinite(out).all(), "a NaN in a free slot leaked"
     assert (out - want).abs().max() <= TOLERANCE[torch.float32] * want.abs().max()
@@ -90,18 +90,18 @@ def test_half_precisions_within_their_tolerance(dtype, path):
 def test_all_tokens_on_one_expert_and_experts_without_tokens():
     routing = torch.zeros(9, 1, dtype=torch.long)  # every token to expert 0; experts 1..7 idle
     args = _case(9, 8, 1, 32, 32, routing=routing)
-    assert torch.allclose(grouped_moe(*args, backend="triton"), grouped_moe_reference(*args), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grouped_moe(*args, kernel="triton"), grouped_moe_reference(*args), rtol=1e-5, atol=1e-6)
 
 
-def test_identity_slot_table_and_torch_backend_agree():
+def test_identity_slot_table_and_torch_kernel_agree():
     args = _case(4, 8, 2, 32, 32, permuted=False, spare=0)
-    assert torch.allclose(grouped_moe(*args, backend="triton"), grouped_moe(*args, backend="torch"), rtol=1e-5, atol=1e-6)
-    assert torch.equal(grouped_moe(*args, backend="auto"), grouped_moe(*args, backend="triton" if DEVICE == "cuda" else "torch"))
+    assert torch.allclose(grouped_moe(*args, kernel="triton"), grouped_moe(*args, kernel="torch"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(grouped_moe(*args, kernel="auto"), grouped_moe(*args, kernel="triton" if DEVICE == "cuda" else "torch"))
 
 
 def test_deterministic_reduction_over_k():
     args = _case(6, 8, 4, 32, 48)
-    assert torch.equal(grouped_moe(*args, backend="triton"), grouped_moe(*args, backend="triton"))
+    assert torch.equal(grouped_moe(*args, kernel="triton"), grouped_moe(*args, kernel="triton"))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
@@ -113,7 +113,7 @@ def test_equals_the_transformers_experts_module(family):
         _, weights, index = block.router(x)
         want = block.experts(x, index, weights)
         table = torch.arange(block.num_experts, dtype=torch.int32)
-        got = grouped_moe(x, block.experts.gate_up_proj, block.experts.down_proj, table, index, weights, backend="triton")
+        got = grouped_moe(x, block.experts.gate_up_proj, block.experts.down_proj, table, index, weights, kernel="triton")
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
@@ -127,8 +127,8 @@ def test_clear_errors():
         grouped_moe(x, gate_up[:, :, :8], down, table, routing, weights)
     with pytest.raises(ValueError, match="must share a dtype"):
         grouped_moe(x.half(), gate_up, down, table, routing, weights)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        grouped_moe(x, gate_up, down, table, routing, weights, backend="cuda")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        grouped_moe(x, gate_up, down, table, routing, weights, kernel="cuda")
     with pytest.raises(ValueError, match="outside \\[0, 8\\)"):
         grouped_moe(x, gate_up, down, table, routing + 8, weights)
 

@@ -16,7 +16,7 @@ import torch
 import moe_runtime
 from moe_runtime.policies import NextUsePolicy, make_policy
 from moe_runtime.predictor import make_predictor
-from moe_runtime.runtime import RUNTIME_ATTR
+from moe_runtime.runtime.executor import RUNTIME_ATTR
 from moe_runtime.simulator import Prefetch, replay
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.trace import Trace
@@ -104,7 +104,7 @@ def test_live_and_simulated_decisions_agree_token_by_token(family, prefetching, 
             simulated = replay(
                 part, policy, SLOTS, prefetch=prefetch,
                 pinned=getattr(policy, "pinned", frozenset()) | (keys_of(plan, "pinned", experts) if plan else frozenset()),
-                bypass=keys_of(plan, "host", experts) if plan else frozenset(),
+                transient=keys_of(plan, "host", experts) if plan else frozenset(),
             )
             expected = (simulated.hits, simulated.misses, simulated.loads, simulated.prefetch_loads)
             assert live[tokens - 1] == expected, f"{family} {name} prefetch={prefetching} plan={with_plan}: token {tokens}"

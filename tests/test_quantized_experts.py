@@ -102,7 +102,7 @@ def test_wrapped_quantized_model_computes_its_dequantized_weights(family, quanti
     stats = moe_runtime.stats(model)
     assert stats["expert_format"] == ExpertFormat(*((quantize.split("-g")[0], int(quantize.split("-g")[1])) if "-g" in quantize else (quantize,))).name
     assert stats["misses"] > 0 and stats["bytes_per_expert"] < 0.55 * _full_expert_bytes(model)
-    assert all(p.is_meta for block in moe_runtime.assembly.runtime_of(model).blocks for p in block.experts.parameters())
+    assert all(p.is_meta for block in moe_runtime.runtime.assembly.runtime_of(model).blocks for p in block.experts.parameters())
     moe_runtime.unwrap(model)
     with torch.no_grad():
         dequantized = model(ids).logits
@@ -110,7 +110,7 @@ def test_wrapped_quantized_model_computes_its_dequantized_weights(family, quanti
 
 
 def _full_expert_bytes(model) -> int:
-    block = moe_runtime.assembly.runtime_of(model).blocks[0]
+    block = moe_runtime.runtime.assembly.runtime_of(model).blocks[0]
     return ExpertSpec(block.expert_shapes(), torch.float32).nbytes
 
 
@@ -125,7 +125,7 @@ def test_triton_kernels_dequantize_int8_and_int4_tiles_like_the_reference():
     for scheme in ("int8", "int4"):
         banks = [_bank(w, scheme) for w in (gate_up, down)]
         for dtype in (torch.float32, torch.bfloat16):
-            want = grouped_moe(x.to(dtype), *banks, table, routing, weights, backend="torch").float()
+            want = grouped_moe(x.to(dtype), *banks, table, routing, weights, kernel="torch").float()
             for path in ("pairs", "grouped"):
                 got = _launch(x.to(dtype), *banks, table, routing, weights, path).float()
                 torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
@@ -194,7 +194,7 @@ def test_quantize_rest_computes_the_dense_layers_from_int8_and_gives_them_back(f
 
     ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(6))
     model = moe_runtime.wrap(_wide(family, tie_word_embeddings=True).eval(), budget=0.5, quantize="int8", quantize_rest="int8")
-    runtime = moe_runtime.assembly.runtime_of(model)
+    runtime = moe_runtime.runtime.assembly.runtime_of(model)
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(quantized) == moe_runtime.stats(model)["dense_quantized_linears"] > 0
     assert not any(isinstance(m, QuantizedLinear) for block in runtime.blocks for m in block.router.modules())  # routing untouched
@@ -243,7 +243,7 @@ def test_miss_precision_serves_every_miss_from_its_low_bit_copy_and_admits_the_f
 def test_unwrap_refuses_to_read_back_more_experts_than_ram_holds_and_changes_nothing(tmp_path, monkeypatch):
     import collections
 
-    import moe_runtime.runtime as runtime_module
+    import moe_runtime.runtime.executor as runtime_module
 
     _wide("olmoe").save_pretrained(tmp_path / "checkpoint")
     model = moe_runtime.from_pretrained(tmp_path / "checkpoint", budget=0.5, store_dir=tmp_path / "store", quantize="int8")

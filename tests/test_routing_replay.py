@@ -9,7 +9,7 @@ import torch
 import moe_runtime
 from moe_runtime import replay_routing
 from moe_runtime.adapters import adapter_for
-from moe_runtime.runtime import RUNTIME_ATTR
+from moe_runtime.runtime.executor import RUNTIME_ATTR
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.trace import Trace
 

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_runtime.belady import belady_misses, layer_keys, next_use
-from moe_runtime.cache import SlotCache
-from moe_runtime.loader import Loader
+from moe_runtime.runtime.slot_cache import SlotCache
+from moe_runtime.runtime.expert_loader import Loader
 from moe_runtime.policies import POLICIES, make_policy
-from moe_runtime.pool import SlotPool
+from moe_runtime.runtime.slot_pool import SlotPool
 from moe_runtime.simulator import Prefetch, TimingModel, replay
 from moe_runtime.stats import RuntimeStats
 from moe_runtime.host_tier import RamSource

@@ -10,7 +10,7 @@ import argparse
 
 from ..embedded import DEMO_PROMPTS, embedded_model_dir
 from ..generation import timed_generate
-from ..loading import from_pretrained
+from ..pretrained import from_pretrained
 from ..recording import record_trace
 from ..trace_stats import trace_summary
 from .output import console, key_value_table, print_json, stats_tables

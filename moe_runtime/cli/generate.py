@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ..generation import timed_generate
-from ..loading import from_pretrained
+from ..pretrained import from_pretrained
 from ..policies import DEFAULT_POLICY, NEEDS_FIT, POLICIES, NextUsePolicy
 from ..trace import load_trace
 from .output import console, key_value_table, print_json, stats_tables

@@ -35,7 +35,7 @@ class AdaptivePolicy(EvictionPolicy):
 
     def __init__(self, candidates: Sequence[Callable[[], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int):
         """candidates: factories of fresh policies (each is built twice: ranker and shadow)."""
-        from ..cache_core import CacheCore  # the cache core imports the policies package
+        from ..runtime.cache_core import CacheCore  # the cache core imports the policies package
 
         self.rankers = [make() for make in candidates]
         stride = max(1, num_layers // SAMPLED_LAYERS)

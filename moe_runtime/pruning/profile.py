@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atomic import write_text_atomically
 from ..errors import InvalidFileError
-from ..reading import read_json
+from ..checked_reading import read_json
 from ..trace import Trace
 from .importance import task_importance
 from .plan import keep_plan

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from .outcome_rates import AdmissionRate, PrefetchOutcomes
-from .policies import EvictionPolicy, NoVictimError
-from .stats import RuntimeStats
+from ..outcome_rates import AdmissionRate, PrefetchOutcomes
+from ..policies import EvictionPolicy, NoVictimError
+from ..stats import RuntimeStats
 
 
 class Access(NamedTuple):  # a tuple, not a dataclass: the simulator makes millions (3x faster)

@@ -14,18 +14,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
-from .budget import Budget, format_bytes, parse_budget
-from .config import OffloadConfig, config_from
-from .disk_store import ConvertedStore
-from .execution import HOST, resolve_execution
-from .expert_format import ExpertSpec, expert_format
-from .host_tier import ExpertSource, HostTier, RamSource
-from .policies import DEFAULT_POLICY, EvictionPolicy
-from .runtime import RUNTIME_ATTR, Runtime
+from ..adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
+from ..budget import Budget, format_bytes, parse_budget
+from ..config import OffloadConfig, config_from
+from ..disk_store import ConvertedStore
+from ..execution import HOST, resolve_execution
+from ..expert_format import ExpertSpec, expert_format
+from ..host_tier import ExpertSource, HostTier, RamSource
+from ..policies import DEFAULT_POLICY, EvictionPolicy
+from .executor import RUNTIME_ATTR, Runtime
 
 if TYPE_CHECKING:  # the placement package imports scipy: loaded only when a plan is given
-    from .placement import MultiGpuPlan, PlacementPlan
+    from ..placement import MultiGpuPlan, PlacementPlan
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -43,7 +43,7 @@ def checked_placement(placement, blocks: list[MoEBlock]) -> PlacementPlan | None
     """The placement plan (path, JSON dict or typed plan) to follow, checked against the model's shape."""
     if placement is None:
         return None
-    from .placement import load_plan
+    from ..placement import load_plan
 
     plan = load_plan(placement)
     plan.check_shape(len(blocks), blocks[0].num_experts)
@@ -200,7 +200,7 @@ def wrap(
                 f"a multi-GPU plan keeps every expert resident on its device: {', '.join(k for k, v in unused.items() if v is not None)} "
                 "do not apply to it; drop them, or use a tiering plan"
             )
-        from .multi_device import MultiDeviceRuntime
+        from ..multi_device import MultiDeviceRuntime
 
         MultiDeviceRuntime(adapter, blocks, plan, plan_devices(plan, config.devices), config.budget).install(model, RUNTIME_ATTR)
         return model
@@ -263,7 +263,7 @@ def dense_quantization(model: nn.Module, blocks: list[MoEBlock], config: Offload
             f"quantize_rest={config.quantize_rest!r} computes the dense layers with torch's CPU kernels; on {config.device} they stay "
             "resident in the model's dtype: drop quantize_rest (quantize= still applies to the experts)"
         )
-    from .dense_quantization import DenseQuantization
+    from ..dense_quantization import DenseQuantization
 
     skipped = [module for block in blocks for module in (block.experts, block.router)]
     return DenseQuantization(model, expert_format(config.quantize_rest, on_cpu=True), skipped)
@@ -273,7 +273,7 @@ def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, bl
     """A RouterMask for `profile` (a path, a PruningProfile, or "auto" with `profiles_dir`)."""
     if profile is None:
         return None
-    from .pruning import PruningProfile, RouterMask, load_profile, load_profiles
+    from ..pruning import PruningProfile, RouterMask, load_profile, load_profiles
 
     shape = (len(blocks), blocks[0].num_experts, blocks[0].top_k, model.config.model_type)
     if profile == "auto":
@@ -292,7 +292,7 @@ def live_forecaster(predictor, model: nn.Module, blocks: list[MoEBlock]):
     """A LiveForecaster for `predictor`: a kind name, a fitted predictor file, or an instance."""
     if predictor is None:
         return None
-    from .predictor import CrossLayerGatePredictor, LiveForecaster, predictor_from
+    from ..predictor import CrossLayerGatePredictor, LiveForecaster, predictor_from
 
     if predictor == CrossLayerGatePredictor.name:
         instance = CrossLayerGatePredictor(model)

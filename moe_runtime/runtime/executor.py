@@ -23,22 +23,22 @@ import psutil
 import torch
 from torch import nn
 
-from .adapters import ExpertLayout, MoEAdapter, MoEBlock
-from .budget import format_bytes, slots_for_budget
-from .expert_format import ExpertFormat
-from .cache import SlotCache
-from .compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
-from .config import OffloadConfig
-from .execution import HOST, HYBRID, measure_costs, resolve_execution
+from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
+from ..budget import format_bytes, slots_for_budget
+from ..expert_format import ExpertFormat
+from .slot_cache import SlotCache
+from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
+from ..config import OffloadConfig
+from ..execution import HOST, HYBRID, measure_costs, resolve_execution
 from .host_slots import HostSlots
-from .loader import Loader
-from .offloaded import OffloadedExperts
-from . import wrapped_model
-from .policies import make_policy
-from .prefetch_gate import PrefetchGate
-from .pool import SlotPool
-from .stats import RuntimeStats
-from .host_tier import ExpertSource, HostTier
+from .expert_loader import Loader
+from ..offloaded import OffloadedExperts
+from .. import wrapped_model
+from ..policies import make_policy
+from ..prefetch_gate import PrefetchGate
+from .slot_pool import SlotPool
+from ..stats import RuntimeStats
+from ..host_tier import ExpertSource, HostTier
 
 RUNTIME_ATTR = "_moe_runtime"
 CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then names the stuck one

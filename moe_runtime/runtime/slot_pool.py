@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .expert_format import ExpertSpec
-from .expert_tensors import ExpertTensors
+from ..expert_format import ExpertSpec
+from ..expert_tensors import ExpertTensors
 
 
 class SlotPool:

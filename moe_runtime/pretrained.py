@@ -21,7 +21,7 @@ from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .config import OffloadConfig, config_from
 from .policies import DEFAULT_POLICY, EvictionPolicy
-from .assembly import (
+from .runtime.assembly import (
     build_runtime, checked_placement, disk_order, expert_spec, low_bit_copies, planned_host_bytes, ram_experts, resolve_device,
 )
 from .disk_store import CheckpointStore, ConvertedStore, DiskStore

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from .expert_format import ExpertSpec
-from .expert_tensors import ExpertTensors
+from ..expert_format import ExpertSpec
+from ..expert_tensors import ExpertTensors
 
 
 class HostSlots:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .host_slots import HostSlots
-from .host_tier import ExpertSource
-from .pool import SlotPool
+from ..host_tier import ExpertSource
+from .slot_pool import SlotPool
 
 MISS, PREFETCH = 0, 1  # queue priorities: lower runs first
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from .cache_core import Access, CacheCore
-from .loader import LoadTicket, Loader
-from .policies import EvictionPolicy
-from .stats import RuntimeStats
+from .expert_loader import LoadTicket, Loader
+from ..policies import EvictionPolicy
+from ..stats import RuntimeStats
 
 
 class SlotCache:
