@@ -105,27 +105,32 @@ def experts_from_slots(
         used = torch.nonzero(slot_of_expert >= 0).squeeze(1).tolist()
         slots = slot_of_expert[used].tolist()
         return experts_in_place(hidden, top_k_index, top_k_weights, {e: pool.view(s) for e, s in zip(used, slots)}, layout, apply_gate)
+    # No host sync on this path: sizes never depend on the routing. Rows of experts outside this
+    # wave sort after every slot's group and are zeroed (torch.where: grouped_mm leaves rows
+    # past the last offset unspecified); group ends come from searchsorted, not bincount.
     num_tokens, top_k = top_k_index.shape
-    flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K]
-    rows = torch.nonzero(flat_slots >= 0).squeeze(1)
-    order = rows[torch.argsort(flat_slots[rows], stable=True)]  # (t, k) rows grouped by slot
-    slots = flat_slots[order]  # [N]
-    x = hidden[order // top_k].to(pool.dtype)  # [N, H]
+    flat_slots = slot_of_expert[top_k_index.reshape(-1)]  # [T*K], -1: not this wave
+    present = flat_slots >= 0
+    group = torch.where(present, flat_slots, pool.num_slots)
+    order = torch.argsort(group, stable=True)  # (t, k) rows grouped by slot, absent ones last
+    slots = group[order]  # [T*K]
+    ends = torch.searchsorted(slots, torch.arange(1, pool.num_slots + 1, device=slots.device)).to(torch.int32)  # [S]
+    x = hidden[order // top_k].to(pool.dtype)  # [T*K, H]
     gate_up = pool.tensors["gate_up_proj"]
     down = pool.tensors["down_proj"]
     if not layout.is_transposed:  # stored [S, out, in]: GEMMs need [S, in, out]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    offsets = torch.bincount(slots, minlength=pool.num_slots).cumsum(0).to(torch.int32)
-    h = F.grouped_mm(x, gate_up, offs=offsets)  # [N, 2I]
+    bias_slots = slots.clamp(max=pool.num_slots - 1)
+    h = F.grouped_mm(x, gate_up, offs=ends)  # [T*K, 2I]
     if layout.has_bias:
-        h = h + pool.tensors["gate_up_proj_bias"][slots]
-    h = apply_gate(h)  # [N, I]
-    y = F.grouped_mm(h, down, offs=offsets)  # [N, H]
+        h = h + pool.tensors["gate_up_proj_bias"][bias_slots]
+    h = apply_gate(h)  # [T*K, I]
+    y = F.grouped_mm(h, down, offs=ends)  # [T*K, H]
     if layout.has_bias:
-        y = y + pool.tensors["down_proj_bias"][slots]
-    y = y * top_k_weights.reshape(-1)[order, None]
-    contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])
-    contributions[order] = y.to(hidden.dtype)  # distinct rows: no atomic reduction
+        y = y + pool.tensors["down_proj_bias"][bias_slots]
+    y = torch.where(present[order, None], y * top_k_weights.reshape(-1)[order, None], 0.0)
+    contributions = hidden.new_empty(num_tokens * top_k, hidden.shape[1])
+    contributions[order] = y.to(hidden.dtype)  # a permutation of the rows: no atomic reduction
     return contributions.view(num_tokens, top_k, -1).sum(dim=1)
 
 
