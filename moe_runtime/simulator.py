@@ -3,8 +3,9 @@
 tokens in order -> layers in order -> a layer's K experts together (protected while it runs)
 -> hits / misses decided by the live runtime's own cache core (cache_core.py: residency,
 eviction policy, pinned and transient experts, prefetch accounting) -> the top M forecast
-experts of layer l + D prefetched after the layer's compute -> one copy engine, misses ahead of
-queued prefetches -> modelled ms per token.
+experts of layer l + D prefetched as layer l starts, queued behind its misses (as the runtime
+issues them while the layer's loads are in flight), so they overlap its compute -> one copy
+engine, misses ahead of queued prefetches -> modelled ms per token.
 """
 
 from __future__ import annotations
@@ -209,8 +210,8 @@ def replay(
                     np.add.at(miss_counts, missed, 1)
                 latest_ready = max(latest_ready, engine.demand(sum(cost[key] for key in missed), now, ready))
             result.stall_ms += latest_ready - now
-            now = max(latest_ready + timing.layer_ms, now + len(on_host) * costs.host_ms)
-            if top is not None and layer + prefetch.lookahead < num_layers:
+            started, now = now, max(latest_ready + timing.layer_ms, now + len(on_host) * costs.host_ms)
+            if top is not None and layer + prefetch.lookahead < num_layers:  # issued as the runtime does, behind the layer's misses
                 target = layer + prefetch.lookahead
                 policy.on_forecast(target, np.clip(prefetch.scores[token, layer], 0.0, 1.0))  # as the runtime does
                 wanted = [int(e) for e in top[token, layer] if e >= 0]
@@ -218,9 +219,9 @@ def replay(
                 if prefetch.gated:
                     resident = core.slot_of
                     candidates = [(e, forecast[e]) for e in wanted if core.key(target, e) not in resident]
-                    wanted = gate.select(candidates, prefetch.lookahead, engine.busy_until - now, core.prefetch_outcomes)
+                    wanted = gate.select(candidates, prefetch.lookahead, engine.busy_until - started, core.prefetch_outcomes)
                 for access in core.prefetch(target, wanted, probabilities=forecast):
-                    ready[access.key] = engine.prefetch(access.key, now, cost[access.key])
+                    ready[access.key] = engine.prefetch(access.key, started, cost[access.key])
             core.release(layer, on_device)
             if execution == HYBRID and on_host and engine.busy_until <= now and core.admission_value.worthwhile():  # as the runtime
                 for access in core.prefetch(layer, on_host, admission=True):

@@ -208,3 +208,43 @@ def test_gated_prefetching_costs_at_most_a_little_where_ungated_costs_much(trace
     for name, prefetch in (("none", None), ("ungated", Prefetch(scores, 12, 1, gated=False)), ("gated", Prefetch(scores, 12, 1))):
         ms[name] = replay(part, make_policy("lru", num_experts=part.num_experts, capacity=capacity), capacity, prefetch=prefetch).total_ms
     assert ms["ungated"] > 1.05 * ms["none"] and ms["gated"] <= 1.01 * ms["none"]
+
+
+def test_a_right_prefetch_overlaps_the_layer_before_its_target():
+    """Prefetches are issued as layer l starts, behind its misses (as the runtime issues them
+    while the layer's loads are in flight): with loads shorter than a layer, a perfect forecast
+    one layer ahead hides every load but the first layer's."""
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.permutation(16)[:2] for _ in range(40 * 4)]).reshape(40, 4, 2)
+    trace = _trace(ids, 16)
+    perfect = np.zeros((40, 4, 16), dtype=np.float32)
+    perfect[:, :-1] = np.eye(16, dtype=np.float32)[ids[:, 1:]].max(axis=2)
+    timing = TimingModel(expert_mb=2.0, h2d_gbps=25.0, layer_ms=0.25)  # 0.08 ms a load
+    capacity = 8
+    runs = {
+        name: replay(trace, make_policy("lru"), capacity, timing=timing, prefetch=prefetch)
+        for name, prefetch in (("none", None), ("perfect", Prefetch(perfect, 2, 1)))
+    }
+    assert runs["perfect"].late_prefetches == 0 and runs["perfect"].prefetch_hits > 0
+    assert runs["perfect"].stall_ms < 0.35 * runs["none"].stall_ms
+    assert runs["perfect"].total_ms < runs["none"].total_ms
+
+
+def test_a_missed_forecast_is_the_next_victim():
+    """A prefetched expert its layer did not use is wasted and goes before the policy's victim:
+    left as the policy ranked it (just inserted), it would hold a slot for a whole turn of the cache."""
+    from moe_runtime.runtime.cache_core import CacheCore
+
+    core = CacheCore(num_experts=8, num_slots=4, policy=make_policy("lru"), stats=RuntimeStats(2))
+    for experts in ([0, 1], [2]):
+        core.start_layer(0, experts)
+        core.acquire(0, experts)
+        core.release(0, experts)
+    core.prefetch(1, [5], probabilities={5: 0.9})  # layer 1, expert 5: key 13
+    core.start_layer(1, [6])  # the forecast was wrong
+    assert core.wasted_prefetches == 1 and 13 in core.missed_forecasts
+    accesses = core.acquire(1, [6])  # the pool is full: LRU would evict key 0; the missed forecast goes first
+    assert [access.hit for access in accesses] == [False]
+    assert 13 not in core.slot_of and 0 in core.slot_of
+    core.release(1, [6])
+    core.check_invariants()

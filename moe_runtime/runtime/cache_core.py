@@ -63,8 +63,9 @@ class CacheCore:
         self.key_of: list[int | None] = [None] * num_slots
         self.free: list[int] = list(range(num_slots - 1, -1, -1))  # slot 0 is handed out first
         self.protected: set[int] = set()  # the running layer's experts
-        self.prefetched: set[int] = set()  # loaded by a prefetch, not used yet
-        self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.prefetched: set[int] = set()  # loaded by a prefetch, its layer not reached yet
+        self.missed_forecasts: dict[int, None] = {}  # prefetched, unused when their layer came: evicted first, oldest first
+        self.wasted_prefetches = 0  # prefetched experts their layer did not use
         self.admitted: set[int] = set()  # admitted after a CPU computation, not used yet
         self.admission_value = AdmissionRate()
         self.prefetch_outcomes = PrefetchOutcomes(horizon_steps=len(stats.layers))  # a token's worth of layer steps
@@ -84,8 +85,25 @@ class CacheCore:
 
     # ------------------------------------------------------------------ the layer's steps
     def start_layer(self, layer: int, experts: Sequence[int]) -> None:
-        """Tell the policy which experts this layer step uses (once per step, before any wave)."""
-        self.policy.on_layer_start(layer, [self.key(layer, expert) for expert in experts])
+        """Tell the policy which experts this layer step uses (once per step, before any wave),
+        and settle the prefetches made for it: those it does not use were wrong forecasts."""
+        keys = [self.key(layer, expert) for expert in experts]
+        self.policy.on_layer_start(layer, keys)
+        if self.prefetched:
+            self._settle_prefetches(layer, keys)
+
+    def _settle_prefetches(self, layer: int, used: list[int]) -> None:
+        """Prefetched experts of `layer` that this step does not use are wasted, and become the
+        first victims: the policy ranked them as just inserted, but nothing used them, and left
+        where it put them a wrong forecast would hold a slot for a whole turn of the cache."""
+        low, high = layer * self.num_experts, (layer + 1) * self.num_experts
+        used_keys = set(used)
+        wrong = [key for key in self.prefetched if low <= key < high and key not in used_keys]
+        for key in wrong:
+            self.prefetched.discard(key)
+            self.wasted_prefetches += 1
+            self.prefetch_outcomes.record_use(self.prefetch_probability.pop(key, 1.0), False)
+            self.missed_forecasts[key] = None
 
     def acquire(self, layer: int, experts: Sequence[int]) -> list[Access]:
         """Protect `experts` of `layer` and give each a slot: hits where they are, misses mapped
@@ -106,6 +124,7 @@ class CacheCore:
                 prefetched = hit and key in prefetched_keys
                 if hit:
                     counters.hits += 1
+                    self.missed_forecasts.pop(key, None)
                     if key in self.admitted:
                         self.admitted.discard(key)
                         self.admission_value.record(True)
@@ -224,8 +243,11 @@ class CacheCore:
                     raise AssertionError("no evictable slot: every slot is in use by the running layer or pinned") from None
 
     def _evict_one(self) -> int:
-        """Evict the policy's victim among evictable keys (returned); raises NoVictimError if there is none."""
-        victim = self.policy.choose_victim(self.evictable)
+        """Evict a missed forecast if one can go, else the policy's victim among evictable keys
+        (returned); raises NoVictimError if there is none."""
+        victim = next((key for key in self.missed_forecasts if self.evictable(key)), None)
+        if victim is None:
+            victim = self.policy.choose_victim(self.evictable)
         if victim in self.prefetched:
             self.wasted_prefetches += 1
             self.prefetch_outcomes.record_use(self.prefetch_probability.get(victim, 1.0), False)
@@ -240,6 +262,7 @@ class CacheCore:
         if key not in self.pinned:
             self.policy.on_evict(key)
         self.prefetched.discard(key)
+        self.missed_forecasts.pop(key, None)
         self.prefetch_probability.pop(key, None)
         self.admitted.discard(key)
         self.free.append(slot)
@@ -252,4 +275,5 @@ class CacheCore:
         for key, slot in self.slot_of.items():
             assert self.key_of[slot] == key, f"slot {slot} maps back to {self.key_of[slot]}, not {key}"
         assert self.prefetched <= set(self.slot_of), "a prefetched key is not resident"
+        assert set(self.missed_forecasts) <= set(self.slot_of) and self.prefetched.isdisjoint(self.missed_forecasts), "a missed forecast is not resident, or still pending"
         assert self.admitted <= set(self.slot_of), "an admitted key is not resident"
