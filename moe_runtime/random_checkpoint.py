@@ -25,6 +25,7 @@ def write_random_checkpoint(config: PretrainedConfig, folder: Path, *, dtype: to
     """A checkpoint of `config`'s architecture with random weights into `folder` (existing, empty)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it (converters read it)
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     generator = torch.Generator().manual_seed(seed)

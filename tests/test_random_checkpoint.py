@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import moe_runtime
 from moe_runtime.random_checkpoint import write_random_checkpoint
-from moe_runtime.tiny_models import TINY_FAMILIES, tiny_config
+from moe_runtime.tiny_models import TINY_FAMILIES, tiny_config, tiny_model
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_random_checkpoint_loads_whole_in_transformers_and_offloaded(family, tmp_path):
     write_random_checkpoint(tiny_config(family), tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).architectures == [type(tiny_model(family)).__name__]  # converters read it
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
