@@ -32,6 +32,9 @@ class LiveForecaster:
             self._new_step(rows, hidden)
         self.layer = layer
         current = np.zeros((rows, self.num_experts), dtype=np.float32)
+        # Host syncs, with a forecaster only: the routing (already on the host: the runtime read it)
+        # and, for predictors that read the router input, the hidden state [T, H] (the predictors
+        # are numpy models; on a GPU this copy waits for the layer's attention to finish).
         np.put_along_axis(current, top_k_index.cpu().numpy().astype(np.int64), np.maximum(top_k_weights.detach().float().cpu().numpy(), 1e-6), axis=1)
         self.context.current[:, layer] = current
         if self.predictor.needs_hidden and hidden is not None:

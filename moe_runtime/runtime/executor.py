@@ -233,6 +233,9 @@ class Runtime:
             return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer])
         table = torch.full((self.num_experts,), -1, dtype=torch.long)
         table[wave] = torch.tensor(slots, dtype=torch.long)
+        # On CUDA a copy from pageable memory: staged by the driver, so the host waits for the
+        # 8 bytes x E to be staged, not for the GPU. (A pinned double buffer would avoid even that;
+        # not written before a GPU can check it.)
         device_table = table.to(self.device, non_blocking=True)
         return experts_from_slots(hidden, top_k_index, top_k_weights, device_table, self.pool, self.layout, self.gates[layer], path)
 
