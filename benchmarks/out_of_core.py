@@ -3,7 +3,8 @@ Accelerate's disk offload given the same memory, with the physical bound measure
 
 The full-width DeepSeek-V2-Lite shape (random bf16 weights, 28 GB, written a layer at a time by
 the live bench) decodes the first --tokens tokens of a shipped ESFT task one at a time with its
-real routing replayed (routing_replay.py), on the CPU:
+real routing replayed (routing_replay.py), on the CPU; `--arch gpt-oss-20b` does the same with
+GPT-OSS-20B's full shape (38 GB of bf16 experts) on its shipped traces:
 
 - moe-runtime: from_pretrained at each expert budget with --host-budget of RAM for cold experts
   (the rest read from the checkpoint's shards on a miss), once as the OS leaves it (the page
@@ -44,7 +45,8 @@ from moe_runtime.inspection import describe_model_dir  # noqa: E402
 from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tokens, with_model  # noqa: E402
 from moe_runtime.trace import load_trace  # noqa: E402
 
-TRACES = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing" / "esft-vanilla-lite"
+ROUTING = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing"
+TRACES = {"deepseek-v2-lite": ROUTING / "esft-vanilla-lite", "gpt-oss-20b": ROUTING / "gpt-oss-20b"}  # --arch -> its shipped traces
 
 
 def disk_read_gbps(path: Path, span: int = 2**31, chunk: int = 16 * 2**20, threads: int = 4) -> float:
@@ -85,7 +87,8 @@ def accelerate_ms(path: Path, part, memory: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="law", help="an ESFT task: intent, law, summary or translation")
+    parser.add_argument("--arch", choices=TRACES, default="deepseek-v2-lite", help="the full-width shape, decoded on its own model's routing")
+    parser.add_argument("--task", help="a task of that model's shipped traces (default: law for ESFT, gpqa for GPT-OSS)")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--host-budget", default="2GiB")
@@ -94,8 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.json:
         check_writable(args.json, "output")
-    path = checkpoint_for("deepseek-v2-lite", 1)
-    part = first_tokens(load_trace(TRACES / f"{args.task}.npz"), args.tokens)
+    task = args.task or {"deepseek-v2-lite": "law", "gpt-oss-20b": "gpqa"}[args.arch]
+    traces = TRACES[args.arch] / f"{task}.npz"
+    if not traces.is_file():
+        raise SystemExit(f"no task {task!r} for {args.arch}; choose one of {', '.join(p.stem for p in sorted(TRACES[args.arch].glob('*.npz')))}")
+    path = checkpoint_for(args.arch, 1)
+    part = first_tokens(load_trace(traces), args.tokens)
     shape = describe_model_dir(path)
     shards = sorted(path.glob("model-*.safetensors"), key=lambda shard: shard.stat().st_size)
     # This VM's virtual disk serves a span's first read at about 0.6 GB/s and later ones at 2.5-2.8
@@ -123,7 +130,7 @@ def main() -> None:
             memory = int(shape["non_expert_bytes"] + budget * shape["total_expert_bytes"] + host_bytes)
             rows.append({"contender": "HF Accelerate disk offload", "budget": budget, "ms_per_token": accelerate_ms(path, part, memory)})
             print(rows[-1], flush=True)
-    report = {"shape": "deepseek-v2-lite full width, bf16", "task": args.task, "tokens": part.num_tokens, "host_budget": args.host_budget,
+    report = {"shape": f"{args.arch} full width, bf16", "task": task, "tokens": part.num_tokens, "host_budget": args.host_budget,
               "disk_gbps": disk_gbps, "memory_gbps": memory_gbps, "rows": rows}
     print(f"{'contender':<28}{'budget':>7}{'ms/token':>10}{'disk MB':>9}{'bound ms':>10}")
     for row in rows:

@@ -2,7 +2,8 @@
 
 llama.cpp is built from the `llama-cpp-python` source distribution on PyPI (its vendored copy:
 `llama-bench`, `llama-quantize` and the `convert_hf_to_gguf.py` converter), once, into the
-cache folder. The live_decode.py checkpoint (OLMoE-shaped, bf16) is converted by llama.cpp's own
+cache folder. The live_decode.py checkpoint (OLMoE-shaped, bf16; `--shape olmoe-1b-7b`: OLMoE-1B-7B's
+full shape, 1.3 B active parameters, written a layer at a time) is converted by llama.cpp's own
 converter to BF16, F16 and Q8_0 GGUF and quantized to Q4_0 by llama-quantize. A random-weight
 checkpoint has no tokenizer, so a small byte-level BPE one is written beside a link to its
 weights and the converter is told it pre-tokenizes like GPT-2 (tokenization plays no part in a
@@ -18,6 +19,7 @@ weight but the input embedding, plus top-k/E of the experts).
 
     pip install -e ".[bench]"   # gguf's needs: sentencepiece, protobuf
     python benchmarks/peer_llamacpp.py --rounds 2 --json peer.json
+    python benchmarks/peer_llamacpp.py --shape olmoe-1b-7b --formats BF16,Q8_0,Q4_0,bf16,fp16,int8,int4
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from live_decode import Shape, build_checkpoint  # noqa: E402
 
+from moe_runtime.atomic import staging_directory  # noqa: E402
+
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.embedded import cache_root  # noqa: E402
 
@@ -46,6 +50,10 @@ OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runt
 # the model in bf16; "-all": every other linear layer but the routers too (quantize_rest=...).
 QUANTIZED = ("int8", "int4")
 PROMPT, NEW_TOKENS, THREADS = 16, 64, 2
+SHAPES = {  # live_decode.py's checkpoint, and OLMoE-1B-7B's shape (1.3 B active of 6.9 B parameters)
+    "live-decode": Shape(),
+    "olmoe-1b-7b": Shape(hidden_size=2048, intermediate_size=1024, num_layers=16),
+}
 
 
 # ---------------------------------------------------------------- llama.cpp, built once
@@ -69,8 +77,8 @@ def llama_tree(root: Path) -> Path:
     return tree
 
 
-def gguf_files(tree: Path, checkpoint: Path, out: Path) -> dict[str, Path]:
-    """The checkpoint in each of LLAMA_FORMATS, converted once."""
+def gguf_files(tree: Path, checkpoint: Path, out: Path, only: set[str] | None = None) -> dict[str, Path]:
+    """The checkpoint in each of LLAMA_FORMATS (those in `only`, when given), converted once."""
     out.mkdir(parents=True, exist_ok=True)
     source = out / "hf"
     if not (source / "tokenizer.json").is_file():
@@ -80,9 +88,9 @@ def gguf_files(tree: Path, checkpoint: Path, out: Path) -> dict[str, Path]:
             if not target.exists():
                 target.symlink_to(item)
         byte_level_tokenizer(source)
-    files = {name: out / f"model-{name.lower()}.gguf" for name in LLAMA_FORMATS}
+    files = {name: out / f"model-{name.lower()}.gguf" for name in LLAMA_FORMATS if only is None or name in only}
     for name in ("BF16", "F16", "Q8_0"):
-        if not files[name].is_file():
+        if name in files and not files[name].is_file():
             convert = "import runpy, sys; sys.path.insert(0, sys.argv[1]); from conversion.base import TextModel; " \
                       "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'; sys.argv = sys.argv[2:]; " \
                       "runpy.run_path(sys.argv[0], run_name='__main__')"
@@ -90,9 +98,12 @@ def gguf_files(tree: Path, checkpoint: Path, out: Path) -> dict[str, Path]:
             subprocess.run([sys.executable, "-c", convert, str(tree), str(tree / "convert_hf_to_gguf.py"), str(source),
                             "--outtype", name.lower(), "--outfile", str(temporary)], check=True)
             temporary.rename(files[name])
-    if not files["Q4_0"].is_file():
+    if "Q4_0" in files and not files["Q4_0"].is_file():
         temporary = files["Q4_0"].with_suffix(".tmp")
-        subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), str(files["F16"]), str(temporary), "Q4_0"], check=True)
+        source = files.get("F16", files.get("BF16"))  # llama-quantize takes either
+        if source is None:
+            raise ValueError("Q4_0 is quantized from the F16 or BF16 file: add one of them to --formats")
+        subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), str(source), str(temporary), "Q4_0"], check=True)
         temporary.rename(files["Q4_0"])
     return files
 
@@ -161,6 +172,22 @@ def bytes_per_token(checkpoint: Path, shape: Shape) -> int:
     return int(info["non_expert_bytes"] - embedding + info["total_expert_bytes"] * shape.top_k / shape.num_experts)
 
 
+def checkpoint_of(shape: Shape) -> Path:
+    """The random-weight checkpoint of `shape`, built once: live_decode.py's for its own shape,
+    else written one MoE layer at a time (a 14 GB model is never twice in RAM)."""
+    if shape == Shape():
+        return build_checkpoint(shape)
+    from moe_runtime.random_checkpoint import write_random_checkpoint
+    from moe_runtime.tiny_models import tiny_config
+
+    target = cache_root() / "bench" / shape.name
+    if not (target / "config.json").is_file():
+        print(f"building {target} ...", flush=True)
+        with staging_directory(target, "peer benchmark checkpoint", legacy=lambda folder: (folder / "config.json").is_file()) as staging:
+            write_random_checkpoint(tiny_config(shape.family, **shape.overrides()), staging)
+    return target
+
+
 def child(argv: list[str]) -> None:
     checkpoint, contender, dtype, budget = argv
     print(json.dumps(ours(Path(checkpoint), contender, dtype, float(budget))))
@@ -175,14 +202,15 @@ def main() -> None:
     parser.add_argument("--llama-root", type=Path, default=cache_root() / "llama.cpp", help="where the sdist is unpacked and built")
     parser.add_argument("--json", help="write {rows, bound_tokens_per_second} here")
     parser.add_argument("--formats", help="only these formats, a comma list of llama.cpp's and ours (e.g. Q8_0,Q4_0,int8,int4)")
+    parser.add_argument("--shape", choices=SHAPES, default="live-decode")
     args = parser.parse_args()
     only = None if args.formats is None else set(args.formats.split(","))
     if args.json:
         check_writable(args.json, "output")
-    shape = Shape()
-    checkpoint = build_checkpoint(shape)
+    shape = SHAPES[args.shape]
+    checkpoint = checkpoint_of(shape)
     tree = llama_tree(args.llama_root)
-    files = gguf_files(tree, checkpoint, cache_root() / "bench" / f"{shape.name}-gguf")
+    files = gguf_files(tree, checkpoint, cache_root() / "bench" / f"{shape.name}-gguf", only)
     best: dict[tuple, float] = {}
     bandwidths = []
     for round_ in range(args.rounds):
@@ -196,8 +224,10 @@ def main() -> None:
         for contender, dtype, budget in OURS:
             if only is not None and dtype not in only:
                 continue
-            done = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)], capture_output=True, text=True)
+            if done.returncode != 0:  # e.g. killed for memory at a large shape: the row is reported missing, the run goes on
+                print(f"round {round_ + 1}: {contender} {dtype} {budget}: failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
+                continue
             speed = json.loads(done.stdout.strip().splitlines()[-1])
             best[(contender, dtype, budget)] = max(best.get((contender, dtype, budget), 0.0), speed)
             print(f"round {round_ + 1}: {contender} {dtype} {budget}: {speed:.1f} tok/s", flush=True)
