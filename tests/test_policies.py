@@ -221,3 +221,14 @@ def test_the_adaptive_default_on_gpt_oss_routing():
     held_out = load_trace(path).split(0.5)[1].select_sequences(range(8))
     lru, adaptive = (_loads(name, held_out, 192) for name in ("lru", "adaptive"))
     assert adaptive <= 0.9 * lru
+
+
+def test_the_adaptive_shadows_sample_fewer_layers_when_tokens_use_more_experts():
+    """Set dueling keeps the shadows' work per token near SAMPLED_USES expert uses: all of 8
+    layers at top-2, half of them at top-8 (E = 128 routing cost 86-100 us a step with all)."""
+    from moe_runtime.policies.adaptive import SAMPLED_USES
+
+    few = make_policy("adaptive", num_layers=8, num_experts=128, capacity=256, top_k=2)
+    many = make_policy("adaptive", num_layers=8, num_experts=128, capacity=256, top_k=8)
+    assert len(few.sampled) == 8 and len(many.sampled) * 8 <= SAMPLED_USES
+    assert sum(shadow.num_slots for shadow in many.shadows) == 3 * round(256 * len(many.sampled) / 8)  # capacity scaled

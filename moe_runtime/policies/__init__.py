@@ -63,7 +63,7 @@ def make_policy(
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
     if name == "adaptive":
         candidates = (LRUPolicy, LFUPolicy, lambda: NextUsePolicy(num_layers, num_experts, model))
-        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity)
+        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
     return NextUsePolicy(num_layers, num_experts, model)
 
 

@@ -6,8 +6,9 @@ CacheCore of the same capacity, key bookkeeping only, no bytes) that replays the
 steps as if that candidate alone ran the cache. Each layer step adds the shadows' misses to
 decayed counts (a half-life of HALF_LIFE_TOKENS tokens); the real cache evicts with the ranker
 of the candidate whose count is lowest, switching only when another is better by SWITCH_MARGIN.
-The shadows replay a sample of at most SAMPLED_LAYERS layers with the capacity scaled to them
-(set dueling, Qureshi et al. 2007): it ranks the candidates as well at a fraction of the cost.
+The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
+per token, with the capacity scaled to them (set dueling, Qureshi et al. 2007): it ranks the
+candidates about as well at a fraction of the cost.
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks. A
@@ -28,17 +29,21 @@ from .base import EvictionPolicy
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
 SWITCH_MARGIN = 0.02  # a challenger must miss 2% less than the leader to take over
 SAMPLED_LAYERS = 8  # shadows replay at most this many layers (evenly spaced), with capacity scaled
+SAMPLED_USES = 32  # ... and at most about this many expert uses per token (layers x top-k): the cost per step
 
 
 class AdaptivePolicy(EvictionPolicy):
     name = "adaptive"
 
-    def __init__(self, candidates: Sequence[Callable[[], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int):
-        """candidates: factories of fresh policies (each is built twice: ranker and shadow)."""
+    def __init__(
+        self, candidates: Sequence[Callable[[], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int, top_k: int = 1,
+    ):
+        """candidates: factories of fresh policies (each is built twice: ranker and shadow);
+        top_k: experts per token and layer (more of them: fewer layers sampled)."""
         from ..runtime.cache_core import CacheCore  # the cache core imports the policies package
 
         self.rankers = [make() for make in candidates]
-        stride = max(1, num_layers // SAMPLED_LAYERS)
+        stride = max(1, num_layers // max(2, min(SAMPLED_LAYERS, SAMPLED_USES // max(1, top_k))))
         self.sampled = {layer: index for index, layer in enumerate(range(0, num_layers, stride))}  # layer -> shadow layer
         slots = max(1, round(capacity * len(self.sampled) / num_layers))
         self.shadows = [
