@@ -1,7 +1,7 @@
 """Assembling a runtime: the one-call entry points wrap, unwrap, stats and reset_stats.
 
 options (OffloadConfig) + model + placement plan -> host source (RAM, or a store on disk behind a
-RAM tier) -> forecaster, router mask, pinned and transient experts -> Runtime (runtime.py) ->
+RAM tier) -> forecaster, router mask, pinned and transient experts -> Runtime (executor.py) ->
 installed in the model in place of each MoE block's experts.
 """
 
