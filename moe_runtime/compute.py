@@ -120,7 +120,7 @@ def experts_from_slots(
     down = pool.tensors["down_proj"]
     if not layout.is_transposed:  # stored [S, out, in]: GEMMs need [S, in, out]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    bias_slots = slots.clamp(max=pool.num_slots - 1)
+    bias_slots = slots.clamp(max=pool.num_slots - 1) if layout.has_bias else None  # absent rows: any slot's bias, zeroed below
     h = F.grouped_mm(x, gate_up, offs=ends)  # [T*K, 2I]
     if layout.has_bias:
         h = h + pool.tensors["gate_up_proj_bias"][bias_slots]

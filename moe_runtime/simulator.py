@@ -213,8 +213,7 @@ def replay(
             started, now = now, max(latest_ready + timing.layer_ms, now + len(on_host) * costs.host_ms)
             if top is not None and layer + prefetch.lookahead < num_layers:  # issued as the runtime does, behind the layer's misses
                 target = layer + prefetch.lookahead
-                if prefetch.lookahead == 1:  # as the runtime does: forecasts further ahead misled next-use (+4% loads)
-                    policy.on_forecast(target, np.clip(prefetch.scores[token, layer], 0.0, 1.0))
+                core.forecast(target, prefetch.lookahead, np.clip(prefetch.scores[token, layer], 0.0, 1.0))  # as the runtime does
                 wanted = [int(e) for e in top[token, layer] if e >= 0]
                 forecast = {e: float(np.clip(prefetch.scores[token, layer, e], 0.0, 1.0)) for e in wanted}
                 if prefetch.gated:

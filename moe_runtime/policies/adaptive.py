@@ -43,7 +43,8 @@ class AdaptivePolicy(EvictionPolicy):
         from ..runtime.cache_core import CacheCore  # the cache core imports the policies package
 
         self.rankers = [make() for make in candidates]
-        stride = max(1, num_layers // max(2, min(SAMPLED_LAYERS, SAMPLED_USES // max(1, top_k))))
+        sampled_layers = max(2, min(SAMPLED_LAYERS, SAMPLED_USES // top_k))
+        stride = max(1, num_layers // sampled_layers)
         self.sampled = {layer: index for index, layer in enumerate(range(0, num_layers, stride))}  # layer -> shadow layer
         slots = max(1, round(capacity * len(self.sampled) / num_layers))
         self.shadows = [

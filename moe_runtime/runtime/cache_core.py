@@ -105,6 +105,13 @@ class CacheCore:
             self.prefetch_outcomes.record_use(self.prefetch_probability.pop(key, 1.0), False)
             self.missed_forecasts[key] = None
 
+    def forecast(self, layer: int, lookahead: int, probabilities) -> None:
+        """A predictor's forecast [E] for `layer`, `lookahead` layers ahead: the policy hears the
+        next layer's only. Further ahead it misled next-use: learned forecasts three layers ahead
+        made it load 4.2% more on ESFT law with nothing prefetched (BENCHMARKS.md)."""
+        if lookahead == 1:
+            self.policy.on_forecast(layer, probabilities)
+
     def acquire(self, layer: int, experts: Sequence[int]) -> list[Access]:
         """Protect `experts` of `layer` and give each a slot: hits where they are, misses mapped
         to free or evicted slots (the caller loads them). All or nothing: if no slot can be found

@@ -246,8 +246,7 @@ class Runtime:
             if target >= len(self.blocks):
                 break
             scores = self.forecaster.forecast(layer, lookahead)
-            if lookahead == 1:  # the policy hears the next layer's forecast only (see simulator.replay)
-                self.cache.forecast(target, np.clip(scores, 0.0, 1.0))
+            self.cache.forecast(target, lookahead, np.clip(scores, 0.0, 1.0))
             ranked = np.argsort(-scores, kind="stable")[: self.prefetch_width]
             forecast = {int(e): float(min(scores[e], 1.0)) for e in ranked if scores[e] > 0}
             wanted = list(forecast)

@@ -116,9 +116,9 @@ class SlotCache:
             if compute_done is not None:
                 self.release_events[slot] = compute_done
 
-    def forecast(self, layer: int, probabilities: np.ndarray) -> None:
-        """A predictor's forecast [E] for the coming `layer`, for policies that use one."""
-        self.core.policy.on_forecast(layer, probabilities)
+    def forecast(self, layer: int, lookahead: int, probabilities: np.ndarray) -> None:
+        """A predictor's forecast [E] for `layer`, `lookahead` layers ahead (CacheCore.forecast)."""
+        self.core.forecast(layer, lookahead, probabilities)
 
     def _wait(self, keys: list[int], counters) -> None:
         """Block until every key's load has finished, then raise the first failed load's error
