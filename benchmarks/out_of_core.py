@@ -46,7 +46,7 @@ from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tok
 from moe_runtime.trace import load_trace  # noqa: E402
 
 ROUTING = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing"
-TRACES = {"deepseek-v2-lite": ROUTING / "esft-vanilla-lite", "gpt-oss-20b": ROUTING / "gpt-oss-20b"}  # --arch -> its shipped traces
+TRACES = {"deepseek-v2-lite": (ROUTING / "esft-vanilla-lite", "law"), "gpt-oss-20b": (ROUTING / "gpt-oss-20b", "gpqa")}  # --arch -> its traces, default task
 
 
 def disk_read_gbps(path: Path, span: int = 2**31, chunk: int = 16 * 2**20, threads: int = 4) -> float:
@@ -97,10 +97,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.json:
         check_writable(args.json, "output")
-    task = args.task or {"deepseek-v2-lite": "law", "gpt-oss-20b": "gpqa"}[args.arch]
-    traces = TRACES[args.arch] / f"{task}.npz"
+    folder, default_task = TRACES[args.arch]
+    task = args.task or default_task
+    traces = folder / f"{task}.npz"
     if not traces.is_file():
-        raise SystemExit(f"no task {task!r} for {args.arch}; choose one of {', '.join(p.stem for p in sorted(TRACES[args.arch].glob('*.npz')))}")
+        raise SystemExit(f"no task {task!r} for {args.arch}; choose one of {', '.join(p.stem for p in sorted(folder.glob('*.npz')))}")
     path = checkpoint_for(args.arch, 1)
     part = first_tokens(load_trace(traces), args.tokens)
     shape = describe_model_dir(path)

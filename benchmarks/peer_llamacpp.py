@@ -77,8 +77,20 @@ def llama_tree(root: Path) -> Path:
     return tree
 
 
-def gguf_files(tree: Path, checkpoint: Path, out: Path, only: set[str] | None = None) -> dict[str, Path]:
-    """The checkpoint in each of LLAMA_FORMATS (those in `only`, when given), converted once."""
+def gguf_paths(out: Path, only: set[str] | None = None) -> dict[str, Path]:
+    """Where each of LLAMA_FORMATS (those in `only`, when given) is converted to; refused, before
+    any work, when Q4_0 is to be made without the 16-bit file it is quantized from."""
+    files = {name: out / f"model-{name.lower()}.gguf" for name in LLAMA_FORMATS if only is None or name in only}
+    if "Q4_0" in files and not files["Q4_0"].is_file() and not {"F16", "BF16"} & set(files):
+        raise ValueError("Q4_0 is quantized from the F16 or BF16 file: add one of them to --formats")
+    return files
+
+
+def gguf_files(tree: Path, checkpoint: Path, files: dict[str, Path]) -> dict[str, Path]:
+    """The checkpoint converted once into each of `files` (gguf_paths; none: nothing to do)."""
+    if not files:
+        return files
+    out = next(iter(files.values())).parent
     out.mkdir(parents=True, exist_ok=True)
     source = out / "hf"
     if not (source / "tokenizer.json").is_file():
@@ -88,7 +100,6 @@ def gguf_files(tree: Path, checkpoint: Path, out: Path, only: set[str] | None = 
             if not target.exists():
                 target.symlink_to(item)
         byte_level_tokenizer(source)
-    files = {name: out / f"model-{name.lower()}.gguf" for name in LLAMA_FORMATS if only is None or name in only}
     for name in ("BF16", "F16", "Q8_0"):
         if name in files and not files[name].is_file():
             convert = "import runpy, sys; sys.path.insert(0, sys.argv[1]); from conversion.base import TextModel; " \
@@ -100,9 +111,7 @@ def gguf_files(tree: Path, checkpoint: Path, out: Path, only: set[str] | None = 
             temporary.rename(files[name])
     if "Q4_0" in files and not files["Q4_0"].is_file():
         temporary = files["Q4_0"].with_suffix(".tmp")
-        source = files.get("F16", files.get("BF16"))  # llama-quantize takes either
-        if source is None:
-            raise ValueError("Q4_0 is quantized from the F16 or BF16 file: add one of them to --formats")
+        source = files.get("F16", files.get("BF16"))  # llama-quantize takes either (checked above)
         subprocess.run([str(tree / "build" / "bin" / "llama-quantize"), str(source), str(temporary), "Q4_0"], check=True)
         temporary.rename(files["Q4_0"])
     return files
@@ -208,9 +217,10 @@ def main() -> None:
     if args.json:
         check_writable(args.json, "output")
     shape = SHAPES[args.shape]
+    files = gguf_paths(cache_root() / "bench" / f"{shape.name}-gguf", only)
     checkpoint = checkpoint_of(shape)
     tree = llama_tree(args.llama_root)
-    files = gguf_files(tree, checkpoint, cache_root() / "bench" / f"{shape.name}-gguf", only)
+    files = gguf_files(tree, checkpoint, files)
     best: dict[tuple, float] = {}
     bandwidths = []
     for round_ in range(args.rounds):

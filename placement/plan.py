@@ -111,8 +111,9 @@ def validate_plan(plan: dict) -> PlacementPlan:
         raise ValueError(f"plan field {TABLES[kind]!r} must be [L, E] = {(layers, experts)}, got {table.shape}")
     order = plan.get("disk_order")
     if order is not None:
-        _validate_disk_order(np.asarray(order), layers, experts)
-        order = np.asarray(order).tolist()
+        order = np.asarray(order)
+        _validate_disk_order(order, layers, experts)
+        order = order.tolist()
     common = {"num_layers": layers, "num_experts": experts, "disk_order": order, "details": dict(plan)}
     if kind == "multi_gpu":
         gpus = plan.get("gpus")
