@@ -231,4 +231,73 @@ def test_the_adaptive_shadows_sample_fewer_layers_when_tokens_use_more_experts()
     few = make_policy("adaptive", num_layers=8, num_experts=128, capacity=256, top_k=2)
     many = make_policy("adaptive", num_layers=8, num_experts=128, capacity=256, top_k=8)
     assert len(few.sampled) == 8 and len(many.sampled) * 8 <= SAMPLED_USES
-    assert sum(shadow.num_slots for shadow in many.shadows) == 3 * round(256 * len(many.sampled) / 8)  # capacity scaled
+    assert sum(shadow.capacity for shadow in many.shadows) == 3 * round(256 * len(many.sampled) / 8)  # capacity scaled
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "next-use"])
+def test_a_shadow_cache_misses_exactly_where_the_cache_core_does(name, trace_paths):
+    """The adaptive default's shadows are a set and a loop, not the full cache core; with nothing
+    prefetched or pinned they must make the core's misses step by step (waves included)."""
+    from moe_runtime.policies.shadow_cache import ShadowCache
+    from moe_runtime.runtime.cache_core import CacheCore
+    from moe_runtime.stats import RuntimeStats
+
+    trace = load_trace(trace_paths["law"]).select_sequences(range(4))
+    options = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": 5, "top_k": trace.top_k}
+    shadow = ShadowCache(make_policy(name, **options), num_experts=trace.num_experts, capacity=5)
+    core = CacheCore(num_experts=trace.num_experts, num_slots=5, policy=make_policy(name, **options), stats=RuntimeStats(trace.num_layers))
+    for token in range(trace.num_tokens):
+        for layer in range(trace.num_layers):
+            experts = [int(e) for e in trace.expert_ids[token, layer]]
+            before = core.stats.layers[layer].misses
+            core.start_layer(layer, experts)
+            for begin in range(0, len(experts), 5):  # top-6 in 5 slots: two waves
+                core.acquire(layer, experts[begin : begin + 5])
+                core.release(layer, experts[begin : begin + 5])
+            assert shadow.step(layer, experts) == core.stats.layers[layer].misses - before
+
+
+def test_the_routing_history_keeps_the_latest_decode_tokens_in_order():
+    from moe_runtime.policies.routing_history import FIRST_REFIT_TOKENS, HISTORY_TOKENS, RoutingHistory
+
+    history = RoutingHistory(num_layers=2, num_experts=4, top_k=2)
+    history.record(0, [0, 1, 2])  # a prefill step: three experts at top-2, not one token's routing
+    history.record(1, [4, 5])
+    for token in range(FIRST_REFIT_TOKENS):
+        assert not history.refit_due
+        history.record(0, [token % 4, (token + 1) % 4])
+        history.record(1, [4 + token % 4, 4 + (token + 2) % 4])
+    history.record(0, [0, 1])  # token 256 opens: 0..255 are kept
+    assert history.refit_due  # the first refit
+    history.as_trace()
+    assert not history.refit_due
+    history.record(1, [4, 6])  # token 256's second layer
+    overflow = 256
+    for token in range(FIRST_REFIT_TOKENS + 1, HISTORY_TOKENS + overflow):
+        history.record(0, [token % 4, (token + 1) % 4])
+        history.record(1, [4 + token % 4, 4 + (token + 2) % 4])
+    history.record(0, [0, 1])  # opens a token: the last full one is kept
+    assert history.refit_due
+    trace = history.as_trace()
+    assert not history.refit_due and trace.num_tokens == HISTORY_TOKENS
+    first = overflow  # the oldest kept token (the prefill one was never kept)
+    assert trace.expert_ids[0].tolist() == [[first % 4, (first + 1) % 4], [first % 4, (first + 2) % 4]]
+    last = HISTORY_TOKENS + overflow - 1
+    assert trace.expert_ids[-1].tolist() == [[last % 4, (last + 1) % 4], [last % 4, (last + 2) % 4]]
+
+
+def test_the_default_learns_the_routing_it_serves(trace_paths):
+    """With no fit traces, the default refits next-use's reuse model on the routing it has seen
+    and makes fewer loads than the same default with the generic table only (ESFT intent, 25%)."""
+    from moe_runtime.policies import AdaptivePolicy
+    from moe_runtime.simulator import replay
+
+    trace = load_trace(trace_paths["intent"]).split(0.5)[1]
+    loads = {}
+    for learn in (False, True):
+        policy = make_policy("adaptive", num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=416, top_k=trace.top_k)
+        if not learn:
+            policy.history = None
+        loads[learn] = replay(trace, policy, 416).loads
+    assert isinstance(policy, AdaptivePolicy) and policy.refits >= 2
+    assert loads[True] < 0.97 * loads[False]

@@ -62,8 +62,11 @@ def make_policy(
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
     if name == "adaptive":
-        candidates = (LRUPolicy, LFUPolicy, lambda: NextUsePolicy(num_layers, num_experts, model))
-        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
+        def next_use(layers: list[int]) -> NextUsePolicy:
+            return NextUsePolicy(len(layers), num_experts, model.select_layers(layers, num_experts))
+
+        candidates = (lambda layers: LRUPolicy(), lambda layers: LFUPolicy(), next_use)
+        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1, learn=fit is None)
     return NextUsePolicy(num_layers, num_experts, model)
 
 

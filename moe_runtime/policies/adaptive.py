@@ -1,9 +1,9 @@
 """Adaptive: follow whichever candidate policy would have missed least on the recent routing.
 
 Each candidate (LRU, LFU, next-use with the generic reuse model) runs twice: a ranker that sees
-the real cache's events and can name a victim among the real residents, and a shadow cache (a
-CacheCore of the same capacity, key bookkeeping only, no bytes) that replays the same layer
-steps as if that candidate alone ran the cache. Each layer step adds the shadows' misses to
+the real cache's events and can name a victim among the real residents, and a shadow cache
+(shadow_cache.py: residency and the policy's bookkeeping only) that replays the same layer steps
+as if that candidate alone ran the cache. Each layer step adds the shadows' misses to
 decayed counts (a half-life of HALF_LIFE_TOKENS tokens); the real cache evicts with the ranker
 of the candidate whose count is lowest, switching only when another is better by SWITCH_MARGIN.
 The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..stats import RuntimeStats
 from .base import EvictionPolicy
+from .next_use import NextUsePolicy, ReuseModel
+from .routing_history import RoutingHistory
+from .shadow_cache import ShadowCache
 
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
 SWITCH_MARGIN = 0.02  # a challenger must miss 2% less than the leader to take over
@@ -36,21 +38,23 @@ class AdaptivePolicy(EvictionPolicy):
     name = "adaptive"
 
     def __init__(
-        self, candidates: Sequence[Callable[[], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int, top_k: int = 1,
+        self, candidates: Sequence[Callable[[list[int]], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int,
+        top_k: int = 1, learn: bool = True,
     ):
-        """candidates: factories of fresh policies (each is built twice: ranker and shadow);
-        top_k: experts per token and layer (more of them: fewer layers sampled)."""
-        from ..runtime.cache_core import CacheCore  # the cache core imports the policies package
-
-        self.rankers = [make() for make in candidates]
+        """candidates: factories of fresh policies for the given layers (each is built twice: a
+        ranker for all layers, a shadow for the sampled ones); top_k: experts per token and layer
+        (more of them: fewer layers sampled); learn: refit the next-use candidate's reuse model on
+        the routing seen (routing_history.py)."""
+        self.num_experts = num_experts
+        self.rankers = [make(list(range(num_layers))) for make in candidates]
+        self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]  # called per expert use
         sampled_layers = max(2, min(SAMPLED_LAYERS, SAMPLED_USES // top_k))
         stride = max(1, num_layers // sampled_layers)
         self.sampled = {layer: index for index, layer in enumerate(range(0, num_layers, stride))}  # layer -> shadow layer
         slots = max(1, round(capacity * len(self.sampled) / num_layers))
-        self.shadows = [
-            CacheCore(num_experts=num_experts, num_slots=slots, policy=make(), stats=RuntimeStats(len(self.sampled)))
-            for make in candidates
-        ]
+        self.shadows = [ShadowCache(make(list(self.sampled)), num_experts=num_experts, capacity=slots) for make in candidates]
+        self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
+        self.refits = 0
         self.decay = 0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled)))  # per sampled layer step
         self.misses = np.zeros(len(candidates))  # decayed shadow misses
         self.leader = 0
@@ -64,6 +68,10 @@ class AdaptivePolicy(EvictionPolicy):
     def on_layer_start(self, layer: int, keys: list[int]) -> None:
         if self.idle:
             return
+        if self.history is not None:
+            self.history.record(layer, keys)
+            if self.history.refit_due:
+                self._refit()
         for ranker in self.rankers:
             ranker.on_layer_start(layer, keys)
         sampled = self.sampled.get(layer)
@@ -72,17 +80,21 @@ class AdaptivePolicy(EvictionPolicy):
         experts = [key % self.shadows[0].num_experts for key in keys]
         self.misses *= self.decay
         for index, shadow in enumerate(self.shadows):
-            before = shadow.stats.layers[sampled].misses
-            shadow.start_layer(sampled, experts)
-            for begin in range(0, len(experts), shadow.num_slots):  # a prefill runs in waves, as live
-                wave = experts[begin : begin + shadow.num_slots]
-                shadow.acquire(sampled, wave)
-                shadow.release(sampled, wave)
-            self.misses[index] += shadow.stats.layers[sampled].misses - before
+            self.misses[index] += shadow.step(sampled, experts)
         best = int(self.misses.argmin())
         if best != self.leader and self.misses[best] < (1 - SWITCH_MARGIN) * self.misses[self.leader]:
             self.leader = best
             self.switches += 1
+
+    def _refit(self) -> None:
+        """Fit the reuse model on the recent routing and hand it to the next-use ranker and shadow."""
+        model = ReuseModel.fit(self.history.as_trace())
+        sampled = list(self.sampled)
+        for ranker, shadow in zip(self.rankers, self.shadows):
+            if isinstance(ranker, NextUsePolicy):
+                ranker.use_model(model)
+                shadow.policy.use_model(model.select_layers(sampled, self.num_experts))
+        self.refits += 1
 
     def on_forecast(self, layer: int, probabilities) -> None:
         for ranker in self.rankers:
@@ -100,8 +112,8 @@ class AdaptivePolicy(EvictionPolicy):
     def on_access(self, key: int) -> None:
         if self.idle:
             return
-        for ranker in self.rankers:
-            ranker.on_access(key)
+        for on_access in self._access_hooks:
+            on_access(key)
 
     def on_evict(self, key: int) -> None:
         if self.idle:

@@ -19,6 +19,7 @@ class NoVictimError(RuntimeError):
 
 class EvictionPolicy(ABC):
     name: ClassVar[str]
+    tracks_accesses: ClassVar[bool] = True  # False: on_access does nothing, and callers that care about cost skip it
 
     @abstractmethod
     def on_insert(self, key: int) -> None:

@@ -76,6 +76,12 @@ class ReuseModel:
         fourth's held-out half (25%)."""
         return cls(np.zeros(num_layers * num_experts, dtype=np.int64), _shipped_wait())
 
+    def select_layers(self, layers: list[int], num_experts: int) -> ReuseModel:
+        """The model of `layers` only, renumbered 0, 1, ... (for a cache that sees a sample of the
+        layers, as the adaptive default's shadows do)."""
+        transitions = None if self.transitions is None else self.transitions[layers]
+        return ReuseModel(self.bucket.reshape(-1, num_experts)[layers].ravel(), self.wait, transitions, self.forecast_edges)
+
     @classmethod
     def fit(cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS) -> ReuseModel:
         """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`."""
@@ -168,6 +174,7 @@ def tokens_to_next_use(used: np.ndarray) -> np.ndarray:
 
 class NextUsePolicy(EvictionPolicy):
     name = "next-use"
+    tracks_accesses = False  # uses are recorded per layer step, in on_layer_start
 
     @classmethod
     def fitted(cls, trace: Trace) -> NextUsePolicy:
@@ -176,18 +183,10 @@ class NextUsePolicy(EvictionPolicy):
 
     def __init__(self, num_layers: int, num_experts: int, model: ReuseModel):
         size = num_layers * num_experts
-        if model.bucket.shape != (size,):
-            raise ValueError(f"the reuse model describes {model.bucket.shape[0]} experts, not {num_layers} layers x {num_experts}")
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.model = model
-        self._forecasts = model.wait.shape[3]
-        self._age_stride = (WINDOW + 1) * self._forecasts  # flat lookups (4-D fancy indexing is slow)
-        self._row = model.bucket * (AGE_CAP + 1) * self._age_stride
-        self._wait = model.wait.ravel()
-        self._transitions, self._forecast_edges = model.transitions, model.forecast_edges
+        self.use_model(model)
         self.last_use = np.full(size, -AGE_CAP)  # token index of each key's last use
         self.recent = np.zeros(size, dtype=np.int64)  # uses in the last WINDOW tokens (<= WINDOW)
-        self.forecast = np.zeros(size, dtype=np.int64)  # transition bucket at the key's last visit
         no_keys = np.zeros(0, dtype=np.int64)
         self._window = [[no_keys] * num_layers for _ in range(WINDOW)]  # [t % WINDOW][layer]: keys token t used
         self.layer, self.token, self.step = num_layers, -1, -1  # the first layer start opens token 0
@@ -196,6 +195,19 @@ class NextUsePolicy(EvictionPolicy):
         self.due = last_visit + num_layers * self._lookup(np.full(size, AGE_CAP))
         self.resident = np.zeros(size, dtype=bool)
         self.scores = np.full(size, -np.inf)  # due time of resident keys, -inf elsewhere
+
+    def use_model(self, model: ReuseModel) -> None:
+        """Predict with `model` from now on (a refit); what was recorded about each key stays, and
+        each layer's expected next uses are recomputed at its next visit."""
+        if model.bucket.shape != (self.num_layers * self.num_experts,):
+            raise ValueError(f"the reuse model describes {model.bucket.shape[0]} experts, not {self.num_layers} layers x {self.num_experts}")
+        self.model = model
+        self._forecasts = model.wait.shape[3]
+        self._age_stride = (WINDOW + 1) * self._forecasts  # flat lookups (4-D fancy indexing is slow)
+        self._row = model.bucket * (AGE_CAP + 1) * self._age_stride
+        self._wait = model.wait.ravel()
+        self._transitions, self._forecast_edges = model.transitions, model.forecast_edges
+        self.forecast = np.zeros(len(model.bucket), dtype=np.int64)  # transition bucket at the key's last visit
 
     def _lookup(self, age: np.ndarray, span: slice = slice(None)) -> np.ndarray:
         """Expected tokens (capped) until the next use of the keys in `span`, at `age`."""
@@ -250,7 +262,7 @@ class NextUsePolicy(EvictionPolicy):
         self.scores[key] = self.due[key]
 
     def on_access(self, key: int) -> None:
-        pass  # uses are recorded per layer step in on_layer_start
+        pass
 
     def on_evict(self, key: int) -> None:
         self.resident[key] = False
