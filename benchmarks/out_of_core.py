@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,10 +86,69 @@ def accelerate_ms(path: Path, part, memory: int) -> float:
     return seconds / part.num_tokens * 1e3
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def tasks_of(arch: str, names: str | None) -> list[Path]:
+    """The trace files of `names` (comma-separated task names, or "all"; None: the arch's default
+    task), refused by name before any work."""
+    folder, default_task = TRACES[arch]
+    shipped = {p.stem: p for p in sorted(folder.glob("*.npz"))}
+    wanted = list(shipped) if names == "all" else (names or default_task).split(",")
+    unknown = [name for name in wanted if name not in shipped]
+    if unknown:
+        raise SystemExit(f"no task {', '.join(unknown)} for {arch}; choose from {', '.join(shipped)} or all")
+    return [shipped[name] for name in wanted]
+
+
+def runtime_rows(path: Path, part, shape: dict, budget: float, host_bytes: int, bandwidths: tuple[float, float]) -> list[dict]:
+    """moe-runtime at one expert budget, as the OS leaves the page cache and uncached; the uncached
+    row carries the bound (its disk bytes over the disk bandwidth, plus the bytes a step computes
+    over the memory bandwidth)."""
+    disk_gbps, memory_gbps = bandwidths
+    computed = shape["non_expert_bytes"] + shape["num_moe_layers"] * shape["top_k"] * shape["bytes_per_expert"]
+    rows = []
+    for uncached in (False, True):
+        seconds, counters, _, disk_reads, _ = with_model(
+            path, functools.partial(decode_row, part, uncached), budget=budget, host_budget=host_bytes, policy="lru",
+        )
+        n = part.num_tokens
+        disk_bytes = disk_reads * shape["bytes_per_expert"] / n
+        row = {"contender": "moe-runtime" + (", uncached" if uncached else ""), "budget": budget, "ms_per_token": seconds / n * 1e3,
+               "disk_mb_per_token": disk_bytes / 1e6, "hit_rate": counters["hit_rate"]}
+        if uncached:
+            row["bound_ms_per_token"] = (disk_bytes / disk_gbps + computed / memory_gbps) / 1e6
+        rows.append(row)
+    return rows
+
+
+def accelerate_row(path: Path, part, shape: dict, budget: float, host_bytes: int) -> dict:
+    """HF Accelerate given the same memory as moe-runtime (non-expert bytes + the expert budget +
+    the host budget); not run, and said so, where that is more than 90% of this machine's RAM (at
+    50% of DeepSeek-V2-Lite's experts it was killed by the OOM killer at 24.3 GB)."""
+    memory = int(shape["non_expert_bytes"] + budget * shape["total_expert_bytes"] + host_bytes)
+    row = {"contender": "HF Accelerate disk offload", "budget": budget}
+    if memory > 0.9 * physical_memory():
+        return row | {"ms_per_token": None, "not_run": f"needs {memory / 1e9:.1f} GB, over 90% of this machine's {physical_memory() / 1e9:.1f} GB"}
+    return row | {"ms_per_token": accelerate_ms(path, part, memory)}
+
+
+def print_table(report: dict) -> None:
+    """The rows as a table of 80 columns."""
+    print(f"{'task':<12}{'contender':<28}{'budget':>7}{'ms/token':>10}{'disk MB':>9}{'bound ms':>10}")
+    for row in report["rows"]:
+        bound = f"{row['bound_ms_per_token']:>10.1f}" if "bound_ms_per_token" in row else f"{'':>10}"
+        disk = f"{row['disk_mb_per_token']:>9.0f}" if "disk_mb_per_token" in row else f"{'':>9}"
+        ms = f"{row['ms_per_token']:>10.1f}" if row["ms_per_token"] is not None else f"{'not run':>10}"
+        print(f"{row['task']:<12}{row['contender']:<28}{row['budget']:>7}{ms}{disk}{bound}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=TRACES, default="deepseek-v2-lite", help="the full-width shape, decoded on its own model's routing")
-    parser.add_argument("--task", help="a task of that model's shipped traces (default: law for ESFT, gpqa for GPT-OSS)")
+    parser.add_argument("--task", help="tasks of that model's shipped traces, comma-separated, or all (default: law for ESFT, gpqa for GPT-OSS)")
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--host-budget", default="2GiB")
@@ -97,47 +157,29 @@ def main() -> None:
     args = parser.parse_args()
     if args.json:
         check_writable(args.json, "output")
-    folder, default_task = TRACES[args.arch]
-    task = args.task or default_task
-    traces = folder / f"{task}.npz"
-    if not traces.is_file():
-        raise SystemExit(f"no task {task!r} for {args.arch}; choose one of {', '.join(p.stem for p in sorted(folder.glob('*.npz')))}")
+    traces = tasks_of(args.arch, args.task)
     path = checkpoint_for(args.arch, 1)
-    part = first_tokens(load_trace(traces), args.tokens)
     shape = describe_model_dir(path)
     shards = sorted(path.glob("model-*.safetensors"), key=lambda shard: shard.stat().st_size)
     # This VM's virtual disk serves a span's first read at about 0.6 GB/s and later ones at 2.5-2.8
     # GB/s (the host caches it); the runs read the same files again and again, so the bound takes
     # the better of two passes.
-    disk_gbps, memory_gbps = max(disk_read_gbps(shards[-1]) for _ in range(2)), read_bandwidth_gbps()
-    computed = shape["non_expert_bytes"] + shape["num_moe_layers"] * shape["top_k"] * shape["bytes_per_expert"]
-    print(f"disk {disk_gbps:.2f} GB/s, memory {memory_gbps:.1f} GB/s, {computed / 1e9:.2f} GB computed per token", flush=True)
+    bandwidths = max(disk_read_gbps(shards[-1]) for _ in range(2)), read_bandwidth_gbps()
+    print(f"disk {bandwidths[0]:.2f} GB/s, memory {bandwidths[1]:.1f} GB/s", flush=True)
     host_bytes = parse_budget(args.host_budget, shape["total_expert_bytes"], name="--host-budget", allow_zero=True)
     rows = []
-    for budget in (float(b) for b in args.budgets.split(",")):
-        for uncached in (False, True):
-            seconds, counters, _, disk_reads, _ = with_model(
-                path, functools.partial(decode_row, part, uncached), budget=budget, host_budget=host_bytes, policy="lru",
-            )
-            n = part.num_tokens
-            disk_bytes = disk_reads * shape["bytes_per_expert"] / n
-            row = {"contender": "moe-runtime" + (", uncached" if uncached else ""), "budget": budget, "ms_per_token": seconds / n * 1e3,
-                   "disk_mb_per_token": disk_bytes / 1e6, "hit_rate": counters["hit_rate"]}
-            if uncached:
-                row["bound_ms_per_token"] = (disk_bytes / disk_gbps + computed / memory_gbps) / 1e6
-            rows.append(row)
-            print(row, flush=True)
-        if not args.no_accelerate:
-            memory = int(shape["non_expert_bytes"] + budget * shape["total_expert_bytes"] + host_bytes)
-            rows.append({"contender": "HF Accelerate disk offload", "budget": budget, "ms_per_token": accelerate_ms(path, part, memory)})
-            print(rows[-1], flush=True)
-    report = {"shape": f"{args.arch} full width, bf16", "task": task, "tokens": part.num_tokens, "host_budget": args.host_budget,
-              "disk_gbps": disk_gbps, "memory_gbps": memory_gbps, "rows": rows}
-    print(f"{'contender':<28}{'budget':>7}{'ms/token':>10}{'disk MB':>9}{'bound ms':>10}")
-    for row in rows:
-        bound = f"{row['bound_ms_per_token']:>10.1f}" if "bound_ms_per_token" in row else f"{'':>10}"
-        disk = f"{row['disk_mb_per_token']:>9.0f}" if "disk_mb_per_token" in row else f"{'':>9}"
-        print(f"{row['contender']:<28}{row['budget']:>7}{row['ms_per_token']:>10.1f}{disk}{bound}")
+    for trace_file in tqdm(traces, desc="tasks", unit="task"):
+        part = first_tokens(load_trace(trace_file), args.tokens)
+        for budget in (float(b) for b in args.budgets.split(",")):
+            task_rows = runtime_rows(path, part, shape, budget, host_bytes, bandwidths)
+            if not args.no_accelerate:
+                task_rows.append(accelerate_row(path, part, shape, budget, host_bytes))
+            for row in task_rows:
+                rows.append({"task": trace_file.stem} | row)
+                print(rows[-1], flush=True)
+    report = {"shape": f"{args.arch} full width, bf16", "tokens": args.tokens, "host_budget": args.host_budget,
+              "disk_gbps": bandwidths[0], "memory_gbps": bandwidths[1], "rows": rows}
+    print_table(report)
     if args.json:
         write_text_atomically(args.json, json.dumps(report, indent=1))
 
