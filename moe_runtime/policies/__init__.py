@@ -22,8 +22,9 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy, AdaptivePolicy)
 }
 NEEDS_FIT = frozenset({"pinned"})
-# The runtime's default: follows the best of LRU, LFU and next-use (generic reuse model) on the
-# routing it sees, so it is safe on routing no table was fitted on (adaptive.py, BENCHMARKS.md).
+# The runtime's default: follows the best of LRU, LFU and next-use (the generic reuse model, and
+# one refitted on the routing served) on the routing it sees, so it is safe on routing no table
+# was fitted on (adaptive.py, BENCHMARKS.md).
 DEFAULT_POLICY = "adaptive"
 
 
@@ -65,8 +66,10 @@ def make_policy(
         def next_use(layers: list[int]) -> NextUsePolicy:
             return NextUsePolicy(len(layers), num_experts, model.select_layers(layers, num_experts))
 
-        candidates = (lambda layers: LRUPolicy(), lambda layers: LFUPolicy(), next_use)
-        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1, learn=fit is None)
+        # next-use twice: with the model it starts from (generic or fitted) and refitted on the
+        # routing served, which saves loads on ESFT and costs loads on some GPT-OSS tasks.
+        candidates = (lambda layers: LRUPolicy(), lambda layers: LFUPolicy(), next_use, next_use)
+        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1, learner=3)
     return NextUsePolicy(num_layers, num_experts, model)
 
 

@@ -1,6 +1,7 @@
 """Adaptive: follow whichever candidate policy would have missed least on the recent routing.
 
-Each candidate (LRU, LFU, next-use with the generic reuse model) runs twice: a ranker that sees
+Each candidate (LRU, LFU, next-use with the generic reuse model, and next-use with a reuse model
+refitted every few hundred tokens on the routing served) runs twice: a ranker that sees
 the real cache's events and can name a victim among the real residents, and a shadow cache
 (shadow_cache.py: residency and the policy's bookkeeping only) that replays the same layer steps
 as if that candidate alone ran the cache. Each layer step adds the shadows' misses to
@@ -11,7 +12,9 @@ per token, with the capacity scaled to them (set dueling, Qureshi et al. 2007): 
 candidates about as well at a fraction of the cost.
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
-beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks. A
+beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
+refitted model (which learns the experts' popularity and transitions) saves another 5-15% on
+ESFT but loses to the generic one on some GPT-OSS tasks. A
 default must be safe on routing it has never seen, and following the measured best of
 candidates that include LRU stays close to LRU at worst. When every expert fits in the pool no
 victim is ever chosen, and the policy does nothing at all (no per-layer cost at budget 1.0).
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .base import EvictionPolicy
-from .next_use import NextUsePolicy, ReuseModel
+from .next_use import ReuseModel
 from .routing_history import RoutingHistory
 from .shadow_cache import ShadowCache
 
@@ -39,12 +42,12 @@ class AdaptivePolicy(EvictionPolicy):
 
     def __init__(
         self, candidates: Sequence[Callable[[list[int]], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int,
-        top_k: int = 1, learn: bool = True,
+        top_k: int = 1, learner: int | None = None,
     ):
         """candidates: factories of fresh policies for the given layers (each is built twice: a
         ranker for all layers, a shadow for the sampled ones); top_k: experts per token and layer
-        (more of them: fewer layers sampled); learn: refit the next-use candidate's reuse model on
-        the routing seen (routing_history.py)."""
+        (more of them: fewer layers sampled); learner: the index of a next-use candidate whose
+        reuse model is refitted on the routing seen (routing_history.py)."""
         self.num_experts = num_experts
         self.rankers = [make(list(range(num_layers))) for make in candidates]
         self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]  # called per expert use
@@ -53,7 +56,8 @@ class AdaptivePolicy(EvictionPolicy):
         self.sampled = {layer: index for index, layer in enumerate(range(0, num_layers, stride))}  # layer -> shadow layer
         slots = max(1, round(capacity * len(self.sampled) / num_layers))
         self.shadows = [ShadowCache(make(list(self.sampled)), num_experts=num_experts, capacity=slots) for make in candidates]
-        self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
+        self.learner = learner
+        self.history = RoutingHistory(num_layers, num_experts, top_k) if learner is not None else None
         self.refits = 0
         self.decay = 0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled)))  # per sampled layer step
         self.misses = np.zeros(len(candidates))  # decayed shadow misses
@@ -63,7 +67,7 @@ class AdaptivePolicy(EvictionPolicy):
 
     @property
     def leader_name(self) -> str:
-        return self.rankers[self.leader].name
+        return self.rankers[self.leader].name + (" (refitted)" if self.leader == self.learner else "")
 
     def on_layer_start(self, layer: int, keys: list[int]) -> None:
         if self.idle:
@@ -87,13 +91,11 @@ class AdaptivePolicy(EvictionPolicy):
             self.switches += 1
 
     def _refit(self) -> None:
-        """Fit the reuse model on the recent routing and hand it to the next-use ranker and shadow."""
+        """Fit the reuse model on the recent routing and hand it to the learning candidate's ranker
+        and shadow."""
         model = ReuseModel.fit(self.history.as_trace())
-        sampled = list(self.sampled)
-        for ranker, shadow in zip(self.rankers, self.shadows):
-            if isinstance(ranker, NextUsePolicy):
-                ranker.use_model(model)
-                shadow.policy.use_model(model.select_layers(sampled, self.num_experts))
+        self.rankers[self.learner].use_model(model)
+        self.shadows[self.learner].policy.use_model(model.select_layers(list(self.sampled), self.num_experts))
         self.refits += 1
 
     def on_forecast(self, layer: int, probabilities) -> None:
