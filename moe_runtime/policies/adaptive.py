@@ -13,7 +13,7 @@ candidates about as well at a fraction of the cost.
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
-refitted model (which learns the experts' popularity and transitions) saves another 5-15% on
+refitted model (which learns the experts' popularity and transitions) saves another 4-13% on
 ESFT but loses to the generic one on some GPT-OSS tasks. A
 default must be safe on routing it has never seen, and following the measured best of
 candidates that include LRU stays close to LRU at worst. When every expert fits in the pool no

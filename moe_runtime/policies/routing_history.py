@@ -2,7 +2,7 @@
 
 The generic reuse model (next_use.ReuseModel.generic) knows only how age and recent uses predict
 reuse; fitted on a task's own traces the model also knows each expert's popularity and the
-layers' expert-to-expert transitions, and makes 8-17% fewer loads on ESFT (BENCHMARKS.md). A
+layers' expert-to-expert transitions, and makes 6-21% fewer loads on ESFT (BENCHMARKS.md). A
 user who brings no traces still produces them while decoding: this keeps the last HISTORY_TOKENS
 decode tokens' experts and says when enough new ones have arrived, so the adaptive default can
 refit its next-use candidate on the routing of the model and task it actually serves.

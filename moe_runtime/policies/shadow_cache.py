@@ -4,8 +4,8 @@ The adaptive default replays the recent routing through one shadow per candidate
 follows the one that misses least. A shadow needs only residency and the policy's own
 bookkeeping: no slots, no prefetches, no admissions, no statistics, so it is a set and a loop.
 It makes exactly the misses a CacheCore of the same capacity makes with the same policy on the
-same steps when nothing is prefetched or pinned (tested); being a few lines instead of the core's
-full acquire path is what keeps the default's cost per layer step within its budget (BENCHMARKS.md).
+same steps when nothing is prefetched or pinned (tested), for a fraction of the core's full
+acquire path: the default runs four of them on every sampled layer step (BENCHMARKS.md).
 """
 
 from __future__ import annotations
