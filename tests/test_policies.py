@@ -286,6 +286,17 @@ def test_the_routing_history_keeps_the_latest_decode_tokens_in_order():
     assert trace.expert_ids[-1].tolist() == [[last % 4, (last + 1) % 4], [last % 4, (last + 2) % 4]]
 
 
+def test_the_routing_history_of_a_large_model_is_bounded_by_cells():
+    """A refit's memory and time grow with tokens x experts: DeepSeek-V3's 58 x 256 experts keep
+    fewer tokens than DeepSeek-V2-Lite's 26 x 64, and never fewer than a first refit needs."""
+    from moe_runtime.policies.routing_history import FIRST_REFIT_TOKENS, HISTORY_KEYS, HISTORY_TOKENS, RoutingHistory
+
+    assert RoutingHistory(26, 64, 6).capacity == HISTORY_TOKENS  # the shipped models are not cut
+    assert RoutingHistory(24, 32, 4).capacity == HISTORY_TOKENS
+    large = RoutingHistory(58, 256, 8)
+    assert large.capacity == max(FIRST_REFIT_TOKENS, HISTORY_KEYS // (58 * 256)) < HISTORY_TOKENS
+
+
 def test_the_default_learns_the_routing_it_serves(trace_paths):
     """With no fit traces, the default refits next-use's reuse model on the routing it has seen
     and makes fewer loads than the same default with the generic table only (ESFT intent, 25%)."""

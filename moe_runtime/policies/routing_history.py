@@ -3,7 +3,7 @@
 The generic reuse model (next_use.ReuseModel.generic) knows only how age and recent uses predict
 reuse; fitted on a task's own traces the model also knows each expert's popularity and the
 layers' expert-to-expert transitions, and makes 6-21% fewer loads on ESFT (BENCHMARKS.md). A
-user who brings no traces still produces them while decoding: this keeps the last HISTORY_TOKENS
+user who brings no traces still produces them while decoding: this keeps the last few thousand
 decode tokens' experts and says when enough new ones have arrived, so the adaptive default can
 refit its next-use candidate on the routing of the model and task it actually serves.
 """
@@ -14,7 +14,8 @@ import numpy as np
 
 from ..trace import Trace
 
-HISTORY_TOKENS = 2048  # the routing a refit sees: the most recent decode tokens
+HISTORY_TOKENS = 2048  # the routing a refit sees: the most recent decode tokens,
+HISTORY_KEYS = 3_500_000  # ... but at most this many (token, expert) cells: a refit's memory and time are bounded
 FIRST_REFIT_TOKENS = 256  # the first refit; later ones when the history has grown by half since,
 LAST_REFIT_TOKENS = 1024  # ... and at least this often,
 REFIT_US_PER_STEP = 8.0  # ... unless refitting would cost more than this per layer step, amortized,
@@ -22,13 +23,16 @@ FIT_NS_PER_CELL = 60.0  # ... at what a refit costs per (token, key) of history 
 
 
 class RoutingHistory:
-    """A ring of the last HISTORY_TOKENS decode tokens' experts [L, K]. Only tokens whose every
-    layer step used exactly K experts are kept (a prefill step's union of experts is not one
-    token's routing)."""
+    """A ring of the last decode tokens' experts [L, K]: HISTORY_TOKENS of them, fewer on models
+with more than HISTORY_KEYS / HISTORY_TOKENS experts in all (a refit at DeepSeek-V2-Lite's 26 x 64
+peaks at about 215 MB; 2048 tokens at 48 x 128 would take 700 MB and 2.6 s on a 2-core VM). Only
+tokens whose every layer step used exactly K experts are kept (a prefill step's union of experts
+is not one token's routing)."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
-        self.ring = np.zeros((HISTORY_TOKENS, num_layers, top_k), dtype=np.int16)
+        self.capacity = min(HISTORY_TOKENS, max(FIRST_REFIT_TOKENS, HISTORY_KEYS // (num_layers * num_experts)))
+        self.ring = np.zeros((self.capacity, num_layers, top_k), dtype=np.int16)
         self.kept = 0  # tokens ever kept
         self.since_fit = 0
         self.token = np.zeros((num_layers, top_k), dtype=np.int16)
@@ -46,7 +50,7 @@ class RoutingHistory:
 
     def _close_token(self) -> None:
         if self.layers_seen == self.num_layers:
-            self.ring[self.kept % HISTORY_TOKENS] = self.token
+            self.ring[self.kept % self.capacity] = self.token
             self.kept += 1
             self.since_fit += 1
         self.layers_seen = 0
@@ -58,13 +62,13 @@ class RoutingHistory:
         REFIT_US_PER_STEP. The cost is estimated from the history's size, not timed, so that a
         replay makes the same decisions on every machine."""
         schedule = min(LAST_REFIT_TOKENS, max(FIRST_REFIT_TOKENS, self.kept // 2))
-        fit_us = min(self.kept, HISTORY_TOKENS) * self.num_layers * self.num_experts * FIT_NS_PER_CELL / 1e3
+        fit_us = min(self.kept, self.capacity) * self.num_layers * self.num_experts * FIT_NS_PER_CELL / 1e3
         return self.since_fit >= max(schedule, fit_us / (REFIT_US_PER_STEP * self.num_layers))
 
     def as_trace(self) -> Trace:
         """The kept tokens, oldest first, as one sequence; resets the refit count."""
         self.since_fit = 0
-        count = min(self.kept, HISTORY_TOKENS)
-        start = self.kept % HISTORY_TOKENS if self.kept > HISTORY_TOKENS else 0
+        count = min(self.kept, self.capacity)
+        start = self.kept % self.capacity if self.kept > self.capacity else 0
         ids = np.roll(self.ring, -start, axis=0)[:count]
         return Trace(ids, np.zeros(ids.shape, dtype=np.float16), np.array([0, count]), self.num_experts, self.top_k)
