@@ -8,7 +8,7 @@ kernels: one decode row (x [1, K]) times each expert matrix of a bank too large 
 (>= 400 MB, as a decode step streams experts from RAM), per candidate: bf16 and fp16 F.linear,
 torch._weight_int8pack_mm (bf16 and fp32 activations), torch._weight_int4pack_mm_for_cpu
 (bf16 and fp16 scales), and a whole-matrix dequantize then F.linear; GB/s counts the bytes
-the candidate reads. quality: every tiny family (hidden and expert widths 128, so every int4
+the candidate reads, beside the memory-read bandwidth measured in the same run. quality: every tiny family (hidden and expert widths 128, so every int4
 group applies; random weights) saved as a checkpoint and scored with evaluate_checkpoint on 512
 tokens of README.md (the tiny models' byte-level tokenizer; the trained model's figures: benchmarks/embedded_quality.py): perplexity, KL to the unquantized model
 and top-1 agreement.
@@ -26,10 +26,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_runtime.atomic import check_writable, write_text_atomically
+sys.path.insert(0, str(Path(__file__).parent))
+from peer_llamacpp import read_bandwidth_gbps  # noqa: E402
+
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.expert_format import format_size_ratio, pack_nibbles, quantize_int4, quantize_int8
 
-SHAPES = {"olmoe-1b-7b gate_up": (2048, 2048), "deepseek-v2-lite gate_up": (2816, 2048), "deepseek-v2-lite down": (2048, 1408)}
+SHAPES = {  # (out, in); the first two: live_decode.py's OLMoE-shaped expert, the peer benchmark's small shape
+    "live-decode gate_up": (1024, 1024), "live-decode down": (1024, 512),
+    "olmoe-1b-7b gate_up": (2048, 2048), "deepseek-v2-lite gate_up": (2816, 2048), "deepseek-v2-lite down": (2048, 1408),
+}
 FORMATS = ("int8", "int4-g32", "int4", "int4-g128")
 
 
@@ -148,6 +154,8 @@ def main() -> None:
     report = {"bytes": bytes_rows()}
     if args.what == "kernels":
         report["kernels"] = kernel_rows(args.threads)
+        report["memory_gbps"] = read_bandwidth_gbps()
+        print(f"memory read bandwidth {report['memory_gbps']:.1f} GB/s, {args.threads} threads")
     else:
         report["quality"] = quality_rows(args.tokens)
         if args.plot:
