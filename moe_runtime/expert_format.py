@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from .expert_tensors import ExpertTensors, Shapes, Specs, allocate_expert, expert_nbytes
+from .kernels import cpu_gemv
 
 SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 QUANTIZED = QUANTIZE[1:]  # the formats a command-line flag offers
+CPU_KERNEL_ROWS = 64  # up to this many rows a CPU product goes to kernels/cpu_gemv.py (it re-reads each weight row from L1 per row; past about 96, dequantizing for one GEMM wins for int4)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class ExpertSpec:
 
 def expert_format(quantize: str | None, *, on_cpu: bool) -> ExpertFormat:
     """The format for a `quantize=` option ("int4" is group 64); int4 experts computed on the
-    CPU use torch's CPU tile order (`on_cpu`)."""
+    CPU (`on_cpu`) are plain nibbles where kernels/cpu_gemv.py is built (it reads them; so do
+    the Triton kernels), else torch's CPU tile order."""
     if quantize in (None, "none"):
         return ExpertFormat()
     if quantize not in QUANTIZE:
@@ -156,7 +159,7 @@ def expert_format(quantize: str | None, *, on_cpu: bool) -> ExpertFormat:
     if quantize == "int8":
         return ExpertFormat("int8")
     group = int(quantize.split("-g")[1]) if "-g" in quantize else 64
-    return ExpertFormat("int4", group, cpu_packing=on_cpu and int4_cpu_kernel_available())
+    return ExpertFormat("int4", group, cpu_packing=on_cpu and not cpu_gemv.available() and int4_cpu_kernel_available())
 
 
 REFERENCE_SHAPES = {"gate_up_proj": (2816, 2048), "down_proj": (2048, 1408)}  # DeepSeek-V2-Lite's experts
@@ -222,10 +225,13 @@ def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.T
 def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool) -> torch.Tensor:
     """x [M, K] times parameter `name` of one expert: [M, N], whatever its format.
 
-    On the CPU the quantized matrices go to torch's weight-only kernels (int8: x in bf16; int4:
-    the CPU tile order), which read the packed bytes without expanding them; elsewhere, and for
-    plain-nibble int4 on the CPU, the matrix is dequantized for the one product.
+    On the CPU, a few rows (decode) times int8 or plain-nibble int4 go to kernels/cpu_gemv.py;
+    more rows, or where it is not built, torch's weight-only kernels (int8: x in bf16; int4: the
+    CPU tile order) read the packed bytes without expanding them; elsewhere, and for
+    plain-nibble int4 without either, the matrix is dequantized for the one product.
     """
+    if x.device.type == "cpu" and x.shape[0] <= CPU_KERNEL_ROWS and (operands := cpu_kernel_operands(tensors, name)):
+        return cpu_gemv.products(x[None], *operands)[0].to(x.dtype)
     if name in tensors:
         return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
     if f"{name}.int8" in tensors and x.device.type == "cpu":
@@ -236,6 +242,35 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
         group = x.shape[1] // scales_zeros.shape[0]
         return torch._weight_int4pack_mm_for_cpu(x.to(SCALE_DTYPE).contiguous(), packed, group, scales_zeros).to(x.dtype)
     return F.linear(x, dequantize(tensors, name, x.dtype))
+
+
+def cpu_kernel_operands(tensors: ExpertTensors, name: str) -> tuple[list, list, int] | None:
+    """([matrix], [scales], group): parameter `name` as kernels/cpu_gemv.py reads it, or None
+    where it is not used: full precision (torch's kernels keep a wrapped model's outputs equal
+    to the unwrapped model's), torch's int4 tile order, or the kernel not built here."""
+    if f"{name}.int8" in tensors:
+        operands = [tensors[f"{name}.int8"]], [tensors[f"{name}.scale"]], 0
+    elif f"{name}.int4" in tensors:
+        packed, scales_zeros = tensors[f"{name}.int4"], tensors[f"{name}.scales_zeros"]
+        operands = [packed], [scales_zeros], 2 * packed.shape[1] // scales_zeros.shape[0]
+    else:
+        return None
+    return operands if cpu_gemv.available() else None
+
+
+def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str) -> torch.Tensor | None:
+    """[M, R, N] fp32: x [1 or M, R, K] times parameter `name` of each of M experts, in one call
+    of kernels/cpu_gemv.py (a decode step's experts on the CPU); None where it does not apply
+    (see cpu_kernel_operands), and the caller computes expert by expert."""
+    matrices, scales, group = [], [], 0
+    for tensors in experts:
+        operands = cpu_kernel_operands(tensors, name)
+        if operands is None:
+            return None
+        matrices += operands[0]
+        scales += operands[1]
+        group = operands[2]
+    return cpu_gemv.products(x, matrices, scales, group)
 
 
 def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:

@@ -1,0 +1,373 @@
+// Decode-time products on the CPU: a few input rows times many weight matrices, in one call.
+//
+// out[m, r, :] = x[a(m), r, :] @ W_m^T, for every matrix m of a list of same-shaped matrices
+// W_m [N, K] held as fp32, fp16, bf16, int8 (per-row scale) or int4 (plain nibbles, per-group
+// scale and zero; moe_runtime/expert_format.py). a(m) = 0 when x holds one block of rows for all
+// matrices (a gate_up product), m when it holds one per matrix (a down product).
+//
+// Why: at decode a MoE layer's experts are K small GEMVs; torch's kernels pay a call each and
+// stream 15-35 GB/s of weights on the 2-core EPYC of BENCHMARKS.md, where memory gives 50-78.
+// Here the rows of all matrices form one parallel loop (ATen's OpenMP pool: the threads torch
+// already uses), each weight row is read once for all input rows, and accumulation is fp32.
+//
+// 16-bit and fp32 weights are widened in registers. int8 and int4 weights are multiplied as
+// integers (AVX512-VNNI, 64 products per instruction) against x quantized to int8 in blocks of
+// 64 inputs with one fp32 scale each, as llama.cpp's Q8 activations are: widening every
+// weight to fp32 instead holds int8 to about 22 GB/s on the machine above (compute-bound).
+// Without AVX-512 a portable loop computes the same products from fp32 x.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define MOE_AVX512 1
+#endif
+
+namespace {
+
+enum Format : int { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4 };
+
+constexpr int64_t ROWS = 4;          // weight rows computed together (they share each load of x)
+constexpr int64_t BLOCK_ROWS = 16;   // weight rows per parallel work item
+constexpr int64_t QBLOCK = 64;       // inputs per int8 scale of the quantized x
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// One input row, prepared once per call for every weight row that meets it.
+struct Input {
+  const float* x = nullptr;     // [K] as given (fp32)
+  const float* group_sums = nullptr;  // int4: [K/G] sums of x per weight group
+  const int8_t* q = nullptr;    // int8/int4 with AVX-512: [K] x quantized (int4: each 64 as 32 even, 32 odd inputs)
+  const float* d = nullptr;     // [K/64] the quantization scales
+  float flip_correction = 0;    // int8: 128 * sum_b d_b sum q_b (the weights' sign flip, see dot_int8)
+};
+
+// ---------------------------------------------------------------- portable fallback
+template <Format F>
+inline float element(const char* row, int64_t k) {
+  if constexpr (F == F32) return reinterpret_cast<const float*>(row)[k];
+  if constexpr (F == F16) return static_cast<float>(reinterpret_cast<const c10::Half*>(row)[k]);
+  if constexpr (F == BF16) return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]);
+  if constexpr (F == INT8) return static_cast<float>(reinterpret_cast<const int8_t*>(row)[k]);
+  return 0.0f;
+}
+
+template <Format F>
+float dot_portable(const char* row, int64_t K, const float* x) {
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = 0; k < K; ++k) total += element<F>(row, k) * x[k];
+  return total;
+}
+
+float dot_int4_portable(const uint8_t* row, int64_t K, int64_t G, const Input& in, const uint16_t* sz, int64_t N, int64_t n) {
+  float total = 0.0f;
+  for (int64_t g = 0; g < K / G; ++g) {
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; ++j)
+      part += static_cast<float>(row[j] & 0xF) * in.x[2 * j] + static_cast<float>(row[j] >> 4) * in.x[2 * j + 1];
+    const uint16_t* pair = sz + (g * N + n) * 2;
+    float s = bf16_to_float(pair[0]), z = bf16_to_float(pair[1]);
+    total += s * part + (z - 8.0f * s) * in.group_sums[g];
+  }
+  return total;
+}
+
+#ifdef MOE_AVX512
+// ---------------------------------------------------------------- AVX-512
+template <Format F>
+inline __m512 load16(const char* row, int64_t k) {
+  if constexpr (F == F32) return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
+  if constexpr (F == F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + k)));
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + k)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16: the high half of an fp32
+}
+
+// dot[i] = W[row i] . x for NR rows `ld` bytes apart, weights widened to fp32 (F32, F16, BF16).
+template <Format F, int NR>
+void dot_float(const char* w, int64_t ld, int64_t K, const float* x, float* dot) {
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv = _mm512_loadu_ps(x + k);
+    for (int i = 0; i < NR; ++i) {
+      _mm_prefetch(w + (i + NR) * ld + k * (F == F32 ? 4 : 2), _MM_HINT_T0);  // the next rows, as far along
+      acc[i] = _mm512_fmadd_ps(load16<F>(w + i * ld, k), xv, acc[i]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    float tail = 0.0f;
+    for (int64_t j = k; j < K; ++j) tail += element<F>(w + i * ld, j) * x[j];
+    dot[i] = _mm512_reduce_add_ps(acc[i]) + tail;
+  }
+}
+
+// int8: VPDPBUSD multiplies unsigned by signed bytes, so each weight's sign bit is flipped
+// (w + 128, unsigned) and 128 * sum(q) taken back once per input row (flip_correction).
+template <int NR>
+void dot_int8(const int8_t* w, int64_t ld, int64_t K, const Input& in, float* dot) {
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < K / QBLOCK; ++b) {
+    const __m512i xq = _mm512_loadu_si512(in.q + b * QBLOCK);
+    const __m512 d = _mm512_set1_ps(in.d[b]);
+    for (int i = 0; i < NR; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (i + NR) * ld + b * QBLOCK), _MM_HINT_T0);
+      __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + i * ld + b * QBLOCK), flip);
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xq);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc[i]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) dot[i] = _mm512_reduce_add_ps(acc[i]) - in.flip_correction;
+}
+
+// int4: w = (q - 8) s + z per group g, so dot = sum_g s_g (q . x_g) + (z_g - 8 s_g) sum(x_g).
+// 64 packed bytes hold 128 inputs (a byte: input 2j low, 2j+1 high); their low nibbles meet
+// the block's 64 even inputs and their high nibbles its 64 odd ones (x is quantized in that
+// order, see nibble_position), and both products add into the same int32 lanes: lane l sums
+// inputs 8l..8l+7, so lanes 0-7 hold the first 64-input block and lanes 8-15 the second. Each
+// half is scaled by its block's s_g d_b (`scale` [b * BLOCK_ROWS + i] for row i, from
+// int4_block_scales). A last block of 64 (K = 64 mod 128) is laid out as [32 even, 32 odd].
+template <int NR>
+void dot_int4(const uint8_t* w, int64_t ld, int64_t K, const Input& in, const float* scale, const float* offset, float* dot) {
+  const int64_t blocks = K / QBLOCK;
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const __m512i x_even = _mm512_loadu_si512(in.q + b * QBLOCK), x_odd = _mm512_loadu_si512(in.q + b * QBLOCK + QBLOCK);
+    for (int i = 0; i < NR; ++i) {
+      const uint8_t* bytes = w + i * ld + b * QBLOCK / 2;
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + NR * ld), _MM_HINT_T0);  // the next rows, as far along
+      __m512i packed = _mm512_loadu_si512(bytes);
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(packed, low), x_even);
+      sums = _mm512_dpbusd_epi32(sums, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x_odd);
+      __m512 pair = _mm512_insertf32x8(_mm512_set1_ps(scale[b * BLOCK_ROWS + i]), _mm256_set1_ps(scale[(b + 1) * BLOCK_ROWS + i]), 1);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), pair, acc[i]);
+    }
+  }
+  if (b < blocks) {  // the last 64 inputs: 32 bytes, [32 even, 32 odd]
+    const __m512i xq = _mm512_loadu_si512(in.q + b * QBLOCK);
+    for (int i = 0; i < NR; ++i) {
+      __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ld + b * QBLOCK / 2));
+      __m512i nibbles = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), low);
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles, xq);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale[b * BLOCK_ROWS + i]), acc[i]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) dot[i] = _mm512_reduce_add_ps(acc[i]) + offset[i];
+}
+
+// For the `count` (<= 16) rows from `first` of an int4 matrix, across rows at once (a group's
+// scales and zeros of consecutive rows lie together in sz [K/G, N, 2]): scale[b * 16 + i] =
+// s of block b's group x d_b (x's quantization scale), offset[i] = sum_g (z_g - 8 s_g) sum(x_g).
+void int4_block_scales(const uint16_t* sz, int64_t N, int64_t first, int64_t count, int64_t K, int64_t G, const Input& in, float* scale, float* offset) {
+  const __mmask16 rows = static_cast<__mmask16>((1u << count) - 1);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G; ++g) {
+    __m512i pairs = _mm512_maskz_loadu_epi32(rows, sz + (g * N + first) * 2);  // lane i: s | z << 16 of row first + i
+    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), z = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+    total = _mm512_fmadd_ps(_mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), z), _mm512_set1_ps(in.group_sums[g]), total);
+    for (int64_t b = g * G / QBLOCK; b < (g + 1) * G / QBLOCK; ++b) _mm512_storeu_ps(scale + b * BLOCK_ROWS, _mm512_mul_ps(s, _mm512_set1_ps(in.d[b])));
+  }
+  _mm512_storeu_ps(offset, total);
+}
+#endif
+
+// ---------------------------------------------------------------- one block of weight rows
+struct Matrices {
+  Format fmt;
+  int64_t N, K, group, row_bytes;
+  std::vector<const char*> weights;
+  std::vector<const uint16_t*> scales;  // bf16 bits: int8 [N], int4 [K/G, N, 2]
+  bool integer_path;                    // int8/int4 through the quantized x
+};
+
+// scale, offset: int4's, for this block's first row (int4_block_scales).
+template <int NR>
+void dot_block(const Matrices& mats, int64_t m, int64_t n, const Input& in, const float* scale, const float* offset, float* dot) {
+  const char* w = mats.weights[m] + n * mats.row_bytes;
+  const int64_t ld = mats.row_bytes, K = mats.K;
+#ifdef MOE_AVX512
+  switch (mats.fmt) {
+    case F32: return dot_float<F32, NR>(w, ld, K, in.x, dot);
+    case F16: return dot_float<F16, NR>(w, ld, K, in.x, dot);
+    case BF16: return dot_float<BF16, NR>(w, ld, K, in.x, dot);
+    case INT8:
+      if (mats.integer_path) return dot_int8<NR>(reinterpret_cast<const int8_t*>(w), ld, K, in, dot);
+      break;
+    case INT4:
+      if (mats.integer_path) return dot_int4<NR>(reinterpret_cast<const uint8_t*>(w), ld, K, in, scale, offset, dot);
+      break;
+  }
+#endif
+  for (int i = 0; i < NR; ++i) {
+    const char* row = w + i * ld;
+    switch (mats.fmt) {
+      case F32: dot[i] = dot_portable<F32>(row, K, in.x); break;
+      case F16: dot[i] = dot_portable<F16>(row, K, in.x); break;
+      case BF16: dot[i] = dot_portable<BF16>(row, K, in.x); break;
+      case INT8: dot[i] = dot_portable<INT8>(row, K, in.x); break;
+      case INT4: dot[i] = dot_int4_portable(reinterpret_cast<const uint8_t*>(row), K, mats.group, in, mats.scales[m], mats.N, n + i); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- preparing x
+// Where input k of K goes in int4's order (dot_int4): within each 128 inputs the 64 even ones,
+// then the 64 odd ones; a last block of 64 as its 32 even, then its 32 odd.
+inline int64_t nibble_position(int64_t k, int64_t K) {
+  const int64_t paired = K - K % (2 * QBLOCK), span = k < paired ? 2 * QBLOCK : QBLOCK;
+  const int64_t start = k < paired ? k - k % span : paired, within = k - start;
+  return start + (within % 2) * (span / 2) + within / 2;
+}
+
+// Each input row's int8 copy: per block of 64 consecutive inputs d = max|x| / 127 and
+// q = round(x / d), stored in plain order (int8) or nibble_position's order (int4).
+void quantize_rows(const float* x, int64_t rows, int64_t K, bool nibble_order, int8_t* q, float* d, float* flip_correction) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double correction = 0.0;
+    for (int64_t b = 0; b < K / QBLOCK; ++b) {
+      const float* block = x + r * K + b * QBLOCK;
+      float largest = 0.0f;
+      for (int64_t j = 0; j < QBLOCK; ++j) largest = std::max(largest, std::fabs(block[j]));
+      const float scale = largest > 0 ? largest / 127.0f : 1.0f, inverse = 1.0f / scale;
+      int64_t total = 0;
+      for (int64_t j = 0; j < QBLOCK; ++j) {
+        const auto value = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+        const int64_t k = b * QBLOCK + j;
+        q[r * K + (nibble_order ? nibble_position(k, K) : k)] = value;
+        total += value;
+      }
+      d[r * (K / QBLOCK) + b] = scale;
+      correction += 128.0 * scale * static_cast<double>(total);
+    }
+    flip_correction[r] = static_cast<float>(correction);
+  }
+}
+
+Format format_of(const torch::Tensor& w, bool int4) {
+  if (int4) return INT4;
+  switch (w.scalar_type()) {
+    case torch::kFloat: return F32;
+    case torch::kHalf: return F16;
+    case torch::kBFloat16: return BF16;
+    case torch::kChar: return INT8;
+    default: TORCH_CHECK(false, "cpu_gemv: weights of dtype ", w.scalar_type(), " are not supported");
+  }
+}
+
+Matrices describe(const std::vector<torch::Tensor>& weights, const std::vector<torch::Tensor>& scales, int64_t K, int64_t group) {
+  Matrices mats;
+  const bool int4 = group > 0;
+  mats.fmt = format_of(weights[0], int4);
+  mats.N = weights[0].size(0);
+  mats.K = K;
+  mats.group = group;
+  mats.row_bytes = int4 ? K / 2 : K * static_cast<int64_t>(weights[0].element_size());
+  const bool quantized = mats.fmt == INT8 || mats.fmt == INT4;
+  TORCH_CHECK(!int4 || (K % group == 0 && group % 2 == 0), "cpu_gemv: int4 needs an even group dividing K (", K, "), got ", group);
+  mats.integer_path = quantized && K % QBLOCK == 0 && (!int4 || group % QBLOCK == 0);
+  for (size_t m = 0; m < weights.size(); ++m) {
+    const auto& w = weights[m];
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == mats.N && w.size(1) * w.element_size() == mats.row_bytes &&
+                    format_of(w, int4) == mats.fmt,
+                "cpu_gemv: matrix ", m, " is not a contiguous CPU [", mats.N, ", ", K, "] matrix of the first one's format");
+    mats.weights.push_back(static_cast<const char*>(w.data_ptr()));
+    if (!quantized) continue;
+    TORCH_CHECK(m < scales.size() && scales[m].is_contiguous() && scales[m].scalar_type() == torch::kBFloat16 &&
+                    scales[m].numel() == (int4 ? (K / group) * mats.N * 2 : mats.N),
+                "cpu_gemv: matrix ", m, " needs its bf16 scales (int8 [N], int4 [K/G, N, 2])");
+    mats.scales.push_back(static_cast<const uint16_t*>(scales[m].data_ptr()));
+  }
+  return mats;
+}
+
+}  // namespace
+
+// x [A, R, K] fp32 (A = 1: the same rows for every matrix, A = M: rows of their own);
+// weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
+// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise). Returns [M, R, N] fp32.
+torch::Tensor gemv_many(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "cpu_gemv: x must be a contiguous CPU [A, R, K] fp32 tensor");
+  const int64_t M = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(M > 0, "cpu_gemv: no matrices");
+  const int64_t A = x.size(0), R = x.size(1), K = x.size(2);
+  TORCH_CHECK(A == 1 || A == M, "cpu_gemv: x holds ", A, " blocks of rows for ", M, " matrices (need 1 or ", M, ")");
+  const Matrices mats = describe(weights, scales, K, group);
+  const int64_t N = mats.N, inputs = A * R;
+
+  const float* xs = x.data_ptr<float>();
+  torch::Tensor sums = group > 0 ? x.reshape({inputs, K / group, group}).sum(-1).contiguous() : torch::Tensor();
+  std::vector<int8_t> q(mats.integer_path ? inputs * K : 0);
+  std::vector<float> d(mats.integer_path ? inputs * (K / QBLOCK) : 0), correction(inputs, 0.0f);
+  if (mats.integer_path) quantize_rows(xs, inputs, K, mats.fmt == INT4, q.data(), d.data(), correction.data());
+  std::vector<Input> prepared(inputs);
+  for (int64_t i = 0; i < inputs; ++i) {
+    prepared[i].x = xs + i * K;
+    if (group > 0) prepared[i].group_sums = sums.data_ptr<float>() + i * (K / group);
+    if (mats.integer_path) {
+      prepared[i].q = q.data() + i * K;
+      prepared[i].d = d.data() + i * (K / QBLOCK);
+      prepared[i].flip_correction = correction[i];
+    }
+  }
+
+  auto out = torch::empty({M, R, N}, x.options());
+  float* ys = out.data_ptr<float>();
+  const int64_t blocks_per_matrix = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+  at::parallel_for(0, M * blocks_per_matrix, 1, [&](int64_t begin, int64_t end) {
+    float dot[ROWS], offset[BLOCK_ROWS] = {};
+    std::vector<float> scale(mats.fmt == INT4 ? (K / QBLOCK) * BLOCK_ROWS : 0);  // int4: the item's rows' scale per x block
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m = item / blocks_per_matrix;
+      const int64_t first = (item % blocks_per_matrix) * BLOCK_ROWS, last = std::min(N, first + BLOCK_ROWS);
+      for (int64_t r = 0; r < R; ++r) {
+        const Input& in = prepared[(A == 1 ? 0 : m) * R + r];
+#ifdef MOE_AVX512
+        if (mats.fmt == INT4 && mats.integer_path) int4_block_scales(mats.scales[m], N, first, last - first, K, mats.group, in, scale.data(), offset);
+#endif
+        for (int64_t n = first; n < last;) {
+          const int64_t rows = (last - n >= ROWS) ? ROWS : 1, column = n - first;
+          if (rows == ROWS) dot_block<ROWS>(mats, m, n, in, scale.data() + column, offset + column, dot);
+          else dot_block<1>(mats, m, n, in, scale.data() + column, offset + column, dot);
+          float* y = ys + (m * R + r) * N + n;
+          for (int64_t i = 0; i < rows; ++i) y[i] = mats.fmt == INT8 ? dot[i] * bf16_to_float(mats.scales[m][n + i]) : dot[i];
+          n += rows;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+bool uses_avx512() {
+#ifdef MOE_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)");
+  m.def("uses_avx512", &uses_avx512, "whether this build computes with AVX-512 (and VNNI)");
+}

@@ -1,0 +1,150 @@
+"""The CPU decode kernel (kernels/cpu_gemv.cpp): every format against its dequantized matrix at
+shapes with tails, shared and per-matrix rows, refused input, a decode step's experts in one
+call against the expert-by-expert path, the opt-out, and a build that a killed one cannot block."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moe_runtime.compute import experts_in_one_call, one_expert
+from moe_runtime.expert_format import dequantize, expert_format, linear_many, pack_nibbles, quantize_int4, quantize_int8
+from moe_runtime.adapters import ExpertLayout
+from moe_runtime.kernels import cpu_gemv
+
+QBLOCK = 64  # inputs per scale of x's int8 copy (cpu_gemv.cpp)
+needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="the CPU decode kernel cannot be built here (no C++ compiler)")
+
+
+def test_the_kernel_builds_where_a_compiler_is():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert cpu_gemv.available()
+
+
+def _encode(fmt: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, dict]:
+    """(matrix, scales, group, tensors for dequantize) of an [N, K] weight in `fmt`."""
+    if fmt == "int8":
+        q, scale = quantize_int8(weight)
+        return q, scale, 0, {"w.int8": q, "w.scale": scale}
+    if fmt.startswith("int4"):
+        group = int(fmt.split("-g")[1])
+        q, scales_zeros = quantize_int4(weight, group)
+        packed = pack_nibbles(q)
+        return packed, scales_zeros, group, {"w.int4": packed, "w.scales_zeros": scales_zeros}
+    dtype = getattr(torch, fmt)
+    return weight.to(dtype), None, 0, {"w": weight.to(dtype)}
+
+
+def _x_rounding_bound(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """[A, R, N]: how far x's int8 copy (64-input blocks, max|x|/127 each) can move each output:
+    half a step per input times |w|."""
+    a, r, k = x.shape
+    step = x.reshape(a, r, k // QBLOCK, QBLOCK).abs().amax(-1) / 127  # [A, R, K/64]
+    half = (step / 2).repeat_interleave(QBLOCK, dim=-1)  # [A, R, K]
+    return half @ matrix.abs().t()
+
+
+SHAPES = ((37, 192), (16, 1408), (21, 2880), (5, 100))  # [N, K]: tails of rows, of 128-input pairs, of 64-input blocks
+FORMATS = ("float32", "float16", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")
+CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES if not fmt.startswith("int4") or shape[1] % int(fmt.split("-g")[1]) == 0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt, shape", CASES)
+@pytest.mark.parametrize("shared", (True, False))
+def test_products_equal_the_dequantized_matrices(fmt, shape, shared):
+    n, k = shape
+    torch.manual_seed(n + k)
+    weights = [torch.randn(n, k) * torch.rand(n, 1) for _ in range(3)]
+    x = torch.randn(1 if shared else 3, 2, k) + torch.linspace(-1, 1, k)  # 2 rows each
+    encoded = [_encode(fmt, w) for w in weights]
+    matrices = [e[0] for e in encoded]
+    scales = [e[1] for e in encoded] if encoded[0][1] is not None else None
+    got = cpu_gemv.products(x, matrices, scales, encoded[0][2])
+    assert got.shape == (3, 2, n) and got.dtype == torch.float32
+    for m, (_, _, _, tensors) in enumerate(encoded):
+        matrix = tensors["w"].float() if "w" in tensors else dequantize(tensors, "w", torch.float32)
+        rows = x[0 if shared else m]
+        want = rows @ matrix.t()
+        tolerance = 1e-4 * (rows.abs() @ matrix.abs().t()) + 1e-5
+        quantized_x = fmt in ("int8", "int4-g64", "int4-g128") and k % QBLOCK == 0  # the integer path (AVX512-VNNI)
+        if quantized_x and cpu_gemv.extension().uses_avx512():
+            tolerance = tolerance + _x_rounding_bound(rows[None], matrix)[0]
+        assert ((got[m] - want).abs() <= tolerance).all(), f"matrix {m}: worst {(got[m] - want).abs().max():.3g}"
+
+
+@needs_kernel
+def test_mismatched_matrices_and_rows_are_refused():
+    x = torch.randn(1, 1, 64)
+    with pytest.raises(RuntimeError, match="matrix 1 is not a contiguous CPU"):
+        cpu_gemv.products(x, [torch.randn(8, 64), torch.randn(9, 64)])
+    with pytest.raises(RuntimeError, match="holds 2 blocks of rows for 3 matrices"):
+        cpu_gemv.products(torch.randn(2, 1, 64), [torch.randn(8, 64)] * 3)
+    q, _ = quantize_int8(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="needs its bf16 scales"):
+        cpu_gemv.products(x, [q], [torch.ones(7, dtype=torch.bfloat16)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantize", ("int8", "int4"))
+def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize):
+    hidden, inner = 128, 64
+    layout = ExpertLayout(is_transposed=False, is_concatenated=True, has_bias=False, has_gate=True)
+    fmt = expert_format(quantize, on_cpu=True)
+    assert not fmt.cpu_packing  # plain nibbles: the kernel reads them
+    torch.manual_seed(0)
+    experts = [
+        fmt.encode({"gate_up_proj": torch.randn(2 * inner, hidden) / 8, "down_proj": torch.randn(hidden, inner) / 8}, False)
+        for _ in range(4)
+    ]
+
+    def gate(h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    x = torch.randn(1, hidden)
+    together = experts_in_one_call(x, experts, layout, gate)
+    apart = torch.cat([one_expert(x, tensors, layout, gate) for tensors in experts])
+    assert together.shape == (4, hidden)
+    torch.testing.assert_close(together, apart, atol=0.03 * apart.abs().max().item(), rtol=0)
+    assert linear_many(x[None], experts, "gate_up_proj").shape == (4, 1, 2 * inner)
+
+
+def _run(code: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_opting_out_keeps_torchs_kernels_and_their_int4_order():
+    env = {**os.environ, cpu_gemv.OPT_OUT: "torch"}
+    done = _run(
+        """
+        from moe_runtime.expert_format import expert_format, int4_cpu_kernel_available
+        from moe_runtime.kernels import cpu_gemv
+        print(cpu_gemv.available(), expert_format("int4", on_cpu=True).cpu_packing == int4_cpu_kernel_available())
+        """,
+        env,
+        120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+
+
+@needs_kernel
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path):
+    """torch's build lock is a file: a build killed midway leaves it, and torch alone would wait
+    on it forever. Our flock proves it stale; the built module is reused (copied, mtimes kept)."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MOE_RUNTIME_CACHE": str(cache)}
+    folder = _run("from moe_runtime.kernels import cpu_gemv; print(cpu_gemv.build_folder())", env, 120).stdout.strip()
+    shutil.copytree(cpu_gemv.build_folder(), folder)
+    (cache / "cpu-kernel" / os.path.basename(folder) / "lock").touch()
+    done = _run("from moe_runtime.kernels import cpu_gemv; print(cpu_gemv.available())", env, 240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
