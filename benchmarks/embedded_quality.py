@@ -81,11 +81,19 @@ def pruning_verdicts(rows: list[dict]) -> list[dict]:
 
 
 def quantization_rows(texts: dict[str, list[int]], base: dict[str, float]) -> list[dict]:
+    """Each format scored in windows (prefill: the many-row kernels) and one token at a time
+    through the KV cache (decode: on a CPU kernels/cpu_gemv.py, int8 activations), each
+    against the bf16 model scored the same way."""
     rows = []
     for domain in tqdm(EMBEDDED_DOMAINS, desc="quantized experts", unit="domain"):
+        stepwise_base = perplexity(texts[domain], one_at_a_time=True)
         for fmt in FORMATS:
             value = perplexity(texts[domain], quantize=fmt)
-            rows.append({"domain": domain, "format": fmt, "perplexity": value, "base": base[domain], "change": value / base[domain] - 1})
+            stepwise = perplexity(texts[domain], quantize=fmt, one_at_a_time=True)
+            rows.append({
+                "domain": domain, "format": fmt, "perplexity": value, "base": base[domain], "change": value / base[domain] - 1,
+                "decode_perplexity": stepwise, "decode_base": stepwise_base, "decode_change": stepwise / stepwise_base - 1,
+            })
     return rows
 
 
@@ -128,11 +136,11 @@ def print_tables(report: dict) -> None:
     print(f"{'domain':<12}{'keep':>5}{'base ppl':>9}{'own +':>9}{'others +':>10}{'ratio':>7}")
     for v in report["pruning_verdicts"]:
         print(f"{v['domain']:<12}{v['keep']:>5.2f}{v['base']:>9.2f}{v['own_increase']:>9.2f}{v['others_mean_increase']:>10.2f}{v['ratio']:>7.2f}")
-    print("\nQuantized experts: perplexity change against the bf16 weights")
-    print(f"{'domain':<12}" + "".join(f"{f:>11}" for f in FORMATS))
+    print("\nQuantized experts: perplexity change against the bf16 weights, in windows / decoding")
+    print(f"{'domain':<12}" + "".join(f"{f:>16}" for f in FORMATS))
     for domain in EMBEDDED_DOMAINS:
-        changes = [r["change"] for r in report["quantization"] if r["domain"] == domain]
-        print(f"{domain:<12}" + "".join(f"{c:>+11.2%}" for c in changes))
+        rows = [r for r in report["quantization"] if r["domain"] == domain]
+        print(f"{domain:<12}" + "".join(f"{r['change']:>+8.2%}{r['decode_change']:>+8.2%}" for r in rows))
     print("\nprofile='auto' from the first 16 tokens of each held-out piece")
     for row in report["auto_profile"]:
         print(f"{row['domain']:<12}{row['correct']:>3} / {row['pieces']}")

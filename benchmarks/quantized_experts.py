@@ -7,7 +7,9 @@ format costs in quality on every tiny family, and bytes per expert against bf16.
 kernels: one decode row (x [1, K]) times each expert matrix of a bank too large for the caches
 (>= 400 MB, as a decode step streams experts from RAM), per candidate: bf16 and fp16 F.linear,
 torch._weight_int8pack_mm (bf16 and fp32 activations), torch._weight_int4pack_mm_for_cpu
-(bf16 and fp16 scales), and a whole-matrix dequantize then F.linear; GB/s counts the bytes
+(bf16 and fp16 scales), a whole-matrix dequantize then F.linear, and our CPU decode kernel
+(kernels/cpu_gemv.py: bf16, int8, int4; int8 and int4 also 8 matrices per call, as a decode
+step's experts go; "us" is then per call of 8); GB/s counts the bytes
 the candidate reads, beside the memory-read bandwidth measured in the same run. quality: every tiny family (hidden and expert widths 128, so every int4
 group applies; random weights) saved as a checkpoint and scored with evaluate_checkpoint on 512
 tokens of README.md (the tiny models' byte-level tokenizer; the trained model's figures: benchmarks/embedded_quality.py): perplexity, KL to the unquantized model
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peer_llamacpp import read_bandwidth_gbps  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
-from moe_runtime.expert_format import format_size_ratio, pack_nibbles, quantize_int4, quantize_int8
+from moe_runtime.expert_format import format_size_ratio, pack_nibbles, quantize_int4, quantize_int8  # noqa: E402
+from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
 SHAPES = {  # (out, in); the first two: live_decode.py's OLMoE-shaped expert, the peer benchmark's small shape
     "live-decode gate_up": (1024, 1024), "live-decode down": (1024, 512),
@@ -75,7 +78,24 @@ def _candidates(x: torch.Tensor, weights: list[torch.Tensor], n: int, k: int) ->
     nibbles = [(pack_nibbles(q), sz) for q, sz in int4]
     xh, xf = x.half(), x.float()
     scales4 = (k // 64) * n * 2 * 2
-    return {
+    ours = {}
+    if cpu_gemv.available():  # the CPU decode kernel: one matrix per call, and a decode step's 8 experts per call
+        rows = xf[None]
+        eights = range(0, len(weights) - 7, 8)
+        ours = {
+            "cpu_gemv bf16": ([lambda w=w: cpu_gemv.products(rows, [w]) for w in bf16], 2 * n * k),
+            "cpu_gemv int8": ([lambda q=q, s=s: cpu_gemv.products(rows, [q], [s]) for q, s in int8], n * k + 2 * n),
+            "cpu_gemv int4": ([lambda p=p, sz=sz: cpu_gemv.products(rows, [p], [sz], 64) for p, sz in nibbles], n * k // 2 + scales4),
+            "cpu_gemv int8, 8 per call": (
+                [lambda i=i: cpu_gemv.products(rows, [q for q, _ in int8[i : i + 8]], [s for _, s in int8[i : i + 8]]) for i in eights],
+                8 * (n * k + 2 * n),
+            ),
+            "cpu_gemv int4, 8 per call": (
+                [lambda i=i: cpu_gemv.products(rows, [p for p, _ in nibbles[i : i + 8]], [sz for _, sz in nibbles[i : i + 8]], 64) for i in eights],
+                8 * (n * k // 2 + scales4),
+            ),
+        }
+    return ours | {
         "bf16 F.linear": ([lambda w=w: F.linear(x, w) for w in bf16], 2 * n * k),
         "fp16 F.linear": ([lambda w=w: F.linear(xh, w) for w in fp16], 2 * n * k),
         "int8 _weight_int8pack_mm": ([lambda q=q, s=s: torch._weight_int8pack_mm(x, q, s) for q, s in int8], n * k + 2 * n),

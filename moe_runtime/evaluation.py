@@ -5,6 +5,11 @@ token ids [N] -> windows of the model's context -> logits of the offloaded model
 quantize, profile) -> mean negative log-likelihood -> perplexity; with a reference: the same
 windows through the model with every expert resident and unquantized -> KL(reference || model)
 per position, averaged, and the share of positions whose argmax agrees.
+
+`one_at_a_time` scores the same positions one token at a time through the KV cache, as
+generation runs them: every expert product then takes the decode path (on a CPU the decode
+kernel of kernels/cpu_gemv.py, whose activations are quantized to int8 for int8 / int4 experts),
+where a window's prefill takes the many-row path.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from .runtime.assembly import runtime_of
 from .pretrained import from_pretrained
@@ -36,7 +42,7 @@ class Evaluation:
 
 def evaluate_checkpoint(
     model_dir: str | os.PathLike, token_ids: list[int], *, budget=1.0, quantize: str | None = None, profile=None,
-    store_dir: str | os.PathLike | None = None, reference: bool = True, device: str | None = "cpu",
+    store_dir: str | os.PathLike | None = None, reference: bool = True, device: str | None = "cpu", one_at_a_time: bool = False,
 ) -> Evaluation:
     """Score `token_ids` with the checkpoint offloaded as asked (a quantized store goes to
     `store_dir`, or to a temporary folder removed afterwards); with `reference`, also against
@@ -45,8 +51,10 @@ def evaluate_checkpoint(
         raise ValueError(f"the text is {len(token_ids)} token(s) long; evaluation needs at least 2")
     with tempfile.TemporaryDirectory(prefix="moe-runtime-evaluate-") as scratch:
         store = store_dir if store_dir is not None or quantize is None else os.path.join(scratch, "store")
-        logits = _offloaded_logits(model_dir, token_ids, budget=budget, quantize=quantize, profile=profile, store_dir=store, device=device)
-    base = _offloaded_logits(model_dir, token_ids, budget=1.0, device=device) if reference else None
+        logits = _offloaded_logits(
+            model_dir, token_ids, one_at_a_time, budget=budget, quantize=quantize, profile=profile, store_dir=store, device=device,
+        )
+    base = _offloaded_logits(model_dir, token_ids, False, budget=1.0, device=device) if reference else None
     return score(logits, torch.tensor(token_ids[1:]), base)
 
 
@@ -62,8 +70,9 @@ def score(logits: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor |
     return Evaluation(len(targets), math.exp(nll), max(0.0, kl), agreement)
 
 
-def _offloaded_logits(model_dir, token_ids: list[int], *, device, **options) -> torch.Tensor:
-    """[N-1, V] next-token logits of positions 0..N-2, in windows of the model's context."""
+def _offloaded_logits(model_dir, token_ids: list[int], one_at_a_time: bool, *, device, **options) -> torch.Tensor:
+    """[N-1, V] next-token logits of positions 0..N-2, in windows of the model's context (each
+    window in one forward, or `one_at_a_time` through the KV cache)."""
     model = from_pretrained(model_dir, device=device, **options)
     try:
         window = min(len(token_ids), getattr(model.config, "max_position_embeddings", len(token_ids)) or len(token_ids))
@@ -71,7 +80,14 @@ def _offloaded_logits(model_dir, token_ids: list[int], *, device, **options) -> 
         with torch.no_grad():
             for start in range(0, len(token_ids) - 1, window):
                 ids = torch.tensor([token_ids[start : start + window]], device=model.device)
-                pieces.append(model(ids).logits[0].float().cpu())
+                pieces.append(_stepwise_logits(model, ids) if one_at_a_time else model(ids).logits[0].float().cpu())
         return torch.cat(pieces)[: len(token_ids) - 1]
     finally:
         runtime_of(model).close()  # not unwrap: it would read every expert back into RAM
+
+
+def _stepwise_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """[T, V]: the logits of ids [1, T], fed one token at a time through a fresh KV cache."""
+    cache = DynamicCache(config=model.config)
+    rows = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(ids.shape[1])]
+    return torch.stack(rows).float().cpu()

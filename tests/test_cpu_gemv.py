@@ -148,3 +148,23 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next(tmp_path):
     done = _run("from moe_runtime.kernels import cpu_gemv; print(cpu_gemv.available())", env, 240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True"]
+
+
+def test_scoring_one_token_at_a_time_takes_the_decode_path_and_keeps_quality():
+    """The trained embedded model on a held-out piece: scoring token by token through the KV
+    cache gives the window's perplexity, and int8 / int4 experts computed by the decode kernel
+    stay within the quantized-experts targets (+0.5% / +3%) of it."""
+    from transformers import AutoTokenizer
+
+    from moe_runtime.embedded import embedded_model_dir, heldout_pieces
+    from moe_runtime.evaluation import evaluate_checkpoint
+
+    model_dir = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    ids = tokenizer(heldout_pieces("manual")[0], add_special_tokens=False)["input_ids"][:128]
+    window = evaluate_checkpoint(model_dir, ids, reference=False).perplexity
+    stepwise = evaluate_checkpoint(model_dir, ids, reference=False, one_at_a_time=True).perplexity
+    assert abs(stepwise / window - 1) < 0.01
+    for quantize, limit in (("int8", 0.005), ("int4", 0.03)):
+        quantized = evaluate_checkpoint(model_dir, ids, reference=False, quantize=quantize, budget=0.5, one_at_a_time=True).perplexity
+        assert quantized / stepwise - 1 < limit, f"{quantize}: perplexity {quantized:.3f} against {stepwise:.3f}"

@@ -1,4 +1,4 @@
-"""`moe-runtime evaluate MODEL_DIR --text FILE [--budget X] [--quantize F] [--profile P]`:
+"""`moe-runtime evaluate MODEL_DIR --text FILE [--budget X] [--quantize F] [--profile P] [--one-at-a-time]`:
 perplexity of an offloaded model on a text, and its distance from the unquantized model."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def add_parsers(subparsers) -> None:
     evaluate.add_argument("--store-dir", help="where the quantized store is written (default: a temporary folder)")
     evaluate.add_argument("--no-reference", action="store_true", help="skip the comparison with the unquantized, unpruned model")
     evaluate.add_argument("--device", default="cpu", help="cuda or cpu")
+    evaluate.add_argument("--one-at-a-time", action="store_true", help="score token by token through the KV cache, as generation runs (the decode kernels)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=run_evaluate)
 
@@ -39,9 +40,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
     result = evaluate_checkpoint(
         model_dir, token_ids, budget=args.budget, quantize=args.quantize, profile=args.profile, store_dir=args.store_dir,
-        reference=not args.no_reference, device=args.device,
+        reference=not args.no_reference, device=args.device, one_at_a_time=args.one_at_a_time,
     )
-    figures = {"model_dir": model_dir, "text": args.text, "budget": args.budget, "quantize": args.quantize or "none", "profile": args.profile, **result.as_dict()}
+    figures = {
+        "model_dir": model_dir, "text": args.text, "budget": args.budget, "quantize": args.quantize or "none", "profile": args.profile,
+        "one_at_a_time": args.one_at_a_time, **result.as_dict(),
+    }
     if args.json:
         print_json(figures)
     else:
