@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +54,8 @@ def _build():
     with open(folder.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         (folder / "lock").unlink(missing_ok=True)  # torch's, left by a killed build: no one else holds ours
+        if not (folder / "moe_runtime_cpu_gemv.so").exists():
+            print(f"compiling moe-runtime's CPU decode kernel for this machine, once (about 25 s) into {folder}", file=sys.stderr, flush=True)
         return load(
             name="moe_runtime_cpu_gemv",
             sources=[str(SOURCE)],

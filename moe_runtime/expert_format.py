@@ -32,7 +32,7 @@ from .kernels import cpu_gemv
 SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 QUANTIZED = QUANTIZE[1:]  # the formats a command-line flag offers
-CPU_KERNEL_ROWS = 64  # up to this many rows a CPU product goes to kernels/cpu_gemv.py (it re-reads each weight row from L1 per row; past about 96, dequantizing for one GEMM wins for int4)
+CPU_KERNEL_ROWS = 64  # int8 products of up to this many rows go to kernels/cpu_gemv.py on a CPU, more to torch's int8 GEMM
 
 
 @dataclass(frozen=True)
@@ -225,13 +225,15 @@ def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.T
 def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool) -> torch.Tensor:
     """x [M, K] times parameter `name` of one expert: [M, N], whatever its format.
 
-    On the CPU, a few rows (decode) times int8 or plain-nibble int4 go to kernels/cpu_gemv.py;
-    more rows, or where it is not built, torch's weight-only kernels (int8: x in bf16; int4: the
-    CPU tile order) read the packed bytes without expanding them; elsewhere, and for
-    plain-nibble int4 without either, the matrix is dequantized for the one product.
+    On the CPU, plain-nibble int4 and a few rows (decode) of int8 go to kernels/cpu_gemv.py;
+    more int8 rows, or where it is not built, torch's weight-only kernels (int8: x in bf16;
+    int4: the CPU tile order) read the packed bytes without expanding them; elsewhere (and for
+    plain-nibble int4 without the kernel) the matrix is dequantized for the one product.
     """
-    if x.device.type == "cpu" and x.shape[0] <= CPU_KERNEL_ROWS and (operands := cpu_kernel_operands(tensors, name)):
-        return cpu_gemv.products(x[None], *operands)[0].to(x.dtype)
+    if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name)):
+        int4 = operands[2] > 0  # plain nibbles: the alternative is dequantizing the whole matrix, 3-5x slower even at 512 rows
+        if int4 or x.shape[0] <= CPU_KERNEL_ROWS:
+            return cpu_gemv.products(x[None], *operands)[0].to(x.dtype)
     if name in tensors:
         return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
     if f"{name}.int8" in tensors and x.device.type == "cpu":

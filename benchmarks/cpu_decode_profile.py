@@ -1,0 +1,109 @@
+"""Where a CPU decode step's time goes: the decode kernel's calls (kernels/cpu_gemv.py) by what
+they multiply, and everything else (attention, norms, routing, the runtime's and transformers'
+Python), for the peer benchmark's checkpoint wrapped with int8 or int4 throughout.
+
+    python benchmarks/cpu_decode_profile.py [--shape live-decode|olmoe-1b-7b] [--quantize int8] [--tokens 32] [--json OUT]
+
+The checkpoint (peer_llamacpp.py's, built once) is wrapped at budget 1.0 with `quantize` and
+`quantize_rest`; a 16-token prompt is prefilled, then `tokens` greedy steps run one at a time
+through the KV cache, each timed, and every kernel call inside them timed too. GB/s counts the
+bytes of the matrices a call reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peer_llamacpp import PROMPT, SHAPES, THREADS, checkpoint_of  # noqa: E402
+
+from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.kernels import cpu_gemv  # noqa: E402
+
+
+class KernelClock:
+    """Wraps cpu_gemv.products: time and bytes per (matrices per call, [N, K] stored) while on."""
+
+    def __init__(self):
+        self.on = False
+        self.calls: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])  # calls, seconds, bytes
+        self._products = cpu_gemv.products
+
+    def __enter__(self):
+        cpu_gemv.products = self._timed
+        return self
+
+    def __exit__(self, *_):
+        cpu_gemv.products = self._products
+
+    def _timed(self, x, matrices, scales=None, group=0):
+        started = time.perf_counter()
+        out = self._products(x, matrices, scales, group)
+        if self.on:
+            entry = self.calls[(len(matrices), tuple(matrices[0].shape))]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - started
+            entry[2] += sum(t.numel() * t.element_size() for t in [*matrices, *(scales or [])])
+        return out
+
+
+def profile(shape: str, quantize: str, tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    import moe_runtime
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_of(SHAPES[shape]), dtype=torch.bfloat16).eval()
+    moe_runtime.wrap(model, budget=1.0, device="cpu", quantize=quantize, quantize_rest=quantize)
+    ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    steps = []
+    with KernelClock() as clock, torch.no_grad():
+        for timed in (False, True):  # a warm-up pass, then the measured one
+            cache = DynamicCache(config=model.config)
+            next_id = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            clock.on = timed
+            for _ in range(tokens):
+                started = time.perf_counter()
+                next_id = model(input_ids=next_id, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                if timed:
+                    steps.append(time.perf_counter() - started)
+    step_ms = 1e3 * sum(steps) / len(steps)
+    rows = [
+        {"matrices_per_call": m, "stored_shape": list(s), "calls_per_step": c / len(steps), "ms_per_step": 1e3 * t / len(steps), "gbps": b / t / 1e9}
+        for (m, s), (c, t, b) in sorted(clock.calls.items())
+    ]
+    kernel_ms = sum(row["ms_per_step"] for row in rows)
+    return {"shape": shape, "quantize": quantize, "tokens": tokens, "step_ms": step_ms, "kernel_ms": kernel_ms, "other_ms": step_ms - kernel_ms, "kernels": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="live-decode")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default="int8")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args()
+    if args.json:
+        check_writable(args.json, "output")
+    if not cpu_gemv.available():
+        raise SystemExit("the CPU decode kernel is not built here (no C++ compiler?): nothing to profile")
+    report = profile(args.shape, args.quantize, args.tokens)
+    print(f"{args.shape}, {args.quantize} throughout, {args.tokens} decode steps: {report['step_ms']:.2f} ms per step")
+    print(f"{'matrices/call':>13}  {'stored [N, K]':<16}{'calls/step':>11}{'ms/step':>9}{'GB/s':>7}")
+    for row in report["kernels"]:
+        print(f"{row['matrices_per_call']:>13}  {str(row['stored_shape']):<16}{row['calls_per_step']:>11.1f}{row['ms_per_step']:>9.2f}{row['gbps']:>7.1f}")
+    print(f"{'kernel calls':<29}{'':>11}{report['kernel_ms']:>9.2f}")
+    print(f"{'everything else':<29}{'':>11}{report['other_ms']:>9.2f}")
+    if args.json:
+        write_text_atomically(args.json, json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
