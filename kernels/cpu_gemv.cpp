@@ -184,9 +184,9 @@ void int4_block_scales(const uint16_t* sz, int64_t N, int64_t first, int64_t cou
   __m512 total = _mm512_setzero_ps();
   for (int64_t g = 0; g < K / G; ++g) {
     const uint16_t* line = sz + (g * N + first) * 2;
-    // Each group's scales are a stream of their own (N * 4 bytes apart, so never in one page):
-    // more streams than the hardware prefetcher follows. The item two ahead reads the line
-    // after the next one of every group; without this int4 streams half of int8's GB/s.
+    // Each group's scales are a stream of their own (N * 4 bytes apart): more streams than the
+    // hardware prefetcher follows. The item two ahead reads the line after the next one of
+    // every group; without this int4 streamed half of int8's GB/s in a decode step.
     _mm_prefetch(reinterpret_cast<const char*>(line + 2 * BLOCK_ROWS * 2), _MM_HINT_T0);
     __m512i pairs = _mm512_maskz_loadu_epi32(rows, line);  // lane i: s | z << 16 of row first + i
     __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), z = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
