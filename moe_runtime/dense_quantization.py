@@ -29,10 +29,19 @@ class QuantizedLinear(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name.replace(".", "_"), tensor)
         self.bias = original.bias
+        self._tensors = None
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name.replace(".", "_")) for name in self.names}
+        """{"weight.int8": ..., ...}: the buffers, gathered once (this runs per decode step and
+        layer) and again after `to()` or any other _apply replaces them."""
+        if self._tensors is None:
+            self._tensors = {name: getattr(self, name.replace(".", "_")) for name in self.names}
+        return self._tensors
+
+    def _apply(self, fn, recurse=True):
+        self._tensors = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

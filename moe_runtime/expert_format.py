@@ -250,29 +250,34 @@ def cpu_kernel_operands(tensors: ExpertTensors, name: str) -> tuple[list, list, 
     """([matrix], [scales], group): parameter `name` as kernels/cpu_gemv.py reads it, or None
     where it is not used: full precision (torch's kernels keep a wrapped model's outputs equal
     to the unwrapped model's), torch's int4 tile order, or the kernel not built here."""
-    if f"{name}.int8" in tensors:
-        operands = [tensors[f"{name}.int8"]], [tensors[f"{name}.scale"]], 0
-    elif f"{name}.int4" in tensors:
-        packed, scales_zeros = tensors[f"{name}.int4"], tensors[f"{name}.scales_zeros"]
-        operands = [packed], [scales_zeros], 2 * packed.shape[1] // scales_zeros.shape[0]
+    int8, scale, int4, scales_zeros = _quantized_names(name)
+    if int8 in tensors:
+        operands = [tensors[int8]], [tensors[scale]], 0
+    elif int4 in tensors:
+        packed, zeros = tensors[int4], tensors[scales_zeros]
+        operands = [packed], [zeros], 2 * packed.shape[1] // zeros.shape[0]
     else:
         return None
     return operands if cpu_gemv.available() else None
 
 
+@lru_cache(maxsize=None)
+def _quantized_names(name: str) -> tuple[str, str, str, str]:
+    """A parameter's quantized tensor names, made once (this is asked per GEMM at decode)."""
+    return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros"
+
+
 def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str) -> torch.Tensor | None:
-    """[M, R, N] fp32: x [1 or M, R, K] times parameter `name` of each of M experts, in one call
-    of kernels/cpu_gemv.py (a decode step's experts on the CPU); None where it does not apply
-    (see cpu_kernel_operands), and the caller computes expert by expert."""
-    matrices, scales, group = [], [], 0
-    for tensors in experts:
-        operands = cpu_kernel_operands(tensors, name)
-        if operands is None:
-            return None
-        matrices += operands[0]
-        scales += operands[1]
-        group = operands[2]
-    return cpu_gemv.products(x, matrices, scales, group)
+    """[M, R, N] fp32: x [1 or M, R, K] times parameter `name` of each of M experts (one format,
+    as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's experts on
+    the CPU); None where it does not apply (see cpu_kernel_operands), and the caller computes
+    expert by expert."""
+    operands = cpu_kernel_operands(experts[0], name)
+    if operands is None:
+        return None
+    int8, scale, int4, scales_zeros = _quantized_names(name)
+    values, scales = (int4, scales_zeros) if operands[2] else (int8, scale)  # the group is 0 for int8
+    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts], operands[2])
 
 
 def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:
