@@ -9,11 +9,12 @@ kernels: one decode row (x [1, K]) times each expert matrix of a bank too large 
 torch._weight_int8pack_mm (bf16 and fp32 activations), torch._weight_int4pack_mm_for_cpu
 (bf16 and fp16 scales), a whole-matrix dequantize then F.linear, and our CPU decode kernel
 (kernels/cpu_gemv.py: bf16, int8, int4; int8 and int4 also 8 matrices per call, as a decode
-step's experts go; "us" is then per call of 8); GB/s counts the bytes
-the candidate reads, beside the memory-read bandwidth measured in the same run. quality: every tiny family (hidden and expert widths 128, so every int4
-group applies; random weights) saved as a checkpoint and scored with evaluate_checkpoint on 512
-tokens of README.md (the tiny models' byte-level tokenizer; the trained model's figures: benchmarks/embedded_quality.py): perplexity, KL to the unquantized model
-and top-1 agreement.
+step's experts go; "us" is then per call of 8); GB/s counts the bytes the candidate reads,
+beside the memory-read bandwidth measured in the same run. quality: every tiny family (hidden and
+expert widths 128, so every int4 group applies; random weights) saved as a checkpoint and scored
+with evaluate_checkpoint on 512 tokens of README.md (the tiny models' byte-level tokenizer; the
+trained model's figures: benchmarks/embedded_quality.py): perplexity, KL to the unquantized
+model and top-1 agreement.
 """
 
 from __future__ import annotations

@@ -290,7 +290,11 @@ Matrices describe(const std::vector<torch::Tensor>& weights, const std::vector<t
   mats.row_bytes = int4 ? K / 2 : K * static_cast<int64_t>(weights[0].element_size());
   const bool quantized = mats.fmt == INT8 || mats.fmt == INT4;
   TORCH_CHECK(!int4 || (K % group == 0 && group % 2 == 0), "cpu_gemv: int4 needs an even group dividing K (", K, "), got ", group);
+#ifdef MOE_AVX512
   mats.integer_path = quantized && K % QBLOCK == 0 && (!int4 || group % QBLOCK == 0);
+#else
+  mats.integer_path = false;  // the portable loop multiplies fp32 x: an int8 copy of it would go unread
+#endif
   for (size_t m = 0; m < weights.size(); ++m) {
     const auto& w = weights[m];
     TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == mats.N && w.size(1) * w.element_size() == mats.row_bytes &&

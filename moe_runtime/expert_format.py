@@ -230,12 +230,12 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
     int4: the CPU tile order) read the packed bytes without expanding them; elsewhere (and for
     plain-nibble int4 without the kernel) the matrix is dequantized for the one product.
     """
+    if name in tensors:
+        return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
     if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name)):
         int4 = operands[2] > 0  # plain nibbles: the alternative is dequantizing the whole matrix, 3-5x slower even at 512 rows
         if int4 or x.shape[0] <= CPU_KERNEL_ROWS:
             return cpu_gemv.products(x[None], *operands)[0].to(x.dtype)
-    if name in tensors:
-        return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
     if f"{name}.int8" in tensors and x.device.type == "cpu":
         return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), tensors[f"{name}.int8"], tensors[f"{name}.scale"]).to(x.dtype)
     packed = tensors.get(f"{name}.int4_cpu")

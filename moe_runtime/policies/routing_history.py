@@ -24,10 +24,10 @@ FIT_NS_PER_CELL = 60.0  # ... at what a refit costs per (token, key) of history 
 
 class RoutingHistory:
     """A ring of the last decode tokens' experts [L, K]: HISTORY_TOKENS of them, fewer on models
-with more than HISTORY_KEYS / HISTORY_TOKENS experts in all (a refit at DeepSeek-V2-Lite's 26 x 64
-peaks at about 215 MB; 2048 tokens at 48 x 128 would take 700 MB and 2.6 s on a 2-core VM). Only
-tokens whose every layer step used exactly K experts are kept (a prefill step's union of experts
-is not one token's routing)."""
+    with more than HISTORY_KEYS / HISTORY_TOKENS experts in all (a refit at DeepSeek-V2-Lite's
+    26 x 64 peaks at about 215 MB; 2048 tokens at 48 x 128 would take 700 MB and 2.6 s on a
+    2-core VM). Only tokens whose every layer step used exactly K experts are kept (a prefill
+    step's union of experts is not one token's routing)."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
