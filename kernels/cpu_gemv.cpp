@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -312,12 +313,31 @@ Matrices describe(const std::vector<torch::Tensor>& weights, const std::vector<t
 
 }  // namespace
 
-// x [A, R, K] fp32 (A = 1: the same rows for every matrix, A = M: rows of their own);
-// weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
-// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise). Returns [M, R, N] fp32.
-torch::Tensor gemv_many(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "cpu_gemv: x must be a contiguous CPU [A, R, K] fp32 tensor");
+// out[0, r, n] = sum_m combine[m] out[m, r, n] in fp32: a decode step's weighted sum of its
+// experts, rounded once (out: [M, R, N] fp32 -> [1, R, N]).
+torch::Tensor combined(const torch::Tensor& out, const torch::Tensor& combine) {
+  const int64_t M = out.size(0), cells = out.size(1) * out.size(2);
+  TORCH_CHECK(combine.dim() == 1 && combine.size(0) == M, "cpu_gemv: combine needs one weight per matrix (", M, "), got ", combine.sizes());
+  const torch::Tensor weights = combine.to(torch::kFloat).contiguous();
+  const float* w = weights.data_ptr<float>();
+  const float* ys = out.data_ptr<float>();
+  auto sum = torch::zeros({1, out.size(1), out.size(2)}, out.options());
+  float* acc = sum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < cells; ++i) acc[i] += w[m] * ys[m * cells + i];
+  return sum;
+}
+
+// x [A, R, K] fp32, bf16 or fp16 (A = 1: the same rows for every matrix, A = M: rows of their
+// own); weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
+// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise); combine: none, or
+// [M] weights to sum the products with. Returns [M, R, N] (combine: [1, R, N]) in x's dtype,
+// accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
+// per call; each costs more than a small product's arithmetic.)
+torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group,
+                        std::optional<torch::Tensor> combine) {
+  TORCH_CHECK(given.dim() == 3 && given.is_floating_point() && given.device().is_cpu(), "cpu_gemv: x must be a CPU [A, R, K] float tensor");
+  const torch::Tensor x = given.to(torch::kFloat).contiguous();
   const int64_t M = static_cast<int64_t>(weights.size());
   TORCH_CHECK(M > 0, "cpu_gemv: no matrices");
   const int64_t A = x.size(0), R = x.size(1), K = x.size(2);
@@ -366,7 +386,7 @@ torch::Tensor gemv_many(torch::Tensor x, std::vector<torch::Tensor> weights, std
       }
     }
   });
-  return out;
+  return (combine ? combined(out, *combine) : out).to(given.scalar_type());
 }
 
 bool uses_avx512() {
@@ -378,6 +398,7 @@ bool uses_avx512() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)");
+  m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)", py::arg("x"), py::arg("weights"),
+        py::arg("scales"), py::arg("group"), py::arg("combine") = py::none());
   m.def("uses_avx512", &uses_avx512, "whether this build computes with AVX-512 (and VNNI)");
 }

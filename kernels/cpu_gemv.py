@@ -1,7 +1,7 @@
 """Decode-time products on the CPU: a few input rows times many weight matrices in one call
 (cpu_gemv.cpp, compiled on first use with the machine's own instruction set).
 
-    products(x [A, R, K], matrices: M x [N, K]) -> [M, R, N] fp32,  A = 1 or M
+    products(x [A, R, K], matrices: M x [N, K]) -> [M, R, N],  A = 1 or M
 
 A MoE decode step is K small GEMVs per layer; torch's weight-only kernels pay a call each and
 stream 15-28 GB/s of weights on the 2-core EPYC of BENCHMARKS.md, where memory gives 50-78.
@@ -87,9 +87,13 @@ def available() -> bool:
     return extension() is not None
 
 
-def products(x: torch.Tensor, matrices: list[torch.Tensor], scales: list[torch.Tensor] | None = None, group: int = 0) -> torch.Tensor:
-    """[M, R, N] fp32: x[a] @ matrices[m]^T, a = 0 when x is [1, R, K] (shared rows), m when it is [M, R, K].
+def products(
+    x: torch.Tensor, matrices: list[torch.Tensor], scales: list[torch.Tensor] | None = None, group: int = 0, combine: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, R, N] in x's dtype: x[a] @ matrices[m]^T, a = 0 when x is [1, R, K] (shared rows), m
+    when it is [M, R, K]; accumulated in fp32 whatever x's dtype (fp32, bf16, fp16).
 
     scales: int8's [N] or int4's [K/G, N, 2] per matrix (bf16); group: int4's G, 0 for the
-    other formats. The module must be available()."""
-    return extension().gemv_many(x.float().contiguous(), matrices, scales or [], group)
+    other formats; combine: [M] weights, and the result is their weighted sum [1, R, N] (a
+    decode step's experts, summed in fp32). The module must be available()."""
+    return extension().gemv_many(x, matrices, scales or [], group, combine)

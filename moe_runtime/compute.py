@@ -157,10 +157,11 @@ def experts_in_place(
         if not rows:
             return torch.zeros_like(hidden)
         x = hidden.to(dtype)
-        outputs = experts_in_one_call(x, [tensors for _, tensors in rows], layout, apply_gate)
-        if outputs is None:
-            outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
         scale = flat_weights[[row for row, _ in rows]] if len(rows) < top_k else flat_weights
+        summed = experts_in_one_call(x, [tensors for _, tensors in rows], layout, apply_gate, scale)
+        if summed is not None:
+            return summed.to(hidden.dtype)
+        outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
         return (outputs * scale[:, None]).to(hidden.dtype).sum(dim=0, keepdim=True)
     contributions = hidden.new_zeros(num_tokens * top_k, hidden.shape[1])  # summed over K at the end: deterministic
     flat = top_k_index.reshape(-1)
@@ -179,19 +180,19 @@ def compute_dtype(tensors: ExpertTensors, activations: torch.dtype) -> torch.dty
     return held.dtype if held is not None else activations
 
 
-def experts_in_one_call(x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate) -> torch.Tensor | None:
-    """[K', H]: one decode row x [1, H] through each of K' experts, each GEMM of all of them in
-    one call of the CPU decode kernel (int8 / int4 experts in host RAM); None where that kernel
-    does not read these experts (expert_format.linear_many), and the caller goes expert by expert."""
-    h = linear_many(x[None].float(), experts, "gate_up_proj")  # [K', 1, 2I] fp32
+def experts_in_one_call(x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate, scale: torch.Tensor) -> torch.Tensor | None:
+    """[1, H]: one decode row x [1, H] through each of K' experts, weighted by `scale` [K'] and
+    summed (in fp32 in the kernel), each GEMM of all of them in one call of the CPU decode
+    kernel (int8 / int4 experts in host RAM); None where that kernel does not read these
+    experts (expert_format.linear_many), and the caller goes expert by expert."""
+    h = linear_many(x[None], experts, "gate_up_proj")  # [K', 1, 2I]
     if h is None:
         return None
     if layout.has_bias:
         h = h + torch.stack([tensors["gate_up_proj_bias"] for tensors in experts])[:, None]
-    y = linear_many(apply_gate(h.to(x.dtype)).float(), experts, "down_proj")  # [K', 1, H]
-    if layout.has_bias:
-        y = y + torch.stack([tensors["down_proj_bias"] for tensors in experts])[:, None]
-    return y[:, 0].to(x.dtype)
+        y = linear_many(apply_gate(h), experts, "down_proj") + torch.stack([tensors["down_proj_bias"] for tensors in experts])[:, None]
+        return (y[:, 0].float() * scale[:, None].float()).sum(dim=0, keepdim=True).to(x.dtype)
+    return linear_many(apply_gate(h), experts, "down_proj", combine=scale)[0]  # [1, H]
 
 
 def one_expert(x: torch.Tensor, tensors: ExpertTensors, layout: ExpertLayout, apply_gate) -> torch.Tensor:

@@ -77,7 +77,7 @@ def _offloaded_logits(model_dir, token_ids: list[int], one_at_a_time: bool, *, d
     try:
         window = min(len(token_ids), getattr(model.config, "max_position_embeddings", len(token_ids)) or len(token_ids))
         pieces = []
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, len(token_ids) - 1, window):
                 ids = torch.tensor([token_ids[start : start + window]], device=model.device)
                 pieces.append(_stepwise_logits(model, ids) if one_at_a_time else model(ids).logits[0].float().cpu())

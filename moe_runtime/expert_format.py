@@ -235,7 +235,7 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
     if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name)):
         int4 = operands[2] > 0  # plain nibbles: the alternative is dequantizing the whole matrix, 3-5x slower even at 512 rows
         if int4 or x.shape[0] <= CPU_KERNEL_ROWS:
-            return cpu_gemv.products(x[None], *operands)[0].to(x.dtype)
+            return cpu_gemv.products(x[None], *operands)[0]
     if f"{name}.int8" in tensors and x.device.type == "cpu":
         return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), tensors[f"{name}.int8"], tensors[f"{name}.scale"]).to(x.dtype)
     packed = tensors.get(f"{name}.int4_cpu")
@@ -267,17 +267,17 @@ def _quantized_names(name: str) -> tuple[str, str, str, str]:
     return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros"
 
 
-def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str) -> torch.Tensor | None:
-    """[M, R, N] fp32: x [1 or M, R, K] times parameter `name` of each of M experts (one format,
-    as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's experts on
-    the CPU); None where it does not apply (see cpu_kernel_operands), and the caller computes
-    expert by expert."""
+def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str, combine: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[M, R, N] in x's dtype: x [1 or M, R, K] times parameter `name` of each of M experts (one
+    format, as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's
+    experts on the CPU); with `combine` [M], their weighted sum [1, R, N]. None where it does
+    not apply (see cpu_kernel_operands), and the caller computes expert by expert."""
     operands = cpu_kernel_operands(experts[0], name)
     if operands is None:
         return None
     int8, scale, int4, scales_zeros = _quantized_names(name)
     values, scales = (int4, scales_zeros) if operands[2] else (int8, scale)  # the group is 0 for int8
-    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts], operands[2])
+    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts], operands[2], combine)
 
 
 def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:

@@ -93,15 +93,38 @@ def test_mismatched_matrices_and_rows_are_refused():
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", ("bfloat16", "int8", "int4-g64"))
+def test_rows_in_the_models_dtype_and_a_weighted_sum_of_the_products(fmt):
+    """bf16 rows give bf16 products (those of the same rows in fp32, rounded once); `combine`
+    sums the products weighted, in fp32; a weight per matrix is required."""
+    torch.manual_seed(3)
+    encoded = [_encode(fmt, torch.randn(48, 256)) for _ in range(4)]
+    matrices, group = [e[0] for e in encoded], encoded[0][2]
+    scales = [e[1] for e in encoded] if encoded[0][1] is not None else None
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    apart = cpu_gemv.products(x.float(), matrices, scales, group)
+    got = cpu_gemv.products(x, matrices, scales, group)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, apart.to(torch.bfloat16))
+    weights = torch.rand(4)
+    summed = cpu_gemv.products(x.float(), matrices, scales, group, combine=weights)
+    assert summed.shape == (1, 1, 48)
+    torch.testing.assert_close(summed, (apart * weights[:, None, None]).sum(0, keepdim=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="combine needs one weight per matrix"):
+        cpu_gemv.products(x, matrices, scales, group, combine=torch.rand(3))
+
+
+@needs_kernel
 @pytest.mark.parametrize("quantize", ("int8", "int4"))
-def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize):
+@pytest.mark.parametrize("has_bias", (False, True))
+def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize, has_bias):
     hidden, inner = 128, 64
-    layout = ExpertLayout(is_transposed=False, is_concatenated=True, has_bias=False, has_gate=True)
+    layout = ExpertLayout(is_transposed=False, is_concatenated=True, has_bias=has_bias, has_gate=True)
     fmt = expert_format(quantize, on_cpu=True)
     assert not fmt.cpu_packing  # plain nibbles: the kernel reads them
     torch.manual_seed(0)
+    biases = {"gate_up_proj_bias": torch.randn(2 * inner) / 8, "down_proj_bias": torch.randn(hidden) / 8} if has_bias else {}
     experts = [
-        fmt.encode({"gate_up_proj": torch.randn(2 * inner, hidden) / 8, "down_proj": torch.randn(hidden, inner) / 8}, False)
+        fmt.encode({"gate_up_proj": torch.randn(2 * inner, hidden) / 8, "down_proj": torch.randn(hidden, inner) / 8, **biases}, False)
         for _ in range(4)
     ]
 
@@ -110,9 +133,10 @@ def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize):
         return torch.nn.functional.silu(g) * u
 
     x = torch.randn(1, hidden)
-    together = experts_in_one_call(x, experts, layout, gate)
-    apart = torch.cat([one_expert(x, tensors, layout, gate) for tensors in experts])
-    assert together.shape == (4, hidden)
+    weights = torch.rand(4)
+    together = experts_in_one_call(x, experts, layout, gate, weights)
+    apart = (torch.cat([one_expert(x, tensors, layout, gate) for tensors in experts]) * weights[:, None]).sum(0, keepdim=True)
+    assert together.shape == (1, hidden)
     torch.testing.assert_close(together, apart, atol=0.03 * apart.abs().max().item(), rtol=0)
     assert linear_many(x[None], experts, "gate_up_proj").shape == (4, 1, 2 * inner)
 

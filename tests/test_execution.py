@@ -92,3 +92,19 @@ def test_in_place_from_disk_reads_each_miss_into_the_buffer_it_is_computed_from(
     assert runtime.source.disk_reads == moe_runtime.stats(model)["loads"] > 0  # one read per load, no copy after it
     assert len(runtime.source) == 0  # host_budget=0: the slots own the only copies in RAM
     moe_runtime.unwrap(model)
+
+
+@pytest.mark.parametrize("options", [{"execution": "device"}, {"execution": "host"}, {"execution": "hybrid"}, {"quantize": "int8", "quantize_rest": "int8"}])
+def test_a_wrapped_model_runs_in_inference_mode_and_out_of_it_alike(options):
+    """Tensors a runtime makes while under torch.inference_mode (time_generation's) may not be
+    updated in place outside it: each engine generates in, out of, and again in that mode."""
+    model = moe_runtime.wrap(tiny_model("qwen3_moe"), budget=0.25, device="cpu", **options)
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        first = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), first)
+    model(ids)  # and with autograd recording
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), first)
+    moe_runtime.runtime_of(model).cache.check_invariants()
+    moe_runtime.unwrap(model)
