@@ -113,6 +113,9 @@ class MoEAdapter:
     # and cast the weights to the logits' dtype.
     always_renormalise: ClassVar[bool | None] = None
     cast_weights: ClassVar[bool] = True
+    # Where the family's attention puts its q/k norms, for the CPU decode path of
+    # decode_attention.py ("projection", "head", "none"); None: transformers' forward always.
+    decode_attention: ClassVar[str | None] = None
 
     def select(self, router: nn.Module, logits: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's choice (top_k_weights [T, K], top_k_index [T, K]) from its logits [T, E],

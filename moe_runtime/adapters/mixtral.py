@@ -14,3 +14,4 @@ class MixtralAdapter(MoEAdapter):
     checkpoint_renames = ((".mlp.", ".block_sparse_moe."),)
     always_renormalise = True
     cast_weights = False
+    decode_attention = "none"

@@ -5,3 +5,4 @@ from .base import MoEAdapter
 
 class OlmoeAdapter(MoEAdapter):
     model_type = "olmoe"
+    decode_attention = "projection"

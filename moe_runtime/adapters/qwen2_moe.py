@@ -9,3 +9,4 @@ from .base import MoEAdapter
 class Qwen2MoeAdapter(MoEAdapter):
     model_type = "qwen2_moe"
     shared_attrs = ("shared_expert", "shared_expert_gate")
+    decode_attention = "none"

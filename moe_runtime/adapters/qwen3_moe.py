@@ -5,3 +5,4 @@ from .base import MoEAdapter
 
 class Qwen3MoeAdapter(MoEAdapter):
     model_type = "qwen3_moe"
+    decode_attention = "head"

@@ -29,6 +29,7 @@ from ..expert_format import ExpertFormat
 from .slot_cache import SlotCache
 from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from ..config import OffloadConfig
+from ..decode_attention import install_decode_attention
 from ..execution import HOST, HYBRID, measure_costs, resolve_execution
 from .host_slots import HostSlots
 from .expert_loader import Loader
@@ -114,6 +115,7 @@ class Runtime:
         )
         self.forecaster = forecaster
         self.dense = dense
+        self.decode_attention = []  # DecodeAttention per attention module, installed on a CPU
         self.low_bit = low_bit
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
@@ -300,6 +302,9 @@ class Runtime:
         if self.dense is not None:
             self.stats.info["dense_quantized_linears"] = self.dense.apply()
         model.to(self.device)
+        if self.device.type == "cpu":  # after quantize_rest: its projections are the ones computed together
+            self.decode_attention = install_decode_attention(model, self.adapter.decode_attention)
+        self.stats.info["decode_attention_layers"] = len(self.decode_attention)
         wrapped_model.install(model, self)
         if self.mask is not None:
             self.mask.attach()
@@ -323,6 +328,9 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
+        for attention in self.decode_attention:
+            attention.remove()
+        self.decode_attention = []
         if self.dense is not None:
             self.dense.undo()
         wrapped_model.remove(model)

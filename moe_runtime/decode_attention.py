@@ -1,0 +1,148 @@
+"""A CPU decode step's attention, without the per-call machinery around it.
+
+hidden [B, 1, H] -> q, k, v projections (one kernel call where they share a shape and a
+quantized format) -> the family's q/k norms -> rotary -> KV cache -> SDPA -> o_proj
+
+At decode on a CPU, transformers' attention spends more time in Python than in arithmetic:
+on the peer benchmark's small shape (int8 throughout, 2-core EPYC of BENCHMARKS.md) the
+attention of a layer took about 320 us, of which the four projections' kernel calls took
+about 110. Most of the rest is the forward's wrappers (the deprecated-argument decorator, the
+attention-interface lookup, sdpa_attention_forward's branches) and three projection modules
+where one kernel call serves (each of them a call into the kernel, with the call's fixed cost).
+
+For the llama-shaped attention of OLMoE, Qwen2-MoE, Qwen3-MoE and Mixtral (the adapter's
+`decode_attention`), a one-token query with no mask through SDPA runs here: the same modules
+and the same ops in the same order as transformers' forward, so the outputs are bit-identical
+(tested per family, full precision and quantize_rest); projections computed together are too,
+since the kernel computes each matrix's rows as it would alone. Anything else (a prefill, a
+mask: padding, a static cache, a sliding window in force; eager attention; another device)
+goes to transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dense_quantization import QuantizedLinear
+from .expert_format import CPU_KERNEL_ROWS, cpu_kernel_operands
+from .kernels import cpu_gemv
+
+NORMS = ("projection", "head", "none")  # where a family's q/k norms sit: on the whole projection, per head, nowhere
+
+
+class DecodeAttention:
+    """Installed on one attention module (its instance `forward`); `remove` puts transformers' back."""
+
+    def __init__(self, attention: nn.Module, norms: str):
+        assert norms in NORMS, f"norms must be one of {NORMS}, got {norms!r}"
+        self.attention = attention
+        self.norms = norms
+        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb  # the family's own
+        self.clip = getattr(attention.config, "clip_qkv", None)
+        self.gqa = {"enable_gqa": True} if getattr(attention, "num_key_value_groups", 1) > 1 else {}
+        self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.steps = 0  # one-token steps served here (the rest went to transformers' forward)
+
+    def install(self) -> None:
+        self.attention.forward = self.forward
+
+    def remove(self) -> None:
+        del self.attention.forward  # the instance attribute: the class's forward again
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        if not self._applies(hidden_states, position_embeddings, attention_mask, cache, kwargs):
+            original = type(self.attention).forward
+            return original(self.attention, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
+        self.steps += 1
+        return self._decode(hidden_states, position_embeddings, cache, kwargs), None
+
+    def _applies(self, hidden_states, position_embeddings, attention_mask, cache, kwargs) -> bool:
+        attention = self.attention
+        return (
+            hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and hidden_states.device.type == "cpu"
+            and attention_mask is None and cache is not None and position_embeddings is not None
+            and not attention.training and not kwargs.get("output_attentions")
+            and attention.config._attn_implementation == "sdpa" and attention.head_dim <= 256  # sdpa_attention_forward's enable_gqa
+        )
+
+    def _decode(self, hidden_states: torch.Tensor, position_embeddings, cache, kwargs) -> torch.Tensor:
+        """[B, 1, H]: the ops of the family's forward for a one-token query without a mask."""
+        attention = self.attention
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, attention.head_dim)
+        query, key, value = self._project(hidden_states)
+        if self.norms == "projection":
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        if self.clip is not None:
+            for states in (query, key, value):
+                states.clamp_(min=-self.clip, max=self.clip)
+        query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+        if self.norms == "head":
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self.rotate(query, key, cos, sin)
+        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=attention.scaling, is_causal=False, **self.gqa)
+        out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
+        return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
+
+    def _project(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """[q, k, v], each [B, 1, N]: a group of quantized projections of one shape in one kernel
+        call (QuantizedLinear's ops for each, bias included), any other through its module."""
+        outputs = []
+        for group in self.together:
+            rows = hidden_states.reshape(-1, group[0].in_features)
+            if len(group) > 1 and (operands := _kernel_operands(group, len(rows))) is not None:
+                products = cpu_gemv.products(rows[None], *operands)  # [len(group), B, N]
+                for module, y in zip(group, products):
+                    y = y + module.bias if module.bias is not None else y
+                    outputs.append(y.reshape(*hidden_states.shape[:-1], module.out_features))
+            else:
+                outputs.extend(module(hidden_states) for module in group)
+        return outputs
+
+
+def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
+    """q, k, v in order, consecutive QuantizedLinear modules of one shape grouped (all three
+    without GQA; k and v with it), every other module alone."""
+    groups: list[list[nn.Module]] = []
+    for module in projections:
+        last = groups[-1][-1] if groups else None
+        same = isinstance(module, QuantizedLinear) and isinstance(last, QuantizedLinear) and (
+            (module.in_features, module.out_features, tuple(module.tensors)) == (last.in_features, last.out_features, tuple(last.tensors))
+        )
+        if same:
+            groups[-1].append(module)
+        else:
+            groups.append([module])
+    return groups
+
+
+def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, list, int] | None:
+    """(matrices, scales, group size) of the modules' weights as cpu_gemv reads them, or None
+    where expert_format.linear would not give it these `rows` (not built here, torch's int4
+    tile order, more int8 rows than CPU_KERNEL_ROWS)."""
+    each = [cpu_kernel_operands(module.tensors, "weight") for module in group]
+    if any(operands is None for operands in each) or (each[0][2] == 0 and rows > CPU_KERNEL_ROWS):
+        return None
+    return [operands[0][0] for operands in each], [operands[1][0] for operands in each], each[0][2]
+
+
+def install_decode_attention(model: nn.Module, norms: str | None) -> list[DecodeAttention]:
+    """A DecodeAttention on every attention module of `model`'s decoder layers (`self_attn`),
+    for a family whose adapter names its `norms`; none for None."""
+    if norms is None:
+        return []
+    installed = []
+    for module in model.modules():
+        attention = getattr(module, "self_attn", None)
+        if isinstance(attention, nn.Module) and all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx")):
+            installed.append(DecodeAttention(attention, norms))
+            installed[-1].install()
+    return installed

@@ -1,0 +1,92 @@
+"""The CPU decode path's attention (decode_attention.py) against transformers' own forward.
+
+Bit-identical logits, step by step through the KV cache, for every family that has it, at
+full precision (also against the unwrapped model) and with quantize_rest (projections
+computed together); one-token steps only (the prefill and a padded batch go to transformers);
+unwrap leaves no trace of it; families without it keep transformers' forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import moe_runtime
+from moe_runtime.adapters import adapter_for
+from moe_runtime.kernels import cpu_gemv
+from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
+
+WITH_IT = [family for family in TINY_FAMILIES if adapter_for(tiny_model(family).config).decode_attention is not None]
+PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(4))
+
+
+def _model(family: str, dtype=torch.float32):
+    """A tiny model whose expert width (64) every int4 group divides."""
+    return tiny_model(family, **expert_fields(family, num_experts=8, intermediate_size=64, top_k=2)).to(dtype)
+
+
+def _greedy_logits(model, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """[steps + 1, B, V]: the prompt's last logits, then each greedy one-token step's."""
+    cache = DynamicCache(config=model.config)
+    rows = []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            rows.append(logits)
+            ids = logits.argmax(-1, keepdim=True)
+    return torch.stack(rows)
+
+
+def _without_it(runtime, run):
+    """run() with transformers' attention forward in every layer, then the decode path back."""
+    for attention in runtime.decode_attention:
+        attention.remove()
+    try:
+        return run()
+    finally:
+        for attention in runtime.decode_attention:
+            attention.install()
+
+
+@pytest.mark.parametrize("family", WITH_IT)
+@pytest.mark.parametrize("rest", [None, "int8", "int4-g32"])
+def test_decode_steps_are_bit_identical_to_transformers_attention(family, rest):
+    if rest is not None and not cpu_gemv.available():
+        pytest.skip("the CPU decode kernel is not built here: projections are not computed together")
+    model = moe_runtime.wrap(_model(family), budget=1.0, device="cpu", quantize=rest, quantize_rest=rest)
+    runtime = moe_runtime.runtime_of(model)
+    layers = model.config.num_hidden_layers
+    assert len(runtime.decode_attention) == layers == moe_runtime.stats(model)["decode_attention_layers"]
+    got = _greedy_logits(model, PROMPT)
+    assert sum(attention.steps for attention in runtime.decode_attention) == 5 * layers  # the prefill went to transformers
+    assert torch.equal(got, _without_it(runtime, lambda: _greedy_logits(model, PROMPT)))
+    if rest is None:
+        assert torch.equal(got, _greedy_logits(_model(family), PROMPT))  # and the unwrapped model's
+    if rest is not None:  # k and v (one shape under GQA) in one kernel call, q alone
+        assert [len(group) for group in runtime.decode_attention[0].together] == [1, 2]
+
+
+def test_bf16_and_a_padded_batch_take_the_right_path():
+    """bf16 activations are identical too; a batch with padding has a mask: transformers' forward."""
+    model = moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
+    runtime = moe_runtime.runtime_of(model)
+    got = _greedy_logits(model, PROMPT)
+    assert torch.equal(got, _without_it(runtime, lambda: _greedy_logits(model, PROMPT)))
+    served = sum(attention.steps for attention in runtime.decode_attention)
+    ids = torch.cat([PROMPT, PROMPT.flip(1)])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert sum(attention.steps for attention in runtime.decode_attention) == served
+        assert torch.equal(padded, _without_it(runtime, lambda: model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_unwrap_leaves_transformers_forward_and_other_families_keep_it(family):
+    model = moe_runtime.wrap(_model(family), budget=0.5, device="cpu")
+    attentions = [layer.self_attn for layer in model.model.layers]
+    assert all(("forward" in attention.__dict__) == (family in WITH_IT) for attention in attentions)
+    moe_runtime.unwrap(model)
+    assert not any("forward" in attention.__dict__ for attention in attentions)
+    assert torch.equal(_greedy_logits(model, PROMPT), _greedy_logits(_model(family), PROMPT))
