@@ -108,3 +108,18 @@ def test_a_wrapped_model_runs_in_inference_mode_and_out_of_it_alike(options):
         assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8), first)
     moe_runtime.runtime_of(model).cache.check_invariants()
     moe_runtime.unwrap(model)
+
+
+def test_the_default_policy_is_lru_where_a_miss_moves_a_pointer(tiny_checkpoints):
+    """In place with every expert in RAM nothing is saved by choosing victims well: the default
+    keeps LRU's bookkeeping there, and stays adaptive where misses are read from disk or copied."""
+    in_place = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu")
+    assert moe_runtime.stats(in_place)["policy"] == "lru"
+    named = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu", policy="adaptive")
+    assert moe_runtime.stats(named)["policy"] == "lru"  # the default by name is the default
+    chosen = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu", policy="next-use")
+    assert moe_runtime.stats(chosen)["policy"] == "next-use"
+    copied = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu", execution="device")
+    assert moe_runtime.stats(copied)["policy"] == "adaptive"
+    from_disk = moe_runtime.from_pretrained(tiny_checkpoints["olmoe"], budget=0.25, device="cpu", host_budget=0)
+    assert moe_runtime.stats(from_disk)["policy"] == "adaptive"

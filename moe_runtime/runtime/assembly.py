@@ -137,9 +137,10 @@ def wrap(
     budget: memory of the device slot pool (bytes, "2GiB", or a fraction of all routed experts).
     host_budget: RAM for cold experts (default: all of them, as they are already in RAM); less
     needs `store_dir`, where the rest is written once and read back on demand.
-    policy: "next-use" (default), "lru", "lfu", "arc", or a policy instance for this model, such
-    as NextUsePolicy.fitted(trace) on a trace of the user's task (one instance per wrap: it
-    keeps state).
+    policy: "adaptive" (default: follows the best of LRU, LFU and next-use on the routing it
+    sees; LRU where a miss only moves a pointer, in place with every expert in RAM), "next-use",
+    "lru", "lfu", "arc", or a policy instance for this model, such as NextUsePolicy.fitted(trace)
+    on a trace of the user's task (one instance per wrap: it keeps state).
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.

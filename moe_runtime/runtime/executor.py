@@ -35,7 +35,7 @@ from .host_slots import HostSlots
 from .expert_loader import Loader
 from ..offloaded import OffloadedExperts
 from .. import wrapped_model
-from ..policies import make_policy
+from ..policies import DEFAULT_POLICY, make_policy
 from ..prefetch_gate import PrefetchGate
 from .slot_pool import SlotPool
 from ..stats import RuntimeStats
@@ -85,15 +85,18 @@ class Runtime:
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
         # Every check before anything starts (loader threads, slot memory).
         self.num_slots = slots_for_budget(config.budget, source.spec.nbytes, routed, self.top_k)
-        policy = make_policy(config.policy, num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots, top_k=self.top_k)
+        self.execution = resolve_execution(config.execution, device, config.kernel)
+        in_place = self.execution == HOST
+        policy = make_policy(
+            _policy_for(config.policy, in_place, source), num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots,
+            top_k=self.top_k,
+        )
         pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
         if len(pinned) + self.top_k > self.num_slots:
             raise ValueError(
                 f"the placement pins {len(pinned)} experts but the budget holds {self.num_slots}: "
                 f"short by {len(pinned) + self.top_k - self.num_slots} slots (pinned + top-k must fit)"
             )
-        self.execution = resolve_execution(config.execution, device, config.kernel)
-        in_place = self.execution == HOST
         spec = source.spec
         self.compute_path = LOOP if in_place else choose_kernel_path(config.kernel, device, spec, self.layout, getattr(blocks[0].experts, "act_fn", None))
         self.fallback_path = choose_path(device, spec)  # for multi-wave layers on the Triton path
@@ -375,3 +378,12 @@ class Runtime:
                     f"the load of expert {ticket.expert} of MoE layer {ticket.layer} into slot {ticket.slot} has not finished "
                     f"after {timeout:.0f} s (a stalled disk read?); the runtime stays installed"
                 )
+
+
+def _policy_for(name, in_place: bool, source: ExpertSource):
+    """The policy asked for; the default, where a miss only moves a pointer (computed in place,
+    every expert in RAM), is LRU: nothing to save, and the adaptive default's shadow caches cost
+    about a tenth of a CPU decode step at 25% (BENCHMARKS.md)."""
+    if name == DEFAULT_POLICY and in_place and not isinstance(source, HostTier):
+        return "lru"
+    return name
