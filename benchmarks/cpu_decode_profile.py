@@ -2,12 +2,15 @@
 they multiply, and everything else (attention, norms, routing, the runtime's and transformers'
 Python), for the peer benchmark's checkpoint wrapped with int8 or int4 throughout.
 
-    python benchmarks/cpu_decode_profile.py [--shape live-decode|olmoe-1b-7b] [--quantize int8] [--tokens 32] [--json OUT]
+    python benchmarks/cpu_decode_profile.py [--shape live-decode|olmoe-1b-7b] [--quantize int8] [--tokens 32] [--ablate ROUNDS] [--json OUT]
 
 The checkpoint (peer_llamacpp.py's, built once) is wrapped at budget 1.0 with `quantize` and
 `quantize_rest`; a 16-token prompt is prefilled, then `tokens` greedy steps run one at a time
-through the KV cache, each timed, and every kernel call inside them timed too. GB/s counts the
-bytes of the matrices a call reads.
+through the KV cache under torch.inference_mode (as time_generation runs them), each timed, and
+every kernel call inside them timed too. GB/s counts the bytes of the matrices a call reads.
+`--ablate R` then times the step as shipped against the step with one part of the decode path
+undone (transformers' attention forward instead of decode_attention.py; no_grad instead of
+inference_mode), alternating for R rounds, best of each.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ class KernelClock:
     def __exit__(self, *_):
         cpu_gemv.products = self._products
 
-    def _timed(self, x, matrices, scales=None, group=0):
+    def _timed(self, x, matrices, scales=None, group=0, combine=None):
         started = time.perf_counter()
-        out = self._products(x, matrices, scales, group)
+        out = self._products(x, matrices, scales, group, combine)
         if self.on:
             entry = self.calls[(len(matrices), tuple(matrices[0].shape))]
             entry[0] += 1
@@ -54,8 +57,8 @@ class KernelClock:
         return out
 
 
-def profile(shape: str, quantize: str, tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM, DynamicCache
+def profile(shape: str, quantize: str, tokens: int, ablate: int) -> dict:
+    from transformers import AutoModelForCausalLM
 
     import moe_runtime
 
@@ -63,24 +66,60 @@ def profile(shape: str, quantize: str, tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(checkpoint_of(SHAPES[shape]), dtype=torch.bfloat16).eval()
     moe_runtime.wrap(model, budget=1.0, device="cpu", quantize=quantize, quantize_rest=quantize)
     ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    steps = []
-    with KernelClock() as clock, torch.no_grad():
-        for timed in (False, True):  # a warm-up pass, then the measured one
-            cache = DynamicCache(config=model.config)
-            next_id = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            clock.on = timed
-            for _ in range(tokens):
-                started = time.perf_counter()
-                next_id = model(input_ids=next_id, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-                if timed:
-                    steps.append(time.perf_counter() - started)
+    with KernelClock() as clock, torch.inference_mode():  # as time_generation runs
+        decode_steps(model, ids, tokens)  # a warm-up pass
+        steps = decode_steps(model, ids, tokens, clock)
     step_ms = 1e3 * sum(steps) / len(steps)
     rows = [
         {"matrices_per_call": m, "stored_shape": list(s), "calls_per_step": c / len(steps), "ms_per_step": 1e3 * t / len(steps), "gbps": b / t / 1e9}
         for (m, s), (c, t, b) in sorted(clock.calls.items())
     ]
     kernel_ms = sum(row["ms_per_step"] for row in rows)
-    return {"shape": shape, "quantize": quantize, "tokens": tokens, "step_ms": step_ms, "kernel_ms": kernel_ms, "other_ms": step_ms - kernel_ms, "kernels": rows}
+    report = {"shape": shape, "quantize": quantize, "tokens": tokens, "step_ms": step_ms, "kernel_ms": kernel_ms, "other_ms": step_ms - kernel_ms, "kernels": rows}
+    if ablate:
+        report["ablation"] = ablation(model, ids, tokens, ablate)
+    return report
+
+
+def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | None = None) -> list[float]:
+    """Seconds of each of `tokens` greedy steps through a fresh KV cache after prefilling `ids`
+    (`clock`, if given, times the kernel calls of the steps, not the prefill's)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    next_id = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    if clock is not None:
+        clock.on = True
+    steps = []
+    for _ in range(tokens):
+        started = time.perf_counter()
+        next_id = model(input_ids=next_id, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - started)
+    return steps
+
+
+VARIANTS = ("as shipped", "transformers' attention", "no_grad, not inference_mode")
+
+
+def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
+    """Best ms per step of the decode path as shipped and with one of its parts undone, the
+    variants alternating for `rounds` rounds (the VM's speed drifts between minutes)."""
+    import moe_runtime
+
+    attention = moe_runtime.runtime_of(model).decode_attention
+    best = dict.fromkeys(VARIANTS, float("inf"))
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            if variant == VARIANTS[1]:
+                for layer in attention:
+                    layer.remove()
+            with torch.no_grad() if variant == VARIANTS[2] else torch.inference_mode():
+                steps = decode_steps(model, ids, tokens)
+            if variant == VARIANTS[1]:
+                for layer in attention:
+                    layer.install()
+            best[variant] = min(best[variant], 1e3 * sum(steps) / len(steps))
+    return [{"variant": variant, "best_ms_per_step": ms, "vs_shipped": ms / best[VARIANTS[0]]} for variant, ms in best.items()]
 
 
 def main() -> None:
@@ -88,19 +127,22 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="live-decode")
     parser.add_argument("--quantize", choices=("int8", "int4"), default="int8")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--ablate", type=int, default=0, metavar="ROUNDS", help="also time the step with each decode-path part undone")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
     if args.json:
         check_writable(args.json, "output")
     if not cpu_gemv.available():
         raise SystemExit("the CPU decode kernel is not built here (no C++ compiler?): nothing to profile")
-    report = profile(args.shape, args.quantize, args.tokens)
+    report = profile(args.shape, args.quantize, args.tokens, args.ablate)
     print(f"{args.shape}, {args.quantize} throughout, {args.tokens} decode steps: {report['step_ms']:.2f} ms per step")
     print(f"{'matrices/call':>13}  {'stored [N, K]':<16}{'calls/step':>11}{'ms/step':>9}{'GB/s':>7}")
     for row in report["kernels"]:
         print(f"{row['matrices_per_call']:>13}  {str(row['stored_shape']):<16}{row['calls_per_step']:>11.1f}{row['ms_per_step']:>9.2f}{row['gbps']:>7.1f}")
     print(f"{'kernel calls':<29}{'':>11}{report['kernel_ms']:>9.2f}")
     print(f"{'everything else':<29}{'':>11}{report['other_ms']:>9.2f}")
+    for row in report.get("ablation", []):
+        print(f"{row['variant']:<40}{row['best_ms_per_step']:>9.2f} ms per step, {row['vs_shipped']:.3f}x")
     if args.json:
         write_text_atomically(args.json, json.dumps(report, indent=1))
 
