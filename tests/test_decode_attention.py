@@ -90,3 +90,20 @@ def test_unwrap_leaves_transformers_forward_and_other_families_keep_it(family):
     moe_runtime.unwrap(model)
     assert not any("forward" in attention.__dict__ for attention in attentions)
     assert torch.equal(_greedy_logits(model, PROMPT), _greedy_logits(_model(family), PROMPT))
+
+
+def test_a_forward_set_on_the_module_before_wrap_is_served_and_given_back():
+    model = _model("mixtral")
+    attention = model.model.layers[0].self_attn
+    calls = []
+
+    def traced(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return type(attention).forward(attention, *args, **kwargs)
+
+    attention.forward = traced
+    moe_runtime.wrap(model, budget=1.0, device="cpu")
+    _greedy_logits(model, PROMPT, steps=2)
+    assert calls == [PROMPT.shape[1]]  # the prefill went to it; the one-token steps to the decode path
+    moe_runtime.unwrap(model)
+    assert attention.forward is traced

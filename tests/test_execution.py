@@ -112,7 +112,8 @@ def test_a_wrapped_model_runs_in_inference_mode_and_out_of_it_alike(options):
 
 def test_the_default_policy_is_lru_where_a_miss_moves_a_pointer(tiny_checkpoints):
     """In place with every expert in RAM nothing is saved by choosing victims well: the default
-    keeps LRU's bookkeeping there, and stays adaptive where misses are read from disk or copied."""
+    keeps LRU's bookkeeping there, and stays adaptive where misses are read from disk, copied,
+    or computed from low-bit copies."""
     in_place = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu")
     assert moe_runtime.stats(in_place)["policy"] == "lru"
     named = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu", policy="adaptive")
@@ -123,3 +124,5 @@ def test_the_default_policy_is_lru_where_a_miss_moves_a_pointer(tiny_checkpoints
     assert moe_runtime.stats(copied)["policy"] == "adaptive"
     from_disk = moe_runtime.from_pretrained(tiny_checkpoints["olmoe"], budget=0.25, device="cpu", host_budget=0)
     assert moe_runtime.stats(from_disk)["policy"] == "adaptive"
+    low_bit = moe_runtime.wrap(tiny_model("olmoe"), budget=0.25, device="cpu", miss_precision="int8")  # a miss costs precision
+    assert moe_runtime.stats(low_bit)["policy"] == "adaptive"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moe_runtime.policies import ARCPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
+from moe_runtime.policies import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
 from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, reuse_history, used_matrix
 from moe_runtime.synthetic import flat_routing
 from moe_runtime.trace import Trace, load_trace
@@ -232,6 +232,59 @@ def test_the_adaptive_shadows_sample_fewer_layers_when_tokens_use_more_experts()
     many = make_policy("adaptive", num_layers=8, num_experts=128, capacity=256, top_k=8)
     assert len(few.sampled) == 8 and len(many.sampled) * 8 <= SAMPLED_USES
     assert sum(shadow.capacity for shadow in many.shadows) == len(many.shadows) * round(256 * len(many.sampled) / 8)  # capacity scaled
+
+
+class _Twins(EvictionPolicy):
+    """Every event to an awake policy and to a twin that sleeps on a random half of the layer
+    steps; at each eviction the twin is woken and must name the awake one's victim."""
+
+    name = "twins"
+
+    def __init__(self, awake: EvictionPolicy, twin: EvictionPolicy, seed: int):
+        self.awake, self.twin, self.random = awake, twin, np.random.default_rng(seed)
+        self.tracks_accesses = awake.tracks_accesses
+        self.wakings = 0
+
+    def on_layer_start(self, layer, keys):
+        self.awake.on_layer_start(layer, keys)
+        self.twin.on_layer_start(layer, keys)
+        self.twin.set_dormant(bool(self.random.random() < 0.5))
+
+    def on_insert(self, key):
+        self.awake.on_insert(key)
+        self.twin.on_insert(key)
+
+    def on_access(self, key):
+        self.awake.on_access(key)
+        self.twin.on_access(key)
+
+    def on_evict(self, key):
+        self.awake.on_evict(key)
+        self.twin.on_evict(key)
+
+    def choose_victim(self, is_evictable):
+        self.twin.set_dormant(False)
+        self.wakings += 1
+        victim = self.awake.choose_victim(is_evictable)
+        assert self.twin.choose_victim(is_evictable) == victim
+        return victim
+
+
+@pytest.mark.parametrize("name, fitted", [("lfu", False), ("next-use", False), ("next-use", True)])  # fitted: transitions too
+def test_a_dormant_policy_woken_names_the_victims_it_would_have_named_awake(name, fitted, trace_paths):
+    """The adaptive default keeps its candidates that do not lead dormant (no heap, no expected
+    next uses): woken at any step, one must choose exactly as if it had never slept."""
+    from moe_runtime.policies.shadow_cache import ShadowCache
+
+    trace = load_trace(trace_paths["law"]).select_sequences(range(6))
+    options = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": 200, "top_k": trace.top_k}
+    fit = load_trace(trace_paths["law"]).select_sequences(range(6, 17)) if fitted else None
+    twins = _Twins(make_policy(name, **options, fit=fit), make_policy(name, **options, fit=fit), seed=3)
+    cache = ShadowCache(twins, num_experts=trace.num_experts, capacity=200)
+    for token in range(trace.num_tokens):
+        for layer in range(trace.num_layers):
+            cache.step(layer, [int(e) for e in trace.expert_ids[token, layer]])
+    assert twins.wakings > 500
 
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "next-use"])

@@ -42,3 +42,8 @@ class EvictionPolicy(ABC):
 
     def on_forecast(self, layer: int, probabilities) -> None:  # noqa: B027 - optional hook
         """A predictor's forecast [E] (probability each expert is used) for the coming `layer`."""
+
+    def set_dormant(self, dormant: bool) -> None:  # noqa: B027 - optional hook
+        """While dormant, choose_victim is not called: a policy may keep only the state it needs to
+        name victims again once woken (set_dormant(False)), and skip the rest (the adaptive
+        default's candidates that do not lead: adaptive.py)."""

@@ -3,7 +3,9 @@
 Counts are kept for every key seen (resident or not), so an expert evicted and needed again
 comes back with its history. Every `age_every` accesses all counts halve, so popularity that
 has passed fades (a long-dead burst does not pin an expert forever). Ties go to the least
-recently used. Victims come from a lazily invalidated heap: O(log S) per access and eviction.
+recently used. Victims come from a lazily invalidated heap: O(log S) per access and eviction;
+a dormant policy keeps the counts and stamps only and rebuilds the heap when woken (the same
+victims: a resident key's valid heap entry is always its current count and stamp).
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ class LFUPolicy(EvictionPolicy):
         self._heap: list[tuple[float, int, int]] = []  # (count, tick, key); stale entries skipped
         self._tick = 0
         self._accesses = 0
+        self._dormant = False
 
     def _push(self, key: int) -> None:
         self._tick += 1
         self._stamp[key] = self._tick
-        heapq.heappush(self._heap, (self._count.get(key, 0.0), self._tick, key))
+        if not self._dormant:
+            heapq.heappush(self._heap, (self._count.get(key, 0.0), self._tick, key))
+
+    def set_dormant(self, dormant: bool) -> None:
+        self._dormant = dormant
+        if dormant:
+            self._heap = []
+        else:
+            self._rebuild()
 
     def on_insert(self, key: int) -> None:
         self._push(key)
@@ -47,6 +58,10 @@ class LFUPolicy(EvictionPolicy):
 
     def _age(self) -> None:
         self._count = {key: count / 2 for key, count in self._count.items()}
+        if not self._dormant:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         self._heap = [(self._count.get(key, 0.0), tick, key) for key, tick in self._stamp.items()]
         heapq.heapify(self._heap)
 

@@ -195,6 +195,8 @@ class NextUsePolicy(EvictionPolicy):
         self.due = last_visit + num_layers * self._lookup(np.full(size, AGE_CAP))
         self.resident = np.zeros(size, dtype=bool)
         self.scores = np.full(size, -np.inf)  # due time of resident keys, -inf elsewhere
+        self._dormant = False
+        self._visits: dict[int, tuple[int, int, np.ndarray]] = {}  # while dormant: layer -> (step, token, keys) of its last visit
 
     def use_model(self, model: ReuseModel) -> None:
         """Predict with `model` from now on (a refit); what was recorded about each key stays, and
@@ -228,11 +230,28 @@ class NextUsePolicy(EvictionPolicy):
         self.layer = layer
         keys = np.asarray(keys, dtype=np.int64)
         self._record(layer, keys)
+        if self._dormant:
+            self._visits[layer] = (self.step, self.token, keys)
+        else:
+            self._visit(layer, self.step, self.token, keys)
+
+    def _visit(self, layer: int, step: int, token: int, keys: np.ndarray) -> None:
+        """Layer `layer`'s expected next uses after its visit at `step` (token `token`) used `keys`."""
         span = self._span(layer)
         if self._transitions is not None:
             self.forecast[span] = self._transition_bucket(layer, keys - span.start)
-        age = np.minimum(self.token - self.last_use[span], AGE_CAP)
-        self._set_due(span, self.step + self.num_layers * self._lookup(age, span))
+        age = np.minimum(token - self.last_use[span], AGE_CAP)
+        self._set_due(span, step + self.num_layers * self._lookup(age, span))
+
+    def set_dormant(self, dormant: bool) -> None:
+        """Dormant: uses are recorded, expected next uses not computed. Woken, each layer's are
+        computed from its last visit, exactly as they were then (a layer's ages and recent uses
+        change only at its own visits); forecasts received while dormant are not kept."""
+        self._dormant = dormant
+        if not dormant:
+            for layer, visit in self._visits.items():
+                self._visit(layer, *visit)
+            self._visits = {}
 
     def _transition_bucket(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """[E] bucket of P(each expert next | this token's `experts`), averaged over them."""
@@ -249,7 +268,7 @@ class NextUsePolicy(EvictionPolicy):
 
     def on_forecast(self, layer: int, probabilities) -> None:
         """q for `layer`'s coming visit (in this token, `layer - self.layer` steps from now)."""
-        if layer <= self.layer:
+        if layer <= self.layer or self._dormant:
             return
         span = self._span(layer)
         age = np.minimum(self.token - self.last_use[span], AGE_CAP)  # after a miss at the coming chance

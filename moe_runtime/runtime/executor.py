@@ -88,7 +88,7 @@ class Runtime:
         self.execution = resolve_execution(config.execution, device, config.kernel)
         in_place = self.execution == HOST
         policy = make_policy(
-            _policy_for(config.policy, in_place, source), num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots,
+            _policy_for(config.policy, in_place and low_bit is None, source), num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots,
             top_k=self.top_k,
         )
         pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
@@ -381,9 +381,9 @@ class Runtime:
 
 
 def _policy_for(name, in_place: bool, source: ExpertSource):
-    """The policy asked for; the default, where a miss only moves a pointer (computed in place,
-    every expert in RAM), is LRU: nothing to save, and the adaptive default's shadow caches cost
-    about a tenth of a CPU decode step at 25% (BENCHMARKS.md)."""
+    """The policy asked for; the default, where a miss only moves a pointer (computed in place at
+    full precision, every expert in RAM), is LRU: nothing to save, and the adaptive default's
+    shadow caches cost about a tenth of a CPU decode step at 25% (BENCHMARKS.md)."""
     if name == DEFAULT_POLICY and in_place and not isinstance(source, HostTier):
         return "lru"
     return name
