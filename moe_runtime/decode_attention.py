@@ -21,7 +21,6 @@ goes to transformers' own forward.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -47,23 +46,18 @@ class DecodeAttention:
         self.gqa = {"enable_gqa": True} if getattr(attention, "num_key_value_groups", 1) > 1 else {}
         self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])
         self.steps = 0  # one-token steps served here (the rest went to transformers' forward)
-        self._replaced = None
 
     def install(self) -> None:
-        self._replaced = self.attention.__dict__.get("forward")  # an instance forward someone set before us, if any
         self.attention.forward = self.forward
 
     def remove(self) -> None:
-        if self._replaced is None:
-            del self.attention.forward  # the instance attribute: the class's forward again
-        else:
-            self.attention.forward = self._replaced
+        del self.attention.forward  # the instance attribute: the class's forward again
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if not self._applies(hidden_states, position_embeddings, attention_mask, cache, kwargs):
-            original = self._replaced or functools.partial(type(self.attention).forward, self.attention)
-            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
+            original = type(self.attention).forward
+            return original(self.attention, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
         self.steps += 1
         return self._decode(hidden_states, position_embeddings, cache, kwargs), None
 
@@ -142,13 +136,17 @@ def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, lis
 
 def install_decode_attention(model: nn.Module, norms: str | None) -> list[DecodeAttention]:
     """A DecodeAttention on every attention module of `model`'s decoder layers (`self_attn`),
-    for a family whose adapter names its `norms`; none for None."""
+    for a family whose adapter names its `norms`; none for None, nor on a module whose forward
+    someone has already replaced (theirs is left to run every step)."""
     if norms is None:
         return []
     installed = []
     for module in model.modules():
         attention = getattr(module, "self_attn", None)
-        if isinstance(attention, nn.Module) and all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx")):
+        if (
+            isinstance(attention, nn.Module) and "forward" not in attention.__dict__
+            and all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))
+        ):
             installed.append(DecodeAttention(attention, norms))
             installed[-1].install()
     return installed

@@ -92,18 +92,19 @@ def test_unwrap_leaves_transformers_forward_and_other_families_keep_it(family):
     assert torch.equal(_greedy_logits(model, PROMPT), _greedy_logits(_model(family), PROMPT))
 
 
-def test_a_forward_set_on_the_module_before_wrap_is_served_and_given_back():
+def test_a_forward_set_on_the_module_before_wrap_keeps_every_step():
     model = _model("mixtral")
     attention = model.model.layers[0].self_attn
     calls = []
 
     def traced(*args, **kwargs):
-        calls.append(args[0].shape[1])
+        calls.append(kwargs["hidden_states"].shape[1])
         return type(attention).forward(attention, *args, **kwargs)
 
     attention.forward = traced
     moe_runtime.wrap(model, budget=1.0, device="cpu")
+    assert len(moe_runtime.runtime_of(model).decode_attention) == model.config.num_hidden_layers - 1  # not on this one
     _greedy_logits(model, PROMPT, steps=2)
-    assert calls == [PROMPT.shape[1]]  # the prefill went to it; the one-token steps to the decode path
+    assert calls == [PROMPT.shape[1], 1, 1]  # the prefill and both one-token steps
     moe_runtime.unwrap(model)
     assert attention.forward is traced
