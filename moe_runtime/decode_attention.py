@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dense_quantization import QuantizedLinear
-from .expert_format import CPU_KERNEL_ROWS, cpu_kernel_operands
+from .expert_format import cpu_kernel_operands
 from .kernels import cpu_gemv
 
 NORMS = ("projection", "head", "none")  # where a family's q/k norms sit: on the whole projection, per head, nowhere
@@ -100,9 +100,7 @@ class DecodeAttention:
             rows = hidden_states.reshape(-1, group[0].in_features)
             if len(group) > 1 and (operands := _kernel_operands(group, len(rows))) is not None:
                 products = cpu_gemv.products(rows[None], *operands)  # [len(group), B, N]
-                for module, y in zip(group, products):
-                    y = y + module.bias if module.bias is not None else y
-                    outputs.append(y.reshape(*hidden_states.shape[:-1], module.out_features))
+                outputs.extend(module.output(y, hidden_states.shape[:-1]) for module, y in zip(group, products))
             else:
                 outputs.extend(module(hidden_states) for module in group)
         return outputs
@@ -126,10 +124,9 @@ def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
 
 def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, list, int] | None:
     """(matrices, scales, group size) of the modules' weights as cpu_gemv reads them, or None
-    where expert_format.linear would not give it these `rows` (not built here, torch's int4
-    tile order, more int8 rows than CPU_KERNEL_ROWS)."""
-    each = [cpu_kernel_operands(module.tensors, "weight") for module in group]
-    if any(operands is None for operands in each) or (each[0][2] == 0 and rows > CPU_KERNEL_ROWS):
+    where expert_format.linear would not give them these `rows` (cpu_kernel_operands)."""
+    each = [cpu_kernel_operands(module.tensors, "weight", rows) for module in group]
+    if any(operands is None for operands in each):
         return None
     return [operands[0][0] for operands in each], [operands[1][0] for operands in each], each[0][2]
 

@@ -44,11 +44,14 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = linear(rows, self.tensors, "weight", False)
+        return self.output(linear(x.reshape(-1, self.in_features), self.tensors, "weight", False), x.shape[:-1])
+
+    def output(self, y: torch.Tensor, leading: torch.Size) -> torch.Tensor:
+        """y [M, out] (the rows' products) -> [*leading, out], the bias added: the end of
+        forward, also for products computed elsewhere (decode_attention.py's shared calls)."""
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*leading, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """[out, in] in the model's dtype."""

@@ -232,10 +232,8 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
     """
     if name in tensors:
         return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
-    if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name)):
-        int4 = operands[2] > 0  # plain nibbles: the alternative is dequantizing the whole matrix, 3-5x slower even at 512 rows
-        if int4 or x.shape[0] <= CPU_KERNEL_ROWS:
-            return cpu_gemv.products(x[None], *operands)[0]
+    if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name, rows=x.shape[0])):
+        return cpu_gemv.products(x[None], *operands)[0]
     if f"{name}.int8" in tensors and x.device.type == "cpu":
         return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), tensors[f"{name}.int8"], tensors[f"{name}.scale"]).to(x.dtype)
     packed = tensors.get(f"{name}.int4_cpu")
@@ -246,12 +244,16 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
     return F.linear(x, dequantize(tensors, name, x.dtype))
 
 
-def cpu_kernel_operands(tensors: ExpertTensors, name: str) -> tuple[list, list, int] | None:
-    """([matrix], [scales], group): parameter `name` as kernels/cpu_gemv.py reads it, or None
-    where it is not used: full precision (torch's kernels keep a wrapped model's outputs equal
-    to the unwrapped model's), torch's int4 tile order, or the kernel not built here."""
+def cpu_kernel_operands(tensors: ExpertTensors, name: str, rows: int = 1) -> tuple[list, list, int] | None:
+    """([matrix], [scales], group): parameter `name` as kernels/cpu_gemv.py reads it for `rows`
+    input rows, or None where it is not used: full precision (torch's kernels keep a wrapped
+    model's outputs equal to the unwrapped model's), torch's int4 tile order, int8 with more
+    than CPU_KERNEL_ROWS rows (torch's int8 GEMM), or the kernel not built here. Plain-nibble
+    int4 goes to it at any row count: dequantizing the whole matrix was 3-5x slower even at 512."""
     int8, scale, int4, scales_zeros = _quantized_names(name)
     if int8 in tensors:
+        if rows > CPU_KERNEL_ROWS:
+            return None
         operands = [tensors[int8]], [tensors[scale]], 0
     elif int4 in tensors:
         packed, zeros = tensors[int4], tensors[scales_zeros]
@@ -272,7 +274,7 @@ def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str, combin
     format, as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's
     experts on the CPU); with `combine` [M], their weighted sum [1, R, N]. None where it does
     not apply (see cpu_kernel_operands), and the caller computes expert by expert."""
-    operands = cpu_kernel_operands(experts[0], name)
+    operands = cpu_kernel_operands(experts[0], name, rows=x.shape[1])
     if operands is None:
         return None
     int8, scale, int4, scales_zeros = _quantized_names(name)
