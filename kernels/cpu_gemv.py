@@ -15,72 +15,27 @@ set, `available()` is False and callers keep torch's kernels; the reason is warn
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
-import platform
-import sys
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from .cpu_build import OPT_OUT, build, build_folder_of
+
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-OPT_OUT = "MOE_RUNTIME_CPU_KERNEL"  # =torch: never build or use this kernel
+__all__ = ["OPT_OUT", "available", "build_folder", "extension", "products"]
 
 
 @lru_cache(maxsize=None)
 def extension():
     """The compiled module (built once per machine and torch version into the cache folder,
-    about 25 s on 2 cores), or None where it cannot be had."""
-    if os.environ.get(OPT_OUT, "").lower() == "torch":
-        return None
-    try:
-        return _build()
-    except Exception as error:  # no compiler, no ninja, an unsupported platform: torch's kernels serve
-        warnings.warn(f"moe-runtime's CPU decode kernel could not be built ({error}); torch's kernels are used instead", stacklevel=2)
-        return None
-
-
-def _build():
-    """torch's JIT build into a folder of ours, under a lock of ours: torch's own lock is a file
-    that a build killed midway (Ctrl-C) leaves behind, and every later build would wait on it
-    forever; holding an flock (released by the kernel when a process dies) proves it stale."""
-    from torch.utils.cpp_extension import load
-
-    folder = build_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        (folder / "lock").unlink(missing_ok=True)  # torch's, left by a killed build: no one else holds ours
-        if not (folder / "moe_runtime_cpu_gemv.so").exists():
-            print(f"compiling moe-runtime's CPU decode kernel for this machine, once (about 25 s) into {folder}", file=sys.stderr, flush=True)
-        return load(
-            name="moe_runtime_cpu_gemv",
-            sources=[str(SOURCE)],
-            build_directory=str(folder),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],  # libgomp.so.1: the one torch already loaded, so one thread pool
-        )
+    about 25 s on 2 cores), or None where it cannot be had (cpu_build.build)."""
+    return build(SOURCE, "moe_runtime_cpu_gemv", "CPU decode kernel", "about 25 s")
 
 
 def build_folder() -> Path:
-    """Where this source is built for this torch and this CPU's instruction set (the build is
-    -march=native, so a cache shared with another kind of CPU gets a build of its own): the
-    cache folder's cpu-kernel/<hash>."""
-    from ..embedded import cache_root
-
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    return cache_root() / "cpu-kernel" / key
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line for line in info if line.startswith(("flags", "Features"))), platform.machine())
-    except OSError:
-        return platform.machine()
+    """Where this source is built for this torch and this CPU (cpu_build.build_folder_of)."""
+    return build_folder_of(SOURCE)
 
 
 def available() -> bool:

@@ -14,14 +14,16 @@ For the llama-shaped attention of OLMoE, Qwen2-MoE, Qwen3-MoE and Mixtral (the a
 `decode_attention`), a one-token query with no mask through SDPA runs here: the same modules
 and the same ops in the same order as transformers' forward, so the outputs are bit-identical
 (tested per family, full precision and quantize_rest); projections computed together are too,
-since the kernel computes each matrix's rows as it would alone. Anything else (a prefill, a
-mask: padding, a static cache, a sliding window in force; eager attention; another device)
-goes to transformers' own forward.
+since the kernel computes each matrix's rows as it would alone; so is the native rotary
+embedding (kernels/cpu_decode_ops.py), used only where it matches the family's function.
+Anything else (a prefill, a mask: padding, a static cache, a sliding window in force; eager
+attention; another device) goes to transformers' own forward.
 """
 
 from __future__ import annotations
 
 import sys
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +31,10 @@ from torch import nn
 
 from .dense_quantization import QuantizedLinear
 from .expert_format import cpu_kernel_operands
-from .kernels import cpu_gemv
+from .kernels import cpu_decode_ops, cpu_gemv
 
 NORMS = ("projection", "head", "none")  # where a family's q/k norms sit: on the whole projection, per head, nowhere
+ROTARY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the native rotary embedding takes
 
 
 class DecodeAttention:
@@ -41,7 +44,7 @@ class DecodeAttention:
         assert norms in NORMS, f"norms must be one of {NORMS}, got {norms!r}"
         self.attention = attention
         self.norms = norms
-        self.rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb  # the family's own
+        self.rotate = rotation(sys.modules[type(attention).__module__].apply_rotary_pos_emb)
         self.clip = getattr(attention.config, "clip_qkv", None)
         self.gqa = {"enable_gqa": True} if getattr(attention, "num_key_value_groups", 1) > 1 else {}
         self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])
@@ -129,6 +132,36 @@ def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, lis
     if any(operands is None for operands in each):
         return None
     return [operands[0][0] for operands in each], [operands[1][0] for operands in each], each[0][2]
+
+
+def rotation(family_rotate):
+    """The native rotary embedding (kernels/cpu_decode_ops.py: one call, 10 us where the
+    family's ops took 23 on the CPU of BENCHMARKS.md) where it gives `family_rotate`'s output bit
+    for bit on random decode-shaped inputs in every dtype it takes, falling back to the family's
+    own for inputs of mixed dtypes; else `family_rotate` itself."""
+    if not cpu_decode_ops.available() or not _rotates_alike(family_rotate):
+        return family_rotate
+
+    def rotate(query, key, cos, sin):
+        if query.dtype == key.dtype == cos.dtype == sin.dtype and query.dtype in ROTARY_DTYPES:
+            return cpu_decode_ops.rotate(query, key, cos, sin)
+        return family_rotate(query, key, cos, sin)
+
+    return rotate
+
+
+@lru_cache(maxsize=None)  # one verdict per family function
+@torch.no_grad()
+def _rotates_alike(family_rotate) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    for dtype in ROTARY_DTYPES:
+        query, key = (torch.randn(2, heads, 1, 64, generator=generator).to(dtype) for heads in (4, 2))
+        angles = torch.randn(2, 1, 64, generator=generator) * 100
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        want, got = family_rotate(query, key, cos, sin), cpu_decode_ops.rotate(query, key, cos, sin)
+        if not all(torch.equal(a, b) for a, b in zip(want, got)):
+            return False
+    return True
 
 
 def install_decode_attention(model: nn.Module, norms: str | None) -> list[DecodeAttention]:

@@ -150,14 +150,14 @@ def test_opting_out_keeps_torchs_kernels_and_their_int4_order():
     done = _run(
         """
         from moe_runtime.expert_format import expert_format, int4_cpu_kernel_available
-        from moe_runtime.kernels import cpu_gemv
-        print(cpu_gemv.available(), expert_format("int4", on_cpu=True).cpu_packing == int4_cpu_kernel_available())
+        from moe_runtime.kernels import cpu_decode_ops, cpu_gemv
+        print(cpu_gemv.available(), cpu_decode_ops.available(), expert_format("int4", on_cpu=True).cpu_packing == int4_cpu_kernel_available())
         """,
         env,
         120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "True"]
+    assert done.stdout.split() == ["False", "False", "True"]
 
 
 @needs_kernel

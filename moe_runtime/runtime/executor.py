@@ -30,6 +30,7 @@ from .slot_cache import SlotCache
 from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from ..config import OffloadConfig
 from ..decode_attention import install_decode_attention
+from ..native_norms import install_native_norms
 from ..execution import HOST, HYBRID, measure_costs, resolve_execution
 from .host_slots import HostSlots
 from .expert_loader import Loader
@@ -119,6 +120,7 @@ class Runtime:
         self.forecaster = forecaster
         self.dense = dense
         self.decode_attention = []  # DecodeAttention per attention module, installed on a CPU
+        self.native_norms = []  # NativeNorm per RMS norm module the native op reproduces, on a CPU
         self.low_bit = low_bit
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
@@ -307,7 +309,9 @@ class Runtime:
         model.to(self.device)
         if self.device.type == "cpu":  # after quantize_rest: its projections are the ones computed together
             self.decode_attention = install_decode_attention(model, self.adapter.decode_attention)
+            self.native_norms = install_native_norms(model)
         self.stats.info["decode_attention_layers"] = len(self.decode_attention)
+        self.stats.info["native_norms"] = len(self.native_norms)
         wrapped_model.install(model, self)
         if self.mask is not None:
             self.mask.attach()
@@ -331,9 +335,9 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
-        for attention in self.decode_attention:
-            attention.remove()
-        self.decode_attention = []
+        for replaced in [*self.decode_attention, *self.native_norms]:
+            replaced.remove()
+        self.decode_attention, self.native_norms = [], []
         if self.dense is not None:
             self.dense.undo()
         wrapped_model.remove(model)

@@ -1,0 +1,119 @@
+// The small ops of a CPU decode step, each in one call and bit for bit as transformers computes
+// them: the llama-form RMS norm and rotary embedding (OLMoE, Qwen2/3-MoE, Mixtral, DeepSeek).
+//
+// Why: at decode these ops touch a few thousand numbers, and each of their 7-14 torch ops costs
+// more in dispatch than in arithmetic: an RMS norm module took about 19 us on the 2-core EPYC of
+// BENCHMARKS.md, 33 of them a step on the peer benchmark's small model.
+//
+// How they stay bit-identical: every elementwise step rounds where torch's does (products and
+// sums in fp32, rounded to the tensor's dtype to nearest-even after each torch op), this file
+// is built with -ffp-contract=off (no fused multiply-add merges two roundings into one), and
+// the one reduction (the mean of squares) is torch's own at::mean. Callers still check each
+// op against the module it replaces on random inputs before using it (decode_ops.py).
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// torch's float -> bf16 / fp16 conversions (round to nearest even) and back, through c10.
+template <typename T>
+inline float widen(T v) { return static_cast<float>(v); }
+template <typename T>
+inline T narrow(float v) { return static_cast<T>(v); }
+
+// One row: out = weight * to_T(x * rsqrt(variance + eps)), products in fp32 (W = weight's type).
+template <typename T, typename W, typename O>
+void norm_row(const T* x, const W* weight, float inverse, int64_t H, O* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    const T rounded = narrow<T>(widen(x[h]) * inverse);  // hidden_states.to(input_dtype)
+    out[h] = narrow<O>(widen(weight[h]) * widen(rounded));
+  }
+}
+
+template <typename T, typename W, typename O>
+torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps, c10::ScalarType out_type) {
+  const int64_t H = x.size(-1), R = x.numel() / H;
+  auto squares = torch::empty({R, H}, x.options().dtype(torch::kFloat));
+  const T* xs = x.data_ptr<T>();
+  float* sq = squares.data_ptr<float>();
+  for (int64_t i = 0; i < R * H; ++i) {
+    const float v = widen(xs[i]);
+    sq[i] = v * v;  // pow(2) of the fp32 copy
+  }
+  const auto variance = at::mean(squares, {-1}).contiguous();  // torch's own reduction order
+  const float* var = variance.data_ptr<float>();
+  auto out = torch::empty(x.sizes(), x.options().dtype(out_type));
+  for (int64_t r = 0; r < R; ++r) {
+    const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));  // torch.rsqrt: 1 / sqrt
+    norm_row<T, W, O>(xs + r * H, weight.data_ptr<W>(), inverse, H, out.data_ptr<O>() + r * H);
+  }
+  return out;
+}
+
+// x [..., H] -> weight * to(x.dtype)(x32 * rsqrt(mean(x32^2) + eps)) in torch's promoted dtype
+// of weight and x: the forward of OlmoeRMSNorm, Qwen3MoeRMSNorm, MixtralRMSNorm, ...
+torch::Tensor rms_norm(torch::Tensor given, torch::Tensor weight, double eps) {
+  TORCH_CHECK(given.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == given.size(-1), "rms_norm: weight must be [H]");
+  const torch::Tensor x = given.contiguous(), w = weight.contiguous();
+  const auto out_type = c10::promoteTypes(x.scalar_type(), w.scalar_type());
+  const auto key = std::make_tuple(x.scalar_type(), w.scalar_type());
+  using BF = c10::BFloat16;
+  using HF = c10::Half;
+  if (key == std::make_tuple(torch::kBFloat16, torch::kBFloat16)) return rms_norm_typed<BF, BF, BF>(x, w, eps, out_type);
+  if (key == std::make_tuple(torch::kHalf, torch::kHalf)) return rms_norm_typed<HF, HF, HF>(x, w, eps, out_type);
+  if (key == std::make_tuple(torch::kFloat, torch::kFloat)) return rms_norm_typed<float, float, float>(x, w, eps, out_type);
+  if (key == std::make_tuple(torch::kBFloat16, torch::kFloat)) return rms_norm_typed<BF, float, float>(x, w, eps, out_type);
+  if (key == std::make_tuple(torch::kHalf, torch::kFloat)) return rms_norm_typed<HF, float, float>(x, w, eps, out_type);
+  TORCH_CHECK(false, "rms_norm: unsupported dtypes ", x.scalar_type(), " and ", w.scalar_type());
+}
+
+// out[.., d] = t*cos + rotate_half(t)*sin, each product and the sum rounded to T as torch's three
+// ops round them; rotate_half(t) = cat(-t[.., D/2:], t[.., :D/2]).
+template <typename T>
+torch::Tensor rotate_typed(const torch::Tensor& t, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t B = t.size(0), heads = t.size(1), S = t.size(2), D = t.size(3), half = D / 2;
+  auto out = torch::empty({B, heads, S, D}, t.options());
+  const auto ts = t.accessor<T, 4>();
+  const auto cs = cos.accessor<T, 3>(), ss = sin.accessor<T, 3>();
+  T* o = out.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = cos.size(0) == 1 ? 0 : b;  // one position table for the whole batch
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t d = 0; d < D; ++d) {
+          const T value = ts[b][h][s][d];
+          const T rotated = d < half ? narrow<T>(-widen(ts[b][h][s][d + half])) : ts[b][h][s][d - half];
+          const T first = narrow<T>(widen(value) * widen(cs[c][s][d]));
+          const T second = narrow<T>(widen(rotated) * widen(ss[c][s][d]));
+          o[((b * heads + h) * S + s) * D + d] = narrow<T>(widen(first) + widen(second));
+        }
+  }
+  return out;
+}
+
+// q [B, Hq, S, D], k [B, Hk, S, D], cos and sin [B, S, D], all of one dtype: the family's
+// apply_rotary_pos_emb(q, k, cos, sin) with unsqueeze_dim 1, as (q_embed, k_embed).
+std::vector<torch::Tensor> rotate(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && sin.dim() == 3, "rotate: q, k [B, H, S, D], cos, sin [B, S, D]");
+  TORCH_CHECK(q.size(3) % 2 == 0 && cos.size(2) == q.size(3) && k.size(3) == q.size(3), "rotate: head dims differ or are odd");
+  const auto type = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == type && cos.scalar_type() == type && sin.scalar_type() == type, "rotate: one dtype for all");
+  switch (type) {
+    case torch::kBFloat16: return {rotate_typed<c10::BFloat16>(q, cos, sin), rotate_typed<c10::BFloat16>(k, cos, sin)};
+    case torch::kHalf: return {rotate_typed<c10::Half>(q, cos, sin), rotate_typed<c10::Half>(k, cos, sin)};
+    case torch::kFloat: return {rotate_typed<float>(q, cos, sin), rotate_typed<float>(k, cos, sin)};
+    default: TORCH_CHECK(false, "rotate: unsupported dtype ", type);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "the llama-form RMS norm of x [..., H] with weight [H]", py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rotate", &rotate, "the llama-form rotary embedding of q and k", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"));
+}

@@ -1,0 +1,133 @@
+"""The CPU decode step's native small ops (kernels/cpu_decode_ops.cpp) and the RMS norms that use
+them (native_norms.py): bit for bit what transformers computes, or not used at all.
+
+The ops against each family's own norm class and rotary function in every dtype they take and
+over twelve orders of magnitude; the norms installed only where (and for the input dtypes in
+which) they reproduce the module, GPT-OSS's differently rounded norm refused; bf16 models
+wrapped on a CPU decode with logits equal to the unwrapped model's; unwrap removes them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+import moe_runtime
+from moe_runtime.kernels import cpu_decode_ops
+from moe_runtime.native_norms import NativeNorm, install_native_norms, reproduced_dtypes
+from moe_runtime.tiny_models import TINY_FAMILIES, tiny_model
+
+pytestmark = pytest.mark.skipif(not cpu_decode_ops.available(), reason="the CPU decode ops cannot be built here (no C++ compiler)")
+
+LLAMA_FORM = {"olmoe": "OlmoeRMSNorm", "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm", "deepseek_v2": "DeepseekV2RMSNorm"}
+ROTARY = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral"]
+DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+def _family(name: str):
+    return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+
+
+@pytest.mark.parametrize("family", LLAMA_FORM)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda pair: f"{pair[0]}-weight-{pair[1]}".replace("torch.", ""))
+def test_rms_norm_is_bit_identical_to_the_family_norm(family, dtypes):
+    x_dtype, weight_dtype = dtypes
+    generator = torch.Generator().manual_seed(1)
+    for hidden, rows, scale in [(1024, 1, 1e-4), (64, 3, 1.0), (2048, 2, 1e3), (1000, 5, 1e-2), (4096, 1, 1e4)]:
+        norm = getattr(_family(family), LLAMA_FORM[family])(hidden, eps=1e-6).to(weight_dtype)
+        norm.weight.data = torch.randn(hidden, generator=generator).to(weight_dtype)
+        x = (torch.randn(rows, 1, hidden, generator=generator) * scale).to(x_dtype)
+        want = norm(x)
+        got = cpu_decode_ops.rms_norm(x, norm.weight, norm.variance_epsilon)
+        assert got.dtype == want.dtype and torch.equal(got, want), (hidden, rows, scale)
+
+
+@pytest.mark.parametrize("family", ROTARY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rotary_embedding_is_bit_identical_to_the_family_function(family, dtype):
+    """Decode and prefill shapes, GQA, and one position table for a batch of two."""
+    rotate = _family(family).apply_rotary_pos_emb
+    generator = torch.Generator().manual_seed(2)
+    for batch, table_batch, seq, q_heads, kv_heads, head_dim in [(1, 1, 1, 16, 16, 64), (2, 2, 1, 8, 2, 128), (2, 1, 5, 4, 4, 32)]:
+        q = torch.randn(batch, seq, q_heads, head_dim, generator=generator).to(dtype).transpose(1, 2)  # as the attention views it
+        k = torch.randn(batch, seq, kv_heads, head_dim, generator=generator).to(dtype).transpose(1, 2)
+        angles = torch.randn(table_batch, seq, head_dim, generator=generator) * 300
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        for want, got in zip(rotate(q, k, cos, sin), cpu_decode_ops.rotate(q, k, cos, sin)):
+            assert torch.equal(got, want)
+
+
+def test_a_norm_that_rounds_differently_is_refused_whatever_its_weights():
+    """GPT-OSS's norm multiplies by the weight before rounding once. Initialized to ones it
+    agrees with the native op on every input; the check also tries random weights, so it is
+    refused for bf16 inputs, and kept for fp32 ones, where the two roundings coincide."""
+    bf16 = _family("gpt_oss").GptOssRMSNorm(256).to(torch.bfloat16)
+    assert torch.all(bf16.weight == 1)
+    assert reproduced_dtypes(bf16) == frozenset()
+    fp32 = _family("gpt_oss").GptOssRMSNorm(256)
+    assert reproduced_dtypes(fp32) == frozenset({torch.float32})
+    llama = _family("olmoe").OlmoeRMSNorm(256).to(torch.bfloat16)
+    assert reproduced_dtypes(llama) == frozenset({torch.bfloat16})  # fp16 or fp32 inputs promote differently
+
+
+def test_install_skips_what_is_not_a_norm_it_reproduces_or_was_replaced():
+    model = tiny_model("olmoe", dtype=torch.bfloat16)
+    theirs = model.model.norm
+    theirs.forward = lambda hidden_states: hidden_states  # someone else's forward: left alone
+    installed = install_native_norms(model)
+    norms = [m for m in model.modules() if type(m).__name__ == "OlmoeRMSNorm"]
+    assert {id(n.module) for n in installed} == {id(m) for m in norms if m is not theirs}
+    assert all(isinstance(m.forward.__self__, NativeNorm) for m in norms if m is not theirs)
+    for norm in installed:
+        norm.remove()
+    assert all("forward" not in m.__dict__ for m in norms if m is not theirs)
+    assert install_native_norms(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))) == []
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_bf16_model_on_a_cpu_decodes_exactly_as_without_them(family):
+    """Stepwise logits through the KV cache equal, bit for bit, those of the same wrapped model
+    with transformers' norms and rotary function put back (and, where the rest of the wrapped
+    path is exact in bf16, the unwrapped model's); unwrap takes them away."""
+    model = moe_runtime.wrap(tiny_model(family, dtype=torch.bfloat16), budget=1.0, device="cpu")
+    runtime = moe_runtime.runtime_of(model)
+    expected_norms = 0 if family == "gpt_oss" else len([m for m in model.modules() if type(m).__name__.endswith("RMSNorm")])
+    assert moe_runtime.stats(model)["native_norms"] == len(runtime.native_norms) == expected_norms
+    native = _greedy_logits(model)
+    assert torch.equal(native, _without_native_ops(runtime, lambda: _greedy_logits(model)))
+    if family in ("olmoe", "qwen3_moe", "qwen2_moe"):
+        assert torch.equal(native, _greedy_logits(tiny_model(family, dtype=torch.bfloat16)))
+    moe_runtime.unwrap(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def _without_native_ops(runtime, run):
+    """run() with every norm's and attention's own code, then the native ops back."""
+    rotations = [attention.rotate for attention in runtime.decode_attention]
+    for norm in runtime.native_norms:
+        norm.remove()
+    for attention in runtime.decode_attention:
+        attention.rotate = sys.modules[type(attention.attention).__module__].apply_rotary_pos_emb
+    try:
+        return run()
+    finally:
+        for norm in runtime.native_norms:
+            norm.install()
+        for attention, rotate in zip(runtime.decode_attention, rotations):
+            attention.rotate = rotate
+
+
+def _greedy_logits(model, steps: int = 4) -> torch.Tensor:
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    cache, rows = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for _ in range(steps + 1):
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+            rows.append(logits)
+            ids = logits.argmax(-1, keepdim=True)
+    return torch.stack(rows)
