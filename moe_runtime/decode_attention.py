@@ -137,17 +137,24 @@ def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, lis
 def rotation(family_rotate):
     """The native rotary embedding (kernels/cpu_decode_ops.py: one call, 10 us where the
     family's ops took 23 on the CPU of BENCHMARKS.md) where it gives `family_rotate`'s output bit
-    for bit on random decode-shaped inputs in every dtype it takes, falling back to the family's
-    own for inputs of mixed dtypes; else `family_rotate` itself."""
+    for bit on random decode-shaped inputs in every dtype it takes; else `family_rotate` itself."""
     if not cpu_decode_ops.available() or not _rotates_alike(family_rotate):
         return family_rotate
+    return NativeRotation(family_rotate)
 
-    def rotate(query, key, cos, sin):
+
+class NativeRotation:
+    """apply_rotary_pos_emb(q, k, cos, sin) in one native call, the family's own function for
+    inputs of mixed dtypes (a class, not a closure: a wrapped model stays picklable up to the
+    runtime's own refusal)."""
+
+    def __init__(self, family_rotate):
+        self.family_rotate = family_rotate
+
+    def __call__(self, query, key, cos, sin):
         if query.dtype == key.dtype == cos.dtype == sin.dtype and query.dtype in ROTARY_DTYPES:
             return cpu_decode_ops.rotate(query, key, cos, sin)
-        return family_rotate(query, key, cos, sin)
-
-    return rotate
+        return self.family_rotate(query, key, cos, sin)
 
 
 @lru_cache(maxsize=None)  # one verdict per family function
