@@ -9,7 +9,8 @@
 // sums in fp32, rounded to the tensor's dtype to nearest-even after each torch op), this file
 // is built with -ffp-contract=off (no fused multiply-add merges two roundings into one), and
 // the one reduction (the mean of squares) is torch's own at::mean. Callers still check each
-// op against the module it replaces on random inputs before using it (decode_ops.py).
+// op against the code it replaces on random inputs before using it (moe_runtime/native_norms.py,
+// decode_attention.rotation).
 
 #include <torch/extension.h>
 

@@ -4,11 +4,11 @@ A decode step runs two RMS norms per layer, and OLMoE and Qwen3-MoE two more on 
 transformers each is a module of seven torch ops, about 19 us on the 2-core EPYC of
 BENCHMARKS.md, where the native op takes 5 (33 norms per step on the peer benchmark's small
 model). A module gets the native forward only for the input dtypes where it computes exactly
-what the native op does: on random inputs of several magnitudes its own forward and the op must
-agree bit for bit (transformers' llama-form norms of OLMoE, Qwen2/3-MoE, Mixtral and DeepSeek
-do; GPT-OSS's, which multiplies by the weight before rounding, does only on fp32 inputs). Inputs of more
-than NATIVE_ELEMENTS numbers (a prefill) go to the module's own forward: its ops are
-vectorized and threaded, the native loop is neither.
+what the native op does: on random inputs of several magnitudes its own forward and the op
+must agree bit for bit (transformers' llama-form norms of OLMoE, Qwen2/3-MoE, Mixtral and
+DeepSeek do; GPT-OSS's, which multiplies by the weight before rounding, does only on fp32
+inputs). Inputs of more than NATIVE_ELEMENTS numbers (a prefill) go to the module's own
+forward: its ops are vectorized and threaded, the native loop is neither.
 """
 
 from __future__ import annotations
