@@ -9,8 +9,9 @@ The checkpoint (peer_llamacpp.py's, built once) is wrapped at budget 1.0 with `q
 through the KV cache under torch.inference_mode (as time_generation runs them), each timed, and
 every kernel call inside them timed too. GB/s counts the bytes of the matrices a call reads.
 `--ablate R` then times the step as shipped against the step with one part of the decode path
-undone (transformers' attention forward instead of decode_attention.py; no_grad instead of
-inference_mode), alternating for R rounds, best of each.
+undone (transformers' attention forward instead of decode_attention.py; transformers' RMS norms
+and rotary function instead of the native ops; no_grad instead of inference_mode), alternating
+for R rounds, best of each.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -98,28 +100,42 @@ def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | Non
     return steps
 
 
-VARIANTS = ("as shipped", "transformers' attention", "no_grad, not inference_mode")
+VARIANTS = ("as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode")
 
 
 def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
     """Best ms per step of the decode path as shipped and with one of its parts undone, the
     variants alternating for `rounds` rounds (the VM's speed drifts between minutes)."""
-    import moe_runtime
-
-    attention = moe_runtime.runtime_of(model).decode_attention
     best = dict.fromkeys(VARIANTS, float("inf"))
     for _ in range(rounds):
         for variant in VARIANTS:
-            if variant == VARIANTS[1]:
-                for layer in attention:
-                    layer.remove()
-            with torch.no_grad() if variant == VARIANTS[2] else torch.inference_mode():
+            with undone(model, variant), torch.no_grad() if variant == VARIANTS[3] else torch.inference_mode():
                 steps = decode_steps(model, ids, tokens)
-            if variant == VARIANTS[1]:
-                for layer in attention:
-                    layer.install()
             best[variant] = min(best[variant], 1e3 * sum(steps) / len(steps))
     return [{"variant": variant, "best_ms_per_step": ms, "vs_shipped": ms / best[VARIANTS[0]]} for variant, ms in best.items()]
+
+
+@contextmanager
+def undone(model, variant: str):
+    """The wrapped model with one part of its decode path put back to transformers' own code
+    (decode_attention.py's forward, or native_norms.py's norms and the native rotary embedding)."""
+    import moe_runtime
+
+    runtime = moe_runtime.runtime_of(model)
+    attention = runtime.decode_attention if variant == VARIANTS[1] else []
+    norms = runtime.native_norms if variant == VARIANTS[2] else []
+    rotations = [layer.rotate for layer in runtime.decode_attention] if variant == VARIANTS[2] else []
+    for replaced in [*attention, *norms]:
+        replaced.remove()
+    for layer in runtime.decode_attention[: len(rotations)]:
+        layer.rotate = sys.modules[type(layer.attention).__module__].apply_rotary_pos_emb
+    try:
+        yield
+    finally:
+        for replaced in [*attention, *norms]:
+            replaced.install()
+        for layer, rotate in zip(runtime.decode_attention, rotations):
+            layer.rotate = rotate
 
 
 def main() -> None:

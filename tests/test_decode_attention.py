@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import moe_runtime
 from moe_runtime.adapters import adapter_for
 from moe_runtime.kernels import cpu_gemv
 from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
+
+from decoding import greedy_logits  # tests/decoding.py
 
 WITH_IT = [family for family in TINY_FAMILIES if adapter_for(tiny_model(family).config).decode_attention is not None]
 PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(4))
@@ -24,18 +25,6 @@ PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(4
 def _model(family: str, dtype=torch.float32):
     """A tiny model whose expert width (64) every int4 group divides."""
     return tiny_model(family, **expert_fields(family, num_experts=8, intermediate_size=64, top_k=2)).to(dtype)
-
-
-def _greedy_logits(model, ids: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """[steps + 1, B, V]: the prompt's last logits, then each greedy one-token step's."""
-    cache = DynamicCache(config=model.config)
-    rows = []
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            rows.append(logits)
-            ids = logits.argmax(-1, keepdim=True)
-    return torch.stack(rows)
 
 
 def _without_it(runtime, run):
@@ -58,11 +47,11 @@ def test_decode_steps_are_bit_identical_to_transformers_attention(family, rest):
     runtime = moe_runtime.runtime_of(model)
     layers = model.config.num_hidden_layers
     assert len(runtime.decode_attention) == layers == moe_runtime.stats(model)["decode_attention_layers"]
-    got = _greedy_logits(model, PROMPT)
+    got = greedy_logits(model, PROMPT)
     assert sum(attention.steps for attention in runtime.decode_attention) == 5 * layers  # the prefill went to transformers
-    assert torch.equal(got, _without_it(runtime, lambda: _greedy_logits(model, PROMPT)))
+    assert torch.equal(got, _without_it(runtime, lambda: greedy_logits(model, PROMPT)))
     if rest is None:
-        assert torch.equal(got, _greedy_logits(_model(family), PROMPT))  # and the unwrapped model's
+        assert torch.equal(got, greedy_logits(_model(family), PROMPT))  # and the unwrapped model's
     if rest is not None:  # k and v (one shape under GQA) in one kernel call, q alone
         assert [len(group) for group in runtime.decode_attention[0].together] == [1, 2]
 
@@ -71,8 +60,8 @@ def test_bf16_and_a_padded_batch_take_the_right_path():
     """bf16 activations are identical too; a batch with padding has a mask: transformers' forward."""
     model = moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
     runtime = moe_runtime.runtime_of(model)
-    got = _greedy_logits(model, PROMPT)
-    assert torch.equal(got, _without_it(runtime, lambda: _greedy_logits(model, PROMPT)))
+    got = greedy_logits(model, PROMPT)
+    assert torch.equal(got, _without_it(runtime, lambda: greedy_logits(model, PROMPT)))
     served = sum(attention.steps for attention in runtime.decode_attention)
     ids = torch.cat([PROMPT, PROMPT.flip(1)])
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -89,7 +78,7 @@ def test_unwrap_leaves_transformers_forward_and_other_families_keep_it(family):
     assert all(("forward" in attention.__dict__) == (family in WITH_IT) for attention in attentions)
     moe_runtime.unwrap(model)
     assert not any("forward" in attention.__dict__ for attention in attentions)
-    assert torch.equal(_greedy_logits(model, PROMPT), _greedy_logits(_model(family), PROMPT))
+    assert torch.equal(greedy_logits(model, PROMPT), greedy_logits(_model(family), PROMPT))
 
 
 def test_a_forward_set_on_the_module_before_wrap_keeps_every_step():
@@ -104,7 +93,7 @@ def test_a_forward_set_on_the_module_before_wrap_keeps_every_step():
     attention.forward = traced
     moe_runtime.wrap(model, budget=1.0, device="cpu")
     assert len(moe_runtime.runtime_of(model).decode_attention) == model.config.num_hidden_layers - 1  # not on this one
-    _greedy_logits(model, PROMPT, steps=2)
+    greedy_logits(model, PROMPT, steps=2)
     assert calls == [PROMPT.shape[1], 1, 1]  # the prefill and both one-token steps
     moe_runtime.unwrap(model)
     assert attention.forward is traced

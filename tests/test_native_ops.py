@@ -15,17 +15,19 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 import moe_runtime
 from moe_runtime.kernels import cpu_decode_ops
 from moe_runtime.native_norms import NativeNorm, install_native_norms, reproduced_dtypes
 from moe_runtime.tiny_models import TINY_FAMILIES, tiny_model
 
+from decoding import greedy_logits  # tests/decoding.py
+
 pytestmark = pytest.mark.skipif(not cpu_decode_ops.available(), reason="the CPU decode ops cannot be built here (no C++ compiler)")
 
 LLAMA_FORM = {"olmoe": "OlmoeRMSNorm", "qwen3_moe": "Qwen3MoeRMSNorm", "qwen2_moe": "Qwen2MoeRMSNorm", "mixtral": "MixtralRMSNorm", "deepseek_v2": "DeepseekV2RMSNorm"}
 ROTARY = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral"]
+PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(5))
 DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
 
 
@@ -98,10 +100,10 @@ def test_a_bf16_model_on_a_cpu_decodes_exactly_as_without_them(family):
     runtime = moe_runtime.runtime_of(model)
     expected_norms = 0 if family == "gpt_oss" else len([m for m in model.modules() if type(m).__name__.endswith("RMSNorm")])
     assert moe_runtime.stats(model)["native_norms"] == len(runtime.native_norms) == expected_norms
-    native = _greedy_logits(model)
-    assert torch.equal(native, _without_native_ops(runtime, lambda: _greedy_logits(model)))
+    native = greedy_logits(model, PROMPT)
+    assert torch.equal(native, _without_native_ops(runtime, lambda: greedy_logits(model, PROMPT)))
     if family in ("olmoe", "qwen3_moe", "qwen2_moe"):
-        assert torch.equal(native, _greedy_logits(tiny_model(family, dtype=torch.bfloat16)))
+        assert torch.equal(native, greedy_logits(tiny_model(family, dtype=torch.bfloat16), PROMPT))
     moe_runtime.unwrap(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
@@ -121,13 +123,3 @@ def _without_native_ops(runtime, run):
         for attention, rotate in zip(runtime.decode_attention, rotations):
             attention.rotate = rotate
 
-
-def _greedy_logits(model, steps: int = 4) -> torch.Tensor:
-    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(5))
-    cache, rows = DynamicCache(config=model.config), []
-    with torch.no_grad():
-        for _ in range(steps + 1):
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-            rows.append(logits)
-            ids = logits.argmax(-1, keepdim=True)
-    return torch.stack(rows)
