@@ -102,6 +102,8 @@ torch::Tensor rotate_typed(const torch::Tensor& t, const torch::Tensor& cos, con
 std::vector<torch::Tensor> rotate(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && sin.dim() == 3, "rotate: q, k [B, H, S, D], cos, sin [B, S, D]");
   TORCH_CHECK(q.size(3) % 2 == 0 && cos.size(2) == q.size(3) && k.size(3) == q.size(3), "rotate: head dims differ or are odd");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == q.size(0)) && cos.size(1) == q.size(2) &&
+              k.size(0) == q.size(0) && k.size(2) == q.size(2), "rotate: q, k, cos and sin of batch or length that do not match");
   const auto type = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == type && cos.scalar_type() == type && sin.scalar_type() == type, "rotate: one dtype for all");
   switch (type) {

@@ -152,9 +152,18 @@ class NativeRotation:
         self.family_rotate = family_rotate
 
     def __call__(self, query, key, cos, sin):
-        if query.dtype == key.dtype == cos.dtype == sin.dtype and query.dtype in ROTARY_DTYPES:
+        if query.dtype == key.dtype == cos.dtype == sin.dtype and query.dtype in ROTARY_DTYPES and _aligned(query, key, cos, sin):
             return cpu_decode_ops.rotate(query, key, cos, sin)
         return self.family_rotate(query, key, cos, sin)
+
+
+def _aligned(query, key, cos, sin) -> bool:
+    """Whether q, k [B, H, S, D] and cos, sin [B or 1, S, D] have the shapes the native op takes
+    (for anything else the family's function broadcasts, or refuses, as it would)."""
+    if query.dim() != 4 or key.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return False
+    batch, _, length, width = query.shape
+    return cos.shape[0] in (1, batch) and tuple(cos.shape[1:]) == (length, width) and (key.shape[0], *key.shape[2:]) == (batch, length, width)
 
 
 @lru_cache(maxsize=None)  # one verdict per family function

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import moe_runtime
+from moe_runtime import decode_attention
 from moe_runtime.kernels import cpu_decode_ops
 from moe_runtime.native_norms import NativeNorm, install_native_norms, reproduced_dtypes
 from moe_runtime.tiny_models import TINY_FAMILIES, tiny_model
@@ -62,6 +63,22 @@ def test_rotary_embedding_is_bit_identical_to_the_family_function(family, dtype)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         for want, got in zip(rotate(q, k, cos, sin), cpu_decode_ops.rotate(q, k, cos, sin)):
             assert torch.equal(got, want)
+
+
+def test_shapes_the_native_rotation_does_not_take_go_to_the_family_function():
+    """A position table of one step for a query of five broadcasts in the family's function:
+    the native op refuses it with an error, and decode attention's rotation hands it over."""
+    rotate = _family("olmoe").apply_rotary_pos_emb
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 4, 5, 64, generator=generator).bfloat16() for _ in range(2))
+    angles = torch.randn(1, 1, 64, generator=generator) * 300
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    with pytest.raises(RuntimeError, match="do not match"):
+        cpu_decode_ops.rotate(q, k, cos, sin)
+    rotation = decode_attention.rotation(rotate)
+    assert isinstance(rotation, decode_attention.NativeRotation)
+    for want, got in zip(rotate(q, k, cos, sin), rotation(q, k, cos, sin)):
+        assert torch.equal(got, want)
 
 
 def test_a_norm_that_rounds_differently_is_refused_whatever_its_weights():
