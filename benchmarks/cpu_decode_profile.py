@@ -128,7 +128,7 @@ def undone(model, variant: str):
     for replaced in [*attention, *norms]:
         replaced.remove()
     for layer in runtime.decode_attention[: len(rotations)]:
-        layer.rotate = sys.modules[type(layer.attention).__module__].apply_rotary_pos_emb
+        layer.rotate = layer.family_rotate
     try:
         yield
     finally:

@@ -36,7 +36,7 @@ void norm_row(const T* x, const W* weight, float inverse, int64_t H, O* out) {
 }
 
 template <typename T, typename W, typename O>
-torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps, c10::ScalarType out_type) {
+torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   const int64_t H = x.size(-1), R = x.numel() / H;
   auto squares = torch::empty({R, H}, x.options().dtype(torch::kFloat));
   const T* xs = x.data_ptr<T>();
@@ -47,7 +47,7 @@ torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight
   }
   const auto variance = at::mean(squares, {-1}).contiguous();  // torch's own reduction order
   const float* var = variance.data_ptr<float>();
-  auto out = torch::empty(x.sizes(), x.options().dtype(out_type));
+  torch::Tensor out = torch::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<O>::value));  // torch's promotion of T and W
   for (int64_t r = 0; r < R; ++r) {
     const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));  // torch.rsqrt: 1 / sqrt
     norm_row<T, W, O>(xs + r * H, weight.data_ptr<W>(), inverse, H, out.data_ptr<O>() + r * H);
@@ -61,15 +61,14 @@ torch::Tensor rms_norm(torch::Tensor given, torch::Tensor weight, double eps) {
   TORCH_CHECK(given.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == given.size(-1), "rms_norm: weight must be [H]");
   const torch::Tensor x = given.contiguous(), w = weight.contiguous();
-  const auto out_type = c10::promoteTypes(x.scalar_type(), w.scalar_type());
   const auto key = std::make_tuple(x.scalar_type(), w.scalar_type());
   using BF = c10::BFloat16;
   using HF = c10::Half;
-  if (key == std::make_tuple(torch::kBFloat16, torch::kBFloat16)) return rms_norm_typed<BF, BF, BF>(x, w, eps, out_type);
-  if (key == std::make_tuple(torch::kHalf, torch::kHalf)) return rms_norm_typed<HF, HF, HF>(x, w, eps, out_type);
-  if (key == std::make_tuple(torch::kFloat, torch::kFloat)) return rms_norm_typed<float, float, float>(x, w, eps, out_type);
-  if (key == std::make_tuple(torch::kBFloat16, torch::kFloat)) return rms_norm_typed<BF, float, float>(x, w, eps, out_type);
-  if (key == std::make_tuple(torch::kHalf, torch::kFloat)) return rms_norm_typed<HF, float, float>(x, w, eps, out_type);
+  if (key == std::make_tuple(torch::kBFloat16, torch::kBFloat16)) return rms_norm_typed<BF, BF, BF>(x, w, eps);
+  if (key == std::make_tuple(torch::kHalf, torch::kHalf)) return rms_norm_typed<HF, HF, HF>(x, w, eps);
+  if (key == std::make_tuple(torch::kFloat, torch::kFloat)) return rms_norm_typed<float, float, float>(x, w, eps);
+  if (key == std::make_tuple(torch::kBFloat16, torch::kFloat)) return rms_norm_typed<BF, float, float>(x, w, eps);
+  if (key == std::make_tuple(torch::kHalf, torch::kFloat)) return rms_norm_typed<HF, float, float>(x, w, eps);
   TORCH_CHECK(false, "rms_norm: unsupported dtypes ", x.scalar_type(), " and ", w.scalar_type());
 }
 

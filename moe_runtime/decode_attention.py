@@ -44,7 +44,8 @@ class DecodeAttention:
         assert norms in NORMS, f"norms must be one of {NORMS}, got {norms!r}"
         self.attention = attention
         self.norms = norms
-        self.rotate = rotation(sys.modules[type(attention).__module__].apply_rotary_pos_emb)
+        self.family_rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb  # the family's own
+        self.rotate = rotation(self.family_rotate)  # native where it gives the same
         self.clip = getattr(attention.config, "clip_qkv", None)
         self.gqa = {"enable_gqa": True} if getattr(attention, "num_key_value_groups", 1) > 1 else {}
         self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])

@@ -10,7 +10,6 @@ wrapped on a CPU decode with logits equal to the unwrapped model's; unwrap remov
 from __future__ import annotations
 
 import importlib
-import sys
 
 import pytest
 import torch
@@ -131,7 +130,7 @@ def _without_native_ops(runtime, run):
     for norm in runtime.native_norms:
         norm.remove()
     for attention in runtime.decode_attention:
-        attention.rotate = sys.modules[type(attention.attention).__module__].apply_rotary_pos_emb
+        attention.rotate = attention.family_rotate
     try:
         return run()
     finally:
