@@ -10,8 +10,9 @@ through the KV cache under torch.inference_mode (as time_generation runs them), 
 every kernel call inside them timed too. GB/s counts the bytes of the matrices a call reads.
 `--ablate R` then times the step as shipped against the step with one part of the decode path
 undone (transformers' attention forward instead of decode_attention.py; transformers' RMS norms
-and rotary function instead of the native ops; no_grad instead of inference_mode), alternating
-for R rounds, best of each.
+and rotary function instead of the native ops; torch's router `linear` and SDPA instead of the
+decode kernel's logits and the native one-query attention, which quantize_rest allows; no_grad
+instead of inference_mode), alternating for R rounds, best of each.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | Non
     return steps
 
 
-VARIANTS = ("as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode")
+VARIANTS = ("as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode", "torch's router linear and SDPA")
 
 
 def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
@@ -117,25 +118,31 @@ def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
 
 @contextmanager
 def undone(model, variant: str):
-    """The wrapped model with one part of its decode path put back to transformers' own code
-    (decode_attention.py's forward, or native_norms.py's norms and the native rotary embedding)."""
+    """The wrapped model with one part of its decode path put back to torch's or transformers' own
+    code (decode_attention.py's forward; native_norms.py's norms and the native rotary embedding;
+    kernel_routers.py's routers and the native attention)."""
     import moe_runtime
+    from moe_runtime.decode_attention import _sdpa
 
     runtime = moe_runtime.runtime_of(model)
     attention = runtime.decode_attention if variant == VARIANTS[1] else []
     norms = runtime.native_norms if variant == VARIANTS[2] else []
-    rotations = [layer.rotate for layer in runtime.decode_attention] if variant == VARIANTS[2] else []
-    for replaced in [*attention, *norms]:
+    routers = runtime.kernel_routers if variant == VARIANTS[4] else []
+    swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant == VARIANTS[4] else {}
+    kept = [{name: getattr(layer, name) for name in swapped} for layer in runtime.decode_attention]
+    for replaced in [*attention, *norms, *routers]:
         replaced.remove()
-    for layer in runtime.decode_attention[: len(rotations)]:
-        layer.rotate = layer.family_rotate
+    for layer in runtime.decode_attention:
+        for name, replacement in swapped.items():
+            setattr(layer, name, getattr(layer, replacement) if isinstance(replacement, str) else replacement)
     try:
         yield
     finally:
-        for replaced in [*attention, *norms]:
+        for replaced in [*attention, *norms, *routers]:
             replaced.install()
-        for layer, rotate in zip(runtime.decode_attention, rotations):
-            layer.rotate = rotate
+        for layer, originals in zip(runtime.decode_attention, kept):
+            for name, original in originals.items():
+                setattr(layer, name, original)
 
 
 def main() -> None:

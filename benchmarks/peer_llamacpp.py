@@ -12,8 +12,9 @@ decode benchmark: both sides decode token ids).
 Contenders alternate, round after round, each in a fresh process: llama-bench (2 threads,
 64 tokens generated after a 16-token context) per format, and on our side the unwrapped
 transformers model and moe-runtime `wrap` at 100% and 25% (in place on the CPU), in bf16,
-cast to fp16, and with int8 / int4 (group 64) experts alone or with every other linear layer
-quantized too ("-all", as llama.cpp's formats do), 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
+cast to fp16, with int8 / int4 (group 64) experts alone or with every other linear layer
+quantized too ("-all", as llama.cpp's formats do), and at full precision with exact=False
+("-fast"), 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
 measured in the same run divided by the bytes one decode step must read (every non-expert
 weight but the input embedding, plus top-k/E of the experts).
 
@@ -45,9 +46,12 @@ from moe_runtime.embedded import cache_root  # noqa: E402
 LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
 OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runtime", "bf16", 1.0), ("moe-runtime", "fp16", 1.0),
         ("moe-runtime", "bf16", 0.25), ("moe-runtime", "fp16", 0.25), ("moe-runtime", "int8", 1.0), ("moe-runtime", "int4", 1.0),
-        ("moe-runtime", "int8-all", 1.0), ("moe-runtime", "int4-all", 1.0), ("moe-runtime", "int8-all", 0.25), ("moe-runtime", "int4-all", 0.25)]
+        ("moe-runtime", "int8-all", 1.0), ("moe-runtime", "int4-all", 1.0), ("moe-runtime", "int8-all", 0.25), ("moe-runtime", "int4-all", 0.25),
+        ("moe-runtime", "bf16-fast", 1.0), ("moe-runtime", "fp16-fast", 1.0), ("moe-runtime", "fp16-fast", 0.25)]
 # Our quantized formats: "int8" / "int4" experts (quantize=..., expert_format.py) with the rest of
 # the model in bf16; "-all": every other linear layer but the routers too (quantize_rest=...).
+# "-fast": full precision with exact=False (every product by the decode kernel, the routers'
+# logits too, one native call per attention: sums in another order than torch's, as llama.cpp's).
 QUANTIZED = ("int8", "int4")
 PROMPT, NEW_TOKENS, THREADS = 16, 64, 2
 SHAPES = {  # live_decode.py's checkpoint, and OLMoE-1B-7B's shape (1.3 B active of 6.9 B parameters)
@@ -148,12 +152,13 @@ def ours(checkpoint: Path, contender: str, dtype: str, budget: float) -> float:
 
     torch.set_num_threads(THREADS)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
-    if dtype == "fp16":
+    if dtype.startswith("fp16"):
         model = model.half()
     if contender == "moe-runtime":
         experts = dtype.removesuffix("-all")
         quantize = experts if experts in QUANTIZED else None
-        moe_runtime.wrap(model, budget=budget, device="cpu", quantize=quantize, quantize_rest=quantize if dtype.endswith("-all") else None)
+        exact = False if dtype.endswith("-fast") else None
+        moe_runtime.wrap(model, budget=budget, device="cpu", quantize=quantize, quantize_rest=quantize if dtype.endswith("-all") else None, exact=exact)
     ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     time_generation(model, ids, 4)
     return time_generation(model, ids, NEW_TOKENS).decode_tokens_per_second

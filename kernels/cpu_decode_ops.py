@@ -1,8 +1,10 @@
 """The small ops of a CPU decode step in one call each (cpu_decode_ops.cpp, compiled on first
-use): the llama-form RMS norm and rotary embedding, bit for bit as transformers computes them.
+use): the llama-form RMS norm and rotary embedding, bit for bit as transformers computes them,
+and one query's attention, up to rounding.
 
     rms_norm(x [..., H], weight [H], eps) -> [..., H]
     rotate(q [B, Hq, S, D], k [B, Hk, S, D], cos [B, S, D], sin [B, S, D]) -> (q', k')
+    attend(q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv], scale) -> [B, Hq, 1, Dv]
 
 An RMS norm module took about 19 us on the 2-core EPYC of BENCHMARKS.md and this one 5; the
 rotary embedding 23 us and this one 10. `available()` is False where the extension cannot be
@@ -41,3 +43,9 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """(q * cos + rotate_half(q) * sin, the same for k), cos and sin taken at dim 1 as heads."""
     q_embed, k_embed = extension().rotate(q, k, cos, sin)
     return q_embed, k_embed
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v for one query per head, in fp32 and rounded once to q's dtype
+    (GQA where Hq is a multiple of Hk; no mask): SDPA's result up to rounding, not bit for bit."""
+    return extension().attend(q, k, v, scale)

@@ -141,13 +141,16 @@ def experts_in_place(
     weights: dict[int, ExpertTensors],
     layout: ExpertLayout,
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    exact: bool = True,
 ) -> torch.Tensor:
     """out [T, H] = sum_k w[t, k] * expert_{e[t, k]}(x_t) over the (t, k) whose expert is in `weights`.
 
     weights: {expert id: its tensors}, wherever they lie (a pool slot, host RAM): each expert's
     GEMMs read them in place, one expert at a time, touching only the experts a token uses.
     A decode step (T = 1) takes its K rows straight from the router's choice; a prefill
-    groups the (t, k) rows of each expert with one comparison per expert.
+    groups the (t, k) rows of each expert with one comparison per expert. exact=False lets the
+    CPU decode kernel compute full-precision experts too (config.exact_decode).
     """
     num_tokens, top_k = top_k_index.shape
     flat_weights = top_k_weights.reshape(-1)
@@ -158,7 +161,7 @@ def experts_in_place(
             return torch.zeros_like(hidden)
         x = hidden.to(dtype)
         scale = flat_weights[[row for row, _ in rows]] if len(rows) < top_k else flat_weights
-        summed = experts_in_one_call(x, [tensors for _, tensors in rows], layout, apply_gate, scale)
+        summed = experts_in_one_call(x, [tensors for _, tensors in rows], layout, apply_gate, scale, exact=exact or layout.is_transposed)
         if summed is not None:
             return summed.to(hidden.dtype)
         outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
@@ -180,19 +183,22 @@ def compute_dtype(tensors: ExpertTensors, activations: torch.dtype) -> torch.dty
     return held.dtype if held is not None else activations
 
 
-def experts_in_one_call(x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate, scale: torch.Tensor) -> torch.Tensor | None:
+def experts_in_one_call(
+    x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate, scale: torch.Tensor, *, exact: bool = True,
+) -> torch.Tensor | None:
     """[1, H]: one decode row x [1, H] through each of K' experts, weighted by `scale` [K'] and
     summed (in fp32 in the kernel), each GEMM of all of them in one call of the CPU decode
-    kernel (int8 / int4 experts in host RAM); None where that kernel does not read these
-    experts (expert_format.linear_many), and the caller goes expert by expert."""
-    h = linear_many(x[None], experts, "gate_up_proj")  # [K', 1, 2I]
+    kernel (int8 / int4 experts in host RAM; full-precision ones [N, K] too where not `exact`);
+    None where that kernel does not read these experts (expert_format.linear_many), and the
+    caller goes expert by expert."""
+    h = linear_many(x[None], experts, "gate_up_proj", exact=exact)  # [K', 1, 2I]
     if h is None:
         return None
     if layout.has_bias:
         h = h + torch.stack([tensors["gate_up_proj_bias"] for tensors in experts])[:, None]
-        y = linear_many(apply_gate(h), experts, "down_proj") + torch.stack([tensors["down_proj_bias"] for tensors in experts])[:, None]
+        y = linear_many(apply_gate(h), experts, "down_proj", exact=exact) + torch.stack([tensors["down_proj_bias"] for tensors in experts])[:, None]
         return (y[:, 0].float() * scale[:, None].float()).sum(dim=0, keepdim=True).to(x.dtype)
-    return linear_many(apply_gate(h), experts, "down_proj", combine=scale)[0]  # [1, H]
+    return linear_many(apply_gate(h), experts, "down_proj", combine=scale, exact=exact)[0]  # [1, H]
 
 
 def one_expert(x: torch.Tensor, tensors: ExpertTensors, layout: ExpertLayout, apply_gate) -> torch.Tensor:

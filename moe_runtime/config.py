@@ -40,8 +40,9 @@ class OffloadConfig:
     execution: str = "auto"  # where experts are computed: "auto", "device", "host" or "hybrid" (execution.py)
     devices: tuple | None = None  # multi-GPU plans: the devices, in plan order
     quantize: str | None = None  # routed experts held as "int8" or "int4" (expert_format.py); None: the model's dtype
-    quantize_rest: str | None = None  # the other linear layers too, on a CPU (dense_quantization.py)
+    quantize_rest: str | None = None  # the other linear layers too, on a CPU (kernel_linears.py)
     miss_precision: str | None = None  # a missed expert computed on the CPU from its copy in this format (HOBBIT)
+    exact: bool | None = None  # a CPU decode step bit for bit as torch's ops; None: unless quantize_rest (see exact_decode)
 
     def __post_init__(self) -> None:
         if self.budget is None or isinstance(self.budget, bool) or not isinstance(self.budget, (int, float, str)):
@@ -65,6 +66,8 @@ class OffloadConfig:
         for name in ("quantize_rest", "miss_precision"):
             if getattr(self, name) is not None and getattr(self, name) not in QUANTIZE:
                 raise ValueError(f"{name} must be one of {', '.join(QUANTIZE)} (or None), got {getattr(self, name)!r}")
+        if self.exact is not None and not isinstance(self.exact, bool):
+            raise TypeError(f"exact must be True, False or None (exact unless quantize_rest), got {self.exact!r}")
         if self.miss_precision is not None and self.execution == "hybrid":
             raise ValueError("miss_precision decides where misses are computed (on the CPU, from low-bit copies); drop execution='hybrid'")
         for name in ("quantize", "quantize_rest", "miss_precision"):
@@ -72,6 +75,14 @@ class OffloadConfig:
                 object.__setattr__(self, name, None)
         if self.devices is not None:
             object.__setattr__(self, "devices", tuple(self.devices))
+
+    def exact_decode(self) -> bool:
+        """Whether a CPU decode step must give the outputs torch's own ops give, bit for bit (the
+        unwrapped model's, at full precision). Where not, the decode kernel computes every
+        product (full-precision experts and dense layers too) and the routers' logits, and one
+        native call each query's attention: the same sums in another order. Default: exact
+        unless quantize_rest, whose outputs differ from the unwrapped model's anyway."""
+        return self.exact if self.exact is not None else self.quantize_rest is None
 
     def with_device(self, device: torch.device) -> OffloadConfig:
         """The same options with the device resolved (done once, by the entry point)."""

@@ -18,6 +18,11 @@ since the kernel computes each matrix's rows as it would alone; so is the native
 embedding (kernels/cpu_decode_ops.py), used only where it matches the family's function.
 Anything else (a prefill, a mask: padding, a static cache, a sliding window in force; eager
 attention; another device) goes to transformers' own forward.
+
+Where a step need not be exact (`exact=False`, config.exact_decode: the default under
+quantize_rest), SDPA gives way to the native one-query attention (cpu_decode_ops.attend: fp32
+throughout, as close to an exact result as SDPA is; 9 us where SDPA took 38 for 16 heads of 20
+keys, 0.6 ms where it took 6.3 for 4096 keys on the CPU of BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dense_quantization import QuantizedLinear
+from .kernel_linears import KernelLinear
 from .expert_format import cpu_kernel_operands
 from .kernels import cpu_decode_ops, cpu_gemv
 
@@ -40,14 +45,14 @@ ROTARY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the nativ
 class DecodeAttention:
     """Installed on one attention module (its instance `forward`); `remove` puts transformers' back."""
 
-    def __init__(self, attention: nn.Module, norms: str):
+    def __init__(self, attention: nn.Module, norms: str, exact: bool = True):
         assert norms in NORMS, f"norms must be one of {NORMS}, got {norms!r}"
         self.attention = attention
         self.norms = norms
+        self.attend = _sdpa if exact or not cpu_decode_ops.available() else cpu_decode_ops.attend
         self.family_rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb  # the family's own
         self.rotate = rotation(self.family_rotate)  # native where it gives the same
         self.clip = getattr(attention.config, "clip_qkv", None)
-        self.gqa = {"enable_gqa": True} if getattr(attention, "num_key_value_groups", 1) > 1 else {}
         self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])
         self.steps = 0  # one-token steps served here (the rest went to transformers' forward)
 
@@ -92,13 +97,13 @@ class DecodeAttention:
         cos, sin = position_embeddings
         query, key = self.rotate(query, key, cos, sin)
         key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=attention.scaling, is_causal=False, **self.gqa)
+        out = self.attend(query, key, value, attention.scaling)
         out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
         return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
 
     def _project(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         """[q, k, v], each [B, 1, N]: a group of quantized projections of one shape in one kernel
-        call (QuantizedLinear's ops for each, bias included), any other through its module."""
+        call (KernelLinear's ops for each, bias included), any other through its module."""
         outputs = []
         for group in self.together:
             rows = hidden_states.reshape(-1, group[0].in_features)
@@ -110,13 +115,19 @@ class DecodeAttention:
         return outputs
 
 
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for a one-token query without a mask."""
+    gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=scale, is_causal=False, **gqa)
+
+
 def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
-    """q, k, v in order, consecutive QuantizedLinear modules of one shape grouped (all three
+    """q, k, v in order, consecutive KernelLinear modules of one shape grouped (all three
     without GQA; k and v with it), every other module alone."""
     groups: list[list[nn.Module]] = []
     for module in projections:
         last = groups[-1][-1] if groups else None
-        same = isinstance(module, QuantizedLinear) and isinstance(last, QuantizedLinear) and (
+        same = isinstance(module, KernelLinear) and isinstance(last, KernelLinear) and (
             (module.in_features, module.out_features, tuple(module.tensors)) == (last.in_features, last.out_features, tuple(last.tensors))
         )
         if same:
@@ -126,13 +137,13 @@ def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
     return groups
 
 
-def _kernel_operands(group: list[QuantizedLinear], rows: int) -> tuple[list, list, int] | None:
+def _kernel_operands(group: list[KernelLinear], rows: int) -> tuple[list, list, int] | None:
     """(matrices, scales, group size) of the modules' weights as cpu_gemv reads them, or None
     where expert_format.linear would not give them these `rows` (cpu_kernel_operands)."""
-    each = [cpu_kernel_operands(module.tensors, "weight", rows) for module in group]
+    each = [cpu_kernel_operands(module.tensors, "weight", rows, exact=module.exact) for module in group]
     if any(operands is None for operands in each):
         return None
-    return [operands[0][0] for operands in each], [operands[1][0] for operands in each], each[0][2]
+    return [operands[0][0] for operands in each], [scales for operands in each for scales in operands[1]], each[0][2]
 
 
 def rotation(family_rotate):
@@ -181,10 +192,10 @@ def _rotates_alike(family_rotate) -> bool:
     return True
 
 
-def install_decode_attention(model: nn.Module, norms: str | None) -> list[DecodeAttention]:
+def install_decode_attention(model: nn.Module, norms: str | None, exact: bool = True) -> list[DecodeAttention]:
     """A DecodeAttention on every attention module of `model`'s decoder layers (`self_attn`),
-    for a family whose adapter names its `norms`; none for None, nor on a module whose forward
-    someone has already replaced (theirs is left to run every step)."""
+    for a family whose adapter names its `norms` (`exact`: see the module's docstring); none for
+    None, nor on a module whose forward someone has already replaced (theirs is left to run)."""
     if norms is None:
         return []
     installed = []
@@ -194,6 +205,6 @@ def install_decode_attention(model: nn.Module, norms: str | None) -> list[Decode
             isinstance(attention, nn.Module) and "forward" not in attention.__dict__
             and all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))
         ):
-            installed.append(DecodeAttention(attention, norms))
+            installed.append(DecodeAttention(attention, norms, exact))
             installed[-1].install()
     return installed

@@ -33,6 +33,11 @@ SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 QUANTIZED = QUANTIZE[1:]  # the formats a command-line flag offers
 CPU_KERNEL_ROWS = 64  # int8 products of up to this many rows go to kernels/cpu_gemv.py on a CPU, more to torch's int8 GEMM
+# Full-precision weights go to it (where not exact) for up to this many rows: its cost grows with
+# the rows, and on the CPU of BENCHMARKS.md torch's bf16 GEMM (AVX512-BF16) beats it from 4 rows
+# on (8 x [1024, 1024]: 0.37 against 0.88 ms at 1 row, 1.32 against 0.82 at 4), while its fp16
+# GEMM loses at every count up to 64 (20.7 against 26.9 ms at 64); fp32 (MKL) taken as bf16.
+KERNEL_FLOAT_ROWS = {torch.bfloat16: 1, torch.float16: CPU_KERNEL_ROWS, torch.float32: 1}
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.Tensor:
     """Parameter `name` of one expert as an [N, K] matrix of `dtype` (full precision: as stored)."""
+    if name in tensors:
+        return tensors[name].to(dtype)
     if f"{name}.int8" in tensors:
         return (tensors[f"{name}.int8"].to(torch.float32) * tensors[f"{name}.scale"].float()[:, None]).to(dtype)
     scales_zeros = tensors[f"{name}.scales_zeros"].float()  # [K/G, N, 2]
@@ -222,18 +229,19 @@ def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.T
     return ((q.float() - 8) * scale + zero).to(dtype)
 
 
-def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool, *, exact: bool = True) -> torch.Tensor:
     """x [M, K] times parameter `name` of one expert: [M, N], whatever its format.
 
-    On the CPU, plain-nibble int4 and a few rows (decode) of int8 go to kernels/cpu_gemv.py;
-    more int8 rows, or where it is not built, torch's weight-only kernels (int8: x in bf16;
-    int4: the CPU tile order) read the packed bytes without expanding them; elsewhere (and for
-    plain-nibble int4 without the kernel) the matrix is dequantized for the one product.
+    On the CPU, plain-nibble int4, a few rows (decode) of int8 and, where not `exact`, of full
+    precision go to kernels/cpu_gemv.py; more int8 rows, or where it is not built, torch's
+    weight-only kernels (int8: x in bf16; int4: the CPU tile order) read the packed bytes
+    without expanding them; elsewhere (and for plain-nibble int4 without the kernel) the matrix
+    is dequantized for the one product.
     """
+    if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name, rows=x.shape[0], exact=exact or transposed)):
+        return cpu_gemv.products(x[None], *operands)[0]
     if name in tensors:
         return torch.matmul(x, tensors[name]) if transposed else F.linear(x, tensors[name])
-    if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name, rows=x.shape[0])):
-        return cpu_gemv.products(x[None], *operands)[0]
     if f"{name}.int8" in tensors and x.device.type == "cpu":
         return torch._weight_int8pack_mm(x.to(SCALE_DTYPE), tensors[f"{name}.int8"], tensors[f"{name}.scale"]).to(x.dtype)
     packed = tensors.get(f"{name}.int4_cpu")
@@ -244,23 +252,34 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool)
     return F.linear(x, dequantize(tensors, name, x.dtype))
 
 
-def cpu_kernel_operands(tensors: ExpertTensors, name: str, rows: int = 1) -> tuple[list, list, int] | None:
+def cpu_kernel_operands(tensors: ExpertTensors, name: str, rows: int = 1, *, exact: bool = True) -> tuple[list, list, int] | None:
     """([matrix], [scales], group): parameter `name` as kernels/cpu_gemv.py reads it for `rows`
-    input rows, or None where it is not used: full precision (torch's kernels keep a wrapped
-    model's outputs equal to the unwrapped model's), torch's int4 tile order, int8 with more
-    than CPU_KERNEL_ROWS rows (torch's int8 GEMM), or the kernel not built here. Plain-nibble
-    int4 goes to it at any row count: dequantizing the whole matrix was 3-5x slower even at 512."""
+    input rows, or None where it is not used (see _kernel_names)."""
+    names = _kernel_names(tensors, name, rows, exact)
+    if names is None:
+        return None
+    values, scales, group = names
+    return [tensors[values]], [tensors[scales]] if scales else [], group
+
+
+def _kernel_names(tensors: ExpertTensors, name: str, rows: int, exact: bool) -> tuple[str, str | None, int] | None:
+    """(the matrix's tensor name, its scales' or None, the int4 group or 0) of parameter `name`
+    as the decode kernel reads it, or None where it is not used: full precision when `exact`
+    (torch's kernels keep a wrapped model's outputs equal to the unwrapped model's; else an
+    [N, K] matrix goes to the kernel for up to KERNEL_FLOAT_ROWS rows), torch's int4 tile order,
+    int8 with more than CPU_KERNEL_ROWS rows (torch's int8 GEMM), or the kernel not built here.
+    Plain-nibble int4 goes to it at any row count: dequantizing the whole matrix was 3-5x
+    slower even at 512."""
     int8, scale, int4, scales_zeros = _quantized_names(name)
     if int8 in tensors:
-        if rows > CPU_KERNEL_ROWS:
-            return None
-        operands = [tensors[int8]], [tensors[scale]], 0
+        names = (int8, scale, 0) if rows <= CPU_KERNEL_ROWS else None
     elif int4 in tensors:
-        packed, zeros = tensors[int4], tensors[scales_zeros]
-        operands = [packed], [zeros], 2 * packed.shape[1] // zeros.shape[0]
+        names = (int4, scales_zeros, 2 * tensors[int4].shape[1] // tensors[scales_zeros].shape[0])
+    elif not exact and name in tensors and tensors[name].dim() == 2 and rows <= KERNEL_FLOAT_ROWS.get(tensors[name].dtype, 0):
+        names = (name, None, 0)
     else:
-        return None
-    return operands if cpu_gemv.available() else None
+        names = None
+    return names if names is not None and cpu_gemv.available() else None
 
 
 @lru_cache(maxsize=None)
@@ -269,17 +288,18 @@ def _quantized_names(name: str) -> tuple[str, str, str, str]:
     return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros"
 
 
-def linear_many(x: torch.Tensor, experts: list[ExpertTensors], name: str, combine: torch.Tensor | None = None) -> torch.Tensor | None:
+def linear_many(
+    x: torch.Tensor, experts: list[ExpertTensors], name: str, combine: torch.Tensor | None = None, *, exact: bool = True,
+) -> torch.Tensor | None:
     """[M, R, N] in x's dtype: x [1 or M, R, K] times parameter `name` of each of M experts (one
     format, as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's
     experts on the CPU); with `combine` [M], their weighted sum [1, R, N]. None where it does
-    not apply (see cpu_kernel_operands), and the caller computes expert by expert."""
-    operands = cpu_kernel_operands(experts[0], name, rows=x.shape[1])
-    if operands is None:
+    not apply (see _kernel_names), and the caller computes expert by expert."""
+    names = _kernel_names(experts[0], name, x.shape[1], exact)
+    if names is None:
         return None
-    int8, scale, int4, scales_zeros = _quantized_names(name)
-    values, scales = (int4, scales_zeros) if operands[2] else (int8, scale)  # the group is 0 for int8
-    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts], operands[2], combine)
+    values, scales, group = names
+    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts] if scales else None, group, combine)
 
 
 def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:

@@ -51,6 +51,7 @@ def from_pretrained(
     quantize: str | None = None,
     quantize_rest: str | None = None,
     miss_precision: str | None = None,
+    exact: bool | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """An offloaded model from the checkpoint directory `path`; experts are never all in RAM.
@@ -69,7 +70,7 @@ def from_pretrained(
         budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
         prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution, quantize=quantize,
-        quantize_rest=quantize_rest, miss_precision=miss_precision,
+        quantize_rest=quantize_rest, miss_precision=miss_precision, exact=exact,
     ))
     if offload.quantize is not None and offload.store_dir is None:
         raise ValueError(f"quantize={offload.quantize!r} needs store_dir=...: the quantized experts are written there once and read from it")

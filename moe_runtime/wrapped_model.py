@@ -96,7 +96,7 @@ def write_checkpoint(folder: Path, model: nn.Module, adapter, blocks, expert_sha
 def _non_expert_tensors(model: nn.Module, adapter, blocks=()) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer under its checkpoint name; a tied tensor once; a
     quantized linear layer (quantize_rest) as its dequantized weight."""
-    from .dense_quantization import QuantizedLinear
+    from .kernel_linears import KernelLinear
 
     out, seen = {}, set()
     experts = {id(block.experts) for block in blocks}  # written by the per-layer shards
@@ -104,7 +104,7 @@ def _non_expert_tensors(model: nn.Module, adapter, blocks=()) -> dict[str, torch
         if id(module) in experts:
             continue
         tensors = {**module._parameters, **{k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}}
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, KernelLinear):
             tensors = {"weight": module.dequantized_weight(), "bias": module.bias}
         for leaf, tensor in tensors.items():
             if tensor is None or tensor.data_ptr() in seen:

@@ -2,8 +2,10 @@
 
 Bit-identical logits, step by step through the KV cache, for every family that has it, at
 full precision (also against the unwrapped model) and with quantize_rest (projections
-computed together); one-token steps only (the prefill and a padded batch go to transformers);
-unwrap leaves no trace of it; families without it keep transformers' forward.
+computed together) where SDPA computes the attention; quantize_rest's native one-query
+attention (cpu_decode_ops.attend) against SDPA within rounding, and its logits close to
+SDPA's; one-token steps only (the prefill and a padded batch go to transformers); unwrap
+leaves no trace of it; families without it keep transformers' forward.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch
 
 import moe_runtime
 from moe_runtime.adapters import adapter_for
-from moe_runtime.kernels import cpu_gemv
+from moe_runtime.decode_attention import _sdpa
+from moe_runtime.kernels import cpu_decode_ops, cpu_gemv
 from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
 
 from decoding import greedy_logits  # tests/decoding.py
@@ -38,6 +41,18 @@ def _without_it(runtime, run):
             attention.install()
 
 
+def _with_sdpa(runtime, run):
+    """run() with the decode path computing its attention by SDPA (as at full precision)."""
+    kept = [attention.attend for attention in runtime.decode_attention]
+    for attention in runtime.decode_attention:
+        attention.attend = _sdpa
+    try:
+        return run()
+    finally:
+        for attention, attend in zip(runtime.decode_attention, kept):
+            attention.attend = attend
+
+
 @pytest.mark.parametrize("family", WITH_IT)
 @pytest.mark.parametrize("rest", [None, "int8", "int4-g32"])
 def test_decode_steps_are_bit_identical_to_transformers_attention(family, rest):
@@ -47,20 +62,24 @@ def test_decode_steps_are_bit_identical_to_transformers_attention(family, rest):
     runtime = moe_runtime.runtime_of(model)
     layers = model.config.num_hidden_layers
     assert len(runtime.decode_attention) == layers == moe_runtime.stats(model)["decode_attention_layers"]
-    got = greedy_logits(model, PROMPT)
+    got = _with_sdpa(runtime, lambda: greedy_logits(model, PROMPT))
     assert sum(attention.steps for attention in runtime.decode_attention) == 5 * layers  # the prefill went to transformers
     assert torch.equal(got, _without_it(runtime, lambda: greedy_logits(model, PROMPT)))
     if rest is None:
         assert torch.equal(got, greedy_logits(_model(family), PROMPT))  # and the unwrapped model's
+        assert all(attention.attend is _sdpa for attention in runtime.decode_attention)
     if rest is not None:  # k and v (one shape under GQA) in one kernel call, q alone
         assert [len(group) for group in runtime.decode_attention[0].together] == [1, 2]
+        assert all(attention.attend is cpu_decode_ops.attend for attention in runtime.decode_attention)
+        native = greedy_logits(model, PROMPT)  # the native attention: the same up to rounding
+        assert torch.allclose(native, got, rtol=0, atol=1e-4)
 
 
 def test_bf16_and_a_padded_batch_take_the_right_path():
     """bf16 activations are identical too; a batch with padding has a mask: transformers' forward."""
     model = moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
     runtime = moe_runtime.runtime_of(model)
-    got = greedy_logits(model, PROMPT)
+    got = _with_sdpa(runtime, lambda: greedy_logits(model, PROMPT))
     assert torch.equal(got, _without_it(runtime, lambda: greedy_logits(model, PROMPT)))
     served = sum(attention.steps for attention in runtime.decode_attention)
     ids = torch.cat([PROMPT, PROMPT.flip(1)])

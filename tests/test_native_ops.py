@@ -4,7 +4,8 @@ them (native_norms.py): bit for bit what transformers computes, or not used at a
 The ops against each family's own norm class and rotary function in every dtype they take and
 over twelve orders of magnitude; the norms installed only where (and for the input dtypes in
 which) they reproduce the module, GPT-OSS's differently rounded norm refused; bf16 models
-wrapped on a CPU decode with logits equal to the unwrapped model's; unwrap removes them.
+wrapped on a CPU decode with logits equal to the unwrapped model's; unwrap removes them. The
+one-query attention (not bit for bit: quantize_rest's) as close to an fp64 reference as SDPA.
 """
 
 from __future__ import annotations
@@ -139,3 +140,29 @@ def _without_native_ops(runtime, run):
         for attention, rotate in zip(runtime.decode_attention, rotations):
             attention.rotate = rotate
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 4, 1, 32, 32), (1, 16, 16, 20, 64, 64), (2, 8, 2, 300, 128, 128), (1, 4, 2, 50, 192, 128)], ids=str)
+def test_one_query_attention_is_as_close_to_the_exact_result_as_sdpa(dtype, shape):
+    """(B, Hq, Hk, T, D, Dv): GQA, a batch, a context long enough for threads, MLA-like Dv != D;
+    the error against an fp64 reference at most SDPA's own plus two ulps of the output's largest
+    value (a rounded output is off by up to half of one; fp32 sums of 300 terms by a few)."""
+    batch, heads, kv_heads, length, width, value_width = shape
+    generator = torch.Generator().manual_seed(length)
+    q, k = (torch.randn(batch, h, n, width, generator=generator).to(dtype) for h, n in ((heads, 1), (kv_heads, length)))
+    v = torch.randn(batch, kv_heads, length, value_width, generator=generator).to(dtype)
+    scale = width**-0.5
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale, enable_gqa=heads != kv_heads)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=heads != kv_heads)
+    native = cpu_decode_ops.attend(q, k, v, scale)
+    assert native.shape == sdpa.shape and native.dtype == dtype
+    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert (native.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max() + 2 * ulp
+
+
+def test_one_query_attention_refuses_what_it_does_not_take():
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    for bad in [(torch.randn(1, 4, 2, 8), k, k), (q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8)), (q, k, torch.randn(1, 2, 4, 8)), (q, k, k.double())]:
+        with pytest.raises(RuntimeError, match="attend:"):
+            cpu_decode_ops.attend(*bad, 1.0)

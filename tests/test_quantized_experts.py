@@ -190,19 +190,19 @@ def test_save_pretrained_of_a_quantized_model_writes_its_dequantized_weights(tmp
 
 @pytest.mark.parametrize("family", ("olmoe", "qwen2_moe", "deepseek_v2"))
 def test_quantize_rest_computes_the_dense_layers_from_int8_and_gives_them_back(family, tmp_path):
-    from moe_runtime.dense_quantization import QuantizedLinear
+    from moe_runtime.kernel_linears import KernelLinear
 
     ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(6))
     model = moe_runtime.wrap(_wide(family, tie_word_embeddings=True).eval(), budget=0.5, quantize="int8", quantize_rest="int8")
     runtime = moe_runtime.runtime.assembly.runtime_of(model)
-    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(quantized) == moe_runtime.stats(model)["dense_quantized_linears"] > 0
-    assert not any(isinstance(m, QuantizedLinear) for block in runtime.blocks for m in block.router.modules())  # routing untouched
+    quantized = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    assert len(quantized) == moe_runtime.stats(model)["kernel_linears"] > 0
+    assert not any(isinstance(m, KernelLinear) for block in runtime.blocks for m in block.router.modules())  # routing untouched
     with torch.no_grad():
         got = model(ids).logits
     model.save_pretrained(tmp_path / "saved")
     moe_runtime.unwrap(model)
-    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert not any(isinstance(m, KernelLinear) for m in model.modules())
     assert model.lm_head.weight is model.get_input_embeddings().weight  # a tied head is given back tied
     with torch.no_grad():
         want = model(ids).logits  # the dequantized weights

@@ -19,8 +19,9 @@ from ..budget import Budget, format_bytes, parse_budget
 from ..config import OffloadConfig, config_from
 from ..disk_store import ConvertedStore
 from ..execution import HOST, resolve_execution
-from ..expert_format import ExpertSpec, expert_format
+from ..expert_format import ExpertFormat, ExpertSpec, expert_format
 from ..host_tier import ExpertSource, HostTier, RamSource
+from ..kernels import cpu_gemv
 from ..policies import DEFAULT_POLICY, EvictionPolicy
 from .executor import RUNTIME_ATTR, Runtime
 
@@ -127,6 +128,7 @@ def wrap(
     quantize: str | None = None,
     quantize_rest: str | None = None,
     miss_precision: str | None = None,
+    exact: bool | None = None,
     config: OffloadConfig | None = None,
 ) -> nn.Module:
     """Offload the routed experts of `model` (in place) and return it.
@@ -165,18 +167,24 @@ def wrap(
     moved and computed in that format; the model's own expert weights are freed, and unwrap
     gives back their dequantized values. Shared experts and the rest keep the model's dtype
     unless `quantize_rest` names a format for them too (on a CPU: every other linear layer but
-    the routers, computed by the same kernels; see dense_quantization.py).
+    the routers, computed by the same kernels; see kernel_linears.py).
     miss_precision: "int8" or "int4" (HOBBIT's mixed precision): a low-bit copy of every routed
     expert is kept in RAM; resident experts compute in the model's precision (or `quantize`'s),
     and a missed expert is computed on the CPU from its low-bit copy instead of waiting for its
     load, while its full copy is admitted in the background when recent admissions were reused
     (stats()["host_computes"] counts the low-bit computations).
+    exact: on a CPU, whether a decode step gives bit for bit what torch's ops give (True: at full
+    precision the unwrapped model's outputs) or may take faster ops that sum in another order:
+    the decode kernel for every product (full-precision experts and dense layers too) and the
+    routers' logits, one native call for a query's attention (False: 2.0-2.5x the tokens/s
+    of a bf16 model on the CPU of BENCHMARKS.md, 1.05x of an fp16 one). Default None: exact unless quantize_rest,
+    whose outputs differ from the unwrapped model's anyway.
     """
     config = config_from(config, dict(
         budget=budget, device=device, host_budget=host_budget, store_dir=store_dir, policy=policy, predictor=predictor,
         placement=placement, profile=profile, prefetch_width=prefetch_width, prefetch_lookahead=prefetch_lookahead,
         profiles_dir=profiles_dir, kernel=kernel, execution=execution, devices=devices, quantize=quantize,
-        quantize_rest=quantize_rest, miss_precision=miss_precision,
+        quantize_rest=quantize_rest, miss_precision=miss_precision, exact=exact,
     ))
     if hasattr(model, RUNTIME_ATTR):
         raise ValueError("this model is already wrapped; call moe_runtime.unwrap(model) first")
@@ -227,7 +235,7 @@ def build_runtime(model, adapter, blocks, source, plan, config: OffloadConfig, *
     mask = router_mask(config.profile, config.profiles_dir, model, adapter, blocks)
     runtime = Runtime(
         model, adapter, blocks, source, config, home_device=home_device, forecaster=forecaster, mask=mask,
-        pinned=tier_keys(plan, "pinned"), transient=tier_keys(plan, "host"), dense=dense_quantization(model, blocks, config),
+        pinned=tier_keys(plan, "pinned"), transient=tier_keys(plan, "host"), dense=kernel_linears(model, blocks, config),
         low_bit=low_bit,
     )
     if plan is not None and plan.kind == "tiering":
@@ -255,19 +263,21 @@ def encoded_copies(spec: ExpertSpec, layers: int, experts: int, read, *, pin: bo
     return RamSource(fused, spec)
 
 
-def dense_quantization(model: nn.Module, blocks: list[MoEBlock], config: OffloadConfig):
-    """The DenseQuantization `config.quantize_rest` asks for (refused off the CPU), or None."""
-    if config.quantize_rest is None:
-        return None
-    if config.device.type != "cpu":
+def kernel_linears(model: nn.Module, blocks: list[MoEBlock], config: OffloadConfig):
+    """The KernelLinears that `config.quantize_rest` asks for (refused off the CPU), or on a CPU
+    where a decode step need not be exact, at full precision; else None."""
+    if config.quantize_rest is not None and config.device.type != "cpu":
         raise ValueError(
             f"quantize_rest={config.quantize_rest!r} computes the dense layers with torch's CPU kernels; on {config.device} they stay "
             "resident in the model's dtype: drop quantize_rest (quantize= still applies to the experts)"
         )
-    from ..dense_quantization import DenseQuantization
+    if config.quantize_rest is None and (config.device.type != "cpu" or config.exact_decode() or not cpu_gemv.available()):
+        return None
+    from ..kernel_linears import KernelLinears
 
+    fmt = ExpertFormat() if config.quantize_rest is None else expert_format(config.quantize_rest, on_cpu=True)
     skipped = [module for block in blocks for module in (block.experts, block.router)]
-    return DenseQuantization(model, expert_format(config.quantize_rest, on_cpu=True), skipped)
+    return KernelLinears(model, fmt, skipped, config.exact_decode())
 
 
 def router_mask(profile, profiles_dir, model: nn.Module, adapter: MoEAdapter, blocks: list[MoEBlock]):

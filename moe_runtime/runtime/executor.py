@@ -30,6 +30,7 @@ from .slot_cache import SlotCache
 from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
 from ..config import OffloadConfig
 from ..decode_attention import install_decode_attention
+from ..kernel_routers import install_kernel_routers
 from ..native_norms import install_native_norms
 from ..execution import HOST, HYBRID, measure_costs, resolve_execution
 from .host_slots import HostSlots
@@ -69,8 +70,8 @@ class Runtime:
         low_bit: ExpertSource | None = None,
     ):
         """config: the options, with the device resolved; forecaster, mask, pinned and transient
-        come from its predictor, profile and placement plan, dense (a DenseQuantization) from
-        its quantize_rest, low_bit (every expert's low-bit copy in RAM) from its miss_precision
+        come from its predictor, profile and placement plan, dense (KernelLinears) from
+        its quantize_rest or exact=False, low_bit (every expert's low-bit copy in RAM) from its miss_precision
         (see build_runtime)."""
         device = config.device
         self.adapter = adapter
@@ -119,8 +120,10 @@ class Runtime:
         )
         self.forecaster = forecaster
         self.dense = dense
+        self.exact = config.exact_decode()
         self.decode_attention = []  # DecodeAttention per attention module, installed on a CPU
         self.native_norms = []  # NativeNorm per RMS norm module the native op reproduces, on a CPU
+        self.kernel_routers = []  # KernelRouter per router, on a CPU where not exact
         self.low_bit = low_bit
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
@@ -209,7 +212,7 @@ class Runtime:
         """[T, H] on the compute device: the contribution of the experts `weights` (host
         tensors), computed on the CPU; the activations go over and the result comes back."""
         self.stats.paths["host"] = self.stats.paths.get("host", 0) + 1
-        out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer])
+        out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer], exact=self.exact)
         return out.to(self.device, non_blocking=True)
 
     def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:
@@ -237,7 +240,7 @@ class Runtime:
             weights = {expert: self.pool.view(slot) for expert, slot in zip(wave, slots)}
             if self.execution == HOST and self.device.type != "cpu":  # llama.cpp's --cpu-moe: experts stay in RAM
                 return self._compute_on_cpu(layer, weights, hidden, top_k_index, top_k_weights)
-            return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer])
+            return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer], exact=self.exact)
         table = torch.full((self.num_experts,), -1, dtype=torch.long)
         table[wave] = torch.tensor(slots, dtype=torch.long)
         # On CUDA a copy from pageable memory: staged by the driver, so the host waits for the
@@ -304,14 +307,16 @@ class Runtime:
     def install(self, model: nn.Module) -> None:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
-        if self.dense is not None:
-            self.stats.info["dense_quantized_linears"] = self.dense.apply()
+        self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
         model.to(self.device)
         if self.device.type == "cpu":  # after quantize_rest: its projections are the ones computed together
-            self.decode_attention = install_decode_attention(model, self.adapter.decode_attention)
+            self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact)
             self.native_norms = install_native_norms(model)
+            self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
+        self.stats.info["exact"] = self.exact
         self.stats.info["decode_attention_layers"] = len(self.decode_attention)
         self.stats.info["native_norms"] = len(self.native_norms)
+        self.stats.info["kernel_routers"] = len(self.kernel_routers)
         wrapped_model.install(model, self)
         if self.mask is not None:
             self.mask.attach()
@@ -335,9 +340,9 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
-        for replaced in [*self.decode_attention, *self.native_norms]:
+        for replaced in [*self.decode_attention, *self.native_norms, *self.kernel_routers]:
             replaced.remove()
-        self.decode_attention, self.native_norms = [], []
+        self.decode_attention, self.native_norms, self.kernel_routers = [], [], []
         if self.dense is not None:
             self.dense.undo()
         wrapped_model.remove(model)

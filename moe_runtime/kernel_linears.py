@@ -1,12 +1,17 @@
-"""Quantizing what lies outside the routed experts, when asked (`quantize_rest="int8" | "int4"`).
+"""The linear layers outside the routed experts through the CPU decode kernel: quantized when
+asked (`quantize_rest="int8" | "int4"`), at full precision where a decode step need not be exact.
 
 On a CPU, once the experts are int8 or int4, the model's other linear layers (attention
 projections, shared experts, dense MLPs, the output head) in bf16 take most of a decode step:
 60% of it on the live_decode model with int4 experts (profiled on the 2-core EPYC of
 BENCHMARKS.md). With quantize_rest, each nn.Linear outside the routed experts and the routers
-becomes a QuantizedLinear holding the same formats as the experts (expert_format.py) and
-computing through the same CPU kernels; its bf16 weight is freed. Undo gives back nn.Linear
-modules holding the dequantized weights (the original values are gone, as with the experts).
+becomes a KernelLinear holding the same formats as the experts (expert_format.py) and
+computing through the same CPU kernels; its bf16 weight is freed. Without quantize_rest but
+with exact=False (config.exact_decode), each becomes a KernelLinear holding its own weight as it
+is, whose decode rows the kernel computes in another summation order than torch's: for one
+row of a [50304, 1024] output head, torch's bf16 GEMM streams 19 GB/s on that CPU and the
+kernel 34-35 (fp16: torch 36-38, the kernel 31-34; a decode step gains in bf16, not in fp16). Undo gives back nn.Linear modules
+holding the (dequantized) weights; quantized, the original values are gone, as with the experts.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from torch import nn
 from .expert_format import ExpertFormat, dequantize, linear
 
 
-class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W held in an int8 / int4 format (expert_format.py) as buffers named
-    "weight.int8", "weight.scale", ... ; activations keep the model's dtype."""
+class KernelLinear(nn.Module):
+    """y = x W^T + b with W held in an expert format (expert_format.py) as buffers named
+    "weight.int8", "weight.scale", ... (full precision: "weight"); activations keep the model's
+    dtype; `exact`: full precision computed by torch's kernels, not the decode kernel."""
 
-    def __init__(self, original: nn.Linear, tensors: dict[str, torch.Tensor]):
+    def __init__(self, original: nn.Linear, tensors: dict[str, torch.Tensor], exact: bool):
         super().__init__()
         self.in_features, self.out_features = original.in_features, original.out_features
         self.dtype = original.weight.dtype
+        self.exact = exact
         self.names = list(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name.replace(".", "_"), tensor)
@@ -44,7 +51,7 @@ class QuantizedLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(linear(x.reshape(-1, self.in_features), self.tensors, "weight", False), x.shape[:-1])
+        return self.output(linear(x.reshape(-1, self.in_features), self.tensors, "weight", False, exact=self.exact), x.shape[:-1])
 
     def output(self, y: torch.Tensor, leading: torch.Size) -> torch.Tensor:
         """y [M, out] (the rows' products) -> [*leading, out], the bias added: the end of
@@ -58,12 +65,13 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.tensors, "weight", self.dtype)
 
 
-class DenseQuantization:
+class KernelLinears:
     """Replaces the linear layers of `model` outside `skipped` modules (the routed experts and
-    the routers) with QuantizedLinear in `fmt`, and puts nn.Linear modules back on undo."""
+    the routers) with KernelLinear in `fmt`, and puts nn.Linear modules back on undo."""
 
-    def __init__(self, model: nn.Module, fmt: ExpertFormat, skipped: list[nn.Module]):
+    def __init__(self, model: nn.Module, fmt: ExpertFormat, skipped: list[nn.Module], exact: bool):
         self.fmt = fmt
+        self.exact = exact
         uses = {}
         for _, parameter in model.named_parameters(remove_duplicate=False):
             uses[id(parameter)] = uses.get(id(parameter), 0) + 1
@@ -84,20 +92,21 @@ class DenseQuantization:
         return not module.weight.is_meta
 
     def apply(self) -> int:
-        """Quantize every target, one at a time (each bf16 weight freed as it goes, unless another
-        module shares it: then it is kept and given back as it was); returns how many."""
+        """Replace every target, one at a time (each bf16 weight freed as it goes once quantized,
+        unless another module shares it: then it is kept and given back as it was); returns
+        how many."""
         for parent, name, module in self.targets:
             tensors = self.fmt.encode({"weight": module.weight.detach().cpu()}, False)
-            setattr(parent, name, QuantizedLinear(module, tensors))
+            setattr(parent, name, KernelLinear(module, tensors, self.exact))
             kept = module.weight if id(module.weight) in self.tied else None
             module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
             self.originals.append((parent, name, module, kept))
         return len(self.originals)
 
     def undo(self) -> None:
-        """nn.Linear modules again, holding the dequantized weights."""
+        """nn.Linear modules again, holding the (dequantized) weights."""
         for parent, name, module, kept in self.originals:
-            quantized = getattr(parent, name)
-            module.weight = kept if kept is not None else nn.Parameter(quantized.dequantized_weight(), requires_grad=False)
+            replaced = getattr(parent, name)
+            module.weight = kept if kept is not None else nn.Parameter(replaced.dequantized_weight(), requires_grad=False)
             setattr(parent, name, module)
         self.originals = []

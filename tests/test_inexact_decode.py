@@ -1,0 +1,110 @@
+"""exact=False on a CPU (config.exact_decode): every product by the decode kernel, the routers'
+logits too, one native call per attention; at full precision and with quantize_rest.
+
+The default stays exact at full precision (the unwrapped model's logits bit for bit, tested in
+test_decode_attention and test_native_ops) and inexact under quantize_rest unless exact=True
+asks otherwise; with exact=False every family's stepwise logits stay close to the exact ones
+(sums in another order, nothing else), the dense layers, routers and attention take the fast
+ops (and experts stored [N, K]; GPT-OSS's transposed ones keep torch's); unwrap gives back
+nn.Linear modules holding the very same weights, and save_pretrained writes them (state_dict
+unchanged); a wrong value of `exact` is refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import moe_runtime
+from moe_runtime.decode_attention import _sdpa
+from moe_runtime.kernel_linears import KernelLinear
+from moe_runtime.kernels import cpu_decode_ops, cpu_gemv
+from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
+
+from decoding import greedy_logits  # tests/decoding.py
+
+pytestmark = pytest.mark.skipif(not (cpu_gemv.available() and cpu_decode_ops.available()), reason="the CPU kernels cannot be built here")
+
+PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(7))
+WIDTH = 96  # the experts' width: their gate_up_proj [2 * WIDTH, H] is no other matrix's shape
+
+
+def _model(family: str, dtype=torch.float32):
+    return tiny_model(family, dtype=dtype, **expert_fields(family, num_experts=8, intermediate_size=WIDTH, top_k=2))
+
+
+class KernelCalls:
+    """Counts the decode kernel's calls by the weights' shapes while active (cpu_gemv.products)."""
+
+    def __init__(self):
+        self.shapes: list[tuple] = []
+        self._products = cpu_gemv.products
+
+    def __enter__(self):
+        cpu_gemv.products = self._counted
+        return self
+
+    def __exit__(self, *_):
+        cpu_gemv.products = self._products
+
+    def _counted(self, x, matrices, *args, **kwargs):
+        self.shapes.append((len(matrices), tuple(matrices[0].shape), matrices[0].dtype))
+        return self._products(x, matrices, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_full_precision_takes_the_fast_ops_and_stays_close(family):
+    exact = greedy_logits(_model(family), PROMPT)
+    model = moe_runtime.wrap(_model(family), budget=1.0, device="cpu", exact=False)
+    runtime = moe_runtime.runtime_of(model)
+    stats = moe_runtime.stats(model)
+    assert stats["exact"] is False and stats["kernel_routers"] == len(runtime.blocks)
+    linears = [module for module in model.modules() if isinstance(module, KernelLinear)]
+    assert len(linears) == stats["kernel_linears"] > 0 and model.lm_head in linears
+    assert all(attention.attend is cpu_decode_ops.attend for attention in runtime.decode_attention)
+    with KernelCalls() as calls:
+        fast = greedy_logits(model, PROMPT)
+    expert_calls = [shape for shape in calls.shapes if shape[:2] == (runtime.top_k, (2 * WIDTH, model.config.hidden_size))]
+    assert len(expert_calls) == (0 if runtime.layout.is_transposed else 5 * len(runtime.blocks))  # each decode step's layer in one call
+    assert all(dtype == torch.float32 for _, _, dtype in calls.shapes)  # full precision: no quantized copy anywhere
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-4)
+    assert not torch.equal(fast, exact)  # another order of sums: not the exact path
+    moe_runtime.unwrap(model)
+    assert not any(isinstance(module, KernelLinear) for module in model.modules())
+    assert all(type(module.weight) is nn.Parameter and not module.weight.is_meta for module in model.modules() if isinstance(module, nn.Linear))
+    assert torch.equal(greedy_logits(model, PROMPT), exact)  # the same weights back, the exact ops again
+
+
+def test_a_bf16_model_decodes_close_to_its_exact_self():
+    exact = greedy_logits(moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=1.0, device="cpu"), PROMPT)
+    fast = greedy_logits(moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=1.0, device="cpu", exact=False), PROMPT)
+    assert (fast - exact).abs().max() <= 0.05 * exact.abs().max()  # bf16 rounds each layer's sums in another order
+
+
+def test_save_pretrained_and_state_dict_hold_the_same_weights(tmp_path):
+    reference = _model("qwen2_moe")
+    model = moe_runtime.wrap(_model("qwen2_moe"), budget=1.0, device="cpu", exact=False)
+    state, expected = model.state_dict(), reference.state_dict()
+    assert set(state) == set(expected) and all(torch.equal(state[name], tensor) for name, tensor in expected.items())
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True).eval()
+    torch.testing.assert_close(greedy_logits(reloaded, PROMPT), greedy_logits(reference, PROMPT))  # as test_wrapped_model (a reload of even an exact wrap is 6e-8 off)
+
+
+def test_quantize_rest_is_inexact_unless_exact_is_asked_for():
+    inexact = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8"))
+    assert inexact.exact is False and inexact.kernel_routers and inexact.decode_attention[0].attend is cpu_decode_ops.attend
+    exact = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8", exact=True))
+    assert exact.exact is True and exact.kernel_routers == [] and exact.decode_attention[0].attend is _sdpa
+    plain = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu"))
+    assert plain.exact is True and plain.dense is None and plain.kernel_routers == []
+
+
+@pytest.mark.parametrize("bad", ["no", 0, 1.0])
+def test_a_wrong_exact_is_refused_by_name(bad):
+    model = _model("olmoe")
+    with pytest.raises(TypeError, match="exact must be True, False or None"):
+        moe_runtime.wrap(model, budget=1.0, device="cpu", exact=bad)
+    assert not hasattr(model, "_moe_runtime")
