@@ -1,18 +1,20 @@
-"""A CPU decode step's router logits through the decode kernel, where outputs are approximate
-already (the runtime's quantize_rest).
+"""A CPU decode step's router logits through the decode kernel, where the step need not be exact
+(config.exact_decode: exact=False, the default under quantize_rest).
 
 A router's logits are one small product: a decode row times [E, H] in the model's dtype (64 x
 1024 bf16 on the peer benchmark's small model). torch's bf16 `linear` for it took 82 us inside
 a decode step on the 2-core EPYC of BENCHMARKS.md (22 us in a hot loop: inside a step its
 threads and caches are cold), eight times a step; the decode kernel (kernels/cpu_gemv.py)
-takes about 9. Both accumulate in fp32 and round once, in different orders, so logits can
-differ in their last bit and a near tie between two experts can then go the other way: at full
-precision the runtime keeps torch's `linear` (wrap promises the unwrapped model's outputs).
+takes 14-16. Both accumulate in fp32 and round once, in different orders, so logits can
+differ in their last bit and a near tie between two experts can then go the other way: where a
+step must be exact (the default at full precision: wrap promises the unwrapped model's
+outputs) the runtime keeps torch's `linear`.
 
 Everything else the router does (softmax, top-k, renormalizing; each family's own order) stays
 its own forward: it runs under a TorchFunctionMode that hands the kernel only the `linear` of
-the router's own weight, for a few rows on the CPU. A router that never calls `linear` with
-its weight (DeepSeek's casts it to fp32 first) is left alone.
+the router's own weight, for a few rows on the CPU. A router whose `linear` takes another
+tensor (a copy of its weight in another dtype) is left alone; DeepSeek's casts its weight to
+fp32, which in transformers 5 it already is, so the cast is the weight itself.
 """
 
 from __future__ import annotations

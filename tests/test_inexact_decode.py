@@ -7,10 +7,14 @@ asks otherwise; with exact=False every family's stepwise logits stay close to th
 (sums in another order, nothing else), the dense layers, routers and attention take the fast
 ops (and experts stored [N, K]; GPT-OSS's transposed ones keep torch's); unwrap gives back
 nn.Linear modules holding the very same weights, and save_pretrained writes them (state_dict
-unchanged); a wrong value of `exact` is refused by name.
+unchanged); experts read from disk into host buffers take the kernel too; threads generating at
+once each get their single-thread answer (the routers' TorchFunctionMode is per thread); a
+wrong value of `exact` is refused by name.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -91,6 +95,30 @@ def test_save_pretrained_and_state_dict_hold_the_same_weights(tmp_path):
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True).eval()
     torch.testing.assert_close(greedy_logits(reloaded, PROMPT), greedy_logits(reference, PROMPT))  # as test_wrapped_model (a reload of even an exact wrap is 6e-8 off)
+
+
+def test_experts_read_from_disk_take_the_kernel(tiny_checkpoints):
+    exact = greedy_logits(moe_runtime.from_pretrained(tiny_checkpoints["mixtral"], budget=0.25, device="cpu", host_budget=0, dtype=torch.float32), PROMPT)
+    model = moe_runtime.from_pretrained(tiny_checkpoints["mixtral"], budget=0.25, device="cpu", host_budget=0, dtype=torch.float32, exact=False)
+    with KernelCalls() as calls:
+        fast = greedy_logits(model, PROMPT)
+    gate_up = moe_runtime.runtime_of(model).blocks[0].expert_shapes()["gate_up_proj"]
+    assert any(shape == gate_up for _, shape, _ in calls.shapes)  # the experts' GEMMs, read from the buffers the disk filled
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-4)
+    assert moe_runtime.stats(model)["misses"] > 0
+
+
+def test_threads_generating_at_once_each_get_their_own_answer():
+    model = moe_runtime.wrap(_model("olmoe", torch.bfloat16), budget=0.5, device="cpu", exact=False)
+    prompts = [torch.randint(3, 300, (1, 4 + n), generator=torch.Generator().manual_seed(n)) for n in range(4)]
+    alone = [greedy_logits(model, ids) for ids in prompts]
+    together: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda n=n: together.__setitem__(n, greedy_logits(model, prompts[n]))) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(torch.equal(together[n], alone[n]) for n in range(4))
 
 
 def test_quantize_rest_is_inexact_unless_exact_is_asked_for():

@@ -1,4 +1,5 @@
-"""quantize_rest's routers (kernel_routers.py): their logits by the decode kernel on a CPU.
+"""Routers where a decode step need not be exact (kernel_routers.py; quantize_rest's default):
+their logits by the decode kernel on a CPU.
 
 Installed on every router that computes its logits as F.linear(x, weight) (every tiny family's:
 DeepSeek's casts its weight to fp32, which it is already), never at full precision; logits
