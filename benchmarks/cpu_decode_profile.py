@@ -11,7 +11,7 @@ every kernel call inside them timed too. GB/s counts the bytes of the matrices a
 `--ablate R` then times the step as shipped against the step with one part of the decode path
 undone (transformers' attention forward instead of decode_attention.py; transformers' RMS norms
 and rotary function instead of the native ops; torch's router `linear` and SDPA instead of the
-decode kernel's logits and the native one-query attention, which quantize_rest allows; no_grad
+decode kernel's logits and the native one-query attention, which exact=False allows; no_grad
 instead of inference_mode), alternating for R rounds, best of each.
 """
 

@@ -10,8 +10,9 @@ computing through the same CPU kernels; its bf16 weight is freed. Without quanti
 with exact=False (config.exact_decode), each becomes a KernelLinear holding its own weight as it
 is, whose decode rows the kernel computes in another summation order than torch's: for one
 row of a [50304, 1024] output head, torch's bf16 GEMM streams 19 GB/s on that CPU and the
-kernel 34-35 (fp16: torch 36-38, the kernel 31-34; a decode step gains in bf16, not in fp16). Undo gives back nn.Linear modules
-holding the (dequantized) weights; quantized, the original values are gone, as with the experts.
+kernel 34-35 (fp16: torch 36-38, the kernel 31-34; a decode step gains in bf16, not in fp16).
+Undo gives back nn.Linear modules holding the (dequantized) weights; quantized, the original
+values are gone, as with the experts.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def test_save_pretrained_and_state_dict_hold_the_same_weights(tmp_path):
     assert set(state) == set(expected) and all(torch.equal(state[name], tensor) for name, tensor in expected.items())
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True).eval()
-    torch.testing.assert_close(greedy_logits(reloaded, PROMPT), greedy_logits(reference, PROMPT))  # as test_wrapped_model (a reload of even an exact wrap is 6e-8 off)
+    # closeness, as in test_wrapped_model: a reload of even an exact wrap is 6e-8 off
+    torch.testing.assert_close(greedy_logits(reloaded, PROMPT), greedy_logits(reference, PROMPT))
 
 
 def test_experts_read_from_disk_take_the_kernel(tiny_checkpoints):
