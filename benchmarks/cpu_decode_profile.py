@@ -1,18 +1,20 @@
 """Where a CPU decode step's time goes: the decode kernel's calls (kernels/cpu_gemv.py) by what
 they multiply, and everything else (attention, norms, routing, the runtime's and transformers'
-Python), for the peer benchmark's checkpoint wrapped with int8 or int4 throughout.
+Python), for the peer benchmark's checkpoint wrapped with int8 or int4 throughout, or at full
+precision (bf16, fp16) with exact=False.
 
-    python benchmarks/cpu_decode_profile.py [--shape live-decode|olmoe-1b-7b] [--quantize int8] [--tokens 32] [--ablate ROUNDS] [--json OUT]
+    python benchmarks/cpu_decode_profile.py [--shape live-decode|olmoe-1b-7b] [--quantize int8|int4|bf16|fp16] [--tokens 32] [--ablate ROUNDS] [--json OUT]
 
 The checkpoint (peer_llamacpp.py's, built once) is wrapped at budget 1.0 with `quantize` and
-`quantize_rest`; a 16-token prompt is prefilled, then `tokens` greedy steps run one at a time
+`quantize_rest` (bf16, fp16: loaded in that dtype, wrapped with exact=False); a 16-token prompt is prefilled, then `tokens` greedy steps run one at a time
 through the KV cache under torch.inference_mode (as time_generation runs them), each timed, and
 every kernel call inside them timed too. GB/s counts the bytes of the matrices a call reads.
 `--ablate R` then times the step as shipped against the step with one part of the decode path
 undone (transformers' attention forward instead of decode_attention.py; transformers' RMS norms
 and rotary function instead of the native ops; torch's router `linear` and SDPA instead of the
 decode kernel's logits and the native one-query attention, which exact=False allows; no_grad
-instead of inference_mode), alternating for R rounds, best of each.
+instead of inference_mode; every op exact, as exact=True would run them), alternating for R
+rounds, best of each.
 """
 
 from __future__ import annotations
@@ -66,8 +68,11 @@ def profile(shape: str, quantize: str, tokens: int, ablate: int) -> dict:
     import moe_runtime
 
     torch.set_num_threads(THREADS)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_of(SHAPES[shape]), dtype=torch.bfloat16).eval()
-    moe_runtime.wrap(model, budget=1.0, device="cpu", quantize=quantize, quantize_rest=quantize)
+    full_precision = quantize in FULL_PRECISION
+    dtype = getattr(torch, FULL_PRECISION[quantize]) if full_precision else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_of(SHAPES[shape]), dtype=dtype).eval()
+    formats = {"exact": False} if full_precision else {"quantize": quantize, "quantize_rest": quantize}
+    moe_runtime.wrap(model, budget=1.0, device="cpu", **formats)
     ids = torch.randint(3, 50000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with KernelClock() as clock, torch.inference_mode():  # as time_generation runs
         decode_steps(model, ids, tokens)  # a warm-up pass
@@ -101,7 +106,11 @@ def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | Non
     return steps
 
 
-VARIANTS = ("as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode", "torch's router linear and SDPA")
+FULL_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}  # --quantize values that keep the model's weights
+VARIANTS = (
+    "as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode", "torch's router linear and SDPA",
+    "exact: torch's ops throughout",
+)
 
 
 def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
@@ -120,24 +129,32 @@ def ablation(model, ids: torch.Tensor, tokens: int, rounds: int) -> list[dict]:
 def undone(model, variant: str):
     """The wrapped model with one part of its decode path put back to torch's or transformers' own
     code (decode_attention.py's forward; native_norms.py's norms and the native rotary embedding;
-    kernel_routers.py's routers and the native attention)."""
+    kernel_routers.py's routers and the native attention; those and, at full precision, the
+    decode kernel's products of experts and dense layers)."""
     import moe_runtime
     from moe_runtime.decode_attention import _sdpa
+    from moe_runtime.kernel_linears import KernelLinear
 
     runtime = moe_runtime.runtime_of(model)
     attention = runtime.decode_attention if variant == VARIANTS[1] else []
     norms = runtime.native_norms if variant == VARIANTS[2] else []
-    routers = runtime.kernel_routers if variant == VARIANTS[4] else []
-    swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant == VARIANTS[4] else {}
+    routers = runtime.kernel_routers if variant in VARIANTS[4:] else []
+    swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant in VARIANTS[4:] else {}
+    linears = [module for module in model.modules() if isinstance(module, KernelLinear)] if variant == VARIANTS[5] else []
+    exact = [(holder, holder.exact) for holder in [runtime, *linears]] if variant == VARIANTS[5] else []
     kept = [{name: getattr(layer, name) for name in swapped} for layer in runtime.decode_attention]
     for replaced in [*attention, *norms, *routers]:
         replaced.remove()
     for layer in runtime.decode_attention:
         for name, replacement in swapped.items():
             setattr(layer, name, getattr(layer, replacement) if isinstance(replacement, str) else replacement)
+    for holder, _ in exact:  # the runtime's experts and the dense layers: torch's kernels at full precision
+        holder.exact = True
     try:
         yield
     finally:
+        for holder, was in exact:
+            holder.exact = was
         for replaced in [*attention, *norms, *routers]:
             replaced.install()
         for layer, originals in zip(runtime.decode_attention, kept):
@@ -148,7 +165,7 @@ def undone(model, variant: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="live-decode")
-    parser.add_argument("--quantize", choices=("int8", "int4"), default="int8")
+    parser.add_argument("--quantize", choices=("int8", "int4", *FULL_PRECISION), default="int8", help="bf16, fp16: full precision, exact=False")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--ablate", type=int, default=0, metavar="ROUNDS", help="also time the step with each decode-path part undone")
     parser.add_argument("--json", help="write the report here")
@@ -158,7 +175,7 @@ def main() -> None:
     if not cpu_gemv.available():
         raise SystemExit("the CPU decode kernel is not built here (no C++ compiler?): nothing to profile")
     report = profile(args.shape, args.quantize, args.tokens, args.ablate)
-    print(f"{args.shape}, {args.quantize} throughout, {args.tokens} decode steps: {report['step_ms']:.2f} ms per step")
+    print(f"{args.shape}, {args.quantize} throughout{', exact=False' if args.quantize in FULL_PRECISION else ''}, {args.tokens} decode steps: {report['step_ms']:.2f} ms per step")
     print(f"{'matrices/call':>13}  {'stored [N, K]':<16}{'calls/step':>11}{'ms/step':>9}{'GB/s':>7}")
     for row in report["kernels"]:
         print(f"{row['matrices_per_call']:>13}  {str(row['stored_shape']):<16}{row['calls_per_step']:>11.1f}{row['ms_per_step']:>9.2f}{row['gbps']:>7.1f}")

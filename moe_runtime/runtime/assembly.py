@@ -176,7 +176,7 @@ def wrap(
     exact: on a CPU, whether a decode step gives bit for bit what torch's ops give (True: at full
     precision the unwrapped model's outputs) or may take faster ops that sum in another order:
     the decode kernel for every product (full-precision experts and dense layers too) and the
-    routers' logits, one native call for a query's attention (False: 2.0-2.5x the tokens/s
+    routers' logits, one native call for a query's attention (False: 2.0-2.9x the tokens/s
     of a bf16 model on the CPU of BENCHMARKS.md, 1.05x of an fp16 one). Default None: exact
     unless quantize_rest, whose outputs differ from the unwrapped model's anyway.
     """
