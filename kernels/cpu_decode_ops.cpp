@@ -172,8 +172,8 @@ torch::Tensor attend_typed(const torch::Tensor& q, const torch::Tensor& k, const
 // q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv] of one dtype, Hq a multiple of Hk: the
 // attention of one new token to the T cached ones (no mask), softmax(scale q k^T) v as
 // [B, Hq, 1, Dv]. SDPA's CPU kernel gives the same up to rounding (it blocks the keys and
-// rescales as it goes, in another order): this op is for decode paths whose outputs are
-// approximate already (quantize_rest), where it takes a few us instead of SDPA's 50-90.
+// rescales as it goes, in another order): this op is for decode steps that need not be exact
+// (exact=False, the default under quantize_rest), where it takes a few us instead of SDPA's 50-90.
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attend: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "attend: q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv]");

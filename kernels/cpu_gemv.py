@@ -23,7 +23,8 @@ import torch
 from .cpu_build import OPT_OUT, build, build_folder_of
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-__all__ = ["OPT_OUT", "available", "build_folder", "extension", "products"]
+FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)  # the full-precision weights it reads (cpu_gemv.cpp's Format)
+__all__ = ["FLOAT_WEIGHTS", "OPT_OUT", "available", "build_folder", "extension", "products"]
 
 
 @lru_cache(maxsize=None)

@@ -30,12 +30,12 @@ from .kernels import cpu_gemv
 # caches, as between a step's weight streams: [R, 1024] x [64, 1024] bf16, torch 95-103 us at
 # every R up to 16, the kernel 36 at 1 row, 57 at 8, 73 at 16 (the CPU of BENCHMARKS.md).
 KERNEL_ROWS = 16
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the weights the kernel reads
 
 
 class KernelLogits(TorchFunctionMode):
-    """While active: F.linear(x, weight[, bias]) of this `weight` by the decode kernel for up to
-    KERNEL_ROWS rows on the CPU; every other call as usual. `seen` counts the calls it took."""
+    """While active: F.linear(x, weight[, bias]) of this `weight` (a 2-D CPU tensor of a dtype the
+    kernel reads: _uses_linear checks it once) by the decode kernel for up to KERNEL_ROWS rows on
+    the CPU; every other call as usual. `seen` counts the calls it took."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -52,8 +52,8 @@ class KernelLogits(TorchFunctionMode):
     def _takes(self, x: torch.Tensor) -> bool:
         weight = self.weight
         return (
-            x.device.type == "cpu" and x.dtype == weight.dtype and weight.dtype in DTYPES and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] and x.numel() <= KERNEL_ROWS * weight.shape[1]
+            x.device.type == "cpu" and x.dtype == weight.dtype and x.shape[-1] == weight.shape[1]
+            and x.numel() <= KERNEL_ROWS * weight.shape[1]
         )
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +100,7 @@ def install_kernel_routers(routers: list[nn.Module]) -> list[KernelRouter]:
 @torch.no_grad()
 def _uses_linear(router: nn.Module) -> bool:
     weight = getattr(router, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in DTYPES:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in cpu_gemv.FLOAT_WEIGHTS:
         return False
     probe = KernelLogits(weight)
     x = torch.randn(1, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)

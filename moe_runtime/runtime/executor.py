@@ -70,9 +70,9 @@ class Runtime:
         low_bit: ExpertSource | None = None,
     ):
         """config: the options, with the device resolved; forecaster, mask, pinned and transient
-        come from its predictor, profile and placement plan, dense (KernelLinears) from
-        its quantize_rest or exact=False, low_bit (every expert's low-bit copy in RAM) from its miss_precision
-        (see build_runtime)."""
+        come from its predictor, profile and placement plan, dense (KernelLinears) from its
+        quantize_rest or exact=False, low_bit (every expert's low-bit copy in RAM) from its
+        miss_precision (see build_runtime)."""
         device = config.device
         self.adapter = adapter
         self.blocks = blocks
@@ -309,7 +309,7 @@ class Runtime:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
         model.to(self.device)
-        if self.device.type == "cpu":  # after quantize_rest: its projections are the ones computed together
+        if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
             self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact)
             self.native_norms = install_native_norms(model)
             self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
