@@ -141,7 +141,7 @@ def undone(model, variant: str):
     routers = runtime.kernel_routers if variant in VARIANTS[4:] else []
     swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant in VARIANTS[4:] else {}
     linears = [module for module in model.modules() if isinstance(module, KernelLinear)] if variant == VARIANTS[5] else []
-    exact = [(holder, holder.exact) for holder in [runtime, *linears]] if variant == VARIANTS[5] else []
+    exact = [(holder, holder.exact) for holder in [runtime, *runtime.native_norms, *linears]] if variant == VARIANTS[5] else []
     kept = [{name: getattr(layer, name) for name in swapped} for layer in runtime.decode_attention]
     for replaced in [*attention, *norms, *routers]:
         replaced.remove()

@@ -9,7 +9,8 @@
 // How they stay bit-identical: every elementwise step rounds where torch's does (products and
 // sums in fp32, rounded to the tensor's dtype to nearest-even after each torch op), this file
 // is built with -ffp-contract=off (no fused multiply-add merges two roundings into one), and
-// the one reduction (the mean of squares) is torch's own at::mean. Callers still check each
+// the one reduction (the mean of squares) is torch's own at::mean (unless the caller need not
+// be exact: see mean_squares). Callers still check each
 // op against the code it replaces on random inputs before using it (moe_runtime/native_norms.py,
 // decode_attention.rotation).
 
@@ -41,18 +42,37 @@ void norm_row(const T* x, const W* weight, float inverse, int64_t H, O* out) {
   }
 }
 
-template <typename T, typename W, typename O>
-torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  const int64_t H = x.size(-1), R = x.numel() / H;
-  auto squares = torch::empty({R, H}, x.options().dtype(torch::kFloat));
-  const T* xs = x.data_ptr<T>();
+// The mean of squares of each of R rows of H: torch's own at::mean (its reduction order: bit
+// for bit), or, where the caller need not be exact, one pass summing in fp32 (at::mean's setup
+// was most of a decode row's 4.5 us on the CPU of BENCHMARKS.md).
+template <typename T>
+std::vector<float> mean_squares(const T* xs, int64_t R, int64_t H, bool exact) {
+  std::vector<float> means(R);
+  if (!exact) {
+    for (int64_t r = 0; r < R; ++r) {
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t h = 0; h < H; ++h) total += widen(xs[r * H + h]) * widen(xs[r * H + h]);
+      means[r] = total / static_cast<float>(H);
+    }
+    return means;
+  }
+  auto squares = torch::empty({R, H}, torch::kFloat);
   float* sq = squares.data_ptr<float>();
   for (int64_t i = 0; i < R * H; ++i) {
     const float v = widen(xs[i]);
     sq[i] = v * v;  // pow(2) of the fp32 copy
   }
-  const auto variance = at::mean(squares, {-1}).contiguous();  // torch's own reduction order
-  const float* var = variance.data_ptr<float>();
+  const auto variance = at::mean(squares, {-1}).contiguous();
+  std::copy(variance.data_ptr<float>(), variance.data_ptr<float>() + R, means.begin());
+  return means;
+}
+
+template <typename T, typename W, typename O>
+torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool exact) {
+  const int64_t H = x.size(-1), R = x.numel() / H;
+  const T* xs = x.data_ptr<T>();
+  const std::vector<float> var = mean_squares(xs, R, H, exact);
   torch::Tensor out = torch::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<O>::value));  // torch's promotion of T and W
   for (int64_t r = 0; r < R; ++r) {
     const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));  // torch.rsqrt: 1 / sqrt
@@ -62,19 +82,20 @@ torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight
 }
 
 // x [..., H] -> weight * to(x.dtype)(x32 * rsqrt(mean(x32^2) + eps)) in torch's promoted dtype
-// of weight and x: the forward of OlmoeRMSNorm, Qwen3MoeRMSNorm, MixtralRMSNorm, ...
-torch::Tensor rms_norm(torch::Tensor given, torch::Tensor weight, double eps) {
+// of weight and x: the forward of OlmoeRMSNorm, Qwen3MoeRMSNorm, MixtralRMSNorm, ... (exact:
+// bit for bit; else the mean summed in another order, see mean_squares).
+torch::Tensor rms_norm(torch::Tensor given, torch::Tensor weight, double eps, bool exact) {
   TORCH_CHECK(given.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == given.size(-1), "rms_norm: weight must be [H]");
   const torch::Tensor x = given.contiguous(), w = weight.contiguous();
   const auto key = std::make_tuple(x.scalar_type(), w.scalar_type());
   using BF = c10::BFloat16;
   using HF = c10::Half;
-  if (key == std::make_tuple(torch::kBFloat16, torch::kBFloat16)) return rms_norm_typed<BF, BF, BF>(x, w, eps);
-  if (key == std::make_tuple(torch::kHalf, torch::kHalf)) return rms_norm_typed<HF, HF, HF>(x, w, eps);
-  if (key == std::make_tuple(torch::kFloat, torch::kFloat)) return rms_norm_typed<float, float, float>(x, w, eps);
-  if (key == std::make_tuple(torch::kBFloat16, torch::kFloat)) return rms_norm_typed<BF, float, float>(x, w, eps);
-  if (key == std::make_tuple(torch::kHalf, torch::kFloat)) return rms_norm_typed<HF, float, float>(x, w, eps);
+  if (key == std::make_tuple(torch::kBFloat16, torch::kBFloat16)) return rms_norm_typed<BF, BF, BF>(x, w, eps, exact);
+  if (key == std::make_tuple(torch::kHalf, torch::kHalf)) return rms_norm_typed<HF, HF, HF>(x, w, eps, exact);
+  if (key == std::make_tuple(torch::kFloat, torch::kFloat)) return rms_norm_typed<float, float, float>(x, w, eps, exact);
+  if (key == std::make_tuple(torch::kBFloat16, torch::kFloat)) return rms_norm_typed<BF, float, float>(x, w, eps, exact);
+  if (key == std::make_tuple(torch::kHalf, torch::kFloat)) return rms_norm_typed<HF, float, float>(x, w, eps, exact);
   TORCH_CHECK(false, "rms_norm: unsupported dtypes ", x.scalar_type(), " and ", w.scalar_type());
 }
 
@@ -149,6 +170,8 @@ void attend_head(const T* q, const T* k, const T* v, int64_t length, int64_t D, 
   for (int64_t d = 0; d < Dv; ++d) out[d] = narrow<T>(sum_v[d] / total);
 }
 
+// Keys and values are read where they lie: rows of one head contiguous, heads and batches at
+// any stride (a KV cache kept as a view of a longer buffer, kv_append.py, is not copied).
 template <typename T>
 torch::Tensor attend_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hk = k.size(1), length = k.size(2), Dv = v.size(3);
@@ -161,12 +184,17 @@ torch::Tensor attend_typed(const torch::Tensor& q, const torch::Tensor& k, const
   at::parallel_for(0, B * Hq, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> query(D), scores(length), sum_v(Dv);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / Hq, kv = b * Hk + (i % Hq) / group;  // GQA: `group` query heads share one
-      attend_head<T>(qs + i * D, ks + kv * length * D, vs + kv * length * Dv, length, D, Dv, static_cast<float>(scale),
-                     query.data(), scores.data(), sum_v.data(), os + i * Dv);
+      const int64_t b = i / Hq, head = (i % Hq) / group;  // GQA: `group` query heads share one
+      attend_head<T>(qs + i * D, ks + b * k.stride(0) + head * k.stride(1), vs + b * v.stride(0) + head * v.stride(1), length, D, Dv,
+                     static_cast<float>(scale), query.data(), scores.data(), sum_v.data(), os + i * Dv);
     }
   });
   return out;
+}
+
+// t itself where each head's rows are contiguous (last dim dense, rows one after another), else a copy.
+torch::Tensor rows_dense(const torch::Tensor& t) {
+  return (t.stride(3) == 1 && t.stride(2) == t.size(3)) ? t : t.contiguous();
 }
 
 // q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv] of one dtype, Hq a multiple of Hk: the
@@ -182,7 +210,7 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0 && k.size(2) > 0, "attend: query heads must be a multiple of key heads, and T > 0");
   const auto type = q.scalar_type();
   TORCH_CHECK(k.scalar_type() == type && v.scalar_type() == type, "attend: one dtype for q, k and v");
-  const torch::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const torch::Tensor qc = q.contiguous(), kc = rows_dense(k), vc = rows_dense(v);
   switch (type) {
     case torch::kBFloat16: return attend_typed<c10::BFloat16>(qc, kc, vc, scale);
     case torch::kHalf: return attend_typed<c10::Half>(qc, kc, vc, scale);
@@ -194,7 +222,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "the llama-form RMS norm of x [..., H] with weight [H]", py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm", &rms_norm, "the llama-form RMS norm of x [..., H] with weight [H]", py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("exact") = true);
   m.def("rotate", &rotate, "the llama-form rotary embedding of q and k", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"));
   m.def("attend", &attend, "one query's attention to T cached keys and values", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
 }

@@ -33,10 +33,11 @@ def available() -> bool:
     return extension() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, exact: bool = True) -> torch.Tensor:
     """weight * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype), in the dtype torch promotes
-    weight and x to (bf16, fp16, fp32 x with weight of its dtype, or fp32 weight)."""
-    return extension().rms_norm(x, weight, eps)
+    weight and x to (bf16, fp16, fp32 x with weight of its dtype, or fp32 weight); exact=False
+    sums the squares in its own order (not torch's at::mean: the last bit of the mean may differ)."""
+    return extension().rms_norm(x, weight, eps, exact)
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """A CPU decode step's attention, without the per-call machinery around it.
 
 hidden [B, 1, H] -> q, k, v projections (one kernel call where they share a shape and a
-quantized format) -> the family's q/k norms -> rotary -> KV cache -> SDPA -> o_proj
+quantized format) -> the family's q/k norms -> rotary -> KV cache (appended in place,
+kv_append.py) -> SDPA -> o_proj
 
 At decode on a CPU, transformers' attention spends more time in Python than in arithmetic:
 on the peer benchmark's small shape (int8 throughout, 2-core EPYC of BENCHMARKS.md) the
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel_linears import KernelLinear
-from .expert_format import cpu_kernel_operands
+from .kv_append import append_kv
 from .kernels import cpu_decode_ops, cpu_gemv
 
 NORMS = ("projection", "head", "none")  # where a family's q/k norms sit: on the whole projection, per head, nowhere
@@ -80,25 +81,26 @@ class DecodeAttention:
         )
 
     def _decode(self, hidden_states: torch.Tensor, position_embeddings, cache, kwargs) -> torch.Tensor:
-        """[B, 1, H]: the ops of the family's forward for a one-token query without a mask."""
+        """[B, 1, H]: the ops of the family's forward for a one-token query without a mask.
+        With one position, [B, 1, heads, D] and its transpose [B, heads, 1, D] are the same
+        numbers in the same order: the heads are viewed so at once, and the output's transpose
+        back is a reshape (four ops fewer, the values and their order unchanged)."""
         attention = self.attention
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, attention.head_dim)
+        heads_shape = (input_shape[0], -1, 1, attention.head_dim)
         query, key, value = self._project(hidden_states)
         if self.norms == "projection":
             query, key = attention.q_norm(query), attention.k_norm(key)
         if self.clip is not None:
             for states in (query, key, value):
                 states.clamp_(min=-self.clip, max=self.clip)
-        query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
+        query, key, value = query.view(heads_shape), key.view(heads_shape), value.view(heads_shape)
         if self.norms == "head":
             query, key = attention.q_norm(query), attention.k_norm(key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self.rotate(query, key, cos, sin)
-        key, value = cache.update(key, value, attention.layer_idx, kwargs=kwargs)
-        out = self.attend(query, key, value, attention.scaling)
-        out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
+        key, value = append_kv(cache, attention.layer_idx, key, value, kwargs)
+        out = self.attend(query, key, value, attention.scaling)  # [B, heads, 1, Dv]
         return attention.o_proj(out.reshape(*input_shape, -1).contiguous())
 
     def _project(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
@@ -139,8 +141,8 @@ def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
 
 def _kernel_operands(group: list[KernelLinear], rows: int) -> tuple[list, list, int] | None:
     """(matrices, scales, group size) of the modules' weights as cpu_gemv reads them, or None
-    where expert_format.linear would not give them these `rows` (cpu_kernel_operands)."""
-    each = [cpu_kernel_operands(module.tensors, "weight", rows, exact=module.exact) for module in group]
+    where expert_format.linear would not give them these `rows` (KernelLinear.kernel_operands)."""
+    each = [module.kernel_operands(rows) for module in group]
     if any(operands is None for operands in each):
         return None
     return [operands[0][0] for operands in each], [scales for operands in each for scales in operands[1]], each[0][2]

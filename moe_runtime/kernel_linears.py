@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .expert_format import ExpertFormat, dequantize, linear
+from .expert_format import ExpertFormat, cpu_kernel_operands, dequantize, linear
+from .kernels import cpu_gemv
 
 
 class KernelLinear(nn.Module):
@@ -38,6 +39,7 @@ class KernelLinear(nn.Module):
             self.register_buffer(name.replace(".", "_"), tensor)
         self.bias = original.bias
         self._tensors = None
+        self._operands: dict[tuple[int, bool], tuple | None] = {}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -47,12 +49,25 @@ class KernelLinear(nn.Module):
             self._tensors = {name: getattr(self, name.replace(".", "_")) for name in self.names}
         return self._tensors
 
+    def kernel_operands(self, rows: int) -> tuple[list, list, int] | None:
+        """(matrices, scales, group) of the weight as the decode kernel reads it for `rows` CPU
+        rows, or None where linear() would not use the kernel: asked once per row count and
+        `exact` (expert_format.cpu_kernel_operands), not per step."""
+        key = (rows, self.exact)
+        if key not in self._operands:
+            self._operands[key] = cpu_kernel_operands(self.tensors, "weight", rows, exact=self.exact)
+        return self._operands[key]
+
     def _apply(self, fn, recurse=True):
         self._tensors = None
+        self._operands = {}
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(linear(x.reshape(-1, self.in_features), self.tensors, "weight", False, exact=self.exact), x.shape[:-1])
+        rows = x.reshape(-1, self.in_features)
+        operands = self.kernel_operands(len(rows)) if rows.device.type == "cpu" else None
+        y = cpu_gemv.products(rows[None], *operands)[0] if operands else linear(rows, self.tensors, "weight", False, exact=self.exact)
+        return self.output(y, x.shape[:-1])
 
     def output(self, y: torch.Tensor, leading: torch.Size) -> torch.Tensor:
         """y [M, out] (the rows' products) -> [*leading, out], the bias added: the end of

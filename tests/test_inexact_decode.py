@@ -125,8 +125,10 @@ def test_threads_generating_at_once_each_get_their_own_answer():
 def test_quantize_rest_is_inexact_unless_exact_is_asked_for():
     inexact = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8"))
     assert inexact.exact is False and inexact.kernel_routers and inexact.decode_attention[0].attend is cpu_decode_ops.attend
+    assert inexact.native_norms and not any(norm.exact for norm in inexact.native_norms)
     exact = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8", exact=True))
     assert exact.exact is True and exact.kernel_routers == [] and exact.decode_attention[0].attend is _sdpa
+    assert exact.native_norms and all(norm.exact for norm in exact.native_norms)
     plain = moe_runtime.runtime_of(moe_runtime.wrap(_model("qwen3_moe"), budget=1.0, device="cpu"))
     assert plain.exact is True and plain.dense is None and plain.kernel_routers == []
 

@@ -54,7 +54,7 @@ def test_routers_take_the_kernel_and_choose_as_their_own_forward(family):
                 decided += 1
                 assert set(chosen[0].tolist()) == set(own_chosen[0].tolist())
                 torch.testing.assert_close(scores.float().sort().values, own_scores.float().sort().values, rtol=0.02, atol=1e-3)
-        assert installed.logits.seen == 32
+        assert installed.seen == 32
     assert decided >= 0.8 * 32 * expected
 
 
@@ -74,7 +74,7 @@ def test_prefill_rows_keep_torch_and_full_precision_keeps_every_router():
     rows = torch.randn(KERNEL_ROWS + 1, router.weight.shape[1]).to(torch.bfloat16)
     for got, own in zip(router(rows), type(router).forward(router, rows)):
         assert torch.equal(got, own)
-    assert moe_runtime.runtime_of(model).kernel_routers[0].logits.seen == 0
+    assert moe_runtime.runtime_of(model).kernel_routers[0].seen == 0
     exact = moe_runtime.wrap(tiny_model("qwen3_moe"), budget=1.0, device="cpu", quantize="int8")  # the rest at full precision
     assert moe_runtime.runtime_of(exact).kernel_routers == [] and moe_runtime.stats(exact)["kernel_routers"] == 0
 
@@ -89,7 +89,7 @@ def test_a_decode_with_them_is_close_to_one_with_torch_routers_and_unwrap_remove
     with_torch = greedy_logits(model, PROMPT)
     for installed in runtime.kernel_routers:
         installed.install()
-    assert runtime.kernel_routers and all(installed.logits.seen >= 5 for installed in runtime.kernel_routers)
+    assert runtime.kernel_routers and all(installed.seen >= 5 for installed in runtime.kernel_routers)
     torch.testing.assert_close(with_kernel, with_torch, rtol=0, atol=1e-4)
     with pytest.raises(TypeError, match="pickling a model with offloaded experts"):  # the runtime's own refusal, not a pickling error
         pickle.dumps(model)
@@ -109,3 +109,29 @@ def test_a_router_whose_forward_was_replaced_is_left_alone():
     for entry in installed:
         entry.remove()
     assert all("forward" not in router.__dict__ for router in routers[1:])
+
+
+def test_the_kernel_reads_the_routers_weight_as_it_is_now():
+    model = _wrapped("olmoe", torch.float32)
+    installed = moe_runtime.runtime_of(model).kernel_routers[0]
+    router = installed.router
+    x = torch.randn(1, router.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        router.weight.mul_(-2.0)  # changed in place: the view shares its storage
+        torch.testing.assert_close(router(x)[0], type(router).forward(router, x)[0], rtol=0, atol=1e-5)
+        router.weight = torch.nn.Parameter(torch.randn_like(router.weight), requires_grad=False)  # replaced
+        torch.testing.assert_close(router(x)[0], type(router).forward(router, x)[0], rtol=0, atol=1e-5)
+    assert installed.seen == 2
+
+
+def test_a_router_whose_forward_needs_the_module_itself_is_left_alone():
+    model = tiny_model("olmoe", dtype=torch.bfloat16)
+    routers = [layer.mlp.gate for layer in model.model.layers]
+
+    class Strict(type(routers[0])):
+        def forward(self, hidden_states):
+            return super().forward(hidden_states)  # super() needs an instance of the class
+
+    routers[0].__class__ = Strict
+    installed = install_kernel_routers(routers)
+    assert [entry.router for entry in installed] == routers[1:]

@@ -50,6 +50,27 @@ def test_rms_norm_is_bit_identical_to_the_family_norm(family, dtypes):
         assert got.dtype == want.dtype and torch.equal(got, want), (hidden, rows, scale)
 
 
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda pair: f"{pair[0]}-weight-{pair[1]}".replace("torch.", ""))
+def test_rms_norm_summing_in_its_own_order_is_within_rounding_of_the_family_norm(dtypes):
+    """exact=False: the mean of squares summed in one fp32 pass, not by at::mean; the outputs
+    differ from the exact ones by the roundings after it: the normalized x's (to x's dtype, an
+    ulp) and the product's (four of the output's dtype), relative to the output."""
+    x_dtype, weight_dtype = dtypes
+    generator = torch.Generator().manual_seed(7)
+    differs = []
+    for hidden, rows, scale in [(1024, 1, 1e-4), (64, 3, 1.0), (2048, 2, 1e3), (1000, 5, 1e-2), (4096, 1, 1e4)]:
+        norm = _family("olmoe").OlmoeRMSNorm(hidden, eps=1e-6).to(weight_dtype)
+        norm.weight.data = torch.randn(hidden, generator=generator).to(weight_dtype)
+        x = (torch.randn(rows, 1, hidden, generator=generator) * scale).to(x_dtype)
+        want = norm(x)
+        got = cpu_decode_ops.rms_norm(x, norm.weight, norm.variance_epsilon, exact=False)
+        tolerance = 2 * torch.finfo(x_dtype).eps + 4 * torch.finfo(want.dtype).eps
+        assert got.dtype == want.dtype
+        assert ((got.float() - want.float()).abs() <= tolerance * want.float().abs()).all(), (hidden, rows, scale)
+        differs.append(not torch.equal(got, want))
+    assert any(differs) or x_dtype == torch.bfloat16  # its own sum, not at::mean (bf16 rounds the difference away)
+
+
 @pytest.mark.parametrize("family", ROTARY)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rotary_embedding_is_bit_identical_to_the_family_function(family, dtype):

@@ -311,7 +311,7 @@ class Runtime:
         model.to(self.device)
         if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
             self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact)
-            self.native_norms = install_native_norms(model)
+            self.native_norms = install_native_norms(model, self.exact)
             self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
         self.stats.info["exact"] = self.exact
         self.stats.info["decode_attention_layers"] = len(self.decode_attention)

@@ -86,14 +86,16 @@ class SlotCache:
         caller may work meanwhile, then calls finish_acquire. Protected until `release(layer)`.
         A background load (prefetch, admission) of one of them that failed earlier is forgotten
         first, so this step loads the expert again instead of raising an old error."""
-        for key in (self.core.key(layer, expert) for expert in experts):
-            ticket = self.tickets.get(key)
-            if ticket is not None and ticket.prefetch and ticket.done() and ticket.error is not None:
-                self._forget(key)
-        counters = self.stats.layers[layer]
+        had_tickets = bool(self.tickets)  # none: nothing in flight or failed (every decode step at budget 1.0)
+        if had_tickets:
+            for key in (self.core.key(layer, expert) for expert in experts):
+                ticket = self.tickets.get(key)
+                if ticket is not None and ticket.prefetch and ticket.done() and ticket.error is not None:
+                    self._forget(key)
         accesses = self.core.acquire(layer, experts)
         keys = [access.key for access in accesses]
-        counters.late_prefetches += sum(access.prefetched and self._loading(access.key) for access in accesses)
+        if had_tickets:
+            self.stats.layers[layer].late_prefetches += sum(access.prefetched and self._loading(access.key) for access in accesses)
         misses = [self._ticket(layer, access, prefetch=False) for access in accesses if not access.hit]
         try:
             self.loader.submit(misses)  # all or nothing
@@ -105,6 +107,8 @@ class SlotCache:
 
     def finish_acquire(self, layer: int, experts: Sequence[int]) -> None:
         """Block until the experts of a begin_acquire are in their slots (see `_wait`)."""
+        if not self.tickets:  # no load in flight, none failed: nothing to wait for or settle
+            return
         self._wait([self.core.key(layer, expert) for expert in experts], self.stats.layers[layer])
 
     def loads_in_flight(self) -> int:
