@@ -37,29 +37,40 @@ from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
 
 class KernelClock:
-    """Wraps cpu_gemv.products: time and bytes per (matrices per call, [N, K] stored) while on."""
+    """Wraps cpu_gemv.products and cpu_gemv.silu_experts: time and bytes per (matrices per call,
+    [N, K] stored) while on (a SwiGLU call: "M+M swiglu", its gate_up and down shapes)."""
 
     def __init__(self):
         self.on = False
         self.calls: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0])  # calls, seconds, bytes
-        self._products = cpu_gemv.products
+        self._products, self._silu_experts = cpu_gemv.products, cpu_gemv.silu_experts
 
     def __enter__(self):
-        cpu_gemv.products = self._timed
+        cpu_gemv.products, cpu_gemv.silu_experts = self._timed, self._timed_experts
         return self
 
     def __exit__(self, *_):
-        cpu_gemv.products = self._products
+        cpu_gemv.products, cpu_gemv.silu_experts = self._products, self._silu_experts
 
     def _timed(self, x, matrices, scales=None, group=0, combine=None):
         started = time.perf_counter()
         out = self._products(x, matrices, scales, group, combine)
+        self._count((str(len(matrices)), tuple(matrices[0].shape)), started, [*matrices, *(scales or [])])
+        return out
+
+    def _timed_experts(self, x, gate_up, down, combine):
+        started = time.perf_counter()
+        out = self._silu_experts(x, gate_up, down, combine)
+        matrices = len(gate_up[0])
+        self._count((f"{matrices}+{matrices} swiglu", (*gate_up[0][0].shape, *down[0][0].shape)), started, [*gate_up[0], *gate_up[1], *down[0], *down[1]])
+        return out
+
+    def _count(self, key: tuple, started: float, tensors: list) -> None:
         if self.on:
-            entry = self.calls[(len(matrices), tuple(matrices[0].shape))]
+            entry = self.calls[key]
             entry[0] += 1
             entry[1] += time.perf_counter() - started
-            entry[2] += sum(t.numel() * t.element_size() for t in [*matrices, *(scales or [])])
-        return out
+            entry[2] += sum(t.numel() * t.element_size() for t in tensors)
 
 
 def profile(shape: str, quantize: str, tokens: int, ablate: int) -> dict:

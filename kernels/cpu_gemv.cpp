@@ -335,22 +335,12 @@ torch::Tensor combined(const torch::Tensor& out, const torch::Tensor& combine) {
   return sum;
 }
 
-// x [A, R, K] fp32, bf16 or fp16 (A = 1: the same rows for every matrix, A = M: rows of their
-// own); weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
-// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise); combine: none, or
-// [M] weights to sum the products with. Returns [M, R, N] (combine: [1, R, N]) in x's dtype,
-// accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
-// per call; each costs more than a small product's arithmetic.)
-torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group,
-                        std::optional<torch::Tensor> combine) {
-  TORCH_CHECK(given.dim() == 3 && given.is_floating_point() && given.device().is_cpu(), "cpu_gemv: x must be a CPU [A, R, K] float tensor");
-  const torch::Tensor x = given.to(torch::kFloat).contiguous();
-  const int64_t M = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(M > 0, "cpu_gemv: no matrices");
-  const int64_t A = x.size(0), R = x.size(1), K = x.size(2);
+// out [M, R, N] fp32 = x[a(m)] @ W_m^T for x [A, R, K] fp32, contiguous (A = 1: the same rows
+// for every matrix, A = M: rows of their own).
+torch::Tensor products_fp32(const torch::Tensor& x, const Matrices& mats) {
+  const int64_t M = static_cast<int64_t>(mats.weights.size()), A = x.size(0), R = x.size(1), K = x.size(2);
   TORCH_CHECK(A == 1 || A == M, "cpu_gemv: x holds ", A, " blocks of rows for ", M, " matrices (need 1 or ", M, ")");
-  const Matrices mats = describe(weights, scales, K, group);
-  const int64_t N = mats.N, inputs = A * R;
+  const int64_t N = mats.N, inputs = A * R, group = mats.group;
 
   const float* xs = x.data_ptr<float>();
   torch::Tensor sums = group > 0 ? x.reshape({inputs, K / group, group}).sum(-1).contiguous() : torch::Tensor();
@@ -393,7 +383,57 @@ torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights,
       }
     }
   });
+  return out;
+}
+
+// x as the products take it: a CPU [A, R, K] float tensor, in fp32.
+torch::Tensor float_rows(const torch::Tensor& given) {
+  TORCH_CHECK(given.dim() == 3 && given.is_floating_point() && given.device().is_cpu(), "cpu_gemv: x must be a CPU [A, R, K] float tensor");
+  return given.to(torch::kFloat).contiguous();
+}
+
+// x [A, R, K] fp32, bf16 or fp16 (A = 1: the same rows for every matrix, A = M: rows of their
+// own); weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
+// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise); combine: none, or
+// [M] weights to sum the products with. Returns [M, R, N] (combine: [1, R, N]) in x's dtype,
+// accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
+// per call; each costs more than a small product's arithmetic.)
+torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group,
+                        std::optional<torch::Tensor> combine) {
+  const torch::Tensor x = float_rows(given);
+  TORCH_CHECK(!weights.empty(), "cpu_gemv: no matrices");
+  const torch::Tensor out = products_fp32(x, describe(weights, scales, x.size(2), group));
   return (combine ? combined(out, *combine) : out).to(given.scalar_type());
+}
+
+// h [M, R, 2I] fp32 -> silu(h[.., :I]) * h[.., I:] [M, R, I] fp32: transformers' default gate
+// (gate half first), without rounding between its ops.
+torch::Tensor silu_gate(const torch::Tensor& h) {
+  TORCH_CHECK(h.size(2) % 2 == 0, "cpu_gemv: the gate_up product's width ", h.size(2), " is odd");
+  const int64_t rows = h.size(0) * h.size(1), I = h.size(2) / 2;
+  auto out = torch::empty({h.size(0), h.size(1), I}, h.options());
+  const float* hs = h.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float gate = hs[r * 2 * I + i];
+      os[r * I + i] = gate / (1.0f + std::exp(-gate)) * hs[r * 2 * I + I + i];
+    }
+  return out;
+}
+
+// A decode step's experts in one call: x [1, R, H] through each of M experts (gate_up [2I, H]
+// and down [H, I] in the formats gemv_many takes, int4 groups apart), the SiLU gate between
+// the products in fp32, and the experts' outputs summed with `combine` [M]: [1, R, H] in x's
+// dtype, rounded once.
+torch::Tensor silu_experts(torch::Tensor given, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> gate_up_scales,
+                           int64_t gate_up_group, std::vector<torch::Tensor> down, std::vector<torch::Tensor> down_scales,
+                           int64_t down_group, torch::Tensor combine) {
+  const torch::Tensor x = float_rows(given);
+  TORCH_CHECK(x.size(0) == 1 && !gate_up.empty() && gate_up.size() == down.size(), "cpu_gemv: one block of rows and as many down as gate_up matrices");
+  const torch::Tensor gated = silu_gate(products_fp32(x, describe(gate_up, gate_up_scales, x.size(2), gate_up_group)));
+  const torch::Tensor out = products_fp32(gated, describe(down, down_scales, gated.size(2), down_group));
+  return combined(out, combine).to(given.scalar_type());
 }
 
 bool uses_avx512() {
@@ -407,5 +447,8 @@ bool uses_avx512() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)", py::arg("x"), py::arg("weights"),
         py::arg("scales"), py::arg("group"), py::arg("combine") = py::none());
+  m.def("silu_experts", &silu_experts, "sum_m combine[m] down_m(silu(gate) * up of gate_up_m(x)) for a decode step's experts", py::arg("x"),
+        py::arg("gate_up"), py::arg("gate_up_scales"), py::arg("gate_up_group"), py::arg("down"), py::arg("down_scales"), py::arg("down_group"),
+        py::arg("combine"));
   m.def("uses_avx512", &uses_avx512, "whether this build computes with AVX-512 (and VNNI)");
 }

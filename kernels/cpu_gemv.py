@@ -24,7 +24,7 @@ from .cpu_build import OPT_OUT, build, build_folder_of
 
 SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)  # the full-precision weights it reads (cpu_gemv.cpp's Format)
-__all__ = ["FLOAT_WEIGHTS", "OPT_OUT", "available", "build_folder", "extension", "products"]
+__all__ = ["FLOAT_WEIGHTS", "OPT_OUT", "available", "build_folder", "extension", "products", "silu_experts"]
 
 
 @lru_cache(maxsize=None)
@@ -53,3 +53,12 @@ def products(
     other formats; combine: [M] weights, and the result is their weighted sum [1, R, N] (a
     decode step's experts, summed in fp32). The module must be available()."""
     return extension().gemv_many(x, matrices, scales or [], group, combine)
+
+
+def silu_experts(x: torch.Tensor, gate_up: tuple[list, list, int], down: tuple[list, list, int], combine: torch.Tensor) -> torch.Tensor:
+    """[1, R, H] in x's dtype: sum_m combine[m] down_m(silu(g) * u), (g, u) the halves of
+    gate_up_m(x) for x [1, R, H]: a decode step's plain SwiGLU experts in one call, each product
+    as `products` computes it, the gate between them in fp32 (transformers' default gate,
+    without its roundings to x's dtype), the sum rounded once. gate_up, down: (matrices, scales,
+    group) as `products` takes them (M of each; down's inputs are its own expert's gated rows)."""
+    return extension().silu_experts(x, *gate_up, *down, combine)

@@ -21,16 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import ExpertLayout
-from .expert_format import ExpertSpec, linear, linear_many
+from .expert_format import ExpertSpec, kernel_operands_many, linear, linear_many
 from .expert_tensors import ExpertTensors
-from .kernels import KERNELS
+from .kernels import KERNELS, cpu_gemv
 from .runtime.slot_pool import SlotPool
 
 GROUPED_MM, LOOP, TRITON = "grouped_mm", "loop", "triton"
 
 
-def triton_applies(layout: ExpertLayout, act_fn) -> bool:
-    """The Triton kernel computes plain SwiGLU on the default layout (not GPT-OSS's variant)."""
+def plain_swiglu(layout: ExpertLayout, act_fn) -> bool:
+    """Whether experts compute plain SwiGLU on the default layout (not GPT-OSS's variant): what
+    the Triton kernel computes, and the CPU decode kernel's gate between its products."""
     default = not layout.is_transposed and layout.is_concatenated and not layout.has_bias and layout.has_gate
     return default and type(act_fn).__name__ in ("SiLU", "SiLUActivation")
 
@@ -41,7 +42,7 @@ def choose_kernel_path(kernel: str, device: torch.device, spec: ExpertSpec, layo
     dequantizes tiles in registers; the PyTorch path is the per-expert loop (expert_format.linear)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    applies = triton_applies(layout, act_fn)
+    applies = plain_swiglu(layout, act_fn)
     if kernel == "triton" and not triton_imports():
         raise ValueError("kernel='triton' needs the triton package, which does not import here; pass kernel='auto' or 'torch'")
     if kernel == "auto" and applies and device.type == "cuda" and triton_imports():
@@ -143,6 +144,7 @@ def experts_in_place(
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
     *,
     exact: bool = True,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """out [T, H] = sum_k w[t, k] * expert_{e[t, k]}(x_t) over the (t, k) whose expert is in `weights`.
 
@@ -150,7 +152,9 @@ def experts_in_place(
     GEMMs read them in place, one expert at a time, touching only the experts a token uses.
     A decode step (T = 1) takes its K rows straight from the router's choice; a prefill
     groups the (t, k) rows of each expert with one comparison per expert. exact=False lets the
-    CPU decode kernel compute full-precision experts too (config.exact_decode).
+    CPU decode kernel compute full-precision experts too (config.exact_decode), and, where the
+    experts are plain SwiGLU (`swiglu`, see plain_swiglu), a decode step's experts in one call
+    with the gate between the products in fp32 (cpu_gemv.silu_experts).
     """
     num_tokens, top_k = top_k_index.shape
     flat_weights = top_k_weights.reshape(-1)
@@ -161,7 +165,9 @@ def experts_in_place(
             return torch.zeros_like(hidden)
         x = hidden.to(dtype)
         scale = flat_weights[[row for row, _ in rows]] if len(rows) < top_k else flat_weights
-        summed = experts_in_one_call(x, [tensors for _, tensors in rows], layout, apply_gate, scale, exact=exact or layout.is_transposed)
+        summed = experts_in_one_call(
+            x, [tensors for _, tensors in rows], layout, apply_gate, scale, exact=exact or layout.is_transposed, swiglu=swiglu and not exact,
+        )
         if summed is not None:
             return summed.to(hidden.dtype)
         outputs = torch.cat([one_expert(x, tensors, layout, apply_gate) for _, tensors in rows])  # [K', H]
@@ -184,13 +190,19 @@ def compute_dtype(tensors: ExpertTensors, activations: torch.dtype) -> torch.dty
 
 
 def experts_in_one_call(
-    x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate, scale: torch.Tensor, *, exact: bool = True,
+    x: torch.Tensor, experts: list[ExpertTensors], layout: ExpertLayout, apply_gate, scale: torch.Tensor, *, exact: bool = True, swiglu: bool = False,
 ) -> torch.Tensor | None:
     """[1, H]: one decode row x [1, H] through each of K' experts, weighted by `scale` [K'] and
     summed (in fp32 in the kernel), each GEMM of all of them in one call of the CPU decode
     kernel (int8 / int4 experts in host RAM; full-precision ones [N, K] too where not `exact`);
-    None where that kernel does not read these experts (expert_format.linear_many), and the
-    caller goes expert by expert."""
+    with `swiglu` (plain SwiGLU experts, a step that need not be exact) both GEMMs and the gate
+    between them in one call, in fp32 throughout. None where that kernel does not read these
+    experts (expert_format.kernel_operands_many), and the caller goes expert by expert."""
+    if swiglu:
+        gate_up = kernel_operands_many(experts, "gate_up_proj", x.shape[0], exact=exact)
+        down = kernel_operands_many(experts, "down_proj", x.shape[0], exact=exact)
+        if gate_up is not None and down is not None:
+            return cpu_gemv.silu_experts(x[None], gate_up, down, scale)[0]
     h = linear_many(x[None], experts, "gate_up_proj", exact=exact)  # [K', 1, 2I]
     if h is None:
         return None

@@ -288,6 +288,17 @@ def _quantized_names(name: str) -> tuple[str, str, str, str]:
     return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros"
 
 
+def kernel_operands_many(experts: list[ExpertTensors], name: str, rows: int = 1, *, exact: bool = True) -> tuple[list, list, int] | None:
+    """([matrix per expert], [scales per expert], group): parameter `name` of each of the
+    experts (one format, as a runtime holds them) as kernels/cpu_gemv.py reads it for `rows`
+    input rows each, or None where it is not used (see _kernel_names)."""
+    names = _kernel_names(experts[0], name, rows, exact)
+    if names is None:
+        return None
+    values, scales, group = names
+    return [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts] if scales else [], group
+
+
 def linear_many(
     x: torch.Tensor, experts: list[ExpertTensors], name: str, combine: torch.Tensor | None = None, *, exact: bool = True,
 ) -> torch.Tensor | None:
@@ -295,11 +306,10 @@ def linear_many(
     format, as a runtime holds them), in one call of kernels/cpu_gemv.py (a decode step's
     experts on the CPU); with `combine` [M], their weighted sum [1, R, N]. None where it does
     not apply (see _kernel_names), and the caller computes expert by expert."""
-    names = _kernel_names(experts[0], name, x.shape[1], exact)
-    if names is None:
+    operands = kernel_operands_many(experts, name, x.shape[1], exact=exact)
+    if operands is None:
         return None
-    values, scales, group = names
-    return cpu_gemv.products(x, [tensors[values] for tensors in experts], [tensors[scales] for tensors in experts] if scales else None, group, combine)
+    return cpu_gemv.products(x, *operands, combine)
 
 
 def decode(tensors: ExpertTensors, dtype: torch.dtype, transposed: bool, shapes: dict[str, tuple[int, ...]]) -> ExpertTensors:

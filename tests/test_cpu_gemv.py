@@ -141,6 +141,34 @@ def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize, has
     assert linear_many(x[None], experts, "gate_up_proj").shape == (4, 1, 2 * inner)
 
 
+@needs_kernel
+@pytest.mark.parametrize("fmt", ("float32", "bfloat16", "int8", "int4-g32"))
+def test_swiglu_experts_in_one_call_equal_their_products_with_the_gate_between(fmt):
+    """silu_experts: the same products as `products` gives, the gate and the weighted sum in
+    fp32 between and after them (bf16 rows: only the final result is rounded); a count of
+    down matrices other than gate_up's, or an odd gate_up width, is refused."""
+    torch.manual_seed(4)
+    hidden, inner, count = 128, 96, 3
+    gate_up = [_encode(fmt, torch.randn(2 * inner, hidden) / 8) for _ in range(count)]
+    down = [_encode(fmt, torch.randn(hidden, inner) / 8) for _ in range(count)]
+    operands = [([e[0] for e in encoded], [e[1] for e in encoded] if encoded[0][1] is not None else [], encoded[0][2]) for encoded in (gate_up, down)]
+    x = torch.randn(1, 1, hidden)
+    weights = torch.rand(count)
+    h = cpu_gemv.products(x, *operands[0])  # [M, 1, 2I] fp32
+    gated = torch.nn.functional.silu(h[..., :inner]) * h[..., inner:]
+    want = cpu_gemv.products(gated, *operands[1], combine=weights)
+    got = cpu_gemv.silu_experts(x, operands[0], operands[1], weights)
+    assert got.shape == (1, 1, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    rounded = cpu_gemv.silu_experts(x.bfloat16(), operands[0], operands[1], weights)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, cpu_gemv.silu_experts(x.bfloat16().float(), operands[0], operands[1], weights).bfloat16())
+    with pytest.raises(RuntimeError, match="as many down as gate_up"):
+        cpu_gemv.silu_experts(x, operands[0], (operands[1][0][:2], operands[1][1][:2], operands[1][2]), weights)
+    odd = [_encode("float32", torch.randn(2 * inner + 1, hidden))[0] for _ in range(count)]
+    with pytest.raises(RuntimeError, match="width 193 is odd"):
+        cpu_gemv.silu_experts(x, (odd, [], 0), operands[1], weights)
+
+
 def _run(code: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -40,22 +40,30 @@ def _model(family: str, dtype=torch.float32):
 
 
 class KernelCalls:
-    """Counts the decode kernel's calls by the weights' shapes while active (cpu_gemv.products)."""
+    """Counts the decode kernel's calls by the weights' shapes while active (cpu_gemv.products,
+    and cpu_gemv.silu_experts by its gate_up matrices: `fused` lists those)."""
 
     def __init__(self):
         self.shapes: list[tuple] = []
-        self._products = cpu_gemv.products
+        self.fused: list[tuple] = []
+        self._products, self._silu_experts = cpu_gemv.products, cpu_gemv.silu_experts
 
     def __enter__(self):
-        cpu_gemv.products = self._counted
+        cpu_gemv.products, cpu_gemv.silu_experts = self._counted, self._counted_experts
         return self
 
     def __exit__(self, *_):
-        cpu_gemv.products = self._products
+        cpu_gemv.products, cpu_gemv.silu_experts = self._products, self._silu_experts
 
     def _counted(self, x, matrices, *args, **kwargs):
         self.shapes.append((len(matrices), tuple(matrices[0].shape), matrices[0].dtype))
         return self._products(x, matrices, *args, **kwargs)
+
+    def _counted_experts(self, x, gate_up, down, combine):
+        matrices = gate_up[0]
+        self.shapes.append((len(matrices), tuple(matrices[0].shape), matrices[0].dtype))
+        self.fused.append(self.shapes[-1])
+        return self._silu_experts(x, gate_up, down, combine)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -72,6 +80,7 @@ def test_full_precision_takes_the_fast_ops_and_stays_close(family):
         fast = greedy_logits(model, PROMPT)
     expert_calls = [shape for shape in calls.shapes if shape[:2] == (runtime.top_k, (2 * WIDTH, model.config.hidden_size))]
     assert len(expert_calls) == (0 if runtime.layout.is_transposed else 5 * len(runtime.blocks))  # each decode step's layer in one call
+    assert calls.fused == expert_calls  # plain SwiGLU: both GEMMs and the gate between them
     assert all(dtype == torch.float32 for _, _, dtype in calls.shapes)  # full precision: no quantized copy anywhere
     torch.testing.assert_close(fast, exact, rtol=0, atol=1e-4)
     assert not torch.equal(fast, exact)  # another order of sums: not the exact path

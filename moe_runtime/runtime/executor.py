@@ -27,7 +27,7 @@ from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
 from ..budget import format_bytes, slots_for_budget
 from ..expert_format import ExpertFormat
 from .slot_cache import SlotCache
-from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place
+from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place, plain_swiglu
 from ..config import OffloadConfig
 from ..decode_attention import install_decode_attention
 from ..kernel_routers import install_kernel_routers
@@ -83,6 +83,7 @@ class Runtime:
         self.top_k = blocks[0].top_k
         self.layout = ExpertLayout.of(blocks[0].experts)
         self.gates = [block.experts._apply_gate for block in blocks]
+        self.swiglu = plain_swiglu(self.layout, getattr(blocks[0].experts, "act_fn", None))  # the CPU kernel may gate between its products
         self.mask = mask  # a pruning profile's router mask, or None
         routed = (mask.kept_experts() if mask else None) or len(blocks) * self.num_experts
         # Every check before anything starts (loader threads, slot memory).
@@ -212,7 +213,9 @@ class Runtime:
         """[T, H] on the compute device: the contribution of the experts `weights` (host
         tensors), computed on the CPU; the activations go over and the result comes back."""
         self.stats.paths["host"] = self.stats.paths.get("host", 0) + 1
-        out = experts_in_place(hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer], exact=self.exact)
+        out = experts_in_place(
+            hidden.cpu(), top_k_index.cpu(), top_k_weights.cpu(), weights, self.layout, self.gates[layer], exact=self.exact, swiglu=self.swiglu,
+        )
         return out.to(self.device, non_blocking=True)
 
     def _host_share(self, layer: int, needed: list[int], routed: list[int]) -> list[int]:
@@ -240,7 +243,7 @@ class Runtime:
             weights = {expert: self.pool.view(slot) for expert, slot in zip(wave, slots)}
             if self.execution == HOST and self.device.type != "cpu":  # llama.cpp's --cpu-moe: experts stay in RAM
                 return self._compute_on_cpu(layer, weights, hidden, top_k_index, top_k_weights)
-            return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer], exact=self.exact)
+            return experts_in_place(hidden, top_k_index, top_k_weights, weights, self.layout, self.gates[layer], exact=self.exact, swiglu=self.swiglu)
         table = torch.full((self.num_experts,), -1, dtype=torch.long)
         table[wave] = torch.tensor(slots, dtype=torch.long)
         # On CUDA a copy from pageable memory: staged by the driver, so the host waits for the
