@@ -36,10 +36,17 @@ namespace {
 
 enum Format : int { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4 };
 
-constexpr int64_t ROWS = 4;          // weight rows computed together (they share each load of x)
+constexpr int64_t ROWS = 4;          // weight rows computed together (they share each load of x); int8: one (ROW_AT_A_TIME)
 constexpr int64_t BLOCK_ROWS = 16;   // weight rows per parallel work item
 constexpr int64_t QBLOCK = 64;       // inputs per int8 scale of the quantized x
 
+// ROW_AT_A_TIME: int8 weights are read one row after another, not four rows side by side: on the
+// 2-core EPYC of BENCHMARKS.md a decode step's int8 experts (8 of 64 from RAM, one silu_experts
+// call) streamed 25.9 against 22.1 GB/s at the OLMoE-1B-7B shape (8 rounds alternating, faster
+// in 7) and 27.7 against 21.1 at the small shape (6 of 6). With the weights in L3 the four rows
+// computed more (76 against 62 GB/s), so it is the order of the reads that memory prefers; the
+// 16-bit and int4 paths ran alike either way (within noise) and keep four.
+//
 // PREFETCH: each dot loop asks for the weight rows it will read next, as far along as it is now
 // (int4's rows being half as long, four times as many rows ahead), into L2 (_MM_HINT_T1). Into
 // L1 (T0), as first written, the requests compete with the loads for L1's few line-fill slots:
@@ -373,7 +380,7 @@ torch::Tensor products_fp32(const torch::Tensor& x, const Matrices& mats) {
         if (mats.fmt == INT4 && mats.integer_path) int4_block_scales(mats.scales[m], N, first, last - first, K, mats.group, in, scale.data(), offset);
 #endif
         for (int64_t n = first; n < last;) {
-          const int64_t rows = (last - n >= ROWS) ? ROWS : 1, column = n - first;
+          const int64_t rows = (mats.fmt != INT8 && last - n >= ROWS) ? ROWS : 1, column = n - first;  // ROW_AT_A_TIME
           if (rows == ROWS) dot_block<ROWS>(mats, m, n, in, scale.data() + column, offset + column, dot);
           else dot_block<1>(mats, m, n, in, scale.data() + column, offset + column, dot);
           float* y = ys + (m * R + r) * N + n;
