@@ -44,8 +44,9 @@ constexpr int64_t QBLOCK = 64;       // inputs per int8 scale of the quantized x
 // 2-core EPYC of BENCHMARKS.md a decode step's int8 experts (8 of 64 from RAM, one silu_experts
 // call) streamed 25.9 against 22.1 GB/s at the OLMoE-1B-7B shape (8 rounds alternating, faster
 // in 7) and 27.7 against 21.1 at the small shape (6 of 6). With the weights in L3 the four rows
-// computed more (76 against 62 GB/s), so it is the order of the reads that memory prefers; the
-// 16-bit and int4 paths ran alike either way (within noise) and keep four.
+// computed more (76 against 62 GB/s), so it is the order of the reads that memory prefers. The
+// 16-bit paths ran alike either way and int4, bound by its arithmetic, lost with one row (19.2
+// against 26.2 GB/s at the small shape): they keep four.
 //
 // PREFETCH: each dot loop asks for the weight rows it will read next, as far along as it is now
 // (int4's rows being half as long, four times as many rows ahead), into L2 (_MM_HINT_T1). Into
