@@ -16,7 +16,8 @@ cast to fp16, with int8 / int4 (group 64) experts alone or with every other line
 quantized too ("-all", as llama.cpp's formats do), and at full precision with exact=False
 ("-fast"), 16-token prompt then 64 greedy tokens. The bound is the memory-read bandwidth
 measured in the same run divided by the bytes one decode step must read (every non-expert
-weight but the input embedding, plus top-k/E of the experts).
+weight but the input embedding, plus top-k/E of the experts). `--wait-policy as-set,active` runs
+every contender under each OMP_WAIT_POLICY in turn (rows side by side, `wait_policy` in the JSON).
 
     pip install -e ".[bench]"   # gguf's needs: sentencepiece, protobuf
     python benchmarks/peer_llamacpp.py --rounds 2 --json peer.json
@@ -134,12 +135,26 @@ def byte_level_tokenizer(folder: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
 
 
-def llama_bench(tree: Path, model: Path) -> float:
+def llama_bench(tree: Path, model: Path, env: dict[str, str]) -> float:
     """Generation tok/s of llama-bench: NEW_TOKENS tokens after a PROMPT-token context, THREADS threads."""
     command = [str(tree / "build" / "bin" / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(NEW_TOKENS), "-d", str(PROMPT),
                "-t", str(THREADS), "-r", "2", "-o", "json"]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return float(json.loads(done.stdout)[0]["avg_ts"])
+
+
+# OMP_WAIT_POLICY for the contenders' processes ("as-set": the environment's own). Ours runs an
+# OpenMP parallel region per kernel call, several a layer, with the interpreter between them;
+# llama.cpp's threads wait for each other in ggml's own spinning barrier within a token.
+WAIT_POLICIES = ("as-set", "active", "passive")
+
+
+def environment(policy: str) -> dict[str, str]:
+    """The contenders' environment under `policy`."""
+    env = dict(os.environ)
+    if policy != "as-set":
+        env["OMP_WAIT_POLICY"] = policy.upper()
+    return env
 
 
 # ---------------------------------------------------------------- our side, one process per row
@@ -217,7 +232,14 @@ def main() -> None:
     parser.add_argument("--json", help="write {rows, bound_tokens_per_second} here")
     parser.add_argument("--formats", help="only these formats, a comma list of llama.cpp's and ours (e.g. Q8_0,Q4_0,int8,int4)")
     parser.add_argument("--shape", choices=SHAPES, default="live-decode")
+    parser.add_argument(
+        "--wait-policy", default="as-set",
+        help="OpenMP's OMP_WAIT_POLICY for every contender's process, a comma list run side by side (as-set: the environment's; active; passive)",
+    )
     args = parser.parse_args()
+    policies = args.wait_policy.split(",")
+    if not set(policies) <= set(WAIT_POLICIES):
+        parser.error(f"--wait-policy takes a comma list of {', '.join(WAIT_POLICIES)}, got {args.wait_policy!r}")
     only = None if args.formats is None else set(args.formats.split(","))
     if args.json:
         check_writable(args.json, "output")
@@ -230,29 +252,35 @@ def main() -> None:
     bandwidths = []
     for round_ in range(args.rounds):
         bandwidths.append(read_bandwidth_gbps())
-        for name, path in files.items():
-            if only is not None and name not in only:
-                continue
-            speed = llama_bench(tree, path)
-            best[("llama.cpp", name, 1.0)] = max(best.get(("llama.cpp", name, 1.0), 0.0), speed)
-            print(f"round {round_ + 1}: llama.cpp {name}: {speed:.1f} tok/s", flush=True)
-        for contender, dtype, budget in OURS:
-            if only is not None and dtype not in only:
-                continue
-            done = subprocess.run([sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)], capture_output=True, text=True)
-            if done.returncode != 0:  # e.g. killed for memory at a large shape: the row is reported missing, the run goes on
-                print(f"round {round_ + 1}: {contender} {dtype} {budget}: failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
-                continue
-            speed = json.loads(done.stdout.strip().splitlines()[-1])
-            best[(contender, dtype, budget)] = max(best.get((contender, dtype, budget), 0.0), speed)
-            print(f"round {round_ + 1}: {contender} {dtype} {budget}: {speed:.1f} tok/s", flush=True)
+        for policy in policies:
+            env = environment(policy)
+            for name, path in files.items():
+                if only is not None and name not in only:
+                    continue
+                speed = llama_bench(tree, path, env)
+                best[("llama.cpp", name, 1.0, policy)] = max(best.get(("llama.cpp", name, 1.0, policy), 0.0), speed)
+                print(f"round {round_ + 1}, {policy}: llama.cpp {name}: {speed:.1f} tok/s", flush=True)
+            for contender, dtype, budget in OURS:
+                if only is not None and dtype not in only:
+                    continue
+                command = [sys.executable, __file__, "--child", str(checkpoint), contender, dtype, str(budget)]
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                if done.returncode != 0:  # e.g. killed for memory at a large shape: the row is reported missing, the run goes on
+                    print(f"round {round_ + 1}: {contender} {dtype} {budget}: failed (exit {done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
+                    continue
+                speed = json.loads(done.stdout.strip().splitlines()[-1])
+                best[(contender, dtype, budget, policy)] = max(best.get((contender, dtype, budget, policy), 0.0), speed)
+                print(f"round {round_ + 1}, {policy}: {contender} {dtype} {budget}: {speed:.1f} tok/s", flush=True)
     bound = max(bandwidths) * 1e9 / bytes_per_token(checkpoint, shape)
-    rows = [{"contender": c, "format": f, "budget": b, "tokens_per_second": s} for (c, f, b), s in best.items()]
+    rows = [{"contender": c, "format": f, "budget": b, "wait_policy": p, "tokens_per_second": s} for (c, f, b, p), s in best.items()]
     print(f"{shape.name}: read bandwidth {max(bandwidths):.1f} GB/s, {bytes_per_token(checkpoint, shape) / 1e6:.0f} MB per token")
-    print(f"{'contender':<14}{'format':<8}{'budget':>7}{'tok/s':>8}{'of bound':>10}")
+    print(f"{'contender':<14}{'format':<10}{'budget':>7}{'policy':>8}{'tok/s':>8}{'of bound':>10}")
     for row in rows:
-        print(f"{row['contender']:<14}{row['format']:<8}{row['budget']:>7}{row['tokens_per_second']:>8.1f}{row['tokens_per_second'] / bound:>10.0%}")
-    print(f"{'bound':<14}{'':<8}{'':>7}{bound:>8.1f}")
+        print(
+            f"{row['contender']:<14}{row['format']:<10}{row['budget']:>7}{row['wait_policy']:>8}{row['tokens_per_second']:>8.1f}"
+            f"{row['tokens_per_second'] / bound:>10.0%}"
+        )
+    print(f"{'bound':<14}{'':<10}{'':>7}{'':>8}{bound:>8.1f}")
     if args.json:
         report = {"shape": shape.name, "bandwidth_gbps": max(bandwidths), "rows": rows, "bound_tokens_per_second": bound}
         write_text_atomically(args.json, json.dumps(report, indent=1))

@@ -1,9 +1,10 @@
 // Decode-time products on the CPU: a few input rows times many weight matrices, in one call.
 //
 // out[m, r, :] = x[a(m), r, :] @ W_m^T, for every matrix m of a list of same-shaped matrices
-// W_m [N, K] held as fp32, fp16, bf16, int8 (per-row scale) or int4 (plain nibbles, per-group
-// scale and zero; moe_runtime/expert_format.py). a(m) = 0 when x holds one block of rows for all
-// matrices (a gate_up product), m when it holds one per matrix (a down product).
+// W_m [N, K] held as fp32, fp16, bf16, int8 (per-row scale) or int4 (per-group scale and zero:
+// plain nibbles with the scales apart, or TILES; moe_runtime/expert_format.py). a(m) = 0 when
+// x holds one block of rows for all matrices (a gate_up product), m when it holds one per
+// matrix (a down product).
 //
 // Why: at decode a MoE layer's experts are K small GEMVs; torch's kernels pay a call each and
 // stream 15-35 GB/s of weights on the 2-core EPYC of BENCHMARKS.md, where memory gives 50-78.
@@ -15,7 +16,7 @@
 // 64 inputs with one fp32 scale each, as llama.cpp's Q8 activations are: widening every
 // weight to fp32 instead holds int8 to about 22 GB/s on the machine above (compute-bound).
 // Without AVX512-VNNI (or where K is not a multiple of 64) a portable loop computes the same
-// products from fp32 x.
+// products from fp32 x (TILES are never written there: they are AVX-512's alone).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -54,6 +55,18 @@ constexpr int64_t QBLOCK = 64;       // inputs per int8 scale of the quantized x
 // on the 2-core EPYC of BENCHMARKS.md a 50304 x 1024 matrix streamed at 16 (int8) and 19 (bf16)
 // GB/s on 2 threads with T0 and 25 and 25 with T1 (one run, alternating); int4 rose from 17
 // to 22 with the longer distance.
+//
+// TILES: int4 for this kernel alone, as [N/16, K/G, 64 + 8G] bytes: per 16 rows and group of G
+// inputs, the rows' (s, z) pairs (16 x 4 bytes, one cache line), then the group's nibbles as
+// G/8 chunks of 64 bytes, each chunk 4 bytes (8 inputs) of each of the 16 rows. One load then
+// feeds one VPDPBUSD for 16 rows (a lane per row, against 4 bytes of x broadcast), a lane keeps
+// its row's sum to the end (no reduction across lanes), a block's scales multiply 16 rows at
+// once, and 16 rows are one stream of reads (the plain layout is four rows' streams beside a
+// stream of scales per group, N * 4 bytes apart). llama.cpp's CPU backend repacks Q4_0 into
+// interleaved rows for the same reasons. On the 2-core EPYC of BENCHMARKS.md a decode step's 8
+// int4 experts (one silu_experts call, 8 of 64 drawn per call, nothing warm) streamed 24.9
+// against 20.6 GB/s at the OLMoE-1B-7B shape (8 rounds alternating, faster in 8) and 23.8
+// against 20.1 at the small shape (6 of 6); with the weights in L3, 52 against 35.
 
 inline float bf16_to_float(uint16_t bits) {
   uint32_t wide = static_cast<uint32_t>(bits) << 16;
@@ -66,7 +79,7 @@ inline float bf16_to_float(uint16_t bits) {
 struct Input {
   const float* x = nullptr;     // [K] as given (fp32)
   const float* group_sums = nullptr;  // int4: [K/G] sums of x per weight group
-  const int8_t* q = nullptr;    // int8/int4 with AVX-512: [K] x quantized (int4: in nibble_position's order)
+  const int8_t* q = nullptr;    // int8/int4 with AVX-512: [K] x quantized (int4: in position_of's order)
   const float* d = nullptr;     // [K/64] the quantization scales
   float flip_correction = 0;    // int8: 128 * sum_b d_b sum q_b (the weights' sign flip, see dot_int8)
 };
@@ -156,7 +169,7 @@ void dot_int8(const int8_t* w, int64_t ld, int64_t K, const Input& in, float* do
 // int4: w = (q - 8) s + z per group g, so dot = sum_g s_g (q . x_g) + (z_g - 8 s_g) sum(x_g).
 // 64 packed bytes hold 128 inputs (a byte: input 2j low, 2j+1 high); their low nibbles meet
 // the block's 64 even inputs and their high nibbles its 64 odd ones (x is quantized in that
-// order, see nibble_position), and both products add into the same int32 lanes: lane l sums
+// order, see position_of), and both products add into the same int32 lanes: lane l sums
 // inputs 8l..8l+7, so lanes 0-7 hold the first 64-input block and lanes 8-15 the second. Each
 // half is scaled by its block's s_g d_b (`scale` [b * BLOCK_ROWS + i] for row i, from
 // int4_block_scales). A last block of 64 (K = 64 mod 128) is laid out as [32 even, 32 odd].
@@ -211,6 +224,37 @@ void int4_block_scales(const uint16_t* sz, int64_t N, int64_t first, int64_t cou
   }
   _mm512_storeu_ps(offset, total);
 }
+
+// 16 rows of TILES: out[i] = row i . x for the tile at `tile` (x quantized in TILES order:
+// per 8 inputs the 4 even ones, then the 4 odd ones, as one chunk's low and high nibbles meet
+// them). Four int32 sums per 64-input block (the VPDPBUSD chains overlap), scaled by s_g d_b.
+void dot_int4_tile(const uint8_t* tile, int64_t K, int64_t G, const Input& in, float* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int32_t* q = reinterpret_cast<const int32_t*>(in.q);  // [K/8][even 4, odd 4] as int32 pairs
+  __m512 acc = _mm512_setzero_ps(), offset = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / G; ++g) {
+    const uint8_t* line = tile + g * (64 + 8 * G);
+    _mm_prefetch(reinterpret_cast<const char*>(line + 4096), _MM_HINT_T1);  // one stream: the hardware prefetcher does the rest
+    const __m512i pairs = _mm512_loadu_si512(line);  // lane i: s | z << 16 of row i
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), z = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+    offset = _mm512_fmadd_ps(_mm512_fmadd_ps(s, _mm512_set1_ps(-8.0f), z), _mm512_set1_ps(in.group_sums[g]), offset);
+    for (int64_t b = g * G / QBLOCK; b < (g + 1) * G / QBLOCK; ++b) {
+      const uint8_t* chunk = line + 64 + (b - g * G / QBLOCK) * 8 * QBLOCK;
+      const int32_t* qb = q + b * (QBLOCK / 4);
+      __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+      for (int c = 0; c < QBLOCK / 8; c += 2, chunk += 128, qb += 4) {
+        const __m512i w0 = _mm512_loadu_si512(chunk), w1 = _mm512_loadu_si512(chunk + 64);
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(w0, low), _mm512_set1_epi32(qb[0]));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(w0, 4), low), _mm512_set1_epi32(qb[1]));
+        s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(w1, low), _mm512_set1_epi32(qb[2]));
+        s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(w1, 4), low), _mm512_set1_epi32(qb[3]));
+      }
+      const __m512i sums = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_set1_ps(in.d[b])), acc);
+    }
+  }
+  _mm512_storeu_ps(out, _mm512_add_ps(acc, offset));
+}
 #endif
 
 // ---------------------------------------------------------------- one block of weight rows
@@ -218,8 +262,9 @@ struct Matrices {
   Format fmt;
   int64_t N, K, group, row_bytes;
   std::vector<const char*> weights;
-  std::vector<const uint16_t*> scales;  // bf16 bits: int8 [N], int4 [K/G, N, 2]
+  std::vector<const uint16_t*> scales;  // bf16 bits: int8 [N], plain int4 [K/G, N, 2]; none for TILES
   bool integer_path;                    // int8/int4 through the quantized x
+  bool tiles = false;                   // int4 as TILES
 };
 
 // scale, offset: int4's, for this block's first row (int4_block_scales).
@@ -253,17 +298,21 @@ void dot_block(const Matrices& mats, int64_t m, int64_t n, const Input& in, cons
 }
 
 // ---------------------------------------------------------------- preparing x
-// Where input k of K goes in int4's order (dot_int4): within each 128 inputs the 64 even ones,
-// then the 64 odd ones; a last block of 64 as its 32 even, then its 32 odd.
-inline int64_t nibble_position(int64_t k, int64_t K) {
+// Where input k of K goes in the order the weights' nibbles meet x: plain int4 (dot_int4),
+// within each 128 inputs the 64 even ones, then the 64 odd ones (a last block of 64 as its 32
+// even, then its 32 odd); TILES (dot_int4_tile), within each 8 the 4 even, then the 4 odd; int8
+// as it is.
+inline int64_t position_of(int64_t k, int64_t K, const Matrices& mats) {
+  if (mats.fmt != INT4) return k;
+  if (mats.tiles) return k - k % 8 + (k % 2) * 4 + (k % 8) / 2;
   const int64_t paired = K - K % (2 * QBLOCK), span = k < paired ? 2 * QBLOCK : QBLOCK;
   const int64_t start = k < paired ? k - k % span : paired, within = k - start;
   return start + (within % 2) * (span / 2) + within / 2;
 }
 
 // Each input row's int8 copy: per block of 64 consecutive inputs d = max|x| / 127 and
-// q = round(x / d), stored in plain order (int8) or nibble_position's order (int4).
-void quantize_rows(const float* x, int64_t rows, int64_t K, bool nibble_order, int8_t* q, float* d, float* flip_correction) {
+// q = round(x / d), stored in position_of's order.
+void quantize_rows(const float* x, int64_t rows, int64_t K, const Matrices& mats, int8_t* q, float* d, float* flip_correction) {
   for (int64_t r = 0; r < rows; ++r) {
     double correction = 0.0;
     for (int64_t b = 0; b < K / QBLOCK; ++b) {
@@ -275,7 +324,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, bool nibble_order, i
       for (int64_t j = 0; j < QBLOCK; ++j) {
         const auto value = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
         const int64_t k = b * QBLOCK + j;
-        q[r * K + (nibble_order ? nibble_position(k, K) : k)] = value;
+        q[r * K + position_of(k, K, mats)] = value;
         total += value;
       }
       d[r * (K / QBLOCK) + b] = scale;
@@ -300,10 +349,11 @@ Matrices describe(const std::vector<torch::Tensor>& weights, const std::vector<t
   Matrices mats;
   const bool int4 = group > 0;
   mats.fmt = format_of(weights[0], int4);
-  mats.N = weights[0].size(0);
+  mats.tiles = int4 && weights[0].dim() == 3;
+  mats.N = mats.tiles ? weights[0].size(0) * BLOCK_ROWS : weights[0].size(0);
   mats.K = K;
   mats.group = group;
-  mats.row_bytes = int4 ? K / 2 : K * static_cast<int64_t>(weights[0].element_size());
+  mats.row_bytes = !int4 ? K * static_cast<int64_t>(weights[0].element_size()) : mats.tiles ? K / 2 + 4 * (K / group) : K / 2;
   const bool quantized = mats.fmt == INT8 || mats.fmt == INT4;
   TORCH_CHECK(!int4 || (K % group == 0 && group % 2 == 0), "cpu_gemv: int4 needs an even group dividing K (", K, "), got ", group);
 #ifdef MOE_AVX512
@@ -311,13 +361,18 @@ Matrices describe(const std::vector<torch::Tensor>& weights, const std::vector<t
 #else
   mats.integer_path = false;  // the portable loop multiplies fp32 x: an int8 copy of it would go unread
 #endif
+  TORCH_CHECK(!mats.tiles || mats.integer_path, "cpu_gemv: int4 tiles need AVX512-VNNI and K (", K, ") and the group (", group,
+              ") multiples of 64 (tiles_fit in moe_runtime/expert_format.py)");
+  const std::vector<int64_t> shape = mats.tiles ? std::vector<int64_t>{mats.N / BLOCK_ROWS, K / group, 64 + 8 * group}
+                                                : std::vector<int64_t>{mats.N, mats.row_bytes / weights[0].element_size()};
   for (size_t m = 0; m < weights.size(); ++m) {
     const auto& w = weights[m];
-    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) == mats.N && w.size(1) * w.element_size() == mats.row_bytes &&
-                    format_of(w, int4) == mats.fmt,
-                "cpu_gemv: matrix ", m, " is not a contiguous CPU [", mats.N, ", ", K, "] matrix of the first one's format");
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && w.sizes().vec() == shape && format_of(w, int4) == mats.fmt &&
+                    (!int4 || w.scalar_type() == torch::kByte),
+                "cpu_gemv: matrix ", m, " is not a contiguous CPU ", c10::IntArrayRef(shape), " tensor of the first one's format (", mats.N, " x ", K,
+                " weights)");
     mats.weights.push_back(static_cast<const char*>(w.data_ptr()));
-    if (!quantized) continue;
+    if (!quantized || mats.tiles) continue;  // TILES carry their scales
     TORCH_CHECK(m < scales.size() && scales[m].is_contiguous() && scales[m].scalar_type() == torch::kBFloat16 &&
                     scales[m].numel() == (int4 ? (K / group) * mats.N * 2 : mats.N),
                 "cpu_gemv: matrix ", m, " needs its bf16 scales (int8 [N], int4 [K/G, N, 2])");
@@ -354,7 +409,7 @@ torch::Tensor products_fp32(const torch::Tensor& x, const Matrices& mats) {
   torch::Tensor sums = group > 0 ? x.reshape({inputs, K / group, group}).sum(-1).contiguous() : torch::Tensor();
   std::vector<int8_t> q(mats.integer_path ? inputs * K : 0);
   std::vector<float> d(mats.integer_path ? inputs * (K / QBLOCK) : 0), correction(inputs, 0.0f);
-  if (mats.integer_path) quantize_rows(xs, inputs, K, mats.fmt == INT4, q.data(), d.data(), correction.data());
+  if (mats.integer_path) quantize_rows(xs, inputs, K, mats, q.data(), d.data(), correction.data());
   std::vector<Input> prepared(inputs);
   for (int64_t i = 0; i < inputs; ++i) {
     prepared[i].x = xs + i * K;
@@ -378,6 +433,10 @@ torch::Tensor products_fp32(const torch::Tensor& x, const Matrices& mats) {
       for (int64_t r = 0; r < R; ++r) {
         const Input& in = prepared[(A == 1 ? 0 : m) * R + r];
 #ifdef MOE_AVX512
+        if (mats.tiles) {  // an item is one tile of 16 rows
+          dot_int4_tile(reinterpret_cast<const uint8_t*>(mats.weights[m]) + first * mats.row_bytes, K, mats.group, in, ys + (m * R + r) * N + first);
+          continue;
+        }
         if (mats.fmt == INT4 && mats.integer_path) int4_block_scales(mats.scales[m], N, first, last - first, K, mats.group, in, scale.data(), offset);
 #endif
         for (int64_t n = first; n < last;) {
@@ -401,10 +460,10 @@ torch::Tensor float_rows(const torch::Tensor& given) {
 }
 
 // x [A, R, K] fp32, bf16 or fp16 (A = 1: the same rows for every matrix, A = M: rows of their
-// own); weights: M tensors [N, K] (int4: [N, K/2] uint8); scales: M tensors (int8: [N] bf16;
-// int4: [K/G, N, 2] bf16; none otherwise); group: int4's G (0 otherwise); combine: none, or
-// [M] weights to sum the products with. Returns [M, R, N] (combine: [1, R, N]) in x's dtype,
-// accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
+// own); weights: M tensors [N, K] (int4: [N, K/2] uint8, or TILES [N/16, K/G, 64 + 8G] uint8);
+// scales: M tensors (int8: [N] bf16; plain int4: [K/G, N, 2] bf16; none otherwise); group:
+// int4's G (0 otherwise); combine: none, or [M] weights to sum the products with. Returns
+// [M, R, N] (combine: [1, R, N]) in x's dtype, accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
 // per call; each costs more than a small product's arithmetic.)
 torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group,
                         std::optional<torch::Tensor> combine) {

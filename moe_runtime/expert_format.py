@@ -10,6 +10,10 @@ A quantized expert's tensors describe themselves by name, so compute needs no si
            torch._weight_int4pack_mm_for_cpu; its order is torch's, so a store
            records a fingerprint of it and is rebuilt when torch packs otherwise),
            W.scales_zeros [K/G, N, 2] bf16                       w = (q - 8) * s + z per group
+           or, computed on a CPU by kernels/cpu_gemv.cpp with AVX-512:
+           W.int4_tiles [N/16, K/G, 64 + 8G] uint8: per 16 rows and group, the rows'
+           (s, z) pairs, then the group's nibbles 4 bytes of each row at a time
+           (cpu_gemv.cpp's TILES: 1.2x the plain layout's GB/s there)
 
 N = output features, K = input features; quantized matrices are always [out, in], whatever the
 family's orientation. Biases (and everything outside the routed experts) keep the model's dtype.
@@ -32,6 +36,7 @@ from .kernels import cpu_gemv
 SCALE_DTYPE = torch.bfloat16
 QUANTIZE = ("none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 QUANTIZED = QUANTIZE[1:]  # the formats a command-line flag offers
+TILE_ROWS = 16  # rows of one int4 tile (kernels/cpu_gemv.cpp's TILES)
 CPU_KERNEL_ROWS = 64  # int8 products of up to this many rows go to kernels/cpu_gemv.py on a CPU, more to torch's int8 GEMM
 # Full-precision weights go to it (where not exact) for up to this many rows: its cost grows with
 # the rows, and on the CPU of BENCHMARKS.md torch's bf16 GEMM (AVX512-BF16) beats it from 4 rows
@@ -43,11 +48,14 @@ KERNEL_FLOAT_ROWS = {torch.bfloat16: 1, torch.float16: CPU_KERNEL_ROWS, torch.fl
 @dataclass(frozen=True)
 class ExpertFormat:
     """scheme: "none", "int8" or "int4"; group: int4's group size along K; cpu_packing: int4 in
-    torch's CPU tile order (computed on the CPU) instead of plain nibbles (Triton, GPU)."""
+    torch's CPU tile order (computed on the CPU) instead of plain nibbles (Triton, GPU);
+    cpu_tiles: int4 in our CPU decode kernel's tiles, scales inline, for every matrix whose
+    shape allows (tiles_fit), plain nibbles for the rest."""
 
     scheme: str = "none"
     group: int = 64
     cpu_packing: bool = False
+    cpu_tiles: bool = False
 
     @property
     def name(self) -> str:
@@ -69,10 +77,17 @@ class ExpertFormat:
                 out[f"{name}.int8"], out[f"{name}.scale"] = ((n, k), torch.int8), ((n,), SCALE_DTYPE)
                 continue
             self._check_int4_shape(name, n, k)
+            if self.tiled(n, k):
+                out[f"{name}.int4_tiles"] = ((n // TILE_ROWS, k // self.group, 64 + 8 * self.group), torch.uint8)
+                continue
             packed = f"{name}.int4_cpu" if self.cpu_packing else f"{name}.int4"
             out[packed] = ((n, k // 2), torch.uint8)
             out[f"{name}.scales_zeros"] = ((k // self.group, n, 2), SCALE_DTYPE)
         return out
+
+    def tiled(self, n: int, k: int) -> bool:
+        """Whether an int4 [N, K] matrix is held as tiles."""
+        return self.cpu_tiles and tiles_fit(n, k, self.group)
 
     def _check_int4_shape(self, name: str, n: int, k: int) -> None:
         if k % self.group or (self.cpu_packing and n % 32):
@@ -94,6 +109,9 @@ class ExpertFormat:
                 continue
             self._check_int4_shape(name, *weight.shape)
             q, scales_zeros = quantize_int4(weight, self.group)
+            if self.tiled(*weight.shape):
+                out[f"{name}.int4_tiles"] = pack_tiles(q, scales_zeros)
+                continue
             if self.cpu_packing:
                 out[f"{name}.int4_cpu"] = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
             else:
@@ -106,7 +124,7 @@ class ExpertFormat:
         out = {"scheme": self.scheme}
         if self.scheme == "int4":
             out["group"] = self.group
-            out["packing"] = "torch-cpu" if self.cpu_packing else "nibbles"
+            out["packing"] = "tiles" if self.cpu_tiles else "torch-cpu" if self.cpu_packing else "nibbles"
             if self.cpu_packing:
                 shapes = sorted({shape for name, (shape, _) in specs.items() if name.endswith(".int4_cpu")})
                 out["torch_packing"] = [cpu_packing_fingerprint(n, 2 * half) for n, half in shapes]
@@ -155,8 +173,9 @@ class ExpertSpec:
 
 def expert_format(quantize: str | None, *, on_cpu: bool) -> ExpertFormat:
     """The format for a `quantize=` option ("int4" is group 64); int4 experts computed on the
-    CPU (`on_cpu`) are plain nibbles where kernels/cpu_gemv.py is built (it reads them; so do
-    the Triton kernels), else torch's CPU tile order."""
+    CPU (`on_cpu`) are our decode kernel's tiles where kernels/cpu_gemv.py is built with AVX-512
+    (plain nibbles, which it reads too, elsewhere), else torch's CPU tile order; plain nibbles
+    off the CPU (the Triton kernels read them)."""
     if quantize in (None, "none"):
         return ExpertFormat()
     if quantize not in QUANTIZE:
@@ -164,7 +183,8 @@ def expert_format(quantize: str | None, *, on_cpu: bool) -> ExpertFormat:
     if quantize == "int8":
         return ExpertFormat("int8")
     group = int(quantize.split("-g")[1]) if "-g" in quantize else 64
-    return ExpertFormat("int4", group, cpu_packing=on_cpu and not cpu_gemv.available() and int4_cpu_kernel_available())
+    torch_order = on_cpu and not cpu_gemv.available() and int4_cpu_kernel_available()
+    return ExpertFormat("int4", group, cpu_packing=torch_order, cpu_tiles=on_cpu and cpu_gemv.reads_tiles())
 
 
 REFERENCE_SHAPES = {"gate_up_proj": (2816, 2048), "down_proj": (2048, 1408)}  # DeepSeek-V2-Lite's experts
@@ -207,6 +227,34 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
 
 
+def tiles_fit(n: int, k: int, group: int) -> bool:
+    """Whether an int4 [N, K] matrix of group `group` can be held as tiles: whole tiles of
+    rows, whole groups, and the kernel's integer path (G a multiple of its 64-input blocks)."""
+    return n % TILE_ROWS == 0 and k % group == 0 and group % 64 == 0
+
+
+def pack_tiles(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """q [N, K] values 0..15 and scales_zeros [K/G, N, 2] bf16 -> [N/16, K/G, 64 + 8G] uint8:
+    per 16 rows and group, the rows' (s, z) (16 x 4 bytes), then the group's plain nibbles
+    (pack_nibbles) as G/8 chunks of 4 bytes of each of the 16 rows."""
+    n, k = q.shape
+    groups = scales_zeros.shape[0]
+    group = k // groups
+    nibbles = pack_nibbles(q).reshape(n // TILE_ROWS, TILE_ROWS, groups, group // 8, 4).permute(0, 2, 3, 1, 4)  # [T, groups, G/8, 16, 4]
+    scales = scales_zeros.contiguous().view(torch.uint8).reshape(groups, n // TILE_ROWS, 4 * TILE_ROWS).transpose(0, 1)  # [T, groups, 64]
+    return torch.cat([scales, nibbles.reshape(n // TILE_ROWS, groups, 8 * group)], dim=2).contiguous()
+
+
+def unpack_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N/16, K/G, 64 + 8G] uint8 -> (q [N, K] values 0..15, scales_zeros [K/G, N, 2] bf16)
+    (inverse of pack_tiles)."""
+    count, groups, width = tiles.shape
+    group, n = (width - 64) // 8, count * TILE_ROWS
+    scales = tiles[..., :64].reshape(count, groups, TILE_ROWS, 4).permute(1, 0, 2, 3).reshape(groups, n, 4).contiguous().view(torch.bfloat16)
+    nibbles = tiles[..., 64:].reshape(count, groups, group // 8, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(n, groups * group // 2)
+    return unpack_nibbles(nibbles), scales
+
+
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """[N, K/2] uint8 -> [N, K] values 0..15 (inverse of pack_nibbles)."""
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
@@ -218,22 +266,32 @@ def dequantize(tensors: ExpertTensors, name: str, dtype: torch.dtype) -> torch.T
         return tensors[name].to(dtype)
     if f"{name}.int8" in tensors:
         return (tensors[f"{name}.int8"].to(torch.float32) * tensors[f"{name}.scale"].float()[:, None]).to(dtype)
-    scales_zeros = tensors[f"{name}.scales_zeros"].float()  # [K/G, N, 2]
-    if f"{name}.int4" in tensors:
-        q = unpack_nibbles(tensors[f"{name}.int4"])
-    else:
-        q = unpack_int4_cpu(tensors[f"{name}.int4_cpu"], scales_zeros.shape[1], 2 * tensors[f"{name}.int4_cpu"].shape[1])
+    q, scales_zeros = _int4_values(tensors, name)
     group = q.shape[1] // scales_zeros.shape[0]
     scale = scales_zeros[..., 0].t().repeat_interleave(group, dim=1)
     zero = scales_zeros[..., 1].t().repeat_interleave(group, dim=1)
     return ((q.float() - 8) * scale + zero).to(dtype)
 
 
+def _int4_values(tensors: ExpertTensors, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [N, K] values 0..15, scales_zeros [K/G, N, 2] fp32) of int4 parameter `name`,
+    whichever its packing."""
+    if f"{name}.int4_tiles" in tensors:
+        q, scales_zeros = unpack_tiles(tensors[f"{name}.int4_tiles"])
+        return q, scales_zeros.float()
+    scales_zeros = tensors[f"{name}.scales_zeros"].float()
+    if f"{name}.int4" in tensors:
+        return unpack_nibbles(tensors[f"{name}.int4"]), scales_zeros
+    packed = tensors[f"{name}.int4_cpu"]
+    return unpack_int4_cpu(packed, scales_zeros.shape[1], 2 * packed.shape[1]), scales_zeros
+
+
 def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool, *, exact: bool = True) -> torch.Tensor:
     """x [M, K] times parameter `name` of one expert: [M, N], whatever its format.
 
-    On the CPU, plain-nibble int4, a few rows (decode) of int8 and, where not `exact`, of full
-    precision go to kernels/cpu_gemv.py; more int8 rows, or where it is not built, torch's
+    On the CPU, plain-nibble and tiled int4, a few rows (decode) of int8 and, where not
+    `exact`, of full precision go to kernels/cpu_gemv.py; more int8 rows, or where it is not
+    built, torch's
     weight-only kernels (int8: x in bf16; int4: the CPU tile order) read the packed bytes
     without expanding them; elsewhere (and for plain-nibble int4 without the kernel) the matrix
     is dequantized for the one product.
@@ -268,13 +326,15 @@ def _kernel_names(tensors: ExpertTensors, name: str, rows: int, exact: bool) -> 
     (torch's kernels keep a wrapped model's outputs equal to the unwrapped model's; else an
     [N, K] matrix goes to the kernel for up to KERNEL_FLOAT_ROWS rows), torch's int4 tile order,
     int8 with more than CPU_KERNEL_ROWS rows (torch's int8 GEMM), or the kernel not built here.
-    Plain-nibble int4 goes to it at any row count: dequantizing the whole matrix was 3-5x
-    slower even at 512."""
-    int8, scale, int4, scales_zeros = _quantized_names(name)
+    Plain-nibble and tiled int4 go to it at any row count: dequantizing the whole matrix was
+    3-5x slower even at 512."""
+    int8, scale, int4, scales_zeros, tiles = _quantized_names(name)
     if int8 in tensors:
         names = (int8, scale, 0) if rows <= CPU_KERNEL_ROWS else None
     elif int4 in tensors:
         names = (int4, scales_zeros, 2 * tensors[int4].shape[1] // tensors[scales_zeros].shape[0])
+    elif tiles in tensors:
+        names = (tiles, None, (tensors[tiles].shape[2] - 64) // 8)
     elif not exact and name in tensors and tensors[name].dim() == 2 and rows <= KERNEL_FLOAT_ROWS.get(tensors[name].dtype, 0):
         names = (name, None, 0)
     else:
@@ -283,9 +343,9 @@ def _kernel_names(tensors: ExpertTensors, name: str, rows: int, exact: bool) -> 
 
 
 @lru_cache(maxsize=None)
-def _quantized_names(name: str) -> tuple[str, str, str, str]:
+def _quantized_names(name: str) -> tuple[str, str, str, str, str]:
     """A parameter's quantized tensor names, made once (this is asked per GEMM at decode)."""
-    return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros"
+    return f"{name}.int8", f"{name}.scale", f"{name}.int4", f"{name}.scales_zeros", f"{name}.int4_tiles"
 
 
 def kernel_operands_many(experts: list[ExpertTensors], name: str, rows: int = 1, *, exact: bool = True) -> tuple[list, list, int] | None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe_runtime.compute import experts_in_one_call, one_expert
-from moe_runtime.expert_format import dequantize, expert_format, linear_many, pack_nibbles, quantize_int4, quantize_int8
+from moe_runtime.expert_format import dequantize, expert_format, linear_many, pack_nibbles, pack_tiles, quantize_int4, quantize_int8, tiles_fit
 from moe_runtime.adapters import ExpertLayout
 from moe_runtime.kernels import cpu_gemv
 
@@ -33,9 +33,12 @@ def _encode(fmt: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
     if fmt == "int8":
         q, scale = quantize_int8(weight)
         return q, scale, 0, {"w.int8": q, "w.scale": scale}
-    if fmt.startswith("int4"):
+    if "int4" in fmt:
         group = int(fmt.split("-g")[1])
         q, scales_zeros = quantize_int4(weight, group)
+        if fmt.startswith("tiles"):
+            tiles = pack_tiles(q, scales_zeros)
+            return tiles, None, group, {"w.int4_tiles": tiles}
         packed = pack_nibbles(q)
         return packed, scales_zeros, group, {"w.int4": packed, "w.scales_zeros": scales_zeros}
     dtype = getattr(torch, fmt)
@@ -51,15 +54,27 @@ def _x_rounding_bound(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return half @ matrix.abs().t()
 
 
-SHAPES = ((37, 192), (16, 1408), (21, 2880), (5, 100))  # [N, K]: tails of rows, of 128-input pairs, of 64-input blocks
-FORMATS = ("float32", "float16", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")
-CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES if not fmt.startswith("int4") or shape[1] % int(fmt.split("-g")[1]) == 0]
+# [N, K]: tails of rows, of 128-input pairs, of 64-input blocks; 48 x 320: three tiles, five blocks
+SHAPES = ((37, 192), (16, 1408), (21, 2880), (5, 100), (48, 320))
+FORMATS = ("float32", "float16", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128", "tiles-int4-g64", "tiles-int4-g128")
+
+
+def _fits(fmt: str, n: int, k: int) -> bool:
+    if "int4" not in fmt:
+        return True
+    group = int(fmt.split("-g")[1])
+    return tiles_fit(n, k, group) if fmt.startswith("tiles") else k % group == 0
+
+
+CASES = [(fmt, shape) for fmt in FORMATS for shape in SHAPES if _fits(fmt, *shape)]
 
 
 @needs_kernel
 @pytest.mark.parametrize("fmt, shape", CASES)
 @pytest.mark.parametrize("shared", (True, False))
 def test_products_equal_the_dequantized_matrices(fmt, shape, shared):
+    if fmt.startswith("tiles") and not cpu_gemv.reads_tiles():
+        pytest.skip("int4 tiles are computed by AVX-512 builds only")
     n, k = shape
     torch.manual_seed(n + k)
     weights = [torch.randn(n, k) * torch.rand(n, 1) for _ in range(3)]
@@ -74,7 +89,7 @@ def test_products_equal_the_dequantized_matrices(fmt, shape, shared):
         rows = x[0 if shared else m]
         want = rows @ matrix.t()
         tolerance = 1e-4 * (rows.abs() @ matrix.abs().t()) + 1e-5
-        quantized_x = fmt in ("int8", "int4-g64", "int4-g128") and k % QBLOCK == 0  # the integer path (AVX512-VNNI)
+        quantized_x = fmt.endswith(("int8", "int4-g64", "int4-g128")) and k % QBLOCK == 0  # the integer path (AVX512-VNNI)
         if quantized_x and cpu_gemv.extension().uses_avx512():
             tolerance = tolerance + _x_rounding_bound(rows[None], matrix)[0]
         assert ((got[m] - want).abs() <= tolerance).all(), f"matrix {m}: worst {(got[m] - want).abs().max():.3g}"
@@ -90,6 +105,10 @@ def test_mismatched_matrices_and_rows_are_refused():
     q, _ = quantize_int8(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="needs its bf16 scales"):
         cpu_gemv.products(x, [q], [torch.ones(7, dtype=torch.bfloat16)])
+    if cpu_gemv.reads_tiles():  # tiles of another group than the call's
+        tiles = pack_tiles(*quantize_int4(torch.randn(16, 128), 64))
+        with pytest.raises(RuntimeError, match=r"matrix 0 is not a contiguous CPU \[1, 1, 1088\] tensor"):
+            cpu_gemv.products(torch.randn(1, 1, 128), [tiles], [], 128)
 
 
 @needs_kernel
@@ -120,7 +139,7 @@ def test_a_decode_steps_experts_in_one_call_match_expert_by_expert(quantize, has
     hidden, inner = 128, 64
     layout = ExpertLayout(is_transposed=False, is_concatenated=True, has_bias=has_bias, has_gate=True)
     fmt = expert_format(quantize, on_cpu=True)
-    assert not fmt.cpu_packing  # plain nibbles: the kernel reads them
+    assert not fmt.cpu_packing and fmt.cpu_tiles == (quantize == "int4" and cpu_gemv.reads_tiles())  # what the kernel reads
     torch.manual_seed(0)
     biases = {"gate_up_proj_bias": torch.randn(2 * inner) / 8, "down_proj_bias": torch.randn(hidden) / 8} if has_bias else {}
     experts = [

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import moe_runtime
 from moe_runtime.expert_format import (
-    ExpertFormat, ExpertSpec, dequantize, expert_format, linear, pack_nibbles, quantize_int4, quantize_int8, unpack_int4_cpu,
-    unpack_nibbles,
+    ExpertFormat, ExpertSpec, dequantize, expert_format, linear, pack_nibbles, pack_tiles, quantize_int4, quantize_int8, unpack_int4_cpu,
+    unpack_nibbles, unpack_tiles,
 )
-from moe_runtime.kernels import QuantizedBank, grouped_moe
+from moe_runtime.kernels import QuantizedBank, cpu_gemv, grouped_moe
 from moe_runtime.kernels.grouped_moe import _launch
 from moe_runtime.tiny_models import TINY_FAMILIES, expert_fields, tiny_model
 
@@ -46,6 +46,29 @@ def test_int4_round_trip_is_within_half_a_step_per_group(group):
     assert ((restored - weight).abs() <= step * 0.5 + 1e-2 * step + 1e-6).all()
 
 
+@pytest.mark.parametrize("group", (64, 128))
+def test_cpu_tiles_hold_the_same_nibbles_and_scales(group):
+    """pack_tiles is a permutation of the plain nibbles and scales (read back exactly), tile by
+    tile: a tile's first 64 bytes are its 16 rows' (s, z) of the first group, then 4 bytes of
+    each row in turn."""
+    weight = torch.randn(48, 256) + torch.linspace(-2, 2, 256)
+    q, scales_zeros = quantize_int4(weight, group)
+    tiles = pack_tiles(q, scales_zeros)
+    assert tiles.shape == (3, 256 // group, 64 + 8 * group) and tiles.dtype == torch.uint8
+    assert torch.equal(tiles[1, 0, :64], scales_zeros[0, 16:32].contiguous().view(torch.uint8).reshape(-1))
+    assert torch.equal(tiles[1, 0, 64:68], pack_nibbles(q)[16, :4]) and torch.equal(tiles[1, 0, 68:72], pack_nibbles(q)[17, :4])
+    back, back_scales = unpack_tiles(tiles)
+    assert torch.equal(back, q) and torch.equal(back_scales, scales_zeros)
+    plain = dequantize({"w.int4": pack_nibbles(q), "w.scales_zeros": scales_zeros}, "w", torch.float32)
+    assert torch.equal(dequantize({"w.int4_tiles": tiles}, "w", torch.float32), plain)
+    fmt = ExpertFormat("int4", group, cpu_tiles=True)
+    assert fmt.specs({"w": (48, 256), "odd": (40, 256)}, torch.float32, False) == {  # 40 rows: not whole tiles, plain nibbles
+        "w.int4_tiles": ((3, 256 // group, 64 + 8 * group), torch.uint8),
+        "odd.int4": ((40, 128), torch.uint8), "odd.scales_zeros": ((256 // group, 40, 2), torch.bfloat16),
+    }
+    assert fmt.describe(fmt.specs({"w": (48, 256)}, torch.float32, False))["packing"] == "tiles"
+
+
 def test_torch_cpu_tile_order_is_read_back_exactly():
     q = torch.randint(0, 16, (96, 128), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
@@ -56,9 +79,10 @@ def test_torch_cpu_tile_order_is_read_back_exactly():
 @pytest.mark.parametrize("transposed", (False, True))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_linear_reads_each_format_as_its_dequantized_matrix(quantize, transposed, dtype):
-    weight = torch.randn(128, 64) / 8  # [out, in]
+    generator = torch.Generator().manual_seed(7)  # x's int8 copy moves outputs by up to ~3%: a fixed draw
+    weight = torch.randn(128, 64, generator=generator) / 8  # [out, in]
     stored = weight.t().contiguous() if transposed else weight
-    x = torch.randn(3, 64).to(dtype)
+    x = torch.randn(3, 64, generator=generator).to(dtype)
     for on_cpu in (True, False):
         spec = ExpertSpec({"down_proj": tuple(stored.shape)}, dtype, transposed, expert_format(quantize, on_cpu=on_cpu))
         tensors = spec.encode({"down_proj": stored.to(dtype)})
@@ -158,6 +182,8 @@ def test_from_pretrained_writes_reads_and_counts_quantized_bytes(tmp_path):
     model = moe_runtime.from_pretrained(checkpoint, budget=0.25, host_budget=0, store_dir=store, quantize="int4")
     manifest = json.loads((store / "manifest.json").read_text())["description"]
     assert manifest["format"]["scheme"] == "int4" and manifest["format"]["group"] == 64
+    assert manifest["format"]["packing"] == expert_format("int4", on_cpu=True).describe({})["packing"]  # computed on this CPU
+    assert manifest["format"]["packing"] == "tiles" or not cpu_gemv.reads_tiles()
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(ids)
