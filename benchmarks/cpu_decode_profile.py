@@ -55,14 +55,15 @@ class KernelClock:
     def _timed(self, x, matrices, scales=None, group=0, combine=None):
         started = time.perf_counter()
         out = self._products(x, matrices, scales, group, combine)
-        self._count((str(len(matrices)), tuple(matrices[0].shape)), started, [*matrices, *(scales or [])])
+        self._count((str(len(matrices)), stored_shape(matrices[0])), started, [*matrices, *(scales or [])])
         return out
 
     def _timed_experts(self, x, gate_up, down, combine):
         started = time.perf_counter()
         out = self._silu_experts(x, gate_up, down, combine)
         matrices = len(gate_up[0])
-        self._count((f"{matrices}+{matrices} swiglu", (*gate_up[0][0].shape, *down[0][0].shape)), started, [*gate_up[0], *gate_up[1], *down[0], *down[1]])
+        shapes = (*stored_shape(gate_up[0][0]), *stored_shape(down[0][0]))
+        self._count((f"{matrices}+{matrices} swiglu", shapes), started, [*gate_up[0], *gate_up[1], *down[0], *down[1]])
         return out
 
     def _count(self, key: tuple, started: float, tensors: list) -> None:
@@ -71,6 +72,14 @@ class KernelClock:
             entry[0] += 1
             entry[1] += time.perf_counter() - started
             entry[2] += sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stored_shape(matrix: torch.Tensor) -> tuple[int, ...]:
+    """The matrix's stored shape; int4 tiles [N/16, K/G, 64 + 8G] as the plain nibbles' [N, K/2]."""
+    if matrix.dim() == 3:
+        count, groups, width = matrix.shape
+        return 16 * count, groups * (width - 64) // 16
+    return tuple(matrix.shape)
 
 
 def profile(shape: str, quantize: str, tokens: int, ablate: int) -> dict:

@@ -426,7 +426,7 @@ torch::Tensor products_fp32(const torch::Tensor& x, const Matrices& mats) {
   const int64_t blocks_per_matrix = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
   at::parallel_for(0, M * blocks_per_matrix, 1, [&](int64_t begin, int64_t end) {
     float dot[ROWS], offset[BLOCK_ROWS] = {};
-    std::vector<float> scale(mats.fmt == INT4 ? (K / QBLOCK) * BLOCK_ROWS : 0);  // int4: the item's rows' scale per x block
+    std::vector<float> scale(mats.fmt == INT4 && !mats.tiles ? (K / QBLOCK) * BLOCK_ROWS : 0);  // plain int4: the item's rows' scale per x block
     for (int64_t item = begin; item < end; ++item) {
       const int64_t m = item / blocks_per_matrix;
       const int64_t first = (item % blocks_per_matrix) * BLOCK_ROWS, last = std::min(N, first + BLOCK_ROWS);
@@ -463,8 +463,9 @@ torch::Tensor float_rows(const torch::Tensor& given) {
 // own); weights: M tensors [N, K] (int4: [N, K/2] uint8, or TILES [N/16, K/G, 64 + 8G] uint8);
 // scales: M tensors (int8: [N] bf16; plain int4: [K/G, N, 2] bf16; none otherwise); group:
 // int4's G (0 otherwise); combine: none, or [M] weights to sum the products with. Returns
-// [M, R, N] (combine: [1, R, N]) in x's dtype, accumulated in fp32. (Taking and giving the model's dtype spares a decode step two casts
-// per call; each costs more than a small product's arithmetic.)
+// [M, R, N] (combine: [1, R, N]) in x's dtype, accumulated in fp32. (Taking and giving the
+// model's dtype spares a decode step two casts per call; each costs more than a small
+// product's arithmetic.)
 torch::Tensor gemv_many(torch::Tensor given, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> scales, int64_t group,
                         std::optional<torch::Tensor> combine) {
   const torch::Tensor x = float_rows(given);
