@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peer_llamacpp import PROMPT, SHAPES, THREADS, checkpoint_of  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.expert_format import TILE_ROWS, tile_group  # noqa: E402
 from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
 
@@ -77,8 +78,8 @@ class KernelClock:
 def stored_shape(matrix: torch.Tensor) -> tuple[int, ...]:
     """The matrix's stored shape; int4 tiles [N/16, K/G, 64 + 8G] as the plain nibbles' [N, K/2]."""
     if matrix.dim() == 3:
-        count, groups, width = matrix.shape
-        return 16 * count, groups * (width - 64) // 16
+        count, groups, _ = matrix.shape
+        return TILE_ROWS * count, groups * tile_group(matrix) // 2
     return tuple(matrix.shape)
 
 

@@ -245,11 +245,16 @@ def pack_tiles(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     return torch.cat([scales, nibbles.reshape(n // TILE_ROWS, groups, 8 * group)], dim=2).contiguous()
 
 
+def tile_group(tiles: torch.Tensor) -> int:
+    """The int4 group G of tiles [N/16, K/G, 64 + 8G]."""
+    return (tiles.shape[2] - 64) // 8
+
+
 def unpack_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N/16, K/G, 64 + 8G] uint8 -> (q [N, K] values 0..15, scales_zeros [K/G, N, 2] bf16)
     (inverse of pack_tiles)."""
-    count, groups, width = tiles.shape
-    group, n = (width - 64) // 8, count * TILE_ROWS
+    count, groups, _ = tiles.shape
+    group, n = tile_group(tiles), count * TILE_ROWS
     scales = tiles[..., :64].reshape(count, groups, TILE_ROWS, 4).permute(1, 0, 2, 3).reshape(groups, n, 4).contiguous().view(torch.bfloat16)
     nibbles = tiles[..., 64:].reshape(count, groups, group // 8, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(n, groups * group // 2)
     return unpack_nibbles(nibbles), scales
@@ -291,10 +296,9 @@ def linear(x: torch.Tensor, tensors: ExpertTensors, name: str, transposed: bool,
 
     On the CPU, plain-nibble and tiled int4, a few rows (decode) of int8 and, where not
     `exact`, of full precision go to kernels/cpu_gemv.py; more int8 rows, or where it is not
-    built, torch's
-    weight-only kernels (int8: x in bf16; int4: the CPU tile order) read the packed bytes
-    without expanding them; elsewhere (and for plain-nibble int4 without the kernel) the matrix
-    is dequantized for the one product.
+    built, torch's weight-only kernels (int8: x in bf16; int4: the CPU tile order) read the
+    packed bytes without expanding them; elsewhere (and for plain-nibble int4 without the
+    kernel) the matrix is dequantized for the one product.
     """
     if x.device.type == "cpu" and (operands := cpu_kernel_operands(tensors, name, rows=x.shape[0], exact=exact or transposed)):
         return cpu_gemv.products(x[None], *operands)[0]
@@ -334,7 +338,7 @@ def _kernel_names(tensors: ExpertTensors, name: str, rows: int, exact: bool) -> 
     elif int4 in tensors:
         names = (int4, scales_zeros, 2 * tensors[int4].shape[1] // tensors[scales_zeros].shape[0])
     elif tiles in tensors:
-        names = (tiles, None, (tensors[tiles].shape[2] - 64) // 8)
+        names = (tiles, None, tile_group(tensors[tiles]))
     elif not exact and name in tensors and tensors[name].dim() == 2 and rows <= KERNEL_FLOAT_ROWS.get(tensors[name].dtype, 0):
         names = (name, None, 0)
     else:
