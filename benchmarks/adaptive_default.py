@@ -6,7 +6,8 @@ experts in one global pool: loads per token of Belady's MIN, LRU, next-use with 
 table, and the default (adaptive: follows the best of LRU, LFU and next-use on the recent
 routing), none of them fitted, and next-use fitted on the fit half (the first half of the same
 file's sequences; for synthetic routing another seed), as multiples of LRU; plus the default's
-cost per layer step.
+cost per layer step over LRU's, compiled (what wrap uses where a C++ compiler is found) and in
+Python (its reference, where none is; the same loads, checked).
 
     python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
 """
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
 from moe_runtime.belady import belady_misses, layer_keys
-from moe_runtime.policies import DEFAULT_POLICY, make_policy
+from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, ReuseModel, make_policy
 from moe_runtime.simulator import replay
 from moe_runtime.synthetic import flat_routing
 from moe_runtime.trace import Trace, load_trace, merge_traces
@@ -46,11 +47,14 @@ def measure(trace: Trace, fit: Trace, budget: float) -> dict:
     capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
     row = {"budget": budget, "capacity": capacity}
     row["belady"] = belady_misses(layer_keys(trace.expert_ids, trace.num_experts), trace.top_k, capacity) / trace.num_tokens
-    for name in POLICIES:
-        policy = make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k)
+    shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
+    in_python = AdaptivePolicy(ReuseModel.generic(trace.num_layers, trace.num_experts), **shape, native=False)
+    for name, policy in [(name, make_policy(name, **shape)) for name in POLICIES] + [("python", in_python)]:
         start = time.perf_counter()
         row[name] = replay(trace, policy, capacity).loads / trace.num_tokens
         row[f"{name}_us_per_layer_step"] = (time.perf_counter() - start) / (trace.num_tokens * trace.num_layers) * 1e6
+    if row["python"] != row[DEFAULT_POLICY]:
+        raise AssertionError(f"the compiled default made {row[DEFAULT_POLICY]} loads per token, its Python reference {row['python']}")
     fitted = make_policy("next-use", num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=fit)
     row["fitted"] = replay(trace, fitted, capacity).loads / trace.num_tokens
     return row
@@ -90,13 +94,17 @@ def main() -> None:
     jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in BUDGETS]
     for name, trace, fit, budget in tqdm(jobs, desc="replays", unit="run"):
         rows.append({"trace": name, **measure(trace, fit, budget)})
-    print("loads per token as a multiple of LRU's; extra us: the default's replay time per layer step over LRU's")
-    print(f"{'trace':<20} {'budget':>6} {'LRU':>6} {'MIN/LRU':>8} {'next-use':>9} {'default':>8} {'fitted':>7} {'extra us':>8}")
+    print("loads per token: LRU's, the rest as multiples of it; extra us: the default's replay time")
+    print("per layer step over LRU's, compiled and in Python (the same loads)")
+    print(f"{'trace':<19} {'bud.':>4} {'LRU':>6} {'MIN':>6} {'next-use':>8} {'default':>7} {'fitted':>6} {'extra us':>8} {'in py':>6}")
     for row in rows:
         lru = row["lru"]
-        extra = row[f"{DEFAULT_POLICY}_us_per_layer_step"] - row["lru_us_per_layer_step"]
-        cells = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, row["fitted"] / lru, extra)
-        print(f"{row['trace']:<20} {row['budget']:>6.2f} {lru:>6.1f} {cells[0]:>8.3f} {cells[1]:>9.3f} {cells[2]:>8.3f} {cells[3]:>7.3f} {cells[4]:>8.1f}")
+        extra = [row[f"{name}_us_per_layer_step"] - row["lru_us_per_layer_step"] for name in (DEFAULT_POLICY, "python")]
+        ratios = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, row["fitted"] / lru)
+        print(
+            f"{row['trace']:<19} {row['budget']:>4.2f} {lru:>6.1f} {ratios[0]:>6.3f} {ratios[1]:>8.3f} {ratios[2]:>7.3f} {ratios[3]:>6.3f}"
+            f" {extra[0]:>8.1f} {extra[1]:>6.1f}"
+        )
     if args.json:
         write_text_atomically(args.json, json.dumps(rows, indent=1))
     if args.plot:

@@ -62,14 +62,8 @@ def make_policy(
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
     model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
-    if name == "adaptive":
-        def next_use(layers: list[int]) -> NextUsePolicy:
-            return NextUsePolicy(len(layers), num_experts, model.select_layers(layers, num_experts))
-
-        # next-use twice: with the model it starts from (generic or fitted) and refitted on the
-        # routing served, which saves loads on ESFT and costs loads on some GPT-OSS tasks.
-        candidates = (lambda layers: LRUPolicy(), lambda layers: LFUPolicy(), next_use, next_use)
-        return AdaptivePolicy(candidates, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1, learner=3)
+    if name == "adaptive":  # next-use twice: with `model` (generic or fitted) and refitted on the routing served
+        return AdaptivePolicy(model, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
     return NextUsePolicy(num_layers, num_experts, model)
 
 

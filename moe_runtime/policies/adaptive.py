@@ -4,7 +4,7 @@ Each candidate (LRU, LFU, next-use with the generic reuse model, and next-use wi
 refitted every few hundred tokens on the routing served) runs twice: a ranker that sees
 the real cache's events and can name a victim among the real residents, and a shadow cache
 (shadow_cache.py: residency and the policy's bookkeeping only) that replays the same layer steps
-as if that candidate alone ran the cache. Each layer step adds the shadows' misses to
+as if that candidate alone ran the cache (candidates.py; compiled: native_candidates.py). Each layer step adds the shadows' misses to
 decayed counts (a half-life of HALF_LIFE_TOKENS tokens); the real cache evicts with the ranker
 of the candidate whose count is lowest, switching only when another is better by SWITCH_MARGIN.
 The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
@@ -15,7 +15,8 @@ taken). Only the leader's ranker names victims; the others are dormant (base.set
 keeps no heap, next-use computes no expected next uses), and a ranker woken when its candidate
 takes the lead chooses exactly as if it had never slept (tested), but for forecasts it received
 asleep and a refit's model, which on waking applies to every layer at once: 7-15 us less per
-layer step.
+layer step. This module keeps what is the same for either engine: the sample, the routing
+history and its refits.
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
@@ -28,14 +29,13 @@ victim is ever chosen, and the policy does nothing at all (no per-layer cost at 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
-
-from .base import EvictionPolicy
+from . import native_candidates
+from .base import EvictionPolicy, NoVictimError
+from .candidates import LEARNER, NAMES, NO_VICTIM, Candidates
 from .next_use import ReuseModel
 from .routing_history import RoutingHistory
-from .shadow_cache import ShadowCache
 
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
 SWITCH_MARGIN = 0.02  # a challenger must miss 2% less than the leader to take over
@@ -47,35 +47,37 @@ class AdaptivePolicy(EvictionPolicy):
     name = "adaptive"
 
     def __init__(
-        self, candidates: Sequence[Callable[[list[int]], EvictionPolicy]], *, num_layers: int, num_experts: int, capacity: int,
-        top_k: int = 1, learner: int | None = None,
+        self, model: ReuseModel, *, num_layers: int, num_experts: int, capacity: int, top_k: int = 1, learn: bool = True, native: bool | None = None,
     ):
-        """candidates: factories of fresh policies for the given layers (each is built twice: a
-        ranker for all layers, a shadow for the sampled ones); top_k: experts per token and layer
-        (more of them: fewer layers sampled); learner: the index of a next-use candidate whose
-        reuse model is refitted on the routing seen (routing_history.py)."""
+        """model: the reuse model next-use starts from (generic, or fitted on a user's traces);
+        top_k: experts per token and layer (more of them: fewer layers sampled); learn: refit the
+        learner's model on the routing seen (routing_history.py); native: the compiled candidates
+        (None: where they can be built)."""
         self.num_experts = num_experts
-        self.rankers = [make(list(range(num_layers))) for make in candidates]
-        self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]  # called per expert use
         sampled_layers = max(2, min(SAMPLED_LAYERS, SAMPLED_USES // top_k))
         stride = max(1, num_layers // sampled_layers)
-        self.sampled = {layer: index for index, layer in enumerate(range(0, num_layers, stride))}  # layer -> shadow layer
-        slots = max(1, round(capacity * len(self.sampled) / num_layers))
-        self.shadows = [ShadowCache(make(list(self.sampled)), num_experts=num_experts, capacity=slots) for make in candidates]
-        self.learner = learner
-        self.history = RoutingHistory(num_layers, num_experts, top_k) if learner is not None else None
+        self.sampled = list(range(0, num_layers, stride))
+        self.shadow_slots = max(1, round(capacity * len(self.sampled) / num_layers))
+        self.native = native_candidates.available() if native is None else native
+        engine = native_candidates.NativeCandidates if self.native else Candidates
+        self.candidates = engine(
+            model, model.select_layers(self.sampled, num_experts), num_layers=num_layers, num_experts=num_experts, sampled=self.sampled,
+            shadow_slots=self.shadow_slots, decay=0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled))), keep=1 - SWITCH_MARGIN,
+        )
+        self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
         self.refits = 0
-        self.decay = 0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled)))  # per sampled layer step
-        self.misses = np.zeros(len(candidates))  # decayed shadow misses
-        self.leader = 0
-        self.switches = 0
-        for ranker in self.rankers[1:]:  # only the leader names victims: the others keep what waking them needs
-            ranker.set_dormant(True)
         self.idle = capacity >= num_layers * num_experts  # every expert fits: nothing will ever be evicted
+        if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
+            self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
 
     @property
     def leader_name(self) -> str:
-        return self.rankers[self.leader].name + (" (refitted)" if self.leader == self.learner else "")
+        leader = self.candidates.leader
+        return NAMES[leader] + (" (refitted)" if leader == LEARNER else "")
+
+    @property
+    def switches(self) -> int:
+        return self.candidates.switches
 
     def on_layer_start(self, layer: int, keys: list[int]) -> None:
         if self.idle:
@@ -84,54 +86,29 @@ class AdaptivePolicy(EvictionPolicy):
             self.history.record(layer, keys)
             if self.history.refit_due:
                 self._refit()
-        for ranker in self.rankers:
-            ranker.on_layer_start(layer, keys)
-        sampled = self.sampled.get(layer)
-        if sampled is None:
-            return
-        experts = [key % self.shadows[0].num_experts for key in keys]
-        self.misses *= self.decay
-        for index, shadow in enumerate(self.shadows):
-            self.misses[index] += shadow.step(sampled, experts)
-        best = int(self.misses.argmin())
-        if best != self.leader and self.misses[best] < (1 - SWITCH_MARGIN) * self.misses[self.leader]:
-            self.rankers[best].set_dormant(False)
-            self.rankers[self.leader].set_dormant(True)
-            self.leader = best
-            self.switches += 1
+        self.candidates.layer_start(layer, keys)
 
     def _refit(self) -> None:
-        """Fit the reuse model on the recent routing and hand it to the learning candidate's ranker
-        and shadow."""
+        """Fit the reuse model on the recent routing and hand it to the learning candidate."""
         model = ReuseModel.fit(self.history.as_trace())
-        self.rankers[self.learner].use_model(model)
-        self.shadows[self.learner].policy.use_model(model.select_layers(list(self.sampled), self.num_experts))
+        self.candidates.use_model(model, model.select_layers(self.sampled, self.num_experts))
         self.refits += 1
 
     def on_forecast(self, layer: int, probabilities) -> None:
-        for ranker in self.rankers:
-            ranker.on_forecast(layer, probabilities)
-        if layer in self.sampled:
-            for shadow in self.shadows:
-                shadow.policy.on_forecast(self.sampled[layer], probabilities)
+        if not self.idle:
+            self.candidates.forecast(layer, probabilities)
 
-    def on_insert(self, key: int) -> None:
-        if self.idle:
-            return
-        for ranker in self.rankers:
-            ranker.on_insert(key)
+    def on_insert(self, key: int) -> None:  # idle; else the candidates' (__init__)
+        pass
 
     def on_access(self, key: int) -> None:
-        if self.idle:
-            return
-        for on_access in self._access_hooks:
-            on_access(key)
+        pass
 
     def on_evict(self, key: int) -> None:
-        if self.idle:
-            return
-        for ranker in self.rankers:
-            ranker.on_evict(key)
+        pass
 
     def choose_victim(self, is_evictable: Callable[[int], bool]) -> int:
-        return self.rankers[self.leader].choose_victim(is_evictable)
+        victim = self.candidates.victim(is_evictable)
+        if victim == NO_VICTIM:
+            raise NoVictimError("every resident expert is protected")
+        return victim

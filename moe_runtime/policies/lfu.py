@@ -15,11 +15,13 @@ from collections.abc import Callable
 
 from .base import EvictionPolicy, NoVictimError
 
+AGE_EVERY = 4096  # accesses between halvings of every count
+
 
 class LFUPolicy(EvictionPolicy):
     name = "lfu"
 
-    def __init__(self, age_every: int = 4096) -> None:
+    def __init__(self, age_every: int = AGE_EVERY) -> None:
         if age_every <= 0:
             raise ValueError("age_every must be positive")
         self.age_every = age_every

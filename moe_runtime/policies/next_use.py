@@ -82,6 +82,14 @@ class ReuseModel:
         transitions = None if self.transitions is None else self.transitions[layers]
         return ReuseModel(self.bucket.reshape(-1, num_experts)[layers].ravel(), self.wait, transitions, self.forecast_edges)
 
+    def flat_layout(self) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(row [L*E], wait [cells], forecast buckets F, age stride): a key's expected wait is
+        wait[row[key] + age * age_stride + recent * F + forecast] (flat lookups: 4-D fancy
+        indexing is slow)."""
+        forecasts = self.wait.shape[3]
+        age_stride = (WINDOW + 1) * forecasts
+        return self.bucket * (AGE_CAP + 1) * age_stride, self.wait.ravel(), forecasts, age_stride
+
     @classmethod
     def fit(cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS) -> ReuseModel:
         """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`."""
@@ -204,10 +212,7 @@ class NextUsePolicy(EvictionPolicy):
         if model.bucket.shape != (self.num_layers * self.num_experts,):
             raise ValueError(f"the reuse model describes {model.bucket.shape[0]} experts, not {self.num_layers} layers x {self.num_experts}")
         self.model = model
-        self._forecasts = model.wait.shape[3]
-        self._age_stride = (WINDOW + 1) * self._forecasts  # flat lookups (4-D fancy indexing is slow)
-        self._row = model.bucket * (AGE_CAP + 1) * self._age_stride
-        self._wait = model.wait.ravel()
+        self._row, self._wait, self._forecasts, self._age_stride = model.flat_layout()
         self._transitions, self._forecast_edges = model.transitions, model.forecast_edges
         self.forecast = np.zeros(len(model.bucket), dtype=np.int64)  # transition bucket at the key's last visit
 

@@ -1,0 +1,493 @@
+// The adaptive default's candidates (LRU, LFU, next-use with the model it starts from, next-use
+// refitted), each as a ranker of the real cache's residents and as a shadow cache replaying the
+// sampled layers, in one native object: candidates.py is the reference, and this file makes
+// exactly its decisions (tested: the same victim at every eviction, the same leader at every
+// step). One layer step of the default cost 30-91 us in Python on the 2-core EPYC of
+// BENCHMARKS.md, mostly small numpy calls and loops over a handful of keys.
+//
+// Numbers follow the Python's order of operations, so the expected next uses are the same
+// doubles: due = step + L * wait (after a visit), chance + ((1 - q) * L) * wait (a forecast), a
+// transition forecast summed row by row in fp32 and divided in fp32 (numpy's reduction over the
+// first axis, and a float32 array divided by a Python int); the build has -ffp-contract=off.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+namespace {
+
+using Key = int64_t;
+using Evictable = std::function<bool(Key)>;
+constexpr Key NO_VICTIM = -1;
+constexpr int64_t NOT_RESIDENT = -1;
+
+template <typename T>
+std::vector<T> copy_of(const torch::Tensor& tensor) {
+  const torch::Tensor flat = tensor.contiguous().view(-1);
+  return std::vector<T>(flat.data_ptr<T>(), flat.data_ptr<T>() + flat.numel());
+}
+
+bool holds(const std::vector<Key>& keys, Key key) { return std::find(keys.begin(), keys.end(), key) != keys.end(); }
+
+// Whether keys[i] is the first of its value (numpy's fancy-index increments count a key once).
+bool first_of_its_value(const std::vector<Key>& keys, size_t i) { return std::find(keys.begin(), keys.begin() + i, keys[i]) == keys.begin() + i; }
+
+class Candidate {
+ public:
+  virtual ~Candidate() = default;
+  virtual bool tracks_accesses() const { return true; }
+  virtual void layer_start(int64_t, const std::vector<Key>&) {}
+  virtual void forecast(int64_t, const double*) {}
+  virtual void insert(Key key) = 0;
+  virtual void access(Key key) = 0;
+  virtual void evict(Key key) = 0;
+  virtual Key victim(const Evictable& evictable) = 0;
+  virtual void set_dormant(bool) {}
+};
+
+// lru.py: a doubly linked list over the keys, oldest first.
+class Lru : public Candidate {
+ public:
+  explicit Lru(int64_t keys) : before_(keys, NO_VICTIM), after_(keys, NO_VICTIM), listed_(keys, 0) {}
+
+  void insert(Key key) override {
+    if (listed_[key]) unlink(key);
+    append(key);
+  }
+  void access(Key key) override {
+    if (!listed_[key]) throw std::logic_error("lru: access to a key that is not resident");
+    unlink(key);
+    append(key);
+  }
+  void evict(Key key) override {
+    if (!listed_[key]) throw std::logic_error("lru: eviction of a key that is not resident");
+    unlink(key);
+  }
+  Key victim(const Evictable& evictable) override {
+    for (Key key = oldest_; key != NO_VICTIM; key = after_[key]) {
+      if (evictable(key)) return key;
+    }
+    return NO_VICTIM;
+  }
+
+ private:
+  void unlink(Key key) {
+    (before_[key] == NO_VICTIM ? oldest_ : after_[before_[key]]) = after_[key];
+    (after_[key] == NO_VICTIM ? newest_ : before_[after_[key]]) = before_[key];
+    listed_[key] = 0;
+  }
+  void append(Key key) {
+    before_[key] = newest_;
+    after_[key] = NO_VICTIM;
+    (newest_ == NO_VICTIM ? oldest_ : after_[newest_]) = key;
+    newest_ = key;
+    listed_[key] = 1;
+  }
+  std::vector<Key> before_, after_;
+  std::vector<char> listed_;
+  Key oldest_ = NO_VICTIM, newest_ = NO_VICTIM;
+};
+
+// lfu.py: counts halved every `age_every` accesses, a heap of (count, tick, key) with stale
+// entries skipped; dormant, no heap.
+class Lfu : public Candidate {
+ public:
+  Lfu(int64_t keys, int64_t age_every) : count_(keys, 0.0), stamp_(keys, 0), age_every_(age_every) {}
+
+  void insert(Key key) override { push(key); }
+  void access(Key key) override {
+    count_[key] += 1.0;
+    push(key);
+    if (++accesses_ % age_every_ == 0) {
+      for (double& count : count_) count /= 2;
+      if (!dormant_) rebuild();
+    }
+  }
+  void evict(Key key) override {
+    if (stamp_[key] == 0) throw std::logic_error("lfu: eviction of a key that is not resident");
+    stamp_[key] = 0;
+  }
+  void set_dormant(bool dormant) override {
+    dormant_ = dormant;
+    if (dormant) {
+      heap_.clear();
+    } else {
+      rebuild();
+    }
+  }
+  Key victim(const Evictable& evictable) override {
+    std::vector<Entry> skipped;
+    Key found = NO_VICTIM;
+    try {
+      while (!heap_.empty()) {
+        std::pop_heap(heap_.begin(), heap_.end(), std::greater<>());
+        const Entry entry = heap_.back();
+        heap_.pop_back();
+        if (stamp_[entry.key] != entry.tick) continue;  // stale: re-pushed since, or evicted
+        skipped.push_back(entry);
+        if (evictable(entry.key)) {
+          found = entry.key;
+          break;
+        }
+      }
+    } catch (...) {
+      restore(skipped);
+      throw;
+    }
+    restore(skipped);
+    return found;
+  }
+
+ private:
+  struct Entry {
+    double count;
+    int64_t tick;
+    Key key;
+    bool operator>(const Entry& other) const {
+      return count != other.count ? count > other.count : tick != other.tick ? tick > other.tick : key > other.key;
+    }
+  };
+  void push(Key key) {
+    stamp_[key] = ++tick_;
+    if (!dormant_) add({count_[key], tick_, key});
+  }
+  void add(const Entry& entry) {
+    heap_.push_back(entry);
+    std::push_heap(heap_.begin(), heap_.end(), std::greater<>());
+  }
+  void restore(const std::vector<Entry>& entries) {
+    for (const Entry& entry : entries) add(entry);
+  }
+  void rebuild() {
+    heap_.clear();
+    for (Key key = 0; key < static_cast<Key>(stamp_.size()); ++key) {
+      if (stamp_[key] != 0) heap_.push_back({count_[key], stamp_[key], key});
+    }
+    std::make_heap(heap_.begin(), heap_.end(), std::greater<>());
+  }
+  std::vector<double> count_;
+  std::vector<int64_t> stamp_;  // the tick of a resident key's last push; 0: not resident
+  std::vector<Entry> heap_;
+  int64_t tick_ = 0, accesses_ = 0, age_every_;
+  bool dormant_ = false;
+};
+
+// next_use.ReuseModel as the policy reads it: flat cells, as NextUsePolicy.use_model lays them out.
+struct ReuseModel {
+  std::vector<int64_t> row;  // [L*E] bucket * (AGE_CAP + 1) * age_stride
+  std::vector<double> wait;  // [B * (AGE_CAP + 1) * (WINDOW + 1) * F]
+  int64_t forecasts, age_stride;
+  std::vector<float> transitions;  // [L, E, E], empty: none
+  std::vector<double> edges;       // [F - 1]
+};
+
+// next_use.py's NextUsePolicy.
+class NextUse : public Candidate {
+ public:
+  NextUse(int64_t layers, int64_t experts, ReuseModel model, int64_t age_cap, int64_t window)
+      : layers_(layers), experts_(experts), age_cap_(age_cap), window_(window), last_use_(layers * experts, -age_cap),
+        recent_(layers * experts, 0), window_keys_(window, std::vector<std::vector<Key>>(layers)), layer_(layers),
+        due_(layers * experts), place_(layers * experts, NOT_RESIDENT), visits_(layers) {
+    use_model(std::move(model));
+    for (Key key = 0; key < layers * experts; ++key) {
+      const int64_t last_visit = key / experts - layers;  // layer l's first visit is step l
+      due_[key] = static_cast<double>(last_visit) + static_cast<double>(layers) * lookup(key, age_cap);
+    }
+  }
+
+  bool tracks_accesses() const override { return false; }
+
+  void use_model(ReuseModel model) {
+    if (static_cast<int64_t>(model.row.size()) != layers_ * experts_) throw std::invalid_argument("the reuse model describes another number of experts");
+    model_ = std::move(model);
+    forecast_.assign(layers_ * experts_, 0);
+  }
+
+  void layer_start(int64_t layer, const std::vector<Key>& keys) override {
+    if (layer <= layer_) ++token_;
+    ++step_;
+    layer_ = layer;
+    record(layer, keys);
+    if (dormant_) {
+      visits_[layer] = {true, step_, token_, keys};
+    } else {
+      visit(layer, step_, token_, keys);
+    }
+  }
+
+  void set_dormant(bool dormant) override {
+    dormant_ = dormant;
+    if (dormant) return;
+    for (int64_t layer = 0; layer < layers_; ++layer) {
+      Visit& last = visits_[layer];
+      if (last.pending) visit(layer, last.step, last.token, last.keys);
+      last.pending = false;
+    }
+  }
+
+  void forecast(int64_t layer, const double* probabilities) override {
+    if (layer <= layer_ || dormant_) return;
+    const int64_t chance = step_ + layer - layer_;
+    for (int64_t expert = 0; expert < experts_; ++expert) {
+      const Key key = layer * experts_ + expert;
+      const double q = std::min(std::max(probabilities[expert], 0.0), 1.0);
+      due_[key] = static_cast<double>(chance) + (1.0 - q) * static_cast<double>(layers_) * lookup(key, age(key));
+    }
+  }
+
+  void insert(Key key) override {
+    if (place_[key] != NOT_RESIDENT) return;
+    place_[key] = static_cast<int64_t>(residents_.size());
+    residents_.push_back(key);
+  }
+  void access(Key) override {}
+  void evict(Key key) override {
+    if (place_[key] == NOT_RESIDENT) return;
+    const Key last = residents_.back();
+    residents_[place_[key]] = last;
+    place_[last] = place_[key];
+    residents_.pop_back();
+    place_[key] = NOT_RESIDENT;
+  }
+
+  // The resident key due last (the smallest such key, as numpy's argmax over the scores of
+  // every key names the first), skipping those `evictable` refuses.
+  Key victim(const Evictable& evictable) override {
+    std::vector<Key> refused;
+    while (true) {
+      Key found = NO_VICTIM;
+      for (const Key key : residents_) {
+        if ((found == NO_VICTIM || due_[key] > due_[found] || (due_[key] == due_[found] && key < found)) && !holds(refused, key)) found = key;
+      }
+      if (found == NO_VICTIM || evictable(found)) return found;
+      refused.push_back(found);
+    }
+  }
+
+ private:
+  struct Visit {
+    bool pending = false;
+    int64_t step = 0, token = 0;
+    std::vector<Key> keys;
+  };
+
+  int64_t age(Key key) const { return std::min(token_ - last_use_[key], age_cap_); }
+  double lookup(Key key, int64_t age) const {
+    return model_.wait[model_.row[key] + age * model_.age_stride + recent_[key] * model_.forecasts + forecast_[key]];
+  }
+
+  void record(int64_t layer, const std::vector<Key>& keys) {
+    std::vector<Key>& uses = window_keys_[token_ % window_][layer];
+    for (size_t i = 0; i < uses.size(); ++i) recent_[uses[i]] -= first_of_its_value(uses, i);
+    for (size_t i = 0; i < keys.size(); ++i) recent_[keys[i]] += first_of_its_value(keys, i);
+    uses = keys;
+    for (const Key key : keys) last_use_[key] = token_;
+  }
+
+  void visit(int64_t layer, int64_t step, int64_t token, const std::vector<Key>& keys) {
+    const Key first = layer * experts_;
+    if (!model_.transitions.empty()) transition_buckets(layer, keys);
+    for (Key key = first; key < first + experts_; ++key) {
+      const int64_t age = std::min(token - last_use_[key], age_cap_);
+      due_[key] = static_cast<double>(step) + static_cast<double>(layers_) * lookup(key, age);
+    }
+  }
+
+  // Each expert's bucket of P(it is used next | this token's experts), averaged over them.
+  void transition_buckets(int64_t layer, const std::vector<Key>& keys) {
+    const float* table = model_.transitions.data() + layer * experts_ * experts_;
+    const Key first = layer * experts_;
+    if (keys.empty()) {  // numpy's mean of nothing is NaN, which sorts past every edge
+      std::fill(forecast_.begin() + first, forecast_.begin() + first + experts_, static_cast<int64_t>(model_.edges.size()));
+      return;
+    }
+    for (int64_t expert = 0; expert < experts_; ++expert) {
+      float sum = table[(keys[0] - first) * experts_ + expert];
+      for (size_t i = 1; i < keys.size(); ++i) sum += table[(keys[i] - first) * experts_ + expert];
+      const double mean = sum / static_cast<float>(keys.size());
+      forecast_[first + expert] = std::lower_bound(model_.edges.begin(), model_.edges.end(), mean) - model_.edges.begin();
+    }
+  }
+
+  int64_t layers_, experts_, age_cap_, window_;
+  ReuseModel model_;
+  std::vector<int64_t> last_use_, recent_, forecast_;
+  std::vector<std::vector<std::vector<Key>>> window_keys_;  // [token % WINDOW][layer]: the keys it used
+  int64_t layer_, token_ = -1, step_ = -1;
+  std::vector<double> due_;
+  std::vector<Key> residents_;  // in no order
+  std::vector<int64_t> place_;  // each key's index in residents_, NOT_RESIDENT
+  bool dormant_ = false;
+  std::vector<Visit> visits_;  // while dormant: each layer's last visit
+};
+
+// shadow_cache.py: residency and one candidate's bookkeeping.
+class Shadow {
+ public:
+  Shadow(std::unique_ptr<Candidate> policy, int64_t keys, int64_t experts, int64_t capacity)
+      : policy(std::move(policy)), experts_(experts), capacity_(capacity), resident_(keys, 0) {}
+
+  int64_t step(int64_t layer, const std::vector<Key>& experts) {
+    std::vector<Key> keys;
+    for (const Key expert : experts) keys.push_back(layer * experts_ + expert);
+    policy->layer_start(layer, keys);
+    int64_t misses = 0;
+    for (size_t begin = 0; begin < keys.size(); begin += capacity_) {
+      const std::vector<Key> wave(keys.begin() + begin, keys.begin() + std::min(keys.size(), begin + capacity_));
+      misses += run(wave);
+    }
+    return misses;
+  }
+
+  std::unique_ptr<Candidate> policy;
+
+ private:
+  int64_t run(const std::vector<Key>& wave) {
+    int64_t misses = 0;
+    const Evictable outside_wave = [&wave](Key key) { return !holds(wave, key); };
+    for (const Key key : wave) {
+      if (!resident_[key]) {
+        ++misses;
+        if (count_ >= capacity_) {
+          const Key victim = policy->victim(outside_wave);
+          if (victim == NO_VICTIM) throw std::logic_error("shadow cache: every resident expert is in the wave");
+          resident_[victim] = 0;
+          --count_;
+          policy->evict(victim);
+        }
+        resident_[key] = 1;
+        ++count_;
+        policy->insert(key);
+      }
+      if (policy->tracks_accesses()) policy->access(key);
+    }
+    return misses;
+  }
+
+  int64_t experts_, capacity_, count_ = 0;
+  std::vector<char> resident_;
+};
+
+ReuseModel reuse_model(const torch::Tensor& row, const torch::Tensor& wait, int64_t forecasts, int64_t age_stride,
+                       const torch::Tensor& transitions, const torch::Tensor& edges) {
+  return {copy_of<int64_t>(row), copy_of<double>(wait), forecasts, age_stride, copy_of<float>(transitions), copy_of<double>(edges)};
+}
+
+constexpr int LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
+
+class Candidates {
+ public:
+  // `model` / `sampled_model`: (row, wait, forecasts, age_stride, transitions, edges) of the
+  // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
+  Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep,
+             int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
+      : experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), decay_(decay), keep_(keep) {
+    for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
+    const int64_t keys = layers * experts, shadow_layers = static_cast<int64_t>(sampled.size()), shadow_keys = shadow_layers * experts;
+    for (int copy = 0; copy < 2; ++copy) {
+      const bool shadow = copy == 1;
+      const int64_t n = shadow ? shadow_keys : keys;
+      std::vector<std::unique_ptr<Candidate>> made;
+      made.push_back(std::make_unique<Lru>(n));
+      made.push_back(std::make_unique<Lfu>(n, lfu_age_every));
+      for (int i = 0; i < 2; ++i) made.push_back(std::make_unique<NextUse>(shadow ? shadow_layers : layers, experts, unpack(shadow ? sampled_model : model), age_cap, window));
+      for (auto& candidate : made) {
+        if (shadow) {
+          shadows_.emplace_back(std::move(candidate), shadow_keys, experts, shadow_slots);
+        } else {
+          rankers_.push_back(std::move(candidate));
+        }
+      }
+    }
+    for (size_t i = 1; i < rankers_.size(); ++i) rankers_[i]->set_dormant(true);  // only the leader names victims
+  }
+
+  void layer_start(int64_t layer, const std::vector<Key>& keys) {
+    for (auto& ranker : rankers_) ranker->layer_start(layer, keys);
+    const int64_t sampled = shadow_of_[layer];
+    if (sampled < 0) return;
+    std::vector<Key> experts;
+    for (const Key key : keys) experts.push_back(key % experts_);
+    for (size_t i = 0; i < shadows_.size(); ++i) {
+      misses_[i] *= decay_;
+      misses_[i] += static_cast<double>(shadows_[i].step(sampled, experts));
+    }
+    const int best = static_cast<int>(std::min_element(misses_.begin(), misses_.end()) - misses_.begin());
+    if (best != leader_ && misses_[best] < keep_ * misses_[leader_]) {
+      rankers_[best]->set_dormant(false);
+      rankers_[leader_]->set_dormant(true);
+      leader_ = best;
+      ++switches_;
+    }
+  }
+
+  void forecast(int64_t layer, const torch::Tensor& probabilities) {
+    const torch::Tensor q = probabilities.to(torch::kFloat64).contiguous();
+    if (q.numel() != experts_) throw std::invalid_argument("a forecast gives one probability per expert");
+    for (auto& ranker : rankers_) ranker->forecast(layer, q.data_ptr<double>());
+    if (shadow_of_[layer] >= 0) {
+      for (auto& shadow : shadows_) shadow.policy->forecast(shadow_of_[layer], q.data_ptr<double>());
+    }
+  }
+
+  void insert(Key key) {
+    for (auto& ranker : rankers_) ranker->insert(key);
+  }
+  void access(Key key) {
+    for (auto& ranker : rankers_) {
+      if (ranker->tracks_accesses()) ranker->access(key);
+    }
+  }
+  void evict(Key key) {
+    for (auto& ranker : rankers_) ranker->evict(key);
+  }
+  Key victim(const py::object& is_evictable) {
+    return rankers_[leader_]->victim([&is_evictable](Key key) { return is_evictable(key).cast<bool>(); });
+  }
+
+  void use_model(const py::tuple& model, const py::tuple& sampled_model) {
+    static_cast<NextUse&>(*rankers_[LEARNER]).use_model(unpack(model));
+    static_cast<NextUse&>(*shadows_[LEARNER].policy).use_model(unpack(sampled_model));
+  }
+
+  int leader() const { return leader_; }
+  int64_t switches() const { return switches_; }
+  std::vector<double> misses() const { return misses_; }
+
+ private:
+  static ReuseModel unpack(const py::tuple& model) {
+    return reuse_model(model[0].cast<torch::Tensor>(), model[1].cast<torch::Tensor>(), model[2].cast<int64_t>(), model[3].cast<int64_t>(),
+                       model[4].cast<torch::Tensor>(), model[5].cast<torch::Tensor>());
+  }
+
+  int64_t experts_;
+  std::vector<int64_t> shadow_of_;  // layer -> its shadow layer, -1 where not sampled
+  std::vector<std::unique_ptr<Candidate>> rankers_;
+  std::vector<Shadow> shadows_;
+  std::vector<double> misses_;
+  double decay_, keep_;
+  int leader_ = 0;
+  int64_t switches_ = 0;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Candidates>(m, "Candidates")
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
+      .def("layer_start", &Candidates::layer_start)
+      .def("forecast", &Candidates::forecast)
+      .def("insert", &Candidates::insert)
+      .def("access", &Candidates::access)
+      .def("evict", &Candidates::evict)
+      .def("victim", &Candidates::victim)
+      .def("use_model", &Candidates::use_model)
+      .def_property_readonly("leader", &Candidates::leader)
+      .def_property_readonly("switches", &Candidates::switches)
+      .def_property_readonly("misses", &Candidates::misses);
+}

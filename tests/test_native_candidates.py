@@ -1,0 +1,114 @@
+"""The adaptive default's compiled candidates (policies/candidates.cpp) against their Python
+reference (policies/candidates.py): the same victim at every eviction and the same leader at
+every layer step, on real and synthetic routing, with forecasts, refits and a fitted start."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_runtime.policies import AdaptivePolicy, EvictionPolicy, NoVictimError, ReuseModel, make_policy, native_candidates
+from moe_runtime.policies.shadow_cache import ShadowCache
+from moe_runtime.synthetic import flat_routing
+from moe_runtime.trace import load_trace
+
+ROUTING = Path(__file__).parents[1] / "moe_runtime" / "data" / "routing"
+compiled_only = pytest.mark.skipif(not native_candidates.available(), reason="the compiled candidates cannot be built here")
+
+
+class _Lockstep(EvictionPolicy):
+    """Every event to the compiled default and to its reference; their victims and leaders must agree."""
+
+    name = "lockstep"
+
+    def __init__(self, compiled: AdaptivePolicy, reference: AdaptivePolicy):
+        self.compiled, self.reference = compiled, reference
+        self.evictions = 0
+
+    def on_layer_start(self, layer, keys):
+        self.compiled.on_layer_start(layer, keys)
+        self.reference.on_layer_start(layer, keys)
+        assert self.compiled.leader_name == self.reference.leader_name
+
+    def on_forecast(self, layer, probabilities):
+        self.compiled.on_forecast(layer, probabilities)
+        self.reference.on_forecast(layer, probabilities)
+
+    def on_insert(self, key):
+        self.compiled.on_insert(key)
+        self.reference.on_insert(key)
+
+    def on_access(self, key):
+        self.compiled.on_access(key)
+        self.reference.on_access(key)
+
+    def on_evict(self, key):
+        self.compiled.on_evict(key)
+        self.reference.on_evict(key)
+
+    def choose_victim(self, is_evictable):
+        victim = self.reference.choose_victim(is_evictable)
+        assert self.compiled.choose_victim(is_evictable) == victim
+        self.evictions += 1
+        return victim
+
+
+def _lockstep_replay(trace, capacity: int, model: ReuseModel, forecasts: bool) -> _Lockstep:
+    """`trace` through one cache of `capacity` run by both engines; with `forecasts`, random
+    probabilities (some outside [0, 1], clipped) for a later layer of the token after each step
+    (one for the next layer only would be overwritten by its visit before any eviction here)."""
+    shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
+    pair = _Lockstep(AdaptivePolicy(model, **shape, native=True), AdaptivePolicy(model, **shape, native=False))
+    cache = ShadowCache(pair, num_experts=trace.num_experts, capacity=capacity)
+    random = np.random.default_rng(0)
+    for token in range(trace.num_tokens):
+        for layer in range(trace.num_layers):
+            cache.step(layer, trace.expert_ids[token, layer].tolist())
+            if forecasts and layer + 2 < trace.num_layers:
+                pair.on_forecast(int(random.integers(layer + 2, trace.num_layers)), random.random(trace.num_experts) * 1.4 - 0.2)
+    return pair
+
+
+@compiled_only
+@pytest.mark.parametrize(
+    "routing, budget, fitted, forecasts",
+    [("esft-vanilla-lite/law", 0.1, False, True), ("gpt-oss-20b/gpqa", 0.25, True, False), ("flat", 0.5, False, True)],
+)
+def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budget, fitted, forecasts):
+    if routing == "flat":
+        trace, fit = flat_routing(8, 32, 4, 700, seed=1), None
+    else:
+        whole = load_trace(ROUTING / f"{routing}.npz")
+        trace, fit = whole.select_sequences(range(3)), whole.select_sequences(range(3, 9))
+    model = ReuseModel.fit(fit) if fitted else ReuseModel.generic(trace.num_layers, trace.num_experts)
+    capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
+    pair = _lockstep_replay(trace, capacity, model, forecasts)
+    assert pair.evictions > 1000 and pair.reference.refits >= 1
+    assert pair.compiled.switches == pair.reference.switches
+    assert np.allclose(pair.compiled.candidates.misses, pair.reference.candidates.misses, rtol=0, atol=1e-9)
+
+
+@compiled_only
+def test_an_error_while_choosing_leaves_the_compiled_candidates_usable():
+    """An exception (here an interrupt) raised by the cache's own check in the middle of a choice
+    reaches the caller as it was, and the next choice is the same as if it had not happened."""
+    policy = AdaptivePolicy(ReuseModel.generic(2, 8), num_layers=2, num_experts=8, capacity=4, native=True)
+    for key in (0, 1, 2, 3):
+        policy.on_layer_start(0, [key])
+        policy.on_insert(key)
+        policy.on_access(key)
+    first = policy.choose_victim(lambda key: True)
+
+    def interrupted(key):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        policy.choose_victim(interrupted)
+    assert policy.choose_victim(lambda key: True) == first
+    with pytest.raises(NoVictimError):
+        policy.choose_victim(lambda key: False)
+
+
+def test_the_default_is_compiled_wherever_the_candidates_can_be_built():
+    policy = make_policy("adaptive", num_layers=4, num_experts=8, capacity=8, top_k=2)
+    assert policy.native == native_candidates.available()
