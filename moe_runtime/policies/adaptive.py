@@ -4,9 +4,10 @@ Each candidate (LRU, LFU, next-use with the generic reuse model, and next-use wi
 refitted every few hundred tokens on the routing served) runs twice: a ranker that sees
 the real cache's events and can name a victim among the real residents, and a shadow cache
 (shadow_cache.py: residency and the policy's bookkeeping only) that replays the same layer steps
-as if that candidate alone ran the cache (candidates.py; compiled: native_candidates.py). Each layer step adds the shadows' misses to
-decayed counts (a half-life of HALF_LIFE_TOKENS tokens); the real cache evicts with the ranker
-of the candidate whose count is lowest, switching only when another is better by SWITCH_MARGIN.
+as if that candidate alone ran the cache (candidates.py; compiled: native_candidates.py). Each
+layer step adds the shadows' misses to decayed counts (a half-life of HALF_LIFE_TOKENS tokens);
+the real cache evicts with the ranker of the candidate whose count is lowest, switching only
+when another is better by SWITCH_MARGIN.
 The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
 per token, with the capacity scaled to them (set dueling, Qureshi et al. 2007): it ranks the
 candidates about as well at a fraction of the cost (16 uses saved 7-15 us per layer step but

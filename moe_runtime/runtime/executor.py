@@ -395,7 +395,8 @@ class Runtime:
 def _policy_for(name, in_place: bool, source: ExpertSource):
     """The policy asked for; the default, where a miss only moves a pointer (computed in place at
     full precision, every expert in RAM), is LRU: nothing to save, and the adaptive default's
-    shadow caches cost about a tenth of a CPU decode step at 25% (BENCHMARKS.md)."""
+    shadow caches cost time (about a tenth of a CPU decode step at 25% in Python; a fraction of
+    that compiled, still for nothing: BENCHMARKS.md)."""
     if name == DEFAULT_POLICY and in_place and not isinstance(source, HostTier):
         return "lru"
     return name
