@@ -109,6 +109,18 @@ def test_reuse_model_measures_capped_waits_per_age():
     assert never[AGE_CAP, 0] == pytest.approx(HORIZON)
 
 
+def test_a_fit_leans_towards_its_prior_where_it_saw_little():
+    """Cells the trace never reaches take the prior's wait (HORIZON, "far", by default); cells it
+    reaches often keep what it measured (the adaptive default's refits lean on the generic table)."""
+    trace = _trace(np.array([0, 1] * 200)[:, None, None], num_experts=3)
+    prior = np.random.default_rng(0).uniform(1.0, HORIZON, size=(1, AGE_CAP + 1, WINDOW + 1, 1))
+    far, near = ReuseModel.fit(trace, forecast_buckets=1), ReuseModel.fit(trace, forecast_buckets=1, prior=prior, prior_weight=20.0)
+    unseen = (slice(None), AGE_CAP - 1, WINDOW, 0)  # unused for 63 tokens yet used in each of the last 16: never
+    assert np.all(far.wait[unseen] == HORIZON) and np.allclose(near.wait[unseen], prior[0, AGE_CAP - 1, WINDOW, 0])
+    often = (far.bucket[0], 0, 8, 0)  # expert 0 just used, 8 uses in the last 16 tokens: about 200 times
+    assert near.wait[often] == pytest.approx(2.0, abs=0.2) and far.wait[often] == pytest.approx(2.0, abs=0.05)
+
+
 def test_reuse_model_learns_which_expert_follows_which():
     """Expert 0 is always followed by 1, 1 by 2, 2 by 0: the transition table and the waits of its
     forecast buckets both say so."""

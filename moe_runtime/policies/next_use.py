@@ -91,8 +91,13 @@ class ReuseModel:
         return self.bucket * (AGE_CAP + 1) * age_stride, self.wait.ravel(), forecasts, age_stride
 
     @classmethod
-    def fit(cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS) -> ReuseModel:
-        """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`."""
+    def fit(
+        cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS, prior: np.ndarray | None = None,
+        prior_weight: float = 5.0,
+    ) -> ReuseModel:
+        """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`,
+        each cell drawn towards `prior` (a wait table broadcast to the cells; None: HORIZON, "far")
+        with the weight of `prior_weight` observations."""
         used = used_matrix(trace)
         bucket = _quantile_buckets(used.mean(axis=0), popularity_buckets)[1]
         transitions = expert_transitions(trace, used) if forecast_buckets > 1 else None
@@ -107,8 +112,8 @@ class ReuseModel:
             cells = np.ravel_multi_index((np.broadcast_to(bucket, age.shape), age, recent, forecast[begin:end]), shape)
             total += np.bincount(cells.ravel(), weights=wait.ravel(), minlength=total.size)
             count += np.bincount(cells.ravel(), minlength=count.size)
-        prior = 5.0  # cells seen a few times lean towards "far" (HORIZON)
-        return cls(bucket, ((total + prior * HORIZON) / (count + prior)).reshape(shape), transitions, edges)
+        towards = np.broadcast_to(HORIZON if prior is None else prior, shape).ravel()
+        return cls(bucket, ((total + prior_weight * towards) / (count + prior_weight)).reshape(shape), transitions, edges)
 
 
 @functools.cache
