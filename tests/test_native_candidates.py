@@ -91,7 +91,8 @@ def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budg
 @compiled_only
 def test_an_error_while_choosing_leaves_the_compiled_candidates_usable():
     """An exception (here an interrupt) raised by the cache's own check in the middle of a choice
-    reaches the caller as it was, and the next choice is the same as if it had not happened."""
+    reaches the caller as it was, a key outside the model is refused, and the next choice is the
+    same as if neither had happened."""
     policy = AdaptivePolicy(ReuseModel.generic(2, 8), num_layers=2, num_experts=8, capacity=4, native=True)
     for key in (0, 1, 2, 3):
         policy.on_layer_start(0, [key])
@@ -107,6 +108,10 @@ def test_an_error_while_choosing_leaves_the_compiled_candidates_usable():
     assert policy.choose_victim(lambda key: True) == first
     with pytest.raises(NoVictimError):
         policy.choose_victim(lambda key: False)
+    for bad in (lambda: policy.on_insert(16), lambda: policy.on_access(99), lambda: policy.on_evict(-1)):
+        with pytest.raises(IndexError):  # outside the 2 x 8 experts: refused, nothing written
+            bad()
+    assert policy.choose_victim(lambda key: True) == first
 
 
 def test_the_default_is_compiled_wherever_the_candidates_can_be_built():

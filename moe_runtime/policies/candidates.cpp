@@ -386,28 +386,19 @@ class Candidates {
   // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
   Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep,
              int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
-      : experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), decay_(decay), keep_(keep) {
+      : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), decay_(decay), keep_(keep) {
     for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
-    const int64_t keys = layers * experts, shadow_layers = static_cast<int64_t>(sampled.size()), shadow_keys = shadow_layers * experts;
-    for (int copy = 0; copy < 2; ++copy) {
-      const bool shadow = copy == 1;
-      const int64_t n = shadow ? shadow_keys : keys;
-      std::vector<std::unique_ptr<Candidate>> made;
-      made.push_back(std::make_unique<Lru>(n));
-      made.push_back(std::make_unique<Lfu>(n, lfu_age_every));
-      for (int i = 0; i < 2; ++i) made.push_back(std::make_unique<NextUse>(shadow ? shadow_layers : layers, experts, unpack(shadow ? sampled_model : model), age_cap, window));
-      for (auto& candidate : made) {
-        if (shadow) {
-          shadows_.emplace_back(std::move(candidate), shadow_keys, experts, shadow_slots);
-        } else {
-          rankers_.push_back(std::move(candidate));
-        }
-      }
+    const int64_t shadow_layers = static_cast<int64_t>(sampled.size());
+    rankers_ = made(layers, experts, lfu_age_every, unpack(model), age_cap, window);
+    for (auto& policy : made(shadow_layers, experts, lfu_age_every, unpack(sampled_model), age_cap, window)) {
+      shadows_.emplace_back(std::move(policy), shadow_layers * experts, experts, shadow_slots);
     }
     for (size_t i = 1; i < rankers_.size(); ++i) rankers_[i]->set_dormant(true);  // only the leader names victims
   }
 
   void layer_start(int64_t layer, const std::vector<Key>& keys) {
+    if (layer < 0 || layer >= layers_) throw std::out_of_range("the cache policy was built for fewer MoE layers");
+    for (const Key key : keys) check(key);
     for (auto& ranker : rankers_) ranker->layer_start(layer, keys);
     const int64_t sampled = shadow_of_[layer];
     if (sampled < 0) return;
@@ -427,6 +418,7 @@ class Candidates {
   }
 
   void forecast(int64_t layer, const torch::Tensor& probabilities) {
+    if (layer < 0 || layer >= layers_) throw std::out_of_range("a forecast for a MoE layer the cache policy was not built for");
     const torch::Tensor q = probabilities.to(torch::kFloat64).contiguous();
     if (q.numel() != experts_) throw std::invalid_argument("a forecast gives one probability per expert");
     for (auto& ranker : rankers_) ranker->forecast(layer, q.data_ptr<double>());
@@ -436,14 +428,17 @@ class Candidates {
   }
 
   void insert(Key key) {
+    check(key);
     for (auto& ranker : rankers_) ranker->insert(key);
   }
   void access(Key key) {
+    check(key);
     for (auto& ranker : rankers_) {
       if (ranker->tracks_accesses()) ranker->access(key);
     }
   }
   void evict(Key key) {
+    check(key);
     for (auto& ranker : rankers_) ranker->evict(key);
   }
   Key victim(const py::object& is_evictable) {
@@ -460,12 +455,26 @@ class Candidates {
   std::vector<double> misses() const { return misses_; }
 
  private:
+  static std::vector<std::unique_ptr<Candidate>> made(int64_t layers, int64_t experts, int64_t lfu_age_every, const ReuseModel& model,
+                                                       int64_t age_cap, int64_t window) {
+    std::vector<std::unique_ptr<Candidate>> out;
+    out.push_back(std::make_unique<Lru>(layers * experts));
+    out.push_back(std::make_unique<Lfu>(layers * experts, lfu_age_every));
+    for (int copy = 0; copy < 2; ++copy) out.push_back(std::make_unique<NextUse>(layers, experts, model, age_cap, window));
+    return out;
+  }
+
+  // A key out of range would write outside the candidates' arrays: refused (IndexError in Python).
+  void check(Key key) const {
+    if (key < 0 || key >= layers_ * experts_) throw std::out_of_range("expert key outside the layers x experts the cache policy was built for");
+  }
+
   static ReuseModel unpack(const py::tuple& model) {
     return reuse_model(model[0].cast<torch::Tensor>(), model[1].cast<torch::Tensor>(), model[2].cast<int64_t>(), model[3].cast<int64_t>(),
                        model[4].cast<torch::Tensor>(), model[5].cast<torch::Tensor>());
   }
 
-  int64_t experts_;
+  int64_t layers_, experts_;
   std::vector<int64_t> shadow_of_;  // layer -> its shadow layer, -1 where not sampled
   std::vector<std::unique_ptr<Candidate>> rankers_;
   std::vector<Shadow> shadows_;
