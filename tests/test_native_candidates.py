@@ -117,3 +117,4 @@ def test_an_error_while_choosing_leaves_the_compiled_candidates_usable():
 def test_the_default_is_compiled_wherever_the_candidates_can_be_built():
     policy = make_policy("adaptive", num_layers=4, num_experts=8, capacity=8, top_k=2)
     assert policy.native == native_candidates.available()
+    assert not make_policy("adaptive", num_layers=4, num_experts=8, capacity=32, top_k=2).native  # idle: every expert fits

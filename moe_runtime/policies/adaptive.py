@@ -54,13 +54,15 @@ class AdaptivePolicy(EvictionPolicy):
         """model: the reuse model next-use starts from (generic, or fitted on a user's traces);
         top_k: experts per token and layer (more of them: fewer layers sampled); learn: refit the
         learner's model on the routing seen (routing_history.py); native: the compiled candidates
-        (None: where they can be built)."""
+        (None: where they can be built; never while idle, where nothing would call them, so a
+        budget that holds every expert compiles nothing)."""
         self.num_experts = num_experts
+        self.idle = capacity >= num_layers * num_experts  # every expert fits: nothing will ever be evicted
         sampled_layers = max(2, min(SAMPLED_LAYERS, SAMPLED_USES // top_k))
         stride = max(1, num_layers // sampled_layers)
         self.sampled = list(range(0, num_layers, stride))
         self.shadow_slots = max(1, round(capacity * len(self.sampled) / num_layers))
-        self.native = native_candidates.available() if native is None else native
+        self.native = not self.idle and (native_candidates.available() if native is None else native)
         engine = native_candidates.NativeCandidates if self.native else Candidates
         self.candidates = engine(
             model, model.select_layers(self.sampled, num_experts), num_layers=num_layers, num_experts=num_experts, sampled=self.sampled,
@@ -69,7 +71,6 @@ class AdaptivePolicy(EvictionPolicy):
         self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
         self.prior = ReuseModel.generic(num_layers, num_experts).wait  # [1, ages, recent uses, 1]
         self.refits = 0
-        self.idle = capacity >= num_layers * num_experts  # every expert fits: nothing will ever be evicted
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
             self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
 
