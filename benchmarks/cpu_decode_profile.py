@@ -10,11 +10,12 @@ The checkpoint (peer_llamacpp.py's, built once) is wrapped at budget 1.0 with `q
 through the KV cache under torch.inference_mode (as time_generation runs them), each timed, and
 every kernel call inside them timed too. GB/s counts the bytes of the matrices a call reads.
 `--ablate R` then times the step as shipped against the step with one part of the decode path
-undone (transformers' attention forward instead of decode_attention.py; transformers' RMS norms
-and rotary function instead of the native ops; torch's router `linear` and SDPA instead of the
-decode kernel's logits and the native one-query attention, which exact=False allows; no_grad
-instead of inference_mode; every op exact, as exact=True would run them), alternating for R
-rounds, best of each.
+undone (transformers' attention forward instead of decode_attention.py, and so the layers' own
+forward, which calls it; transformers' RMS norms and rotary function instead of the native ops;
+torch's router `linear` and SDPA instead of the decode kernel's logits and the native one-query
+attention, which exact=False allows; no_grad instead of inference_mode; every op exact, as
+exact=True would run them; the decoder layers' own forward instead of decode_layer.py),
+alternating for R rounds, best of each.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | Non
 FULL_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}  # --quantize values that keep the model's weights
 VARIANTS = (
     "as shipped", "transformers' attention", "transformers' norms and rotary", "no_grad, not inference_mode", "torch's router linear and SDPA",
-    "exact: torch's ops throughout",
+    "exact: torch's ops throughout", "transformers' decoder layers",
 )
 
 
@@ -157,10 +158,10 @@ def undone(model, variant: str):
     from moe_runtime.kernel_linears import KernelLinear
 
     runtime = moe_runtime.runtime_of(model)
-    attention = runtime.decode_attention if variant == VARIANTS[1] else []
+    attention = runtime.decode_attention if variant == VARIANTS[1] else runtime.decode_layers if variant == VARIANTS[6] else []
     norms = runtime.native_norms if variant == VARIANTS[2] else []
-    routers = runtime.kernel_routers if variant in VARIANTS[4:] else []
-    swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant in VARIANTS[4:] else {}
+    routers = runtime.kernel_routers if variant in VARIANTS[4:6] else []
+    swapped = {"rotate": "family_rotate"} if variant == VARIANTS[2] else {"attend": _sdpa} if variant in VARIANTS[4:6] else {}
     linears = [module for module in model.modules() if isinstance(module, KernelLinear)] if variant == VARIANTS[5] else []
     exact = [(holder, holder.exact) for holder in [runtime, *runtime.native_norms, *linears]] if variant == VARIANTS[5] else []
     kept = [{name: getattr(layer, name) for name in swapped} for layer in runtime.decode_attention]

@@ -1,6 +1,7 @@
 // The small ops of a CPU decode step, each in one call: the llama-form RMS norm and rotary
 // embedding (OLMoE, Qwen2/3-MoE, Mixtral, DeepSeek) bit for bit as transformers computes them,
-// and a one-query attention that is not (see `attend`).
+// and a one-query attention and a softmax router's top k that are not (see `attend`,
+// `top_k_softmax`).
 //
 // Why: at decode these ops touch a few thousand numbers, and each of their 7-14 torch ops costs
 // more in dispatch than in arithmetic: an RMS norm module took about 19 us on the 2-core EPYC of
@@ -219,6 +220,65 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
   }
 }
 
+// One row of a softmax router: the top k of softmax(logits) (ties to the lower expert, as a
+// stable sort gives), renormalised to sum to 1 if asked. exp is the C library's, not torch's
+// vectorized one: probabilities may differ from torch's in their last bits.
+template <typename T>
+void top_k_row(const T* logits, int64_t E, int64_t k, bool renormalise, float* probabilities, int64_t* order, float* weights, int64_t* index) {
+  float highest = -std::numeric_limits<float>::infinity();
+  for (int64_t e = 0; e < E; ++e) highest = std::max(highest, widen(logits[e]));
+  float total = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    probabilities[e] = std::exp(widen(logits[e]) - highest);
+    total += probabilities[e];
+  }
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order, order + k, order + E, [&](int64_t a, int64_t b) {
+    return probabilities[a] > probabilities[b] || (probabilities[a] == probabilities[b] && a < b);
+  });
+  float chosen = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    index[j] = order[j];
+    weights[j] = probabilities[order[j]] / total;
+    chosen += weights[j];
+  }
+  if (renormalise)
+    for (int64_t j = 0; j < k; ++j) weights[j] /= chosen;
+}
+
+template <typename T>
+std::vector<torch::Tensor> top_k_typed(const torch::Tensor& logits, int64_t k, bool renormalise, bool cast) {
+  const int64_t rows = logits.size(0), E = logits.size(1);
+  auto weights = torch::empty({rows, k}, logits.options().dtype(cast ? logits.scalar_type() : torch::kFloat));
+  auto index = torch::empty({rows, k}, logits.options().dtype(torch::kLong));
+  std::vector<float> probabilities(E), chosen(k);
+  std::vector<int64_t> order(E);
+  const T* source = logits.data_ptr<T>();
+  for (int64_t row = 0; row < rows; ++row) {
+    top_k_row<T>(source + row * E, E, k, renormalise, probabilities.data(), order.data(), chosen.data(), index.data_ptr<int64_t>() + row * k);
+    if (cast)
+      for (int64_t j = 0; j < k; ++j) weights.data_ptr<T>()[row * k + j] = narrow<T>(chosen[j]);
+    else
+      std::copy(chosen.begin(), chosen.end(), weights.data_ptr<float>() + row * k);
+  }
+  return {weights, index};
+}
+
+// logits [T, E] -> (weights [T, k], index [T, k] int64): the softmax families' routing rule
+// (softmax in fp32, top k, renormalised if asked, weights in the logits' dtype if `cast`) in
+// one call where it took five torch ops; for decode steps that need not be exact.
+std::vector<torch::Tensor> top_k_softmax(torch::Tensor logits, int64_t k, bool renormalise, bool cast) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2, "top_k_softmax: CPU logits [T, E]");
+  TORCH_CHECK(k > 0 && k <= logits.size(1), "top_k_softmax: k must be in 1..E, got ", k, " of ", logits.size(1));
+  const torch::Tensor dense = logits.contiguous();
+  switch (dense.scalar_type()) {
+    case torch::kBFloat16: return top_k_typed<c10::BFloat16>(dense, k, renormalise, cast);
+    case torch::kHalf: return top_k_typed<c10::Half>(dense, k, renormalise, cast);
+    case torch::kFloat: return top_k_typed<float>(dense, k, renormalise, cast);
+    default: TORCH_CHECK(false, "top_k_softmax: unsupported dtype ", dense.scalar_type());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -226,4 +286,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exact") = true);
   m.def("rotate", &rotate, "the llama-form rotary embedding of q and k", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"));
   m.def("attend", &attend, "one query's attention to T cached keys and values", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+  m.def("top_k_softmax", &top_k_softmax, "a softmax router's top k of logits [T, E]", py::arg("logits"), py::arg("k"), py::arg("renormalise"),
+        py::arg("cast"));
 }

@@ -5,6 +5,7 @@ and one query's attention, up to rounding.
     rms_norm(x [..., H], weight [H], eps) -> [..., H]
     rotate(q [B, Hq, S, D], k [B, Hk, S, D], cos [B, S, D], sin [B, S, D]) -> (q', k')
     attend(q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv], scale) -> [B, Hq, 1, Dv]
+    top_k_softmax(logits [T, E], k, renormalise, cast) -> (weights [T, k], index [T, k])
 
 An RMS norm module took about 19 us on the 2-core EPYC of BENCHMARKS.md and this one 5; the
 rotary embedding 23 us and this one 10. `available()` is False where the extension cannot be
@@ -50,3 +51,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     """softmax(scale q k^T) v for one query per head, in fp32 and rounded once to q's dtype
     (GQA where Hq is a multiple of Hk; no mask): SDPA's result up to rounding, not bit for bit."""
     return extension().attend(q, k, v, scale)
+
+
+def top_k_softmax(logits: torch.Tensor, k: int, renormalise: bool, cast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k], index [T, k] int64): the top k of softmax(logits) in fp32, ties to the
+    lower expert, renormalised to sum to 1 if `renormalise`, in the logits' dtype if `cast`
+    (MoEAdapter.select's rule up to the last bits of exp: not bit for bit)."""
+    weights, index = extension().top_k_softmax(logits, k, renormalise, cast)
+    return weights, index

@@ -56,22 +56,25 @@ class DecodeAttention:
         self.clip = getattr(attention.config, "clip_qkv", None)
         self.together = _projection_groups([attention.q_proj, attention.k_proj, attention.v_proj])
         self.steps = 0  # one-token steps served here (the rest went to transformers' forward)
+        self.installed = False
 
     def install(self) -> None:
         self.attention.forward = self.forward
+        self.installed = True
 
     def remove(self) -> None:
         del self.attention.forward  # the instance attribute: the class's forward again
+        self.installed = False
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        if not self._applies(hidden_states, position_embeddings, attention_mask, cache, kwargs):
+        if not self.applies(hidden_states, position_embeddings, attention_mask, cache, kwargs):
             original = type(self.attention).forward
             return original(self.attention, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
-        self.steps += 1
-        return self._decode(hidden_states, position_embeddings, cache, kwargs), None
+        return self.decode(hidden_states, position_embeddings, cache, kwargs), None
 
-    def _applies(self, hidden_states, position_embeddings, attention_mask, cache, kwargs) -> bool:
+    def applies(self, hidden_states, position_embeddings, attention_mask, cache, kwargs) -> bool:
+        """Whether this step is one `decode` serves (else transformers' forward runs)."""
         attention = self.attention
         return (
             hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and hidden_states.device.type == "cpu"
@@ -79,6 +82,11 @@ class DecodeAttention:
             and not attention.training and not kwargs.get("output_attentions")
             and attention.config._attn_implementation == "sdpa" and attention.head_dim <= 256  # sdpa_attention_forward's enable_gqa
         )
+
+    def decode(self, hidden_states: torch.Tensor, position_embeddings, cache, kwargs) -> torch.Tensor:
+        """[B, 1, H]: the attention's output for a step that `applies` (counted in `steps`)."""
+        self.steps += 1
+        return self._decode(hidden_states, position_embeddings, cache, kwargs)
 
     def _decode(self, hidden_states: torch.Tensor, position_embeddings, cache, kwargs) -> torch.Tensor:
         """[B, 1, H]: the ops of the family's forward for a one-token query without a mask.

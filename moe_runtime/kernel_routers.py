@@ -108,6 +108,7 @@ class KernelRouter:
     def __init__(self, router: nn.Module):
         self.router = router
         self.view = RouterView(router)
+        self.installed = False
 
     @property
     def seen(self) -> int:
@@ -116,12 +117,23 @@ class KernelRouter:
 
     def install(self) -> None:
         self.router.forward = self.forward
+        self.installed = True
 
     def remove(self) -> None:
         del self.router.forward
+        self.installed = False
 
     def forward(self, *args, **kwargs):
         return type(self.router).forward(self.view.current(), *args, **kwargs)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [T, H] -> [T, E]: the logits the router's forward computes under this KernelRouter
+        (for callers that apply the family's top-k themselves: decode_layer.py)."""
+        weight = self.view.current().weight
+        if _takes(rows, weight):
+            weight.seen += 1
+            return _linear(rows, weight, None)
+        return F.linear(rows, weight)  # torch's, as KernelWeight hands it on
 
 
 def install_kernel_routers(routers: list[nn.Module]) -> list[KernelRouter]:

@@ -31,14 +31,15 @@ def _model(family: str, dtype=torch.float32):
 
 
 def _without_it(runtime, run):
-    """run() with transformers' attention forward in every layer, then the decode path back."""
-    for attention in runtime.decode_attention:
-        attention.remove()
+    """run() with transformers' attention forward in every layer (and the layers' own forward,
+    which calls it), then the decode path back."""
+    for replaced in [*runtime.decode_layers, *runtime.decode_attention]:
+        replaced.remove()
     try:
         return run()
     finally:
-        for attention in runtime.decode_attention:
-            attention.install()
+        for replaced in [*runtime.decode_attention, *runtime.decode_layers]:
+            replaced.install()
 
 
 def _with_sdpa(runtime, run):

@@ -187,3 +187,33 @@ def test_one_query_attention_refuses_what_it_does_not_take():
     for bad in [(torch.randn(1, 4, 2, 8), k, k), (q, torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8)), (q, k, torch.randn(1, 2, 4, 8)), (q, k, k.double())]:
         with pytest.raises(RuntimeError, match="attend:"):
             cpu_decode_ops.attend(*bad, 1.0)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_top_k_softmax_applies_the_familys_rule_up_to_rounding(family, dtype):
+    """The router's own forward on random logits of several spreads: the same experts (as a set:
+    exact ties may be ordered otherwise), weights within an ulp of the dtype, the same dtype."""
+    from moe_runtime.adapters import adapter_for
+
+    model = tiny_model(family)
+    adapter, router = adapter_for(model.config), model.model.layers[0].mlp.gate
+    rule = adapter.top_k_rule(router)
+    generator = torch.Generator().manual_seed(6)
+    for spread in (0.1, 3.0, 30.0):
+        logits = (torch.randn(7, router.weight.shape[0], generator=generator) * spread).to(dtype)
+        want_weights, want_index = adapter.select(router, logits, None)
+        weights, index = cpu_decode_ops.top_k_softmax(logits, *rule)
+        assert weights.dtype == want_weights.dtype and index.dtype == torch.long
+        assert torch.equal(index.sort(-1).values, want_index.sort(-1).values)
+        tolerance = 1e-6 if weights.dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        assert torch.allclose(weights.float().sort(-1).values, want_weights.float().sort(-1).values, rtol=0, atol=tolerance)
+
+
+def test_top_k_softmax_refuses_what_it_does_not_take():
+    with pytest.raises(RuntimeError, match="k must be in 1..E"):
+        cpu_decode_ops.top_k_softmax(torch.randn(1, 4), 5, True, True)
+    with pytest.raises(RuntimeError, match=r"CPU logits \[T, E\]"):
+        cpu_decode_ops.top_k_softmax(torch.randn(4), 2, True, True)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        cpu_decode_ops.top_k_softmax(torch.randn(1, 4).double(), 2, True, True)

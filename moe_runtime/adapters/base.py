@@ -133,6 +133,14 @@ class MoEAdapter:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return (weights.to(logits.dtype) if self.cast_weights else weights), index
 
+    def top_k_rule(self, router: nn.Module) -> tuple[int, bool, bool] | None:
+        """(k, renormalise, cast) of `select`'s rule for this router, for a native op that applies
+        it (cpu_decode_ops.top_k_softmax); None where a subclass chooses another way."""
+        if type(self).select is not MoEAdapter.select:
+            return None
+        renormalise = self.always_renormalise if self.always_renormalise is not None else router.norm_topk_prob
+        return int(router.top_k), bool(renormalise), self.cast_weights
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)

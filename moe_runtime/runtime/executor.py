@@ -30,6 +30,7 @@ from .slot_cache import SlotCache
 from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place, plain_swiglu
 from ..config import OffloadConfig
 from ..decode_attention import install_decode_attention
+from ..decode_layer import install_decode_layers
 from ..kernel_routers import install_kernel_routers
 from ..native_norms import install_native_norms
 from ..execution import HOST, HYBRID, measure_costs, resolve_execution
@@ -125,6 +126,7 @@ class Runtime:
         self.decode_attention = []  # DecodeAttention per attention module, installed on a CPU
         self.native_norms = []  # NativeNorm per RMS norm module the native op reproduces, on a CPU
         self.kernel_routers = []  # KernelRouter per router, on a CPU where not exact
+        self.decode_layers = []  # DecodeLayer per llama-form decoder layer, on a CPU
         self.low_bit = low_bit
         self.prefetch_width = config.prefetch_width or self.top_k
         self.prefetch_lookahead = config.prefetch_lookahead
@@ -316,10 +318,13 @@ class Runtime:
             self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact)
             self.native_norms = install_native_norms(model, self.exact)
             self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
+            layers = self.adapter.decoder_layers(model)
+            self.decode_layers = install_decode_layers(layers, self.decode_attention, self.blocks, self.adapter, self.kernel_routers)
         self.stats.info["exact"] = self.exact
         self.stats.info["decode_attention_layers"] = len(self.decode_attention)
         self.stats.info["native_norms"] = len(self.native_norms)
         self.stats.info["kernel_routers"] = len(self.kernel_routers)
+        self.stats.info["decode_layers"] = len(self.decode_layers)
         wrapped_model.install(model, self)
         if self.mask is not None:
             self.mask.attach()
@@ -343,9 +348,9 @@ class Runtime:
             if any(p.is_meta for p in original.parameters()):
                 self._materialise(block)
             setattr(block.block, self.adapter.experts_attr, original)
-        for replaced in [*self.decode_attention, *self.native_norms, *self.kernel_routers]:
+        for replaced in [*self.decode_layers, *self.decode_attention, *self.native_norms, *self.kernel_routers]:
             replaced.remove()
-        self.decode_attention, self.native_norms, self.kernel_routers = [], [], []
+        self.decode_layers, self.decode_attention, self.native_norms, self.kernel_routers = [], [], [], []
         if self.dense is not None:
             self.dense.undo()
         wrapped_model.remove(model)
