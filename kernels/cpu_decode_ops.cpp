@@ -100,26 +100,31 @@ torch::Tensor rms_norm(torch::Tensor given, torch::Tensor weight, double eps, bo
   TORCH_CHECK(false, "rms_norm: unsupported dtypes ", x.scalar_type(), " and ", w.scalar_type());
 }
 
-// out[.., d] = t*cos + rotate_half(t)*sin, each product and the sum rounded to T as torch's three
-// ops round them; rotate_half(t) = cat(-t[.., D/2:], t[.., :D/2]).
+// out[d] = t*cos + rotate_half(t)*sin for one head's row of D, each product and the sum rounded
+// to T as torch's three ops round them; rotate_half(t) = cat(-t[D/2:], t[:D/2]). out is not t.
 template <typename T>
-torch::Tensor rotate_typed(const torch::Tensor& t, const torch::Tensor& cos, const torch::Tensor& sin) {
-  const int64_t B = t.size(0), heads = t.size(1), S = t.size(2), D = t.size(3), half = D / 2;
+void rotate_row(const T* t, const T* cos, const T* sin, int64_t D, T* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const T rotated = d < half ? narrow<T>(-widen(t[d + half])) : t[d - half];
+    const T first = narrow<T>(widen(t[d]) * widen(cos[d]));
+    const T second = narrow<T>(widen(rotated) * widen(sin[d]));
+    out[d] = narrow<T>(widen(first) + widen(second));
+  }
+}
+
+template <typename T>
+torch::Tensor rotate_typed(const torch::Tensor& given, const torch::Tensor& cos_given, const torch::Tensor& sin_given) {
+  const torch::Tensor t = given.contiguous(), cos = cos_given.contiguous(), sin = sin_given.contiguous();
+  const int64_t B = t.size(0), heads = t.size(1), S = t.size(2), D = t.size(3);
   auto out = torch::empty({B, heads, S, D}, t.options());
-  const auto ts = t.accessor<T, 4>();
-  const auto cs = cos.accessor<T, 3>(), ss = sin.accessor<T, 3>();
-  T* o = out.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t c = cos.size(0) == 1 ? 0 : b;  // one position table for the whole batch
     for (int64_t h = 0; h < heads; ++h)
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t d = 0; d < D; ++d) {
-          const T value = ts[b][h][s][d];
-          const T rotated = d < half ? narrow<T>(-widen(ts[b][h][s][d + half])) : ts[b][h][s][d - half];
-          const T first = narrow<T>(widen(value) * widen(cs[c][s][d]));
-          const T second = narrow<T>(widen(rotated) * widen(ss[c][s][d]));
-          o[((b * heads + h) * S + s) * D + d] = narrow<T>(widen(first) + widen(second));
-        }
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t row = ((b * heads + h) * S + s) * D, angle = (c * S + s) * D;
+        rotate_row<T>(t.data_ptr<T>() + row, cos.data_ptr<T>() + angle, sin.data_ptr<T>() + angle, D, out.data_ptr<T>() + row);
+      }
   }
   return out;
 }
@@ -220,6 +225,112 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
   }
 }
 
+// ---- one step's attention from its projections to its output, in one call ----
+//
+// decode_attention.py's path where a step need not be exact runs the norms, the rotation, the
+// KV append and the attention above as five to seven native calls with Python between them:
+// about 200 us a layer outside the projections on the peer benchmark's small model, 290 at
+// the OLMoE-1B-7B shape (2-core EPYC of BENCHMARKS.md), where these ops compute for a few tens.
+// attend_step runs the same functions on the same values in the same order, so its output is
+// bit for bit that path's (tested).
+
+enum Norms : int64_t { NO_NORMS = 0, ON_PROJECTION = 1, PER_HEAD = 2 };  // decode_attention.NORMS
+
+// rows of H in place: weight * to_T(x * rsqrt(mean(x^2) + eps)), as rms_norm with a weight of x's dtype.
+template <typename T>
+void norm_rows(T* x, const T* weight, int64_t rows, int64_t H, double eps, bool exact) {
+  const std::vector<float> var = mean_squares(x, rows, H, exact);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));
+    norm_row<T, T, T>(x + r * H, weight, inverse, H, x + r * H);
+  }
+}
+
+// x.clamp_(-clip, clip) as torch computes it for T: compared in fp32, rounded back.
+template <typename T>
+void clip_rows(T* x, int64_t n, double clip) {
+  const float low = static_cast<float>(-clip), high = static_cast<float>(clip);
+  for (int64_t i = 0; i < n; ++i) x[i] = narrow<T>(std::min(std::max(widen(x[i]), low), high));
+}
+
+struct StepNorms {
+  int64_t where;
+  const torch::Tensor *q_weight, *k_weight;
+  double q_eps, k_eps;
+  bool exact;
+};
+
+template <typename T>
+torch::Tensor attend_step_typed(torch::Tensor q, torch::Tensor k, torch::Tensor v, const StepNorms& norms, double clip, const torch::Tensor& cos,
+                                const torch::Tensor& sin, torch::Tensor& keys, torch::Tensor& values, int64_t length, double scale) {
+  const int64_t B = q.size(0), D = keys.size(3), Dv = values.size(3), Hk = keys.size(1), Hq = q.size(1) / D;
+  T *qs = q.data_ptr<T>(), *ks = k.data_ptr<T>(), *vs = v.data_ptr<T>();
+  if (norms.where == ON_PROJECTION) {
+    norm_rows<T>(qs, norms.q_weight->data_ptr<T>(), B, Hq * D, norms.q_eps, norms.exact);
+    norm_rows<T>(ks, norms.k_weight->data_ptr<T>(), B, Hk * D, norms.k_eps, norms.exact);
+  }
+  if (clip > 0) {
+    clip_rows<T>(qs, q.numel(), clip);
+    clip_rows<T>(ks, k.numel(), clip);
+    clip_rows<T>(vs, v.numel(), clip);
+  }
+  if (norms.where == PER_HEAD) {
+    norm_rows<T>(qs, norms.q_weight->data_ptr<T>(), B * Hq, D, norms.q_eps, norms.exact);
+    norm_rows<T>(ks, norms.k_weight->data_ptr<T>(), B * Hk, D, norms.k_eps, norms.exact);
+  }
+  auto rotated = torch::empty({B, Hq, 1, D}, q.options());
+  T *qr = rotated.data_ptr<T>(), *kb = keys.data_ptr<T>(), *vb = values.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = cos.size(0) == 1 ? 0 : b;
+    const T *cs = cos.data_ptr<T>() + c * D, *ss = sin.data_ptr<T>() + c * D;
+    for (int64_t h = 0; h < Hq; ++h) rotate_row<T>(qs + (b * Hq + h) * D, cs, ss, D, qr + (b * Hq + h) * D);
+    for (int64_t h = 0; h < Hk; ++h) {  // the new key (rotated) and value written at `length`
+      rotate_row<T>(ks + (b * Hk + h) * D, cs, ss, D, kb + b * keys.stride(0) + h * keys.stride(1) + length * D);
+      std::copy(vs + (b * Hk + h) * Dv, vs + (b * Hk + h + 1) * Dv, vb + b * values.stride(0) + h * values.stride(1) + length * Dv);
+    }
+  }
+  return attend_typed<T>(rotated, keys.narrow(2, 0, length + 1), values.narrow(2, 0, length + 1), scale);
+}
+
+// q [B, Hq*D], k [B, Hk*D], v [B, Hk*Dv]: a step's projections (changed in place); keys, values
+// [B, Hk, capacity, D or Dv]: a KV cache's buffers (kv_append.Room), its first `length`
+// positions the context. The family's q/k norms (`norms`: decode_attention.NORMS, weights of
+// the projections' dtype, `exact` as rms_norm's), clip_qkv (clip > 0), the rotation by cos and
+// sin [B or 1, 1, D], the new key and value written at position `length`, and one query's
+// attention to the length + 1 positions: [B, Hq*Dv], the input of o_proj.
+torch::Tensor attend_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t norms, c10::optional<torch::Tensor> q_weight,
+                          c10::optional<torch::Tensor> k_weight, double q_eps, double k_eps, bool exact, double clip, torch::Tensor cos,
+                          torch::Tensor sin, torch::Tensor keys, torch::Tensor values, int64_t length, double scale) {
+  const auto type = q.scalar_type();
+  for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, &keys, &values})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type, "attend_step: CPU tensors of one dtype");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "attend_step: q, k, v must be contiguous rows [B, N]");
+  TORCH_CHECK(keys.dim() == 4 && values.dim() == 4 && keys.stride(3) == 1 && keys.stride(2) == keys.size(3) && values.stride(3) == 1 &&
+              values.stride(2) == values.size(3), "attend_step: keys and values [B, Hk, capacity, D], each head's rows contiguous");
+  const int64_t B = q.size(0), D = keys.size(3), Hk = keys.size(1);
+  TORCH_CHECK(D % 2 == 0 && q.size(1) % D == 0 && (q.size(1) / D) % Hk == 0 && k.size(1) == Hk * D && v.size(1) == Hk * values.size(3) &&
+              k.size(0) == B && v.size(0) == B && keys.size(0) == B && values.size(0) == B && values.size(1) == Hk,
+              "attend_step: projections and cache of heads or widths that do not match");
+  TORCH_CHECK(length >= 0 && length < keys.size(2) && length < values.size(2), "attend_step: no room at position ", length);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) && cos.size(1) == 1 && cos.size(2) == D &&
+              cos.is_contiguous() && sin.is_contiguous(), "attend_step: cos, sin [B or 1, 1, D]");
+  TORCH_CHECK(norms >= NO_NORMS && norms <= PER_HEAD, "attend_step: norms must be 0 (none), 1 (projection) or 2 (per head)");
+  if (norms != NO_NORMS) {
+    const int64_t q_width = norms == ON_PROJECTION ? q.size(1) : D, k_width = norms == ON_PROJECTION ? k.size(1) : D;
+    TORCH_CHECK(q_weight && k_weight && q_weight->dim() == 1 && k_weight->dim() == 1 && q_weight->size(0) == q_width &&
+                k_weight->size(0) == k_width && q_weight->scalar_type() == type && k_weight->scalar_type() == type &&
+                q_weight->is_contiguous() && k_weight->is_contiguous(), "attend_step: q/k norm weights of the projections' dtype and width");
+  }
+  const StepNorms given{norms, q_weight ? &*q_weight : nullptr, k_weight ? &*k_weight : nullptr, q_eps, k_eps, exact};
+  switch (type) {
+    case torch::kBFloat16: return attend_step_typed<c10::BFloat16>(q, k, v, given, clip, cos, sin, keys, values, length, scale).view({B, -1});
+    case torch::kHalf: return attend_step_typed<c10::Half>(q, k, v, given, clip, cos, sin, keys, values, length, scale).view({B, -1});
+    case torch::kFloat: return attend_step_typed<float>(q, k, v, given, clip, cos, sin, keys, values, length, scale).view({B, -1});
+    default: TORCH_CHECK(false, "attend_step: unsupported dtype ", type);
+  }
+}
+
 // One row of a softmax router: the top k of softmax(logits) (ties to the lower expert, as a
 // stable sort gives), renormalised to sum to 1 if asked. exp is the C library's, not torch's
 // vectorized one: probabilities may differ from torch's in their last bits.
@@ -286,6 +397,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exact") = true);
   m.def("rotate", &rotate, "the llama-form rotary embedding of q and k", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"));
   m.def("attend", &attend, "one query's attention to T cached keys and values", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+  m.def("attend_step", &attend_step, "a decode step's attention from its projections to o_proj's input", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("norms"), py::arg("q_weight"), py::arg("k_weight"), py::arg("q_eps"), py::arg("k_eps"), py::arg("exact"), py::arg("clip"),
+        py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"), py::arg("length"), py::arg("scale"));
   m.def("top_k_softmax", &top_k_softmax, "a softmax router's top k of logits [T, E]", py::arg("logits"), py::arg("k"), py::arg("renormalise"),
         py::arg("cast"));
 }

@@ -5,6 +5,7 @@ and one query's attention, up to rounding.
     rms_norm(x [..., H], weight [H], eps) -> [..., H]
     rotate(q [B, Hq, S, D], k [B, Hk, S, D], cos [B, S, D], sin [B, S, D]) -> (q', k')
     attend(q [B, Hq, 1, D], k [B, Hk, T, D], v [B, Hk, T, Dv], scale) -> [B, Hq, 1, Dv]
+    attend_step(q [B, Hq*D], k [B, Hk*D], v [B, Hk*Dv], norms..., cos, sin, keys, values, length, scale) -> [B, Hq*Dv]
     top_k_softmax(logits [T, E], k, renormalise, cast) -> (weights [T, k], index [T, k])
 
 An RMS norm module took about 19 us on the 2-core EPYC of BENCHMARKS.md and this one 5; the
@@ -59,3 +60,17 @@ def top_k_softmax(logits: torch.Tensor, k: int, renormalise: bool, cast: bool) -
     (MoEAdapter.select's rule up to the last bits of exp: not bit for bit)."""
     weights, index = extension().top_k_softmax(logits, k, renormalise, cast)
     return weights, index
+
+
+def attend_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, q_eps: float,
+    k_eps: float, exact: bool, clip: float, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,
+) -> torch.Tensor:
+    """[B, Hq*Dv]: a decode step's attention from its projections q [B, Hq*D], k [B, Hk*D],
+    v [B, Hk*Dv] (contiguous; changed in place) to o_proj's input: the q/k norms (`norms`: 0
+    none, 1 on the projections, 2 per head; weights of q's dtype; `exact` as rms_norm's),
+    clip_qkv where clip > 0, the rotation by cos, sin [B or 1, 1, D], the new key and value
+    written at position `length` of the cache's buffers keys, values [B, Hk, capacity, D or Dv],
+    and `attend` over the length + 1 positions: rms_norm, rotate and attend's arithmetic, bit
+    for bit."""
+    return extension().attend_step(q, k, v, norms, q_weight, k_weight, q_eps, k_eps, exact, clip, cos, sin, keys, values, length, scale)

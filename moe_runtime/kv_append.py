@@ -52,6 +52,11 @@ class Room:
         """Write a one-position key and value [B, H, 1, D] at the end; the views one longer."""
         self.keys[..., self.length : self.length + 1, :].copy_(key)
         self.values[..., self.length : self.length + 1, :].copy_(value)
+        return self.advance()
+
+    def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views one position longer: the one at `length` has been written (by append, or by
+        cpu_decode_ops.attend_step straight into the buffers)."""
         self.length += 1
         self.views = (self.keys[..., : self.length, :], self.values[..., : self.length, :])
         return self.views
@@ -77,16 +82,27 @@ def append_kv(cache: Cache, layer_idx: int, key: torch.Tensor, value: torch.Tens
     """cache.update(key, value, layer_idx) for a one-position key and value [B, H, 1, D]: the
     layer's keys and values [B, H, T + 1, D] with them appended, written in place where the
     layer is a plain DynamicLayer that already holds a context (else the cache's own update)."""
+    found = room_for(cache, layer_idx, key, value)
+    if found is None:
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    layer, room = found
+    layer.keys, layer.values = room.append(key, value)
+    return layer.keys, layer.values
+
+
+def room_for(cache: Cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[DynamicLayer, Room] | None:
+    """(the layer, its room with space for one more position) where append_kv would write a
+    one-position key and value of these shapes [B, H, 1, D] in place, else None; the caller
+    writes at room.length, then `advance`s the room and hands its views to the layer."""
     layer = _plain_layer(cache, layer_idx)
     if layer is None:
-        return cache.update(key, value, layer_idx, kwargs=kwargs)
+        return None
     room = _rooms.get(layer)
     if room is None or not room.holds(layer, key, value):
         if not (_fits(key, layer.keys) and _fits(value, layer.values)):
-            return cache.update(key, value, layer_idx, kwargs=kwargs)
+            return None
         room = _rooms[layer] = Room(layer.keys, layer.values)
-    layer.keys, layer.values = room.append(key, value)
-    return layer.keys, layer.values
+    return layer, room
 
 
 def _plain_layer(cache: Cache, layer_idx: int) -> DynamicLayer | None:

@@ -38,12 +38,20 @@ class NativeNorm:
         self.dtypes = dtypes
         self.eps = float(module.variance_epsilon)
         self.exact = exact
+        self.installed = False
 
     def install(self) -> None:
         self.module.forward = self.forward
+        self.installed = True
 
     def remove(self) -> None:
         del self.module.forward  # the instance attribute: the class's forward again
+        self.installed = False
+
+    def serves(self, dtype: torch.dtype) -> bool:
+        """Whether a decode row of `dtype` through this module's forward gets the native op
+        with a weight of that dtype (what cpu_decode_ops.attend_step computes in its place)."""
+        return self.installed and dtype in self.dtypes and self.module.weight.dtype == dtype
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.numel() <= NATIVE_ELEMENTS and hidden_states.device.type == "cpu" and hidden_states.dtype in self.dtypes:

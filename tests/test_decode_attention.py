@@ -43,15 +43,21 @@ def _without_it(runtime, run):
 
 
 def _with_sdpa(runtime, run):
-    """run() with the decode path computing its attention by SDPA (as at full precision)."""
+    """run() with the decode path computing its attention by SDPA and its routers' top k by the
+    family's rule (as at full precision)."""
     kept = [attention.attend for attention in runtime.decode_attention]
+    rules = [layer.rule for layer in runtime.decode_layers]
     for attention in runtime.decode_attention:
         attention.attend = _sdpa
+    for layer in runtime.decode_layers:
+        layer.rule = None
     try:
         return run()
     finally:
         for attention, attend in zip(runtime.decode_attention, kept):
             attention.attend = attend
+        for layer, rule in zip(runtime.decode_layers, rules):
+            layer.rule = rule
 
 
 @pytest.mark.parametrize("family", WITH_IT)
@@ -117,3 +123,76 @@ def test_a_forward_set_on_the_module_before_wrap_keeps_every_step():
     assert calls == [PROMPT.shape[1], 1, 1]  # the prefill and both one-token steps
     moe_runtime.unwrap(model)
     assert attention.forward is traced
+
+
+def _counting_steps(monkeypatch) -> list:
+    """Calls of cpu_decode_ops.attend_step from here on, counted."""
+    calls, original = [], cpu_decode_ops.attend_step
+    monkeypatch.setattr(cpu_decode_ops, "attend_step", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("family", WITH_IT)
+@pytest.mark.parametrize("formats", [{"quantize_rest": "int4-g32", "quantize": "int4-g32"}, {"exact": False}], ids=["int4", "exact-false"])
+def test_a_step_in_one_native_call_is_bit_identical_to_its_ops_one_by_one(family, formats, monkeypatch):
+    if not cpu_gemv.available():
+        pytest.skip("the CPU decode kernel is not built here")
+    model = moe_runtime.wrap(_model(family, torch.bfloat16), budget=1.0, device="cpu", **formats)
+    runtime = moe_runtime.runtime_of(model)
+    calls = _counting_steps(monkeypatch)
+    fused = greedy_logits(model, PROMPT, steps=70)  # past the first room's 64 positions: one regrowth
+    assert len(calls) == 70 * model.config.num_hidden_layers
+    for attention in runtime.decode_attention:
+        attention.fused = False
+    assert torch.equal(fused, greedy_logits(model, PROMPT, steps=70))
+    assert len(calls) == 70 * model.config.num_hidden_layers
+
+
+def test_clip_qkv_and_norms_not_served_natively_are_kept(monkeypatch):
+    """OLMoE's clip_qkv is applied in the native step too; with the q/k norms' native forward
+    removed, the step takes its ops one by one (the norms' own forward) and gives the same."""
+    model = _model("olmoe", torch.bfloat16)
+    model.config.clip_qkv = 0.05
+    for layer in model.model.layers:
+        layer.self_attn.config.clip_qkv = 0.05
+    model = moe_runtime.wrap(model, budget=1.0, device="cpu", exact=False)
+    runtime = moe_runtime.runtime_of(model)
+    assert all(attention.clip == 0.05 for attention in runtime.decode_attention)
+    calls = _counting_steps(monkeypatch)
+    fused = greedy_logits(model, PROMPT)
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    for attention in runtime.decode_attention:
+        attention.fused = False
+    assert torch.equal(fused, greedy_logits(model, PROMPT))
+    for attention in runtime.decode_attention:
+        attention.fused = True
+    q_norms = [attention.qk_norms[0] for attention in runtime.decode_attention]
+    for norm in q_norms:
+        norm.remove()
+    try:
+        unserved = greedy_logits(model, PROMPT)
+    finally:
+        for norm in q_norms:
+            norm.install()
+    assert len(calls) == 5 * model.config.num_hidden_layers  # no native step without native norms
+    assert torch.allclose(unserved, fused, rtol=0, atol=0.05)  # the family's norm sums in torch's order: not bit for bit under exact=False
+
+
+def test_the_native_step_refuses_what_it_does_not_take():
+    if not cpu_decode_ops.available():
+        pytest.skip("the CPU decode ops cannot be built here")
+    q, k, v = torch.randn(1, 8), torch.randn(1, 4), torch.randn(1, 4)
+    cos, sin = torch.randn(1, 1, 4), torch.randn(1, 1, 4)
+    keys, values = torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4)
+    step = lambda **changed: cpu_decode_ops.attend_step(  # noqa: E731
+        **{"q": q.clone(), "k": k.clone(), "v": v.clone(), "norms": 0, "q_weight": None, "k_weight": None, "q_eps": 1e-6, "k_eps": 1e-6, "exact": False,
+           "clip": 0.0, "cos": cos, "sin": sin, "keys": keys, "values": values, "length": 2, "scale": 0.5, **changed})
+    assert step().shape == (1, 8)
+    with pytest.raises(RuntimeError, match="no room at position 3"):
+        step(length=3)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        step(v=v.double())
+    with pytest.raises(RuntimeError, match="norm weights"):
+        step(norms=1, q_weight=torch.ones(8), k_weight=torch.ones(3))
+    with pytest.raises(RuntimeError, match="heads or widths"):
+        step(k=torch.randn(1, 6))

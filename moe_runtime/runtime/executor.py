@@ -315,8 +315,8 @@ class Runtime:
         self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
         model.to(self.device)
         if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
-            self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact)
             self.native_norms = install_native_norms(model, self.exact)
+            self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact, self.native_norms)
             self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
             layers = self.adapter.decoder_layers(model)
             self.decode_layers = install_decode_layers(layers, self.decode_attention, self.blocks, self.adapter, self.kernel_routers)
