@@ -132,21 +132,21 @@ class DecodeAttention:
             return None
         cos, sin = position_embeddings
         batch, dim = query.shape[0], self.attention.head_dim
-        if cos.dtype != query.dtype or not _aligned(query.view(batch, -1, 1, dim), key.view(batch, -1, 1, dim), cos, sin):
+        heads_query, heads_key = query.view(batch, -1, 1, dim), key.view(batch, -1, 1, dim)
+        if cos.dtype != query.dtype or not _aligned(heads_query, heads_key, cos, sin):
             return None
-        heads_key = key.view(batch, -1, 1, dim)
         found = room_for(cache, self.attention.layer_idx, heads_key, value.view(batch, heads_key.shape[1], 1, -1))
         if found is None:
             return None
         layer, room = found
-        q_norm, k_norm = self.qk_norms or (None, None)
+        norms = [(norm.module.weight, norm.eps) for norm in self.qk_norms] or [(None, 0.0), (None, 0.0)]
+        exact = bool(self.qk_norms) and self.qk_norms[0].exact
         out = cpu_decode_ops.attend_step(
-            *(states.reshape(batch, -1).contiguous() for states in (query, key, value)), STEP_NORMS[self.norms],
-            q_norm and q_norm.module.weight, k_norm and k_norm.module.weight, q_norm.eps if q_norm else 0.0, k_norm.eps if k_norm else 0.0,
-            bool(q_norm and q_norm.exact), float(self.clip or 0.0), cos.contiguous(), sin.contiguous(), room.keys, room.values, room.length,
+            *(states.reshape(batch, -1).contiguous() for states in (query, key, value)), STEP_NORMS[self.norms], norms[0][0], norms[1][0],
+            norms[0][1], norms[1][1], exact, float(self.clip or 0.0), cos.contiguous(), sin.contiguous(), room.keys, room.values, room.length,
             self.attention.scaling,
         )
-        layer.keys, layer.values = room.advance()
+        layer.keys, layer.values = room.advance()  # only once the new key and value are written
         return out
 
     def _fuses(self, dtype: torch.dtype) -> bool:
