@@ -60,14 +60,19 @@ def _with_sdpa(runtime, run):
             layer.rule = rule
 
 
+def _wrapped(family: str, rest: str | None):
+    """(model, runtime, decoder layers): the tiny model wrapped whole on the CPU, its experts and
+    other linear layers in `rest` (None: full precision); skipped where `rest` needs the kernel."""
+    if rest is not None and not cpu_gemv.available():
+        pytest.skip("the CPU decode kernel is not built here")
+    model = moe_runtime.wrap(_model(family), budget=1.0, device="cpu", quantize=rest, quantize_rest=rest)
+    return model, moe_runtime.runtime_of(model), model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("family", WITH_IT)
 @pytest.mark.parametrize("rest", [None, "int8", "int4-g32"])
 def test_decode_steps_are_bit_identical_to_transformers_attention(family, rest):
-    if rest is not None and not cpu_gemv.available():
-        pytest.skip("the CPU decode kernel is not built here: projections are not computed together")
-    model = moe_runtime.wrap(_model(family), budget=1.0, device="cpu", quantize=rest, quantize_rest=rest)
-    runtime = moe_runtime.runtime_of(model)
-    layers = model.config.num_hidden_layers
+    model, runtime, layers = _wrapped(family, rest)
     assert len(runtime.decode_attention) == layers == moe_runtime.stats(model)["decode_attention_layers"]
     got = _with_sdpa(runtime, lambda: greedy_logits(model, PROMPT))
     assert sum(attention.steps for attention in runtime.decode_attention) == 5 * layers  # the prefill went to transformers

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 import moe_runtime
-from moe_runtime.kernels import cpu_gemv
-
 from decoding import greedy_logits  # tests/decoding.py
-from test_decode_attention import PROMPT, WITH_IT, _model
+from test_decode_attention import PROMPT, WITH_IT, _model, _wrapped
 
 
 def _without_it(runtime, run):
@@ -37,11 +35,7 @@ def _served(runtime) -> int:
 @pytest.mark.parametrize("family", WITH_IT)
 @pytest.mark.parametrize("rest", [None, "int4-g32"])
 def test_decode_steps_are_bit_identical_to_the_layers_own_forward(family, rest):
-    if rest is not None and not cpu_gemv.available():
-        pytest.skip("the CPU decode kernel is not built here")
-    model = moe_runtime.wrap(_model(family), budget=1.0, device="cpu", quantize=rest, quantize_rest=rest)
-    runtime = moe_runtime.runtime_of(model)
-    layers = model.config.num_hidden_layers
+    model, runtime, layers = _wrapped(family, rest)
     assert len(runtime.decode_layers) == layers == moe_runtime.stats(model)["decode_layers"]
     assert all(layer.routed == (family != "qwen2_moe") for layer in runtime.decode_layers)  # Qwen2-MoE's shared expert: its block
     rules = [layer.rule for layer in runtime.decode_layers]
