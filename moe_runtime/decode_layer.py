@@ -8,8 +8,9 @@ arithmetic, but a decode step reaches each part through nn.Module.__call__ (hook
 forward-call wrappers), the layer's deprecated-argument decorator, the MoE block's forward, the
 router module and the experts module: on the peer benchmark's small model (int4 throughout,
 2-core EPYC of BENCHMARKS.md, 3 x 240 steps with and without in turn in one process) a step's
-median fell from 8.8 to 8.1 ms without them (fp16, exact=False: 18.6 to 18.0). Here the same parts are called directly, in the same
-order on the same tensors, so the outputs are bit-identical (tested per family):
+median fell from 8.8 to 8.1 ms without them (fp16, exact=False: 18.6 to 18.0). Here the same
+parts are called directly, in the same order on the same tensors, so the outputs are
+bit-identical (tested per family):
 
 - the norms' and the attention's own forwards (NativeNorm, DecodeAttention where installed);
 - for a block of a router and routed experts only (OLMoE, Qwen3-MoE, Mixtral), the router's
@@ -23,9 +24,10 @@ rule is one native call (cpu_decode_ops.top_k_softmax: 4 us where select's five 
 took 22 in a hot loop, and 84 inside an OLMoE-1B-7B-shaped step, whose weight streams leave
 every cache cold), equal to select's up to the last bits of exp and the order of exact ties.
 
-A part with a hook on it (a pruning profile's router hook, transformers' output capturing, a
-user's) is called through its module, hooks and all; a step the attention path does not take
-(a prefill, a mask, training, another device) runs the layer's own forward.
+A hook on any of these parts (a pruning profile's router hook, transformers' output capturing,
+a user's) gives the step back to the layer's own forward, which calls each part through its
+module, hooks and all; so does a step the attention path does not take (a prefill, a mask,
+training, another device).
 """
 
 from __future__ import annotations
