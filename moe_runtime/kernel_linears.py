@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import huge_pages
 from .expert_format import ExpertFormat, cpu_kernel_operands, dequantize, linear
 from .kernels import cpu_gemv
 
@@ -57,6 +58,13 @@ class KernelLinear(nn.Module):
         if key not in self._operands:
             self._operands[key] = cpu_kernel_operands(self.tensors, "weight", rows, exact=self.exact)
         return self._operands[key]
+
+    def rehome(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Hold `tensors` (the same values elsewhere: huge_pages.py) instead of the buffers it has."""
+        for name, tensor in tensors.items():
+            setattr(self, name.replace(".", "_"), tensor)
+        self._tensors = None
+        self._operands = {}
 
     def _apply(self, fn, recurse=True):
         self._tensors = None
@@ -98,6 +106,7 @@ class KernelLinears:
             for name, child in parent.named_children() if type(child) is nn.Linear and id(child) not in skip and self._fits(child)
         ]
         self.originals: list[tuple[nn.Module, str, nn.Linear, nn.Parameter | None]] = []
+        self.huge_page_bytes = 0  # of the replacements' tensors, moved into huge pages (huge_pages.py)
 
     def _fits(self, module: nn.Linear) -> bool:
         """Whether the format holds this shape (int4: K divisible by the group, N by 32)."""
@@ -117,7 +126,21 @@ class KernelLinears:
             kept = module.weight if id(module.weight) in self.tied else None
             module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
             self.originals.append((parent, name, module, kept))
+        self._into_huge_pages()
         return len(self.originals)
+
+    def _into_huge_pages(self) -> None:
+        """Every replacement's tensors copied into one arena of huge pages (huge_pages.py), but a
+        weight shared with another module (a tied output head), which stays shared."""
+        if not huge_pages.available():
+            return
+        modules = [getattr(parent, name) for parent, name, _, kept in self.originals if kept is None]
+        owned = [(module, name, tensor) for module in modules for name, tensor in module.tensors.items() if tensor.device.type == "cpu"]
+        if not owned:
+            return
+        for (module, name, _), copy in zip(owned, huge_pages.moved([tensor for _, _, tensor in owned])):
+            module.rehome({name: copy})
+        self.huge_page_bytes = sum(tensor.numel() * tensor.element_size() for _, _, tensor in owned)
 
     def undo(self) -> None:
         """nn.Linear modules again, holding the (dequantized) weights."""

@@ -313,6 +313,7 @@ class Runtime:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
+        self.stats.info["huge_page_bytes"] = self.dense.huge_page_bytes if self.dense is not None else 0
         model.to(self.device)
         if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
             self.native_norms = install_native_norms(model, self.exact)
