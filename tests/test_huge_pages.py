@@ -71,3 +71,21 @@ def test_a_tied_output_head_stays_shared_with_the_embedding():
     moe_runtime.wrap(model, budget=1.0, device="cpu", exact=False)
     assert isinstance(model.lm_head, KernelLinear)
     assert model.lm_head.tensors["weight"].data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
+    """An injected failure to map the arena: wrap still succeeds, warns, and nothing moved."""
+    if not cpu_gemv.available():
+        pytest.skip("the CPU decode kernel is not built here")
+
+    def no_memory(nbytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages, "Arena", no_memory)
+    monkeypatch.setattr(huge_pages, "available", lambda: True)
+    with pytest.warns(RuntimeWarning, match="stay in 4 KB pages"):
+        model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
+    linears = [module for module in model.modules() if isinstance(module, KernelLinear)]
+    assert linears and moe_runtime.stats(model)["huge_page_bytes"] == 0
+    assert len({t.untyped_storage().data_ptr() for module in linears for t in module.tensors.values()}) > 1
+    assert greedy_logits(model, PROMPT).isfinite().all()
