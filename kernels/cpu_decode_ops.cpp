@@ -69,16 +69,22 @@ std::vector<float> mean_squares(const T* xs, int64_t R, int64_t H, bool exact) {
   return means;
 }
 
+// R rows of H: out = weight * to_T(x * rsqrt(mean(x^2) + eps)) (out may be x itself: each row's
+// mean is taken before it is written, and norm_row reads each number before writing it).
+template <typename T, typename W, typename O>
+void norm_rows(const T* xs, const W* weight, int64_t R, int64_t H, double eps, bool exact, O* out) {
+  const std::vector<float> var = mean_squares(xs, R, H, exact);
+  for (int64_t r = 0; r < R; ++r) {
+    const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));  // torch.rsqrt: 1 / sqrt
+    norm_row<T, W, O>(xs + r * H, weight, inverse, H, out + r * H);
+  }
+}
+
 template <typename T, typename W, typename O>
 torch::Tensor rms_norm_typed(const torch::Tensor& x, const torch::Tensor& weight, double eps, bool exact) {
   const int64_t H = x.size(-1), R = x.numel() / H;
-  const T* xs = x.data_ptr<T>();
-  const std::vector<float> var = mean_squares(xs, R, H, exact);
   torch::Tensor out = torch::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<O>::value));  // torch's promotion of T and W
-  for (int64_t r = 0; r < R; ++r) {
-    const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));  // torch.rsqrt: 1 / sqrt
-    norm_row<T, W, O>(xs + r * H, weight.data_ptr<W>(), inverse, H, out.data_ptr<O>() + r * H);
-  }
+  norm_rows<T, W, O>(x.data_ptr<T>(), weight.data_ptr<W>(), R, H, eps, exact, out.data_ptr<O>());
   return out;
 }
 
@@ -236,16 +242,6 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, double s
 
 enum Norms : int64_t { NO_NORMS = 0, ON_PROJECTION = 1, PER_HEAD = 2 };  // decode_attention.NORMS
 
-// rows of H in place: weight * to_T(x * rsqrt(mean(x^2) + eps)), as rms_norm with a weight of x's dtype.
-template <typename T>
-void norm_rows(T* x, const T* weight, int64_t rows, int64_t H, double eps, bool exact) {
-  const std::vector<float> var = mean_squares(x, rows, H, exact);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inverse = 1.0f / std::sqrt(var[r] + static_cast<float>(eps));
-    norm_row<T, T, T>(x + r * H, weight, inverse, H, x + r * H);
-  }
-}
-
 // x.clamp_(-clip, clip) as torch computes it for T: compared in fp32, rounded back.
 template <typename T>
 void clip_rows(T* x, int64_t n, double clip) {
@@ -266,8 +262,8 @@ torch::Tensor attend_step_typed(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const int64_t B = q.size(0), D = keys.size(3), Dv = values.size(3), Hk = keys.size(1), Hq = q.size(1) / D;
   T *qs = q.data_ptr<T>(), *ks = k.data_ptr<T>(), *vs = v.data_ptr<T>();
   if (norms.where == ON_PROJECTION) {
-    norm_rows<T>(qs, norms.q_weight->data_ptr<T>(), B, Hq * D, norms.q_eps, norms.exact);
-    norm_rows<T>(ks, norms.k_weight->data_ptr<T>(), B, Hk * D, norms.k_eps, norms.exact);
+    norm_rows<T, T, T>(qs, norms.q_weight->data_ptr<T>(), B, Hq * D, norms.q_eps, norms.exact, qs);  // in place
+    norm_rows<T, T, T>(ks, norms.k_weight->data_ptr<T>(), B, Hk * D, norms.k_eps, norms.exact, ks);
   }
   if (clip > 0) {
     clip_rows<T>(qs, q.numel(), clip);
@@ -275,8 +271,8 @@ torch::Tensor attend_step_typed(torch::Tensor q, torch::Tensor k, torch::Tensor 
     clip_rows<T>(vs, v.numel(), clip);
   }
   if (norms.where == PER_HEAD) {
-    norm_rows<T>(qs, norms.q_weight->data_ptr<T>(), B * Hq, D, norms.q_eps, norms.exact);
-    norm_rows<T>(ks, norms.k_weight->data_ptr<T>(), B * Hk, D, norms.k_eps, norms.exact);
+    norm_rows<T, T, T>(qs, norms.q_weight->data_ptr<T>(), B * Hq, D, norms.q_eps, norms.exact, qs);
+    norm_rows<T, T, T>(ks, norms.k_weight->data_ptr<T>(), B * Hk, D, norms.k_eps, norms.exact, ks);
   }
   auto rotated = torch::empty({B, Hq, 1, D}, q.options());
   T *qr = rotated.data_ptr<T>(), *kb = keys.data_ptr<T>(), *vb = values.data_ptr<T>();

@@ -52,7 +52,7 @@ class Arena:
     def copy_of(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of `tensor` (same dtype and shape) in the arena."""
         nbytes = tensor.numel() * tensor.element_size()
-        start = -(-self._used // ALIGN) * ALIGN
+        start = _aligned(self._used)
         if start + nbytes > self._free.numel():
             raise ValueError(f"the arena has {self._free.numel() - start} bytes left, not {nbytes}")
         self._used = start + nbytes
@@ -63,5 +63,10 @@ class Arena:
 
 def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order."""
-    arena = Arena(sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors))
+    arena = Arena(sum(_aligned(t.numel() * t.element_size()) for t in tensors))
     return [arena.copy_of(tensor) for tensor in tensors]
+
+
+def _aligned(nbytes: int) -> int:
+    """nbytes rounded up to a whole number of ALIGN."""
+    return -(-nbytes // ALIGN) * ALIGN

@@ -47,11 +47,21 @@ class KernelWeight(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2 and type(args[1]) is cls and _takes(args[0], args[1]):
-            args[1].seen += 1
-            return _linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+        if func is F.linear and len(args) >= 2 and type(args[1]) is cls:
+            logits = _kernel_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+            if logits is not None:
+                return logits
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+
+
+def _kernel_linear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) by the decode kernel (counted in `seen`), or None where it does
+    not take these rows (`_takes`)."""
+    if not _takes(x, weight):
+        return None
+    weight.seen += 1
+    return _linear(x, weight, bias)
 
 
 def _takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -130,10 +140,8 @@ class KernelRouter:
         """rows [T, H] -> [T, E]: the logits the router's forward computes under this KernelRouter
         (for callers that apply the family's top-k themselves: decode_layer.py)."""
         weight = self.view.current().weight
-        if _takes(rows, weight):
-            weight.seen += 1
-            return _linear(rows, weight, None)
-        return F.linear(rows, weight)  # torch's, as KernelWeight hands it on
+        logits = _kernel_linear(rows, weight, None)  # as KernelWeight's F.linear, without its dispatch
+        return logits if logits is not None else F.linear(rows, weight)  # torch's, as KernelWeight hands it on
 
 
 def install_kernel_routers(routers: list[nn.Module]) -> list[KernelRouter]:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from . import native_candidates
 from .base import EvictionPolicy, NoVictimError
 from .candidates import LEARNER, NAMES, NO_VICTIM, Candidates
-from .next_use import ReuseModel
+from .next_use import ReuseModel, generic_wait
 from .routing_history import RoutingHistory
 
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
@@ -69,7 +69,6 @@ class AdaptivePolicy(EvictionPolicy):
             shadow_slots=self.shadow_slots, decay=0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled))), keep=1 - SWITCH_MARGIN,
         )
         self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
-        self.prior = ReuseModel.generic(num_layers, num_experts).wait  # [1, ages, recent uses, 1]
         self.refits = 0
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
             self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
@@ -98,7 +97,7 @@ class AdaptivePolicy(EvictionPolicy):
         a few times: they lean towards what the generic table expects at their age and recent
         uses, not towards "far" as an offline fit's do (4-8% fewer loads at 50% on the fit halves
         of ESFT and GPT-OSS, the same on flat routing: BENCHMARKS.md)."""
-        model = ReuseModel.fit(self.history.as_trace(), prior=self.prior, prior_weight=REFIT_PRIOR_WEIGHT)
+        model = ReuseModel.fit(self.history.as_trace(), prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT)
         self.candidates.use_model(model, model.select_layers(self.sampled, self.num_experts))
         self.refits += 1
 

@@ -74,7 +74,7 @@ class ReuseModel:
         four tasks; popularity and transitions left out, as they name this model's experts). It
         transfers across tasks: fitted on three tasks, it makes 6-13% fewer loads than LRU on the
         fourth's held-out half (25%)."""
-        return cls(np.zeros(num_layers * num_experts, dtype=np.int64), _shipped_wait())
+        return cls(np.zeros(num_layers * num_experts, dtype=np.int64), generic_wait())
 
     def select_layers(self, layers: list[int], num_experts: int) -> ReuseModel:
         """The model of `layers` only, renumbered 0, 1, ... (for a cache that sees a sample of the
@@ -117,7 +117,7 @@ class ReuseModel:
 
 
 @functools.cache
-def _shipped_wait() -> np.ndarray:
+def generic_wait() -> np.ndarray:
     """[1, AGE_CAP + 1, WINDOW + 1, 1] waits fitted on the shipped traces (about 1.5 s, once per process)."""
     return ReuseModel.fit(load_traces(sorted(SHIPPED_ROUTING.glob("*.npz"))), popularity_buckets=1, forecast_buckets=1).wait
 
