@@ -58,6 +58,10 @@ class ExpertSource(ABC):
         with self.borrow_run(layer, [expert]) as (tensors,):
             yield tensors
 
+    def ram_tensors(self) -> list[torch.Tensor]:
+        """The tensors it keeps in RAM for as long as it lives (none for a bounded tier)."""
+        return []
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -77,6 +81,9 @@ class RamSource(ExpertSource):
     def hold_run(self, layer: int, experts: Sequence[int]) -> list[Held]:
         fused = self.fused[layer]
         return [({name: tensor[expert] for name, tensor in fused.items()}, _nothing) for expert in experts]
+
+    def ram_tensors(self) -> list[torch.Tensor]:
+        return [tensor for layer in self.fused for tensor in layer.values()]
 
 
 class HostTier(ExpertSource):

@@ -1,23 +1,27 @@
-"""Weights the CPU decode kernel streams, copied into memory backed by 2 MB pages.
+"""Weights the CPU decode kernels stream, held in memory backed by 2 MB pages.
 
 A decode step reads each weight once, front to back, at memory speed, and with 4 KB pages every
 4 KB of the stream needs a TLB entry of its own. Linux backs memory by 2 MB pages only where
 asked when transparent huge pages are in `madvise` mode (Debian's default, this VM's), and
 transformers 5 leaves a model's weights in a private mapping of its safetensors file, which
 4 KB pages back whatever the mode. On the 2-core EPYC of BENCHMARKS.md the decode kernel read a
-50304 x 1024 bf16 output head at 21-22 GB/s from 4 KB pages and 32-33 from 2 MB pages (medians
-of 30 cold calls, both orders).
+50304 x 1024 bf16 output head at 21-22 GB/s from 4 KB pages and 32-33 from 2 MB pages, and
+8 of 64 bf16 experts at 18-19 against 21-24 (medians of 30 cold calls, both orders).
 
 `Arena` is one anonymous mapping advised MADV_HUGEPAGE, so its pages fault in as 2 MB pages as
-the weights are copied in; tensors are views of it, and it lives as long as any of them. Where
-the platform cannot (not Linux, THP `never`) or MOE_RUNTIME_HUGE_PAGES=0 is set, `available()`
-is False and weights stay where they are.
+the weights are written; each tensor it hands out has a storage of its own over its part of the
+mapping (so a model's parameters moved here share no storage, which safetensors and
+`save_pretrained` would refuse), and the mapping lives as long as any of them. Where the
+platform cannot (not Linux, THP `never`) or MOE_RUNTIME_HUGE_PAGES=0 is set, `available()` is
+False and weights stay where they are.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,19 +48,24 @@ class Arena:
     def __init__(self, nbytes: int):
         self._map = mmap.mmap(-1, nbytes + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to start on a huge page
         self._map.madvise(mmap.MADV_HUGEPAGE)
-        memory = torch.frombuffer(self._map, dtype=torch.uint8)  # keeps the mapping alive while any view lives
-        start = (-memory.data_ptr()) % PAGE
-        self._free = memory[start : start + nbytes]
-        self._used = 0
+        address = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()
+        self._next = (-address) % PAGE  # offset of the next tensor in the mapping
+        self._end = self._next + nbytes
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor of the arena, with a storage of its own."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._next + nbytes > self._end:
+            raise ValueError(f"the arena has {self._end - self._next} bytes left, not {nbytes}")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        memory = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=self._next)  # keeps the mapping alive
+        self._next = min(self._end, self._next + _aligned(nbytes))
+        return memory.view(dtype).view(shape)
 
     def copy_of(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of `tensor` (same dtype and shape) in the arena."""
-        nbytes = tensor.numel() * tensor.element_size()
-        start = _aligned(self._used)
-        if start + nbytes > self._free.numel():
-            raise ValueError(f"the arena has {self._free.numel() - start} bytes left, not {nbytes}")
-        self._used = start + nbytes
-        copy = self._free[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+        copy = self.empty(tuple(tensor.shape), tensor.dtype)
         copy.copy_(tensor)
         return copy
 
@@ -65,6 +74,47 @@ def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order."""
     arena = Arena(sum(_aligned(t.numel() * t.element_size()) for t in tensors))
     return [arena.copy_of(tensor) for tensor in tensors]
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in huge pages where `available()`, else torch's."""
+    tensor = _alone(shape, dtype)
+    return torch.empty(shape, dtype=dtype) if tensor is None else tensor
+
+
+def copied(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` (a CPU tensor) in huge pages where `available()`, else `tensor` itself."""
+    copy = _alone(tuple(tensor.shape), tensor.dtype)
+    return tensor if copy is None else copy.copy_(tensor)
+
+
+def advised_bytes(tensors: list[torch.Tensor]) -> int:
+    """How many bytes of `tensors` lie in mappings advised MADV_HUGEPAGE, as the kernel says
+    (VmFlags `hg` in /proc/self/smaps; 0 where there is no such file)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return 0
+    advised, start, end = [], 0, 0
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):  # a mapping's address range
+            start, end = (int(address, 16) for address in head.split("-"))
+        elif head == "VmFlags:" and "hg" in line.split()[1:]:
+            advised.append((start, end))
+    return sum(t.numel() * t.element_size() for t in tensors if any(s <= t.data_ptr() < e for s, e in advised))
+
+
+def _alone(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """An uninitialised tensor in an arena of its own, or None where `available()` is False or
+    there is no memory for the mapping (with a warning: not an error, the caller keeps 4 KB pages)."""
+    if not available():
+        return None
+    try:
+        return Arena(math.prod(shape) * dtype.itemsize).empty(shape, dtype)
+    except OSError as error:
+        warnings.warn(f"weights stay in 4 KB pages: {error}", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _aligned(nbytes: int) -> int:

@@ -108,7 +108,6 @@ class KernelLinears:
             for name, child in parent.named_children() if type(child) is nn.Linear and id(child) not in skip and self._fits(child)
         ]
         self.originals: list[tuple[nn.Module, str, nn.Linear, nn.Parameter | None]] = []
-        self.huge_page_bytes = 0  # of the replacements' tensors, moved into huge pages (huge_pages.py)
 
     def _fits(self, module: nn.Linear) -> bool:
         """Whether the format holds this shape (int4: K divisible by the group, N by 32)."""
@@ -147,7 +146,10 @@ class KernelLinears:
             return
         for (module, name, _), copy in zip(owned, copies):
             module.rehome({name: copy})
-        self.huge_page_bytes = sum(tensor.numel() * tensor.element_size() for _, _, tensor in owned)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every replacement's tensors (weights, scales)."""
+        return [tensor for parent, name, _, _ in self.originals for tensor in getattr(parent, name).tensors.values()]
 
     def undo(self) -> None:
         """nn.Linear modules again, holding the (dequantized) weights."""

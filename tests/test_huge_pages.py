@@ -1,6 +1,7 @@
-"""Weights moved into memory backed by huge pages (huge_pages.py): the same values, views of
-one arena that lives as long as they do, the kernel linears' outputs unchanged, a tied output
-head left shared, and nothing moved where the platform cannot or the user opts out."""
+"""Weights moved into memory backed by huge pages (huge_pages.py): the same values, in one
+arena that lives as long as they do, each with a storage of its own (safetensors saves them);
+the kernel linears and the experts of a model on a CPU moved with outputs unchanged, a tied
+output head left shared, and nothing moved where the platform cannot or the user opts out."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ def test_copies_hold_the_same_values_aligned_in_one_arena_that_outlives_its_crea
     for original, copy in zip(originals, copies):
         assert torch.equal(original, copy) and copy.dtype == original.dtype and copy.is_contiguous()
         assert copy.data_ptr() % huge_pages.ALIGN == 0 and copy.data_ptr() != original.data_ptr()
-    base = copies[0].untyped_storage().data_ptr()
-    assert all(copy.untyped_storage().data_ptr() == base for copy in copies)  # one mapping
+    assert [copy.data_ptr() - copies[0].data_ptr() for copy in copies] == [0, 64, 64 + 64]  # one mapping, in order
+    assert [copy.untyped_storage().nbytes() for copy in copies] == [30, 7, 132000]  # a storage each, no more
     assert copies[0].data_ptr() % huge_pages.PAGE == 0  # the arena starts on a huge page
+    assert huge_pages.advised_bytes(copies + originals) == 30 + 7 + 132000
     copies[2].mul_(2)
     assert torch.equal(copies[2], originals[2] * 2) and torch.equal(copies[0], originals[0])
 
@@ -54,23 +56,31 @@ def test_the_kernel_linears_move_and_decode_the_same(formats, monkeypatch):
         return tiny_model("qwen3_moe", **expert_fields("qwen3_moe", num_experts=8, intermediate_size=64, top_k=2)).to(torch.bfloat16)
 
     moved = moe_runtime.wrap(model(), budget=1.0, device="cpu", **formats)
-    linears = [module for module in moved.modules() if isinstance(module, KernelLinear)]
-    storages = {tensor.untyped_storage().data_ptr() for module in linears for tensor in module.tensors.values()}
-    assert linears and len(storages) == 1  # every weight (and scale) in one arena
-    assert moe_runtime.stats(moved)["huge_page_bytes"] == sum(t.numel() * t.element_size() for module in linears for t in module.tensors.values())
+    weights = kernel_weights(moved) + expert_weights(moved)
+    assert moe_runtime.stats(moved)["huge_page_bytes"] == huge_pages.advised_bytes(weights) == nbytes(weights)
     monkeypatch.setenv(huge_pages.OPT_OUT, "0")
     kept = moe_runtime.wrap(model(), budget=1.0, device="cpu", **formats)
-    assert len({tensor.untyped_storage().data_ptr() for module in kept.modules() if isinstance(module, KernelLinear) for tensor in module.tensors.values()}) > 1
+    assert kernel_weights(kept) and moe_runtime.stats(kept)["huge_page_bytes"] == huge_pages.advised_bytes(kernel_weights(kept) + expert_weights(kept)) == 0
     assert torch.equal(greedy_logits(moved, PROMPT), greedy_logits(kept, PROMPT))
 
 
-@needs_huge_pages
-def test_a_tied_output_head_stays_shared_with_the_embedding():
-    model = tiny_model("qwen3_moe", tie_word_embeddings=True).to(torch.bfloat16)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    moe_runtime.wrap(model, budget=1.0, device="cpu", exact=False)
-    assert isinstance(model.lm_head, KernelLinear)
-    assert model.lm_head.tensors["weight"].data_ptr() == model.model.embed_tokens.weight.data_ptr()
+def test_a_wrapped_models_experts_move_and_save_as_they_were(tmp_path, monkeypatch):
+    """At full precision the experts are the model's own parameters: moved, they decode as the
+    unmoved ones do, and after unwrap the model is the one it was, save_pretrained included (no
+    storage shared)."""
+    reference = greedy_logits(tiny_model("olmoe").to(torch.bfloat16), PROMPT)
+    model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=0.5, device="cpu")
+    experts = expert_weights(model)
+    assert huge_pages.advised_bytes(experts) == nbytes(experts) == moe_runtime.stats(model)["huge_page_bytes"] > 0
+    got = greedy_logits(model, PROMPT)
+    monkeypatch.setenv(huge_pages.OPT_OUT, "0")
+    kept = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=0.5, device="cpu")
+    assert huge_pages.advised_bytes(expert_weights(kept)) == 0 and torch.equal(greedy_logits(kept, PROMPT), got)
+    moe_runtime.unwrap(model)
+    assert torch.equal(greedy_logits(model, PROMPT), reference)
+    model.save_pretrained(tmp_path)
+    saved = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
@@ -85,7 +95,19 @@ def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
     monkeypatch.setattr(huge_pages, "available", lambda: True)
     with pytest.warns(RuntimeWarning, match="stay in 4 KB pages"):
         model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
-    linears = [module for module in model.modules() if isinstance(module, KernelLinear)]
-    assert linears and moe_runtime.stats(model)["huge_page_bytes"] == 0
-    assert len({t.untyped_storage().data_ptr() for module in linears for t in module.tensors.values()}) > 1
+    assert kernel_weights(model) and moe_runtime.stats(model)["huge_page_bytes"] == 0
     assert greedy_logits(model, PROMPT).isfinite().all()
+
+
+def kernel_weights(model) -> list[torch.Tensor]:
+    """The tensors of every KernelLinear of `model`."""
+    return [tensor for module in model.modules() if isinstance(module, KernelLinear) for tensor in module.tensors.values()]
+
+
+def expert_weights(model) -> list[torch.Tensor]:
+    """The tensors the wrapped `model`'s runtime holds its experts in."""
+    return moe_runtime.runtime_of(model).source.ram_tensors()
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

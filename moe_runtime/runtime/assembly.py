@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
+from .. import huge_pages
 from ..budget import Budget, format_bytes, parse_budget
 from ..config import OffloadConfig, config_from
 from ..disk_store import ConvertedStore
@@ -254,8 +255,10 @@ def low_bit_copies(spec: ExpertSpec, config: OffloadConfig, layers: int, experts
 
 def encoded_copies(spec: ExpertSpec, layers: int, experts: int, read, *, pin: bool) -> RamSource:
     """Every expert in RAM in `spec`'s format (per layer {stored name: [E, ...] CPU tensor}),
-    encoded one at a time from `read(layer, expert)` (the model's dtype and layout)."""
-    fused = [{name: torch.empty((experts, *shape), dtype=dtype, pin_memory=pin) for name, (shape, dtype) in spec.specs.items()} for _ in range(layers)]
+    encoded one at a time from `read(layer, expert)` (the model's dtype and layout); in pinned
+    memory for copies to a GPU, else in huge pages for the CPU's kernels (huge_pages.py)."""
+    allocate = (lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True)) if pin else huge_pages.empty
+    fused = [{name: allocate((experts, *shape), dtype) for name, (shape, dtype) in spec.specs.items()} for _ in range(layers)]
     for layer in tqdm(range(layers), desc=f"{spec.format.name} copies of the experts", unit="layer", disable=layers < 4):
         for expert in range(experts):
             for name, tensor in spec.encode(read(layer, expert)).items():
@@ -353,9 +356,8 @@ def _host_source(blocks, fused, spec: ExpertSpec, host_budget, store_dir, *, pin
     if host_bytes >= total:
         for block, layer in zip(blocks, fused):
             for name, tensor in layer.items():
-                if tensor.device.type != "cpu" or (pin and not tensor.is_pinned()):
-                    layer[name] = tensor.to("cpu").pin_memory() if pin else tensor.to("cpu")
-                    getattr(block.experts, name).data = layer[name]
+                layer[name] = tensor.to("cpu").pin_memory() if pin else huge_pages.copied(tensor.to("cpu"))
+                getattr(block.experts, name).data = layer[name]
         return RamSource(fused, spec), False
     if store_dir is None and host_budget is None:
         raise ValueError(

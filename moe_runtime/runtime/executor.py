@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
+from .. import huge_pages
 from ..budget import format_bytes, slots_for_budget
 from ..expert_format import ExpertFormat
 from .slot_cache import SlotCache
@@ -313,7 +314,8 @@ class Runtime:
         for block in self.blocks:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
-        self.stats.info["huge_page_bytes"] = self.dense.huge_page_bytes if self.dense is not None else 0
+        weights = self.source.ram_tensors() + (self.low_bit.ram_tensors() if self.low_bit else []) + (self.dense.tensors() if self.dense else [])
+        self.stats.info["huge_page_bytes"] = huge_pages.advised_bytes(weights)
         model.to(self.device)
         if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
             self.native_norms = install_native_norms(model, self.exact)
