@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ PAGE = 2 << 20  # a huge page on x86-64 and most arm64 kernels
 ALIGN = 64  # each tensor's start: a cache line
 OPT_OUT = "MOE_RUNTIME_HUGE_PAGES"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_LIVE: dict[int, tuple[int, int]] = {}  # id of each live arena's mapping: its [start, end) addresses
 
 
 def available() -> bool:
@@ -49,6 +51,8 @@ class Arena:
         self._map = mmap.mmap(-1, nbytes + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to start on a huge page
         self._map.madvise(mmap.MADV_HUGEPAGE)
         address = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()
+        _LIVE[id(self._map)] = (address, address + len(self._map))
+        weakref.finalize(self._map, _LIVE.pop, id(self._map), None)  # once the last tensor of it is gone
         self._next = (-address) % PAGE  # offset of the next tensor in the mapping
         self._end = self._next + nbytes
 
@@ -88,21 +92,10 @@ def copied(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if copy is None else copy.copy_(tensor)
 
 
-def advised_bytes(tensors: list[torch.Tensor]) -> int:
-    """How many bytes of `tensors` lie in mappings advised MADV_HUGEPAGE, as the kernel says
-    (VmFlags `hg` in /proc/self/smaps; 0 where there is no such file)."""
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    advised, start, end = [], 0, 0
-    for line in lines:
-        head = line.split(maxsplit=1)[0] if line else ""
-        if "-" in head and not head.endswith(":"):  # a mapping's address range
-            start, end = (int(address, 16) for address in head.split("-"))
-        elif head == "VmFlags:" and "hg" in line.split()[1:]:
-            advised.append((start, end))
-    return sum(t.numel() * t.element_size() for t in tensors if any(s <= t.data_ptr() < e for s, e in advised))
+def arena_bytes(tensors: list[torch.Tensor]) -> int:
+    """How many bytes of `tensors` lie in live arenas (what was moved into huge pages here)."""
+    spans = list(_LIVE.values())
+    return sum(t.numel() * t.element_size() for t in tensors if any(low <= t.data_ptr() < high for low, high in spans))
 
 
 def _alone(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:

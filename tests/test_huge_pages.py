@@ -6,6 +6,7 @@ output head left shared, and nothing moved where the platform cannot or the user
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,17 +26,23 @@ PROMPT = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(7
 @needs_huge_pages
 def test_copies_hold_the_same_values_aligned_in_one_arena_that_outlives_its_creator():
     originals = [torch.randn(3, 5).bfloat16(), torch.arange(7, dtype=torch.int8), torch.randn(1000, 33)]
+    gc.collect()  # earlier tests' arenas
+    arenas = len(huge_pages._LIVE)
     copies = huge_pages.moved(originals)
     gc.collect()
+    assert len(huge_pages._LIVE) == arenas + 1
     for original, copy in zip(originals, copies):
         assert torch.equal(original, copy) and copy.dtype == original.dtype and copy.is_contiguous()
         assert copy.data_ptr() % huge_pages.ALIGN == 0 and copy.data_ptr() != original.data_ptr()
     assert [copy.data_ptr() - copies[0].data_ptr() for copy in copies] == [0, 64, 64 + 64]  # one mapping, in order
     assert [copy.untyped_storage().nbytes() for copy in copies] == [30, 7, 132000]  # a storage each, no more
     assert copies[0].data_ptr() % huge_pages.PAGE == 0  # the arena starts on a huge page
-    assert huge_pages.advised_bytes(copies + originals) == 30 + 7 + 132000
+    assert huge_pages.arena_bytes(copies + originals) == advised_bytes(copies) == 30 + 7 + 132000
     copies[2].mul_(2)
     assert torch.equal(copies[2], originals[2] * 2) and torch.equal(copies[0], originals[0])
+    del copies, copy
+    gc.collect()
+    assert len(huge_pages._LIVE) == arenas  # unmapped with its last tensor, and no longer counted
 
 
 @needs_huge_pages
@@ -57,10 +64,10 @@ def test_the_kernel_linears_move_and_decode_the_same(formats, monkeypatch):
 
     moved = moe_runtime.wrap(model(), budget=1.0, device="cpu", **formats)
     weights = kernel_weights(moved) + expert_weights(moved)
-    assert moe_runtime.stats(moved)["huge_page_bytes"] == huge_pages.advised_bytes(weights) == nbytes(weights)
+    assert moe_runtime.stats(moved)["huge_page_bytes"] == huge_pages.arena_bytes(weights) == advised_bytes(weights) == nbytes(weights)
     monkeypatch.setenv(huge_pages.OPT_OUT, "0")
     kept = moe_runtime.wrap(model(), budget=1.0, device="cpu", **formats)
-    assert kernel_weights(kept) and moe_runtime.stats(kept)["huge_page_bytes"] == huge_pages.advised_bytes(kernel_weights(kept) + expert_weights(kept)) == 0
+    assert kernel_weights(kept) and moe_runtime.stats(kept)["huge_page_bytes"] == huge_pages.arena_bytes(kernel_weights(kept) + expert_weights(kept)) == 0
     assert torch.equal(greedy_logits(moved, PROMPT), greedy_logits(kept, PROMPT))
 
 
@@ -71,11 +78,11 @@ def test_a_wrapped_models_experts_move_and_save_as_they_were(tmp_path, monkeypat
     reference = greedy_logits(tiny_model("olmoe").to(torch.bfloat16), PROMPT)
     model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=0.5, device="cpu")
     experts = expert_weights(model)
-    assert huge_pages.advised_bytes(experts) == nbytes(experts) == moe_runtime.stats(model)["huge_page_bytes"] > 0
+    assert advised_bytes(experts) == nbytes(experts) == moe_runtime.stats(model)["huge_page_bytes"] > 0
     got = greedy_logits(model, PROMPT)
     monkeypatch.setenv(huge_pages.OPT_OUT, "0")
     kept = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=0.5, device="cpu")
-    assert huge_pages.advised_bytes(expert_weights(kept)) == 0 and torch.equal(greedy_logits(kept, PROMPT), got)
+    assert huge_pages.arena_bytes(expert_weights(kept)) == 0 and torch.equal(greedy_logits(kept, PROMPT), got)
     moe_runtime.unwrap(model)
     assert torch.equal(greedy_logits(model, PROMPT), reference)
     model.save_pretrained(tmp_path)
@@ -97,6 +104,22 @@ def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
         model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
     assert kernel_weights(model) and moe_runtime.stats(model)["huge_page_bytes"] == 0
     assert greedy_logits(model, PROMPT).isfinite().all()
+
+
+def advised_bytes(tensors: list[torch.Tensor]) -> int:
+    """How many bytes of `tensors` lie in mappings advised MADV_HUGEPAGE, as the kernel says
+    (VmFlags `hg` in /proc/self/smaps): the arenas, and whatever else was so advised (numpy
+    advises its large arrays and malloc reuses that memory, so a tensor we did not move may
+    count too: the tests only ask it about tensors that were moved)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    advised, start, end = [], 0, 0
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):  # a mapping's address range
+            start, end = (int(address, 16) for address in head.split("-"))
+        elif head == "VmFlags:" and "hg" in line.split()[1:]:
+            advised.append((start, end))
+    return sum(t.numel() * t.element_size() for t in tensors if any(s <= t.data_ptr() < e for s, e in advised))
 
 
 def kernel_weights(model) -> list[torch.Tensor]:

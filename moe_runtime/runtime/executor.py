@@ -315,7 +315,7 @@ class Runtime:
             setattr(block.block, self.adapter.experts_attr, OffloadedExperts(self, block.moe_index, block.experts))
         self.stats.info["kernel_linears"] = self.dense.apply() if self.dense is not None else 0
         weights = self.source.ram_tensors() + (self.low_bit.ram_tensors() if self.low_bit else []) + (self.dense.tensors() if self.dense else [])
-        self.stats.info["huge_page_bytes"] = huge_pages.advised_bytes(weights)
+        self.stats.info["huge_page_bytes"] = huge_pages.arena_bytes(weights)
         model.to(self.device)
         if self.device.type == "cpu":  # after the kernel linears: their projections are the ones computed together
             self.native_norms = install_native_norms(model, self.exact)
