@@ -90,6 +90,15 @@ def test_a_wrapped_models_experts_move_and_save_as_they_were(tmp_path, monkeypat
     assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
 
 
+@needs_huge_pages
+def test_a_tied_output_head_stays_shared_with_the_embedding():
+    model = tiny_model("qwen3_moe", tie_word_embeddings=True).to(torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    moe_runtime.wrap(model, budget=1.0, device="cpu", exact=False)
+    assert isinstance(model.lm_head, KernelLinear)
+    assert model.lm_head.tensors["weight"].data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
     """An injected failure to map the arena: wrap still succeeds, warns, and nothing moved."""
     if not cpu_gemv.available():
