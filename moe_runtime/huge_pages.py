@@ -18,6 +18,7 @@ False and weights stay where they are.
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
@@ -25,12 +26,14 @@ import warnings
 import weakref
 from pathlib import Path
 
+import psutil
 import torch
 
 PAGE = 2 << 20  # a huge page on x86-64 and most arm64 kernels
 ALIGN = 64  # each tensor's start: a cache line
 OPT_OUT = "MOE_RUNTIME_HUGE_PAGES"
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+MIN_HEADROOM = 1 << 30  # memory a copy must leave available (or a tenth of RAM, whichever is more)
 _LIVE: dict[int, tuple[int, int]] = {}  # id of each live arena's mapping: its [start, end) addresses
 
 
@@ -75,8 +78,11 @@ class Arena:
 
 
 def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order."""
-    arena = Arena(sum(_aligned(t.numel() * t.element_size()) for t in tensors))
+    """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order; OSError where
+    there is no room for them (`_check_room`)."""
+    nbytes = sum(_aligned(t.numel() * t.element_size()) for t in tensors)
+    _check_room(nbytes)
+    arena = Arena(nbytes)
     return [arena.copy_of(tensor) for tensor in tensors]
 
 
@@ -88,7 +94,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def copied(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of `tensor` (a CPU tensor) in huge pages where `available()`, else `tensor` itself."""
-    copy = _alone(tuple(tensor.shape), tensor.dtype)
+    copy = _alone(tuple(tensor.shape), tensor.dtype, copying=True)
     return tensor if copy is None else copy.copy_(tensor)
 
 
@@ -98,13 +104,17 @@ def arena_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if any(low <= t.data_ptr() < high for low, high in spans))
 
 
-def _alone(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+def _alone(shape: tuple[int, ...], dtype: torch.dtype, *, copying: bool = False) -> torch.Tensor | None:
     """An uninitialised tensor in an arena of its own, or None where `available()` is False or
-    there is no memory for the mapping (with a warning: not an error, the caller keeps 4 KB pages)."""
+    there is no memory for the mapping, or (`copying`) no room for a copy (`_check_room`); with
+    a warning: not an error, the caller keeps 4 KB pages."""
     if not available():
         return None
+    nbytes = math.prod(shape) * dtype.itemsize
     try:
-        return Arena(math.prod(shape) * dtype.itemsize).empty(shape, dtype)
+        if copying:
+            _check_room(nbytes)
+        return Arena(nbytes).empty(shape, dtype)
     except OSError as error:
         warnings.warn(f"weights stay in 4 KB pages: {error}", RuntimeWarning, stacklevel=3)
         return None
@@ -113,3 +123,14 @@ def _alone(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
 def _aligned(nbytes: int) -> int:
     """nbytes rounded up to a whole number of ALIGN."""
     return -(-nbytes // ALIGN) * ALIGN
+
+
+def _check_room(nbytes: int) -> None:
+    """OSError (ENOMEM) where a copy of `nbytes` would leave less than MIN_HEADROOM (or a tenth of
+    RAM) available: the weights copied may be pages of the checkpoint's file, which the kernel
+    can drop and read again under pressure where the copy cannot be, so a model that only just
+    fits keeps 4 KB pages rather than risk running out of memory."""
+    memory = psutil.virtual_memory()
+    headroom = max(MIN_HEADROOM, memory.total // 10)
+    if nbytes + headroom > memory.available:
+        raise OSError(errno.ENOMEM, f"a {nbytes / 2**20:.0f} MiB copy would leave less than {headroom / 2**30:.1f} GiB of the {memory.available / 2**30:.1f} available")

@@ -6,6 +6,7 @@ output head left shared, and nothing moved where the platform cannot or the user
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,23 @@ def test_no_memory_for_the_arena_leaves_the_weights_where_they_are(monkeypatch):
         model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
     assert kernel_weights(model) and moe_runtime.stats(model)["huge_page_bytes"] == 0
     assert greedy_logits(model, PROMPT).isfinite().all()
+
+
+@needs_huge_pages
+def test_too_little_memory_available_keeps_every_weight_where_it_is(monkeypatch):
+    """An injected shortage (1 GiB available of 8): no copy is made that would leave less than
+    the headroom (1 GiB), quantized copies still go into huge pages (made there, not copied), and
+    wrap succeeds with a warning."""
+    if not cpu_gemv.available():
+        pytest.skip("the CPU decode kernel is not built here")
+    monkeypatch.setattr(huge_pages.psutil, "virtual_memory", lambda: SimpleNamespace(total=8 << 30, available=1 << 30))
+    with pytest.warns(RuntimeWarning, match="would leave less than 1.0 GiB of the 1.0 available"):
+        model = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", exact=False)
+    assert kernel_weights(model) and huge_pages.arena_bytes(kernel_weights(model) + expert_weights(model)) == 0
+    with pytest.warns(RuntimeWarning, match="would leave less"):
+        quantized = moe_runtime.wrap(tiny_model("olmoe").to(torch.bfloat16), budget=1.0, device="cpu", quantize="int8", quantize_rest="int8")
+    assert huge_pages.arena_bytes(kernel_weights(quantized)) == 0
+    assert huge_pages.arena_bytes(expert_weights(quantized)) == nbytes(expert_weights(quantized)) > 0
 
 
 def advised_bytes(tensors: list[torch.Tensor]) -> int:
