@@ -232,13 +232,20 @@ def paired(checkpoint: Path, dtype: str, first: tuple[str, float], second: tuple
     return [1 / statistics.median(times) for times in steps]
 
 
+QUANTIZED_SHARE = {"int8": 0.53, "int4": 0.28}  # a quantized model's bytes over its bf16 checkpoint's (with the scales)
+
+
 def fits_twice(checkpoint: Path, dtype: str) -> bool:
-    """Whether two models of `dtype` fit in the memory available now (quantized ones: once the
-    bf16 weights they are made from are let go, about what one bf16 copy takes)."""
+    """Whether two models of `dtype` fit in the memory available now: twice the weights at 16
+    bits; quantized, twice the copies and the bf16 weights they are made from. (At the
+    OLMoE-1B-7B shape on the 24 GiB VM of BENCHMARKS.md two int4-all models fit, and two
+    int8-all ones were killed for memory when only the checkpoint itself was counted.)"""
     import psutil
 
     weights = sum(path.stat().st_size for path in checkpoint.glob("*.safetensors"))
-    return (weights if dtype.removesuffix("-all") in QUANTIZED else 2 * weights) < 0.8 * psutil.virtual_memory().available
+    share = QUANTIZED_SHARE.get(dtype.removesuffix("-all"))
+    needed = 2 * weights if share is None else weights * (1 + 2 * share)
+    return needed < psutil.virtual_memory().available
 
 
 def read_bandwidth_gbps() -> float:

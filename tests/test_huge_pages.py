@@ -6,8 +6,8 @@ output head left shared, and nothing moved where the platform cannot or the user
 from __future__ import annotations
 
 import gc
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,6 +72,7 @@ def test_the_kernel_linears_move_and_decode_the_same(formats, monkeypatch):
     assert torch.equal(greedy_logits(moved, PROMPT), greedy_logits(kept, PROMPT))
 
 
+@needs_huge_pages
 def test_a_wrapped_models_experts_move_and_save_as_they_were(tmp_path, monkeypatch):
     """At full precision the experts are the model's own parameters: moved, they decode as the
     unmoved ones do, and after unwrap the model is the one it was, save_pretrained included (no

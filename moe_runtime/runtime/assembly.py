@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from .. import huge_pages
+from ..adapters import ExpertLayout, MoEAdapter, MoEBlock, adapter_for
 from ..budget import Budget, format_bytes, parse_budget
 from ..config import OffloadConfig, config_from
 from ..disk_store import ConvertedStore

@@ -23,8 +23,8 @@ import psutil
 import torch
 from torch import nn
 
-from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
 from .. import huge_pages
+from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
 from ..budget import format_bytes, slots_for_budget
 from ..expert_format import ExpertFormat
 from .slot_cache import SlotCache
