@@ -77,13 +77,17 @@ class Arena:
         return copy
 
 
-def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order; OSError where
-    there is no room for them (`_check_room`)."""
+def moved(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Copies of `tensors` (CPU tensors) in one arena of huge pages, in order; None where there
+    is no room for them (`_check_room`) or no memory for the mapping (with a warning, as `_alone`)."""
     nbytes = sum(_aligned(t.numel() * t.element_size()) for t in tensors)
-    _check_room(nbytes)
-    arena = Arena(nbytes)
-    return [arena.copy_of(tensor) for tensor in tensors]
+    try:
+        _check_room(nbytes)
+        arena = Arena(nbytes)
+        return [arena.copy_of(tensor) for tensor in tensors]
+    except (OSError, RuntimeError) as error:
+        _stay(error)
+        return None
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -116,8 +120,13 @@ def _alone(shape: tuple[int, ...], dtype: torch.dtype, *, copying: bool = False)
             _check_room(nbytes)
         return Arena(nbytes).empty(shape, dtype)
     except OSError as error:
-        warnings.warn(f"weights stay in 4 KB pages: {error}", RuntimeWarning, stacklevel=3)
+        _stay(error)
         return None
+
+
+def _stay(error: Exception) -> None:
+    """Say that weights stay in 4 KB pages, and why: not an error, only slower."""
+    warnings.warn(f"weights stay in 4 KB pages: {error}", RuntimeWarning, stacklevel=4)
 
 
 def _aligned(nbytes: int) -> int:

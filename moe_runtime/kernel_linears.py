@@ -17,8 +17,6 @@ values are gone, as with the experts.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -139,10 +137,8 @@ class KernelLinears:
         owned = [(module, name, tensor) for module in modules for name, tensor in module.tensors.items() if tensor.device.type == "cpu"]
         if not owned:
             return
-        try:
-            copies = huge_pages.moved([tensor for _, _, tensor in owned])
-        except (OSError, RuntimeError) as error:  # no memory for the copies: every weight stays where it is
-            warnings.warn(f"the kernel linears' weights stay in 4 KB pages: {error}", RuntimeWarning, stacklevel=2)
+        copies = huge_pages.moved([tensor for _, _, tensor in owned])
+        if copies is None:  # no room for the copies (warned): every weight stays where it is
             return
         for (module, name, _), copy in zip(owned, copies):
             module.rehome({name: copy})
