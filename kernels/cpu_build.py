@@ -1,6 +1,6 @@
 """Building this package's C++ CPU extensions on first use (torch's JIT build), safely.
 
-Each source (cpu_gemv.cpp, cpu_decode_ops.cpp) is compiled with the machine's own instruction
+Each source (cpu_gemv.cpp, cpu_decode_ops.cpp, cpu_decode_layer.cpp) is compiled with the machine's own instruction
 set into the cache folder's cpu-kernel/<hash>, once per source, torch version and kind of CPU.
 Where a build cannot be had (no C++ compiler, no ninja, a failed build) or
 MOE_RUNTIME_CPU_KERNEL=torch is set, `build` returns None and callers keep torch's own ops;
@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -62,8 +63,16 @@ def build_folder_of(source: Path) -> Path:
     cache folder's cpu-kernel/<hash>."""
     from ..embedded import cache_root
 
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(_source_text(source) + " ".join(FLAGS).encode() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     return cache_root() / "cpu-kernel" / key
+
+
+def _source_text(source: Path) -> bytes:
+    """The source's bytes and those of the sibling sources it #includes (cpu_decode_layer.cpp
+    compiles the other two in): a change to any of them is a new build."""
+    text = source.read_bytes()
+    included = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
+    return text + b"".join(source.with_name(name.decode()).read_bytes() for name in included)
 
 
 def _cpu_flags() -> str:

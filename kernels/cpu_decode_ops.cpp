@@ -388,6 +388,7 @@ std::vector<torch::Tensor> top_k_softmax(torch::Tensor logits, int64_t k, bool r
 
 }  // namespace
 
+#ifndef MOE_KERNELS_COMPILED_IN  // cpu_decode_layer.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "the llama-form RMS norm of x [..., H] with weight [H]", py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("exact") = true);
@@ -399,3 +400,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_k_softmax", &top_k_softmax, "a softmax router's top k of logits [T, E]", py::arg("logits"), py::arg("k"), py::arg("renormalise"),
         py::arg("cast"));
 }
+#endif

@@ -512,6 +512,7 @@ bool uses_avx512() {
 #endif
 }
 
+#ifndef MOE_KERNELS_COMPILED_IN  // cpu_decode_layer.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)", py::arg("x"), py::arg("weights"),
         py::arg("scales"), py::arg("group"), py::arg("combine") = py::none());
@@ -520,3 +521,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("combine"));
   m.def("uses_avx512", &uses_avx512, "whether this build computes with AVX-512 (and VNNI)");
 }
+#endif

@@ -41,6 +41,8 @@ from .adapters import MoEAdapter, MoEBlock
 from .decode_attention import DecodeAttention
 from .kernel_routers import KernelRouter
 from .kernels import cpu_decode_ops
+from .layer_front import front_for
+from .native_norms import NativeNorm
 
 GLOBAL_HOOKS = (  # torch's hooks on every module: dicts changed in place, checked per step
     torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
@@ -51,10 +53,18 @@ GLOBAL_HOOKS = (  # torch's hooks on every module: dicts changed in place, check
 class DecodeLayer:
     """Installed on one llama-form decoder layer (its instance `forward`); `remove` puts the
     class's back. `block`: the runtime's MoE block of this layer (None: a dense layer);
-    `router`: the KernelRouter serving its router, if any."""
+    `router`: the KernelRouter serving its router, if any; `norms`: the NativeNorms installed on
+    its input and post-attention norms (None where there is none)."""
 
-    def __init__(self, layer: nn.Module, attention: DecodeAttention, block: MoEBlock | None, adapter: MoEAdapter, router: KernelRouter | None):
+    def __init__(
+        self, layer: nn.Module, attention: DecodeAttention, block: MoEBlock | None, adapter: MoEAdapter, router: KernelRouter | None,
+        norms: tuple[NativeNorm | None, NativeNorm | None] = (None, None),
+    ):
         self.layer = layer
+        self.norms = norms
+        self.native_front = True  # a step's front half in one native call where it can (a switch for tests and benchmarks)
+        self.front = None  # (its parts, the LayerFront or None) once a step has asked (layer_front.front_for)
+        self.projections = [module for group in attention.together for module in group] + [attention.attention.o_proj]
         self.attention = attention
         self.adapter = adapter
         self.kernel_router = router
@@ -83,6 +93,12 @@ class DecodeLayer:
                 position_embeddings=position_embeddings, **kwargs,
             )
         self.steps += 1
+        front = front_for(self, hidden_states) if self.routed and self.native_front else None
+        if front is not None and (found := front.step(hidden_states, position_embeddings, cache)) is not None:
+            if front.experts is not None:
+                return found[0]
+            hidden_states, rows, weights, index = found
+            return hidden_states + self.experts.forward(rows, index, weights).view(hidden_states.shape)
         hidden_states = hidden_states + self.attention.decode(layer.input_layernorm.forward(hidden_states), position_embeddings, cache, kwargs)
         return hidden_states + self._mlp(layer.post_attention_layernorm.forward(hidden_states))
 
@@ -110,6 +126,7 @@ def _hook_dicts(module: nn.Module) -> list[dict]:
 
 def install_decode_layers(
     layers: nn.ModuleList, attention: list[DecodeAttention], blocks: list[MoEBlock], adapter: MoEAdapter, routers: list[KernelRouter],
+    native_norms: list[NativeNorm] = (),
 ) -> list[DecodeLayer]:
     """A DecodeLayer on every decoder layer whose attention has a DecodeAttention (the llama-form
     families' layers: the adapter names them by `decode_attention`), whose norms are named as
@@ -117,6 +134,7 @@ def install_decode_layers(
     served = {id(installed.attention): installed for installed in attention}
     by_mlp = {id(block.block): block for block in blocks}
     by_router = {id(installed.router): installed for installed in routers}
+    by_norm = {id(norm.module): norm for norm in native_norms}
     decode_layers = []
     for layer in layers:
         decoding = served.get(id(getattr(layer, "self_attn", None)))
@@ -124,6 +142,7 @@ def install_decode_layers(
             continue
         block = by_mlp.get(id(layer.mlp))
         router = by_router.get(id(block.router)) if block is not None else None
-        decode_layers.append(DecodeLayer(layer, decoding, block, adapter, router))
+        norms = (by_norm.get(id(layer.input_layernorm)), by_norm.get(id(layer.post_attention_layernorm)))
+        decode_layers.append(DecodeLayer(layer, decoding, block, adapter, router, norms))
         decode_layers[-1].install()
     return decode_layers

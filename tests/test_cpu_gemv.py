@@ -17,6 +17,7 @@ from moe_runtime.compute import experts_in_one_call, one_expert
 from moe_runtime.expert_format import dequantize, expert_format, linear_many, pack_nibbles, pack_tiles, quantize_int4, quantize_int8, tiles_fit
 from moe_runtime.adapters import ExpertLayout
 from moe_runtime.kernels import cpu_gemv
+from moe_runtime.kernels.cpu_build import build_folder_of
 
 QBLOCK = 64  # inputs per scale of x's int8 copy (cpu_gemv.cpp)
 needs_kernel = pytest.mark.skipif(not cpu_gemv.available(), reason="the CPU decode kernel cannot be built here (no C++ compiler)")
@@ -197,14 +198,28 @@ def test_opting_out_keeps_torchs_kernels_and_their_int4_order():
     done = _run(
         """
         from moe_runtime.expert_format import expert_format, int4_cpu_kernel_available
-        from moe_runtime.kernels import cpu_decode_ops, cpu_gemv
-        print(cpu_gemv.available(), cpu_decode_ops.available(), expert_format("int4", on_cpu=True).cpu_packing == int4_cpu_kernel_available())
+        from moe_runtime.kernels import cpu_decode_layer, cpu_decode_ops, cpu_gemv
+        print(cpu_gemv.available(), cpu_decode_ops.available(), cpu_decode_layer.available())
+        print(expert_format("int4", on_cpu=True).cpu_packing == int4_cpu_kernel_available())
         """,
         env,
         120,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["False", "False", "True"]
+    assert done.stdout.split() == ["False", "False", "False", "True"]
+
+
+def test_a_change_to_a_source_compiled_in_is_a_new_build(tmp_path, monkeypatch):
+    """cpu_decode_layer.cpp compiles cpu_gemv.cpp and cpu_decode_ops.cpp in: its build folder
+    is keyed on all three, so an edit to either of them never reuses a stale module."""
+    monkeypatch.setenv("MOE_RUNTIME_CACHE", str(tmp_path / "cache"))
+    inner, outer = tmp_path / "inner.cpp", tmp_path / "outer.cpp"
+    inner.write_text("int inner() { return 1; }\n")
+    outer.write_text('#include <vector>\n#include "inner.cpp"\nint outer() { return inner(); }\n')
+    before = build_folder_of(outer)
+    inner.write_text("int inner() { return 2; }\n")
+    assert build_folder_of(outer) != before
+    assert build_folder_of(outer) == build_folder_of(outer)
 
 
 @needs_kernel

@@ -130,8 +130,11 @@ def test_a_forward_set_on_the_module_before_wrap_keeps_every_step():
     assert attention.forward is traced
 
 
-def _counting_steps(monkeypatch) -> list:
-    """Calls of cpu_decode_ops.attend_step from here on, counted."""
+def _counting_steps(runtime, monkeypatch) -> list:
+    """Calls of cpu_decode_ops.attend_step from here on, counted; the decode layers take their
+    ops one by one (their native front calls attend_step inside one native call: layer_front.py)."""
+    for layer in runtime.decode_layers:
+        layer.native_front = False
     calls, original = [], cpu_decode_ops.attend_step
     monkeypatch.setattr(cpu_decode_ops, "attend_step", lambda *args: calls.append(1) or original(*args))
     return calls
@@ -144,7 +147,7 @@ def test_a_step_in_one_native_call_is_bit_identical_to_its_ops_one_by_one(family
         pytest.skip("the CPU decode kernel is not built here")
     model = moe_runtime.wrap(_model(family, torch.bfloat16), budget=1.0, device="cpu", **formats)
     runtime = moe_runtime.runtime_of(model)
-    calls = _counting_steps(monkeypatch)
+    calls = _counting_steps(runtime, monkeypatch)
     fused = greedy_logits(model, PROMPT, steps=70)  # past the first room's 64 positions: one regrowth
     assert len(calls) == 70 * model.config.num_hidden_layers
     for attention in runtime.decode_attention:
@@ -163,7 +166,7 @@ def test_clip_qkv_and_norms_not_served_natively_are_kept(monkeypatch):
     model = moe_runtime.wrap(model, budget=1.0, device="cpu", exact=False)
     runtime = moe_runtime.runtime_of(model)
     assert all(attention.clip == 0.05 for attention in runtime.decode_attention)
-    calls = _counting_steps(monkeypatch)
+    calls = _counting_steps(runtime, monkeypatch)
     fused = greedy_logits(model, PROMPT)
     assert len(calls) == 5 * model.config.num_hidden_layers
     for attention in runtime.decode_attention:

@@ -43,7 +43,7 @@ from ..policies import DEFAULT_POLICY, make_policy
 from ..prefetch_gate import PrefetchGate
 from .slot_pool import SlotPool
 from ..stats import RuntimeStats
-from ..host_tier import ExpertSource, HostTier
+from ..host_tier import ExpertSource, HostTier, RamSource
 
 RUNTIME_ATTR = "_moe_runtime"
 CLOSE_TIMEOUT_SECONDS = 30.0  # unwrap waits this long for loads in flight, then names the stuck one
@@ -162,6 +162,30 @@ class Runtime:
             if self.prefetch_gate is not None:
                 self._time_layers()
             return self._run_layer(layer, hidden, top_k_index, top_k_weights)
+
+    def experts_where_they_lie(self) -> RamSource | None:
+        """The source whose tensors a decode row's experts can be computed from before the cache
+        accounts for them (`account_in_place`), or None where the cache decides what is
+        computed: in place on a CPU from every expert in RAM, with no low-bit copies for misses,
+        no forecaster's prefetches and no pruning profile's mask."""
+        in_ram = type(self.source) is RamSource
+        plain = self.low_bit is None and self.costs is None and self.forecaster is None and self.mask is None
+        return self.source if self.execution == HOST and self.device.type == "cpu" and in_ram and plain else None
+
+    def account_in_place(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """The cache's and the stats' account of a decode row of MoE layer `layer` whose experts
+        were computed where they lie (layer_front.py; see experts_where_they_lie), as
+        `_run_layer` keeps it: the same calls on the cache in the same order (one wave: a row's
+        top-k experts always fit beside the pinned ones)."""
+        with self.lock:
+            needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
+            self.cache.start_layer(layer, needed)
+            self.cache.begin_acquire(layer, needed)
+            try:
+                self.cache.finish_acquire(layer, needed)
+                self.stats.paths[LOOP] = self.stats.paths.get(LOOP, 0) + 1
+            finally:
+                self.cache.release(layer, needed, None)
 
     def _time_layers(self) -> None:
         """Keep the prefetch gate's layer time measured: the decayed mean time between the
@@ -322,7 +346,7 @@ class Runtime:
             self.decode_attention = install_decode_attention(model, self.adapter.decode_attention, self.exact, self.native_norms)
             self.kernel_routers = [] if self.exact else install_kernel_routers([block.router for block in self.blocks])
             layers = self.adapter.decoder_layers(model)
-            self.decode_layers = install_decode_layers(layers, self.decode_attention, self.blocks, self.adapter, self.kernel_routers)
+            self.decode_layers = install_decode_layers(layers, self.decode_attention, self.blocks, self.adapter, self.kernel_routers, self.native_norms)
         self.stats.info["exact"] = self.exact
         self.stats.info["decode_attention_layers"] = len(self.decode_attention)
         self.stats.info["native_norms"] = len(self.native_norms)
