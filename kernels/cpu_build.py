@@ -1,7 +1,9 @@
 """Building this package's C++ CPU extensions on first use (torch's JIT build), safely.
 
-Each source (cpu_gemv.cpp, cpu_decode_ops.cpp, cpu_decode_layer.cpp) is compiled with the machine's own instruction
-set into the cache folder's cpu-kernel/<hash>, once per source, torch version and kind of CPU.
+Each extension's source (cpu_decode.cpp, which compiles cpu_gemv.cpp, cpu_decode_ops.cpp and
+cpu_decode_layer.cpp in: `decode_extension`; the cache policy's candidates.cpp) is compiled
+with the machine's own instruction set into the cache folder's cpu-kernel/<hash>, once per
+source (and the sources it includes), torch version and kind of CPU.
 Where a build cannot be had (no C++ compiler, no ninja, a failed build) or
 MOE_RUNTIME_CPU_KERNEL=torch is set, `build` returns None and callers keep torch's own ops;
 the reason is warned once per extension.
@@ -16,12 +18,25 @@ import platform
 import re
 import sys
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 OPT_OUT = "MOE_RUNTIME_CPU_KERNEL"  # =torch: never build or use these extensions
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]  # no fused multiply-adds the source did not write
+
+
+DECODE_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+
+
+@lru_cache(maxsize=None)
+def decode_extension():
+    """The CPU decode extension (cpu_decode.cpp: the decode kernel of cpu_gemv.py, the small ops
+    of cpu_decode_ops.py and the decoder layer of moe_runtime/layer_front.py in one module),
+    built once per machine and torch version into the cache folder (about a minute on 2 cores),
+    or None where it cannot be had (`build`)."""
+    return build(DECODE_SOURCE, "moe_runtime_cpu_decode", "CPU decode kernels", "about a minute")
 
 
 def build(source: Path, name: str, what: str, duration: str):
@@ -68,8 +83,8 @@ def build_folder_of(source: Path) -> Path:
 
 
 def _source_text(source: Path) -> bytes:
-    """The source's bytes and those of the sibling sources it #includes (cpu_decode_layer.cpp
-    compiles the other two in): a change to any of them is a new build."""
+    """The source's bytes and those of the sibling sources it #includes (cpu_decode.cpp compiles
+    the other three in): a change to any of them is a new build."""
     text = source.read_bytes()
     included = re.findall(rb'^#include "([^"]+)"', text, flags=re.MULTILINE)
     return text + b"".join(source.with_name(name.decode()).read_bytes() for name in included)

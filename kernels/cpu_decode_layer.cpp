@@ -1,37 +1,19 @@
-// A CPU decode step's layer up to its experts in one call: input norm -> q, k, v projections ->
-// attend_step (q/k norms, rotation, KV append, attention) -> o_proj -> + residual -> post-attention
-// norm -> router logits -> softmax top k. The experts stay the runtime's (their cache and stats).
+// A CPU decode step's decoder layer in one call: input norm -> q, k, v projections -> attend_step
+// (q/k norms, rotation, KV append, attention) -> o_proj -> + residual -> post-attention norm ->
+// router logits -> softmax top k (LayerFront::front), then, where the runtime computes them in
+// place from RAM, the experts -> + residual (LayerFront::layer); the runtime's cache accounts
+// for them after (moe_runtime/layer_front.py).
 //
 // Why: moe_runtime/decode_layer.py calls the same native ops one by one with Python between
 // them: on the peer benchmark's small model (int4 throughout, 2-core EPYC of BENCHMARKS.md) the
 // attention took about 130 us a layer outside its kernels, the router 78 and the layer's glue 64,
-// where the arithmetic between the weight streams is a few microseconds. Here the Python is one
-// call, the ops are the same functions on the same values in the same order (cpu_gemv.cpp and
-// cpu_decode_ops.cpp are compiled in below), so the outputs are bit for bit decode_layer.py's
-// path (tested per family and format).
+// where the arithmetic between the weight streams is a few microseconds, and the experts' call
+// another 125 around it. Here the Python is one call, and the ops are the same functions on the
+// same values in the same order (cpu_gemv.cpp's and cpu_decode_ops.cpp's), so
+// the outputs are bit for bit decode_layer.py's path (tested per family and format).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <optional>
-#include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#endif
-
-#define MOE_KERNELS_COMPILED_IN  // the two sources below without their own modules
-namespace gemv {
-#include "cpu_gemv.cpp"
-}
-namespace ops {
-#include "cpu_decode_ops.cpp"
-}
+// Compiled inside cpu_decode.cpp, after cpu_gemv.cpp (namespace gemv) and cpu_decode_ops.cpp
+// (namespace ops).
 
 namespace {
 
@@ -164,7 +146,8 @@ class LayerFront {
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+// Its classes in the extension's module.
+void bind_decode_layer(pybind11::module_& m) {
   py::class_<Projections>(m, "Projections")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, int64_t, int64_t, std::vector<std::optional<torch::Tensor>>>(),
            py::arg("weights"), py::arg("scales"), py::arg("group"), py::arg("in_features"), py::arg("biases"))

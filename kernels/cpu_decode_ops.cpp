@@ -388,8 +388,8 @@ std::vector<torch::Tensor> top_k_softmax(torch::Tensor logits, int64_t k, bool r
 
 }  // namespace
 
-#ifndef MOE_KERNELS_COMPILED_IN  // cpu_decode_layer.cpp compiles this file into its own module
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+// Its functions in the extension's module (cpu_decode.cpp compiles this file in).
+void bind_decode_ops(pybind11::module_& m) {
   m.def("rms_norm", &rms_norm, "the llama-form RMS norm of x [..., H] with weight [H]", py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("exact") = true);
   m.def("rotate", &rotate, "the llama-form rotary embedding of q and k", py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"));
@@ -400,4 +400,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_k_softmax", &top_k_softmax, "a softmax router's top k of logits [T, E]", py::arg("logits"), py::arg("k"), py::arg("renormalise"),
         py::arg("cast"));
 }
-#endif

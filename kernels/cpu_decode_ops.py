@@ -15,20 +15,15 @@ built or MOE_RUNTIME_CPU_KERNEL=torch is set; callers keep transformers' own cod
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
-
 import torch
 
-from .cpu_build import build
-
-SOURCE = Path(__file__).with_name("cpu_decode_ops.cpp")
+from .cpu_build import decode_extension
 
 
-@lru_cache(maxsize=None)
 def extension():
-    """The compiled module, or None where it cannot be had (cpu_build.build)."""
-    return build(SOURCE, "moe_runtime_cpu_decode_ops", "CPU decode ops", "about 15 s")
+    """The compiled module (cpu_build.decode_extension, which holds these ops), or None where it
+    cannot be had."""
+    return decode_extension()
 
 
 def available() -> bool:

@@ -512,8 +512,8 @@ bool uses_avx512() {
 #endif
 }
 
-#ifndef MOE_KERNELS_COMPILED_IN  // cpu_decode_layer.cpp compiles this file into its own module
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+// Its functions in the extension's module (cpu_decode.cpp compiles this file in).
+void bind_gemv(pybind11::module_& m) {
   m.def("gemv_many", &gemv_many, "out [M, R, N] = x[a(m)] @ W_m^T for M same-shaped matrices (decode on the CPU)", py::arg("x"), py::arg("weights"),
         py::arg("scales"), py::arg("group"), py::arg("combine") = py::none());
   m.def("silu_experts", &silu_experts, "sum_m combine[m] down_m(silu(gate) * up of gate_up_m(x)) for a decode step's experts", py::arg("x"),
@@ -521,4 +521,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("combine"));
   m.def("uses_avx512", &uses_avx512, "whether this build computes with AVX-512 (and VNNI)");
 }
-#endif

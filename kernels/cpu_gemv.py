@@ -1,5 +1,6 @@
 """Decode-time products on the CPU: a few input rows times many weight matrices in one call
-(cpu_gemv.cpp, compiled on first use with the machine's own instruction set).
+(cpu_gemv.cpp, compiled on first use with the machine's own instruction set into the
+package's CPU decode extension, cpu_build.decode_extension).
 
     products(x [A, R, K], matrices: M x [N, K]) -> [M, R, N],  A = 1 or M
 
@@ -16,28 +17,25 @@ set, `available()` is False and callers keep torch's kernels; the reason is warn
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .cpu_build import OPT_OUT, build, build_folder_of
+from .cpu_build import DECODE_SOURCE, OPT_OUT, build_folder_of, decode_extension
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
 FLOAT_WEIGHTS = (torch.bfloat16, torch.float16, torch.float32)  # the full-precision weights it reads (cpu_gemv.cpp's Format)
 __all__ = ["FLOAT_WEIGHTS", "OPT_OUT", "available", "build_folder", "extension", "products", "reads_tiles", "silu_experts"]
 
 
-@lru_cache(maxsize=None)
 def extension():
-    """The compiled module (built once per machine and torch version into the cache folder,
-    about 25 s on 2 cores), or None where it cannot be had (cpu_build.build)."""
-    return build(SOURCE, "moe_runtime_cpu_gemv", "CPU decode kernel", "about 25 s")
+    """The compiled module (cpu_build.decode_extension: this kernel is compiled into the package's
+    one CPU decode extension), or None where it cannot be had."""
+    return decode_extension()
 
 
 def build_folder() -> Path:
-    """Where this source is built for this torch and this CPU (cpu_build.build_folder_of)."""
-    return build_folder_of(SOURCE)
+    """Where the extension is built for this torch and this CPU (cpu_build.build_folder_of)."""
+    return build_folder_of(DECODE_SOURCE)
 
 
 def available() -> bool:

@@ -24,6 +24,12 @@ rule is one native call (cpu_decode_ops.top_k_softmax: 4 us where select's five 
 took 22 in a hot loop, and 84 inside an OLMoE-1B-7B-shaped step, whose weight streams leave
 every cache cold), equal to select's up to the last bits of exp and the order of exact ties.
 
+Where every part of a step is native (a step that need not be exact, one token of one
+sequence), the whole layer is one native call instead (layer_front.py: the same functions in
+the same order, bit for bit; the experts too where they lie in RAM): on the peer benchmark's
+small model (int4 throughout, two copies taking turns in one process) a step's median fell from
+10.65 to 8.29 ms, in one of the VM's slow spells.
+
 A hook on any of these parts (a pruning profile's router hook, transformers' output capturing,
 a user's) gives the step back to the layer's own forward, which calls each part through its
 module, hooks and all; so does a step the attention path does not take (a prefill, a mask,
@@ -62,7 +68,7 @@ class DecodeLayer:
     ):
         self.layer = layer
         self.norms = norms
-        self.native_front = True  # a step's front half in one native call where it can (a switch for tests and benchmarks)
+        self.native_front = True  # the step in one native call where it can, layer_front.py (a switch for tests and benchmarks)
         self.front = None  # (its parts, the LayerFront or None) once a step has asked (layer_front.front_for)
         self.projections = [module for group in attention.together for module in group] + [attention.attention.o_proj]
         self.attention = attention

@@ -1,4 +1,5 @@
-"""A CPU decode step's decoder layer as one native call (kernels/cpu_decode_layer.cpp).
+"""A CPU decode step's decoder layer as one native call (kernels/cpu_decode_layer.cpp, compiled
+into the CPU decode extension: kernels/cpu_build.decode_extension).
 
 hidden [1, 1, H] -> input norm -> q, k, v -> attend_step -> o_proj -> + residual -> post norm
                  -> router logits -> top k -> [the experts where they lie -> + residual]
@@ -37,7 +38,8 @@ from .expert_format import kernel_operands_many
 from .kernel_linears import KernelLinear
 from .kv_append import room_for
 from .native_norms import NATIVE_ELEMENTS, NativeNorm
-from .kernels import cpu_decode_layer, cpu_decode_ops
+from .kernels import cpu_decode_ops
+from .kernels.cpu_build import decode_extension
 
 if TYPE_CHECKING:
     from .decode_layer import DecodeLayer
@@ -116,7 +118,7 @@ def _build(owner: DecodeLayer, dtype: torch.dtype, parts: tuple) -> LayerFront |
     attention, router = owner.attention, owner.kernel_router
     input_norm, post_norm = owner.norms
     if not (
-        cpu_decode_layer.available() and cpu_decode_ops.available() and owner.routed and owner.rule is not None
+        cpu_decode_ops.available() and owner.routed and owner.rule is not None
         and router is not None and router.installed and attention.installed and attention._fuses(dtype)
         and isinstance(attention.rotate, NativeRotation) and _serves(input_norm, dtype) and _serves(post_norm, dtype)
         and router.router.weight.dtype == dtype
@@ -135,7 +137,7 @@ def _native(owner: DecodeLayer):
     o_proj = _projections([attention.attention.o_proj])
     if o_proj is None or any(group is None for group in qkv):
         raise ValueError("a projection the decode kernel does not compute")
-    extension = cpu_decode_layer.extension()
+    extension = decode_extension()
     qk = [(norm.module.weight, norm.eps) for norm in attention.qk_norms] or [(None, 0.0), (None, 0.0)]
     weight = router.router.weight.detach()
     return extension.LayerFront(
@@ -161,7 +163,7 @@ def _experts(owner: DecodeLayer, dtype: torch.dtype):
     if gate_up is None or down is None or compute_dtype(experts[0], dtype) != dtype:
         return None
     hidden_size, intermediate_size = source.spec.shapes["down_proj"]
-    return cpu_decode_layer.extension().Experts(*gate_up, hidden_size, *down, intermediate_size)
+    return decode_extension().Experts(*gate_up, hidden_size, *down, intermediate_size)
 
 
 def _serves(norm: NativeNorm | None, dtype: torch.dtype) -> bool:
@@ -169,7 +171,7 @@ def _serves(norm: NativeNorm | None, dtype: torch.dtype) -> bool:
 
 
 def _norm(norm: NativeNorm):
-    return cpu_decode_layer.extension().Norm(norm.module.weight, norm.eps, norm.exact)
+    return decode_extension().Norm(norm.module.weight, norm.eps, norm.exact)
 
 
 def _projections(group: list) -> object | None:
@@ -180,7 +182,7 @@ def _projections(group: list) -> object | None:
     operands = [module.kernel_operands(1) for module in group]
     if any(each is None for each in operands):
         return None
-    return cpu_decode_layer.extension().Projections(
+    return decode_extension().Projections(
         [each[0][0] for each in operands], [scale for each in operands for scale in each[1]], operands[0][2], group[0].in_features,
         [module.bias for module in group],
     )
