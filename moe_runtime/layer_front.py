@@ -104,9 +104,9 @@ def front_for(owner: DecodeLayer, hidden: torch.Tensor) -> LayerFront | None:
 
 def parts_of(owner: DecodeLayer, dtype: torch.dtype) -> tuple:
     """What a front is built from, as objects compared by identity: a change of any (the
-    attention's `fused` switched off, the top-k rule, a weight replaced, KernelLinear's operands remade by
-    `to()` or `rehome`) means a new front. (The parts' `installed` flags change only as the
-    runtime removes them, with the DecodeLayer itself.)"""
+    attention's `fused` switched off, the top-k rule, a weight replaced, KernelLinear's operands
+    remade by `to()` or `rehome`) means a new front. (The parts' `installed` flags change only
+    as the runtime removes them, with the DecodeLayer itself.)"""
     attention, router = owner.attention, owner.kernel_router
     weights = tuple(norm.module.weight if norm is not None else None for norm in (*owner.norms, *attention.qk_norms))
     operands = tuple(module.kernel_operands(1) if isinstance(module, KernelLinear) else None for module in owner.projections)
