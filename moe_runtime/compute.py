@@ -27,6 +27,7 @@ from .kernels import KERNELS, cpu_gemv
 from .runtime.slot_pool import SlotPool
 
 GROUPED_MM, LOOP, TRITON = "grouped_mm", "loop", "triton"
+NATIVE_LAYER = "native-layer"  # a CPU decode row's experts inside its decoder layer's native call (layer_front.py)
 
 
 def plain_swiglu(layout: ExpertLayout, act_fn) -> bool:

@@ -65,6 +65,9 @@ def test_native_layers_give_the_op_by_op_logits_and_cache_accounts(family, fmt):
     assert _fronts(plain) == [None] * len(fronts)
     accounts = _accounts(native)
     assert accounts == _accounts(plain) and sum(misses for _, misses, _ in accounts) > 0
+    layers = len(fronts)  # the prefill's layers through run_layer, then each step's in the native call
+    assert moe_runtime.stats(native)["compute_calls"] == {"loop": layers, "native-layer": steps * layers}
+    assert moe_runtime.stats(plain)["compute_calls"] == {"loop": (steps + 1) * layers}
     runtime = moe_runtime.runtime_of(native)
     assert [attention.steps for attention in runtime.decode_attention] == [steps] * len(fronts)
     assert [router.seen for router in runtime.kernel_routers] == [steps + 1] * len(fronts)  # the prefill's rows too

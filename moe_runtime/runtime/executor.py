@@ -28,7 +28,7 @@ from ..adapters import ExpertLayout, MoEAdapter, MoEBlock
 from ..budget import format_bytes, slots_for_budget
 from ..expert_format import ExpertFormat
 from .slot_cache import SlotCache
-from ..compute import LOOP, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place, plain_swiglu
+from ..compute import LOOP, NATIVE_LAYER, TRITON, choose_kernel_path, choose_path, experts_from_slots, experts_in_place, plain_swiglu
 from ..config import OffloadConfig
 from ..decode_attention import install_decode_attention
 from ..decode_layer import install_decode_layers
@@ -176,14 +176,15 @@ class Runtime:
         """The cache's and the stats' account of a decode row of MoE layer `layer` whose experts
         were computed where they lie (layer_front.py; see experts_where_they_lie), as
         `_run_layer` keeps it: the same calls on the cache in the same order (one wave: a row's
-        top-k experts always fit beside the pinned ones)."""
+        top-k experts always fit beside the pinned ones); stats()["compute_calls"] counts the
+        step as NATIVE_LAYER's."""
         with self.lock:
             needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
             self.cache.start_layer(layer, needed)
             self.cache.begin_acquire(layer, needed)
             try:
                 self.cache.finish_acquire(layer, needed)
-                self.stats.paths[LOOP] = self.stats.paths.get(LOOP, 0) + 1
+                self.stats.paths[NATIVE_LAYER] = self.stats.paths.get(NATIVE_LAYER, 0) + 1
             finally:
                 self.cache.release(layer, needed, None)
 
