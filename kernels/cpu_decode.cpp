@@ -2,8 +2,9 @@
 //   cpu_gemv.cpp          decode-time products: a few rows times many weight matrices (namespace gemv)
 //   cpu_decode_ops.cpp    the small ops of a decode step: RMS norm, rotary, attention, top k (namespace ops)
 //   cpu_decode_layer.cpp  a decoder layer's step in one call, from the two above
-// One module, not three: the layer calls the others' functions directly, and one build (about
-// a minute on 2 cores) replaces three that compiled the same code two or three times.
+// One module: the layer calls the others' functions directly, and one build (about a minute on
+// 2 cores) replaces the two of about 25 and 15 s that a layer module of its own would have
+// compiled a second time.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -139,15 +139,19 @@ class DecodeAttention:
         if found is None:
             return None
         layer, room = found
-        norms = [(norm.module.weight, norm.eps) for norm in self.qk_norms] or [(None, 0.0), (None, 0.0)]
-        exact = bool(self.qk_norms) and self.qk_norms[0].exact
         out = cpu_decode_ops.attend_step(
-            *(states.reshape(batch, -1).contiguous() for states in (query, key, value)), STEP_NORMS[self.norms], norms[0][0], norms[1][0],
-            norms[0][1], norms[1][1], exact, float(self.clip or 0.0), cos.contiguous(), sin.contiguous(), room.keys, room.values, room.length,
-            self.attention.scaling,
+            *(states.reshape(batch, -1).contiguous() for states in (query, key, value)), *self.step_norms(), cos.contiguous(), sin.contiguous(),
+            room.keys, room.values, room.length, self.attention.scaling,
         )
         layer.keys, layer.values = room.advance()  # only once the new key and value are written
         return out
+
+    def step_norms(self) -> tuple:
+        """(norms, q_weight, k_weight, q_eps, k_eps, exact, clip): attend_step's arguments for
+        the family's q/k norms and clip_qkv (here, and in layer_front.py's native layer)."""
+        norms = [(norm.module.weight, norm.eps) for norm in self.qk_norms] or [(None, 0.0), (None, 0.0)]
+        exact = bool(self.qk_norms) and self.qk_norms[0].exact
+        return STEP_NORMS[self.norms], norms[0][0], norms[1][0], norms[0][1], norms[1][1], exact, float(self.clip or 0.0)
 
     def _fuses(self, dtype: torch.dtype) -> bool:
         """Whether this step's norms, rotation and attention are all the native ops (a step that
@@ -165,7 +169,7 @@ class DecodeAttention:
         outputs = []
         for group in self.together:
             rows = hidden_states.reshape(-1, group[0].in_features)
-            if len(group) > 1 and (operands := _kernel_operands(group, len(rows))) is not None:
+            if len(group) > 1 and (operands := group_operands(group, len(rows))) is not None:
                 products = cpu_gemv.products(rows[None], *operands)  # [len(group), B, N]
                 outputs.extend(module.output(y, hidden_states.shape[:-1]) for module, y in zip(group, products))
             else:
@@ -195,7 +199,7 @@ def _projection_groups(projections: list[nn.Module]) -> list[list[nn.Module]]:
     return groups
 
 
-def _kernel_operands(group: list[KernelLinear], rows: int) -> tuple[list, list, int] | None:
+def group_operands(group: list[KernelLinear], rows: int) -> tuple[list, list, int] | None:
     """(matrices, scales, group size) of the modules' weights as cpu_gemv reads them, or None
     where expert_format.linear would not give them these `rows` (KernelLinear.kernel_operands)."""
     each = [module.kernel_operands(rows) for module in group]

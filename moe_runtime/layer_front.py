@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .compute import compute_dtype
-from .decode_attention import STEP_NORMS, NativeRotation
+from .decode_attention import NativeRotation, group_operands
 from .expert_format import kernel_operands_many
 from .kernel_linears import KernelLinear
 from .kv_append import room_for
@@ -138,11 +138,9 @@ def _native(owner: DecodeLayer):
     if o_proj is None or any(group is None for group in qkv):
         raise ValueError("a projection the decode kernel does not compute")
     extension = decode_extension()
-    qk = [(norm.module.weight, norm.eps) for norm in attention.qk_norms] or [(None, 0.0), (None, 0.0)]
     weight = router.router.weight.detach()
     return extension.LayerFront(
-        _norm(owner.norms[0]), qkv, STEP_NORMS[attention.norms], qk[0][0], qk[1][0], qk[0][1], qk[1][1],
-        bool(attention.qk_norms) and attention.qk_norms[0].exact, float(attention.clip or 0.0), attention.attention.scaling, o_proj,
+        _norm(owner.norms[0]), qkv, *attention.step_norms(), attention.attention.scaling, o_proj,
         _norm(owner.norms[1]), extension.Projections([weight], [], 0, weight.shape[1], [None]), *owner.rule,
     )
 
@@ -177,12 +175,6 @@ def _norm(norm: NativeNorm):
 def _projections(group: list) -> object | None:
     """The modules of one kernel call as the native Projections, or None where one of them does
     not go to the decode kernel for a row (then decode_layer.py's path computes it otherwise)."""
-    if not all(isinstance(module, KernelLinear) for module in group):
+    if not all(isinstance(module, KernelLinear) for module in group) or (operands := group_operands(group, 1)) is None:
         return None
-    operands = [module.kernel_operands(1) for module in group]
-    if any(each is None for each in operands):
-        return None
-    return decode_extension().Projections(
-        [each[0][0] for each in operands], [scale for each in operands for scale in each[1]], operands[0][2], group[0].in_features,
-        [module.bias for module in group],
-    )
+    return decode_extension().Projections(*operands, group[0].in_features, [module.bias for module in group])
