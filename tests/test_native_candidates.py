@@ -118,3 +118,37 @@ def test_the_default_is_compiled_wherever_the_candidates_can_be_built():
     policy = make_policy("adaptive", num_layers=4, num_experts=8, capacity=8, top_k=2)
     assert policy.native == native_candidates.available()
     assert not make_policy("adaptive", num_layers=4, num_experts=8, capacity=32, top_k=2).native  # idle: every expert fits
+
+
+def _same_model(a: ReuseModel, b: ReuseModel) -> bool:
+    transitions = (a.transitions is None and b.transitions is None) or np.array_equal(a.transitions, b.transitions)
+    return transitions and all(np.array_equal(x, y) for x, y in [(a.bucket, b.bucket), (a.wait, b.wait), (a.forecast_edges, b.forecast_edges)])
+
+
+@compiled_only
+@pytest.mark.parametrize("routing", ["esft-vanilla-lite/law", "gpt-oss-20b/gpqa", "repeats"])
+def test_the_compiled_fit_counts_exactly_as_numpy(routing):
+    """reuse_fit.cpp's counts give numpy's model bit for bit: popularity buckets, transitions, the
+    forecast edges and every cell's wait, with and without a prior and with one bucket each; on
+    real routing and on rows that name an expert twice (a token uses it once), sequences of one
+    token among them."""
+    from moe_runtime.policies.next_use import generic_wait
+    from moe_runtime.trace import Trace
+
+    if routing == "repeats":
+        ids = np.random.default_rng(3).integers(0, 5, size=(300, 3, 4)).astype(np.int16)
+        trace = Trace(ids, np.zeros(ids.shape, dtype=np.float16), np.array([0, 1, 120, 121, 300]), 5, 4)
+    else:
+        trace = load_trace(ROUTING / f"{routing}.npz").select_sequences(range(5))
+    prior = generic_wait() if routing != "repeats" else np.full((1, 65, 17, 1), 2.5)
+    for options in ({}, {"prior": prior, "prior_weight": 20.0}, {"popularity_buckets": 1, "forecast_buckets": 1}):
+        assert _same_model(ReuseModel.fit(trace, compiled=True, **options), ReuseModel.fit(trace, compiled=False, **options)), options
+
+
+def test_refits_count_with_the_compiled_passes_where_they_can_be_built():
+    """The refit schedule assumes the fit's cost, so the default asks for the engine it priced."""
+    policy = make_policy("adaptive", num_layers=4, num_experts=8, capacity=8, top_k=2)
+    assert policy.compiled_fit == native_candidates.available()
+    from moe_runtime.policies.routing_history import COMPILED_FIT_NS_PER_CELL, NUMPY_FIT_NS_PER_CELL
+
+    assert policy.history.fit_ns_per_cell == (COMPILED_FIT_NS_PER_CELL if policy.compiled_fit else NUMPY_FIT_NS_PER_CELL)

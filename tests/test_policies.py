@@ -332,7 +332,7 @@ def test_the_routing_history_keeps_the_latest_decode_tokens_in_order():
         assert not history.refit_due
         history.record(0, [token % 4, (token + 1) % 4])
         history.record(1, [4 + token % 4, 4 + (token + 2) % 4])
-    history.record(0, [0, 1])  # token 256 opens: 0..255 are kept
+    history.record(0, [0, 1])  # a token opens: the first FIRST_REFIT_TOKENS are kept
     assert history.refit_due  # the first refit
     history.as_trace()
     assert not history.refit_due
@@ -349,6 +349,38 @@ def test_the_routing_history_keeps_the_latest_decode_tokens_in_order():
     assert trace.expert_ids[0].tolist() == [[first % 4, (first + 1) % 4], [first % 4, (first + 2) % 4]]
     last = HISTORY_TOKENS + overflow - 1
     assert trace.expert_ids[-1].tolist() == [[last % 4, (last + 1) % 4], [last % 4, (last + 2) % 4]]
+
+
+def test_refits_come_every_few_tokens_unless_their_cost_spaces_them():
+    """After the first refit, one every REFIT_EVERY_TOKENS tokens where a refit is cheap for the
+    layer steps between; elsewhere no more often than REFIT_US_PER_STEP per layer step pays for,
+    at the cost the fit engine was priced at (numpy's fits are spaced further than compiled ones)."""
+    import math
+
+    from moe_runtime.policies.routing_history import (
+        COMPILED_FIT_NS_PER_CELL, FIT_FIXED_US, NUMPY_FIT_NS_PER_CELL, REFIT_EVERY_TOKENS, REFIT_US_PER_STEP, RoutingHistory,
+    )
+
+    def tokens_between_refits(history: RoutingHistory) -> int:
+        """Tokens from a refit at a full history to the next one that is due."""
+        def token(number: int) -> None:
+            for layer in range(history.num_layers):
+                history.record(layer, [layer * history.num_experts + (number + k) % history.num_experts for k in range(history.top_k)])
+
+        for number in range(history.capacity + 1):
+            token(number)
+        history.as_trace()
+        count = 0
+        while not history.refit_due:
+            token(count)
+            count += 1
+        return count
+
+    for layers, experts, top_k, ns in ((80, 2, 1, COMPILED_FIT_NS_PER_CELL), (26, 64, 6, COMPILED_FIT_NS_PER_CELL), (26, 64, 6, NUMPY_FIT_NS_PER_CELL)):
+        history = RoutingHistory(layers, experts, top_k, fit_ns_per_cell=ns)
+        fit_us = FIT_FIXED_US + history.capacity * layers * experts * ns / 1e3
+        assert tokens_between_refits(history) == max(REFIT_EVERY_TOKENS, math.ceil(fit_us / (REFIT_US_PER_STEP * layers)))
+    assert RoutingHistory(80, 2, 1).capacity * 80 * 2 * COMPILED_FIT_NS_PER_CELL / 1e3 + FIT_FIXED_US < REFIT_EVERY_TOKENS * REFIT_US_PER_STEP * 80  # the first case is the cheap one
 
 
 def test_the_routing_history_of_a_large_model_is_bounded_by_cells():

@@ -1,7 +1,7 @@
 """Adaptive: follow whichever candidate policy would have missed least on the recent routing.
 
 Each candidate (LRU, LFU, next-use with the generic reuse model, and next-use with a reuse model
-refitted every few hundred tokens on the routing served) runs twice: a ranker that sees
+refitted every few dozen tokens on the routing served) runs twice: a ranker that sees
 the real cache's events and can name a victim among the real residents, and a shadow cache
 (shadow_cache.py: residency and the policy's bookkeeping only) that replays the same layer steps
 as if that candidate alone ran the cache (candidates.py; compiled: native_candidates.py). Each
@@ -36,7 +36,7 @@ from . import native_candidates
 from .base import EvictionPolicy, NoVictimError
 from .candidates import LEARNER, NAMES, NO_VICTIM, Candidates
 from .next_use import ReuseModel, generic_wait
-from .routing_history import RoutingHistory
+from .routing_history import COMPILED_FIT_NS_PER_CELL, NUMPY_FIT_NS_PER_CELL, RoutingHistory
 
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
 SWITCH_MARGIN = 0.02  # a challenger must miss 2% less than the leader to take over
@@ -68,7 +68,9 @@ class AdaptivePolicy(EvictionPolicy):
             model, model.select_layers(self.sampled, num_experts), num_layers=num_layers, num_experts=num_experts, sampled=self.sampled,
             shadow_slots=self.shadow_slots, decay=0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled))), keep=1 - SWITCH_MARGIN,
         )
-        self.history = RoutingHistory(num_layers, num_experts, top_k) if learn else None
+        self.compiled_fit = not self.idle and native_candidates.available()  # the refits' counts (the same models either way: tested)
+        fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL
+        self.history = RoutingHistory(num_layers, num_experts, top_k, fit_ns_per_cell=fit_ns_per_cell) if learn else None
         self.refits = 0
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
             self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
@@ -97,7 +99,7 @@ class AdaptivePolicy(EvictionPolicy):
         a few times: they lean towards what the generic table expects at their age and recent
         uses, not towards "far" as an offline fit's do (4-8% fewer loads at 50% on the fit halves
         of ESFT and GPT-OSS, the same on flat routing: BENCHMARKS.md)."""
-        model = ReuseModel.fit(self.history.as_trace(), prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT)
+        model = ReuseModel.fit(self.history.as_trace(), prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit)
         self.candidates.use_model(model, model.select_layers(self.sampled, self.num_experts))
         self.refits += 1
 

@@ -9,6 +9,8 @@
 // doubles: due = step + L * wait (after a visit), chance + ((1 - q) * L) * wait (a forecast), a
 // transition forecast summed row by row in fp32 and divided in fp32 (numpy's reduction over the
 // first axis, and a float32 array divided by a Python int); the build has -ffp-contract=off.
+// The extension also carries the counting passes of the learning candidate's refits
+// (reuse_fit.cpp, included at the end).
 
 #include <torch/extension.h>
 
@@ -486,6 +488,8 @@ class Candidates {
 
 }  // namespace
 
+#include "reuse_fit.cpp"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Candidates>(m, "Candidates")
       .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
@@ -499,4 +503,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("leader", &Candidates::leader)
       .def_property_readonly("switches", &Candidates::switches)
       .def_property_readonly("misses", &Candidates::misses);
+  reuse_fit::bind_reuse_fit(m);
 }

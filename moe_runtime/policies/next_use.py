@@ -93,27 +93,61 @@ class ReuseModel:
     @classmethod
     def fit(
         cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS, prior: np.ndarray | None = None,
-        prior_weight: float = 5.0,
+        prior_weight: float = 5.0, compiled: bool | None = None,
     ) -> ReuseModel:
         """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`,
         each cell drawn towards `prior` (a wait table broadcast to the cells; None: HORIZON, "far")
-        with the weight of `prior_weight` observations."""
-        used = used_matrix(trace)
-        bucket = _quantile_buckets(used.mean(axis=0), popularity_buckets)[1]
-        transitions = expert_transitions(trace, used) if forecast_buckets > 1 else None
-        if transitions is None:
-            edges, forecast = np.zeros(0), np.broadcast_to(np.int64(0), used.shape)  # a view: no [T, N] of zeros
-        else:
-            edges, forecast = _quantile_buckets(transition_forecast(trace, transitions), forecast_buckets)
+        with the weight of `prior_weight` observations. compiled: count with reuse_fit.cpp, which
+        gives numpy's counts exactly in a fraction of the time (None: where it can be built)."""
+        counts = _counter(trace, compiled)
+        bucket = _quantile_buckets(counts.popularity(), popularity_buckets)[1]
+        transitions = counts.transitions() if forecast_buckets > 1 else None
+        forecast = None if transitions is None else counts.forecast(transitions)
+        edges = np.zeros(0) if forecast is None else _quantile_edges(forecast.ravel()[:: _sample_stride(forecast.size)], forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
-        total, count = np.zeros(int(np.prod(shape))), np.zeros(int(np.prod(shape)))
-        for begin, end in zip(trace.seq_offsets[:-1], trace.seq_offsets[1:]):
-            age, recent, wait = reuse_history(used[begin:end])
-            cells = np.ravel_multi_index((np.broadcast_to(bucket, age.shape), age, recent, forecast[begin:end]), shape)
-            total += np.bincount(cells.ravel(), weights=wait.ravel(), minlength=total.size)
-            count += np.bincount(cells.ravel(), minlength=count.size)
+        total, count = counts.cell_sums(bucket, forecast, edges, shape)
         towards = np.broadcast_to(HORIZON if prior is None else prior, shape).ravel()
         return cls(bucket, ((total + prior_weight * towards) / (count + prior_weight)).reshape(shape), transitions, edges)
+
+
+def _counter(trace: Trace, compiled: bool | None):
+    """The counting passes of a fit: compiled (native_reuse_counts.py) where asked for or, by
+    default, where they can be built; else numpy's (ReuseCounts)."""
+    from . import native_candidates, native_reuse_counts  # they import this module
+
+    if compiled is None:
+        compiled = native_candidates.available()
+    return native_reuse_counts.CompiledReuseCounts(trace) if compiled else ReuseCounts(trace)
+
+
+class ReuseCounts:
+    """What ReuseModel.fit counts over a trace, in numpy: the reference for reuse_fit.cpp."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.used = used_matrix(trace)
+
+    def popularity(self) -> np.ndarray:
+        """[L*E] share of tokens that used each key."""
+        return self.used.mean(axis=0)
+
+    def transitions(self) -> np.ndarray:
+        return expert_transitions(self.trace, self.used)
+
+    def forecast(self, transitions: np.ndarray) -> np.ndarray:
+        return transition_forecast(self.trace, transitions)
+
+    def cell_sums(self, bucket: np.ndarray, forecast: np.ndarray | None, edges: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """(sum of the capped waits, count) per cell of `shape`, flat; `forecast` [T, L*E] is cut
+        into transition buckets by `edges` (None: one bucket)."""
+        buckets = np.broadcast_to(np.int64(0), self.used.shape) if forecast is None else np.searchsorted(edges, forecast)  # a view: no [T, N] of zeros
+        total, count = np.zeros(int(np.prod(shape))), np.zeros(int(np.prod(shape)))
+        for begin, end in zip(self.trace.seq_offsets[:-1], self.trace.seq_offsets[1:]):
+            age, recent, wait = reuse_history(self.used[begin:end])
+            cells = np.ravel_multi_index((np.broadcast_to(bucket, age.shape), age, recent, buckets[begin:end]), shape)
+            total += np.bincount(cells.ravel(), weights=wait.ravel(), minlength=total.size)
+            count += np.bincount(cells.ravel(), minlength=count.size)
+        return total, count
 
 
 @functools.cache
@@ -122,11 +156,22 @@ def generic_wait() -> np.ndarray:
     return ReuseModel.fit(load_traces(sorted(SHIPPED_ROUTING.glob("*.npz"))), popularity_buckets=1, forecast_buckets=1).wait
 
 
+QUANTILE_SAMPLE = 250_000  # quantile edges are cut from at most about this many values, evenly strided
+
+
+def _sample_stride(size: int) -> int:
+    return max(1, size // QUANTILE_SAMPLE)
+
+
+def _quantile_edges(sample: np.ndarray, buckets: int) -> np.ndarray:
+    """[buckets - 1] edges cutting `sample` into equal-count buckets."""
+    return np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1])
+
+
 def _quantile_buckets(values: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """(edges [buckets - 1], bucket of each value): equal-count buckets of `values` (edges from
-    at most a million of them, evenly strided: sorting all 10^7 forecasts of a trace takes seconds)."""
-    sample = values.ravel()[:: max(1, values.size // 1_000_000)]
-    edges = np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1])
+    """(edges [buckets - 1], bucket of each value): equal-count buckets of `values`, the edges cut
+    from an evenly strided sample (sorting all 10^7 forecasts of a trace takes seconds)."""
+    edges = _quantile_edges(values.ravel()[:: _sample_stride(values.size)], buckets)
     return edges, np.searchsorted(edges, values)
 
 
@@ -140,7 +185,7 @@ def used_matrix(trace: Trace) -> np.ndarray:
 
 def expert_transitions(trace: Trace, used: np.ndarray) -> np.ndarray:
     """[L, E, E] P(expert e' at layer l for token t + 1 | e at layer l for token t), within
-    sequences, smoothed towards the base rate K/E with the weight of 10 observations."""
+    sequences (transition_table of the counts)."""
     num_layers, num_experts = trace.num_layers, trace.num_experts
     has_next = np.ones(trace.num_tokens, dtype=bool)
     has_next[trace.seq_offsets[1:] - 1] = False
@@ -152,8 +197,15 @@ def expert_transitions(trace: Trace, used: np.ndarray) -> np.ndarray:
         current, following = used[now, span].astype(np.float64), used[now + 1, span].astype(np.float64)
         counts[layer] = current.T @ following  # [E, E]: tokens using e now and e' next
         seen[layer] = current.sum(axis=0)
+    return transition_table(counts, seen, trace.top_k)
+
+
+def transition_table(counts: np.ndarray, seen: np.ndarray, top_k: int) -> np.ndarray:
+    """[L, E, E] fp32 transition probabilities from the counts of (e now, e' next) [L, E, E] and of
+    e now with a next token [L, E], smoothed towards the base rate K/E with the weight of 10
+    observations."""
     prior = 10.0
-    return ((counts + prior * trace.top_k / num_experts) / (seen[:, :, None] + prior)).astype(np.float32)
+    return ((counts + prior * top_k / counts.shape[-1]) / (seen[:, :, None] + prior)).astype(np.float32)
 
 
 def transition_forecast(trace: Trace, transitions: np.ndarray) -> np.ndarray:

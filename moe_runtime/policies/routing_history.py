@@ -6,6 +6,13 @@ layers' expert-to-expert transitions, and makes 6-21% fewer loads on ESFT (BENCH
 user who brings no traces still produces them while decoding: this keeps the last few thousand
 decode tokens' experts and says when enough new ones have arrived, so the adaptive default can
 refit its next-use candidate on the routing of the model and task it actually serves.
+
+How often: the more often, the fewer loads (refits every 32 tokens against every few hundred:
+0.5-2% fewer loads at 25-50% on the fit halves of ESFT and GPT-OSS, BENCHMARKS.md), so a refit
+comes every REFIT_EVERY_TOKENS tokens as long as it costs under REFIT_US_PER_STEP per layer step;
+compiled counting (reuse_fit.cpp) made a refit about seven times cheaper, which is what allows
+it (on DeepSeek-V2-Lite's 26 x 64 experts, about every 70 tokens early on, every 410 at the
+full 2048 tokens of history; on 8 layers of 128 experts, every 200 to 880).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from ..trace import Trace
 
 HISTORY_TOKENS = 2048  # the routing a refit sees: the most recent decode tokens,
 HISTORY_KEYS = 3_500_000  # ... but at most this many (token, expert) cells: a refit's memory and time are bounded
-FIRST_REFIT_TOKENS = 256  # the first refit; later ones when the history has grown by half since,
-LAST_REFIT_TOKENS = 1024  # ... and at least this often,
+FIRST_REFIT_TOKENS = 128  # the first refit; later ones every REFIT_EVERY_TOKENS tokens,
+REFIT_EVERY_TOKENS = 32  # ...
 REFIT_US_PER_STEP = 8.0  # ... unless refitting would cost more than this per layer step, amortized,
-FIT_NS_PER_CELL = 60.0  # ... at what a refit costs per (token, key) of history (2-core VM: 200 ms at 2048 x 26 x 64)
+FIT_FIXED_US = 10_000.0  # ... at what a refit costs: this much whatever the history (the model's tables, its hand-over),
+COMPILED_FIT_NS_PER_CELL = 22.0  # ... and this per (token, key) of history, compiled (reuse_fit.cpp),
+NUMPY_FIT_NS_PER_CELL = 160.0  # ... or in numpy (2-core VM, one hour, 4 models x 128-2048 tokens: BENCHMARKS.md)
 
 
 class RoutingHistory:
@@ -29,8 +38,10 @@ class RoutingHistory:
     2-core VM). Only tokens whose every layer step used exactly K experts are kept (a prefill
     step's union of experts is not one token's routing)."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, fit_ns_per_cell: float = COMPILED_FIT_NS_PER_CELL):
+        """fit_ns_per_cell: what a refit costs per (token, key) of history, which spaces refits."""
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.fit_ns_per_cell = fit_ns_per_cell
         self.capacity = min(HISTORY_TOKENS, max(FIRST_REFIT_TOKENS, HISTORY_KEYS // (num_layers * num_experts)))
         self.ring = np.zeros((self.capacity, num_layers, top_k), dtype=np.int16)
         self.kept = 0  # tokens ever kept
@@ -57,13 +68,14 @@ class RoutingHistory:
 
     @property
     def refit_due(self) -> bool:
-        """Early refits while there is little routing, then one every LAST_REFIT_TOKENS tokens;
-        never so often that a refit, spread over the layer steps since the last, costs more than
-        REFIT_US_PER_STEP. The cost is estimated from the history's size, not timed, so that a
-        replay makes the same decisions on every machine."""
-        schedule = min(LAST_REFIT_TOKENS, max(FIRST_REFIT_TOKENS, self.kept // 2))
-        fit_us = min(self.kept, self.capacity) * self.num_layers * self.num_experts * FIT_NS_PER_CELL / 1e3
-        return self.since_fit >= max(schedule, fit_us / (REFIT_US_PER_STEP * self.num_layers))
+        """The first refit after FIRST_REFIT_TOKENS tokens (once, whatever it costs), then one every
+        REFIT_EVERY_TOKENS tokens, never so often that a refit, spread over the layer steps since
+        the last, costs more than REFIT_US_PER_STEP. The cost is estimated from the history's
+        size, not timed, so that a replay makes the same decisions on every machine."""
+        if self.kept == self.since_fit:  # none yet
+            return self.kept >= FIRST_REFIT_TOKENS
+        fit_us = FIT_FIXED_US + min(self.kept, self.capacity) * self.num_layers * self.num_experts * self.fit_ns_per_cell / 1e3
+        return self.since_fit >= max(REFIT_EVERY_TOKENS, fit_us / (REFIT_US_PER_STEP * self.num_layers))
 
     def as_trace(self) -> Trace:
         """The kept tokens, oldest first, as one sequence; resets the refit count."""
