@@ -24,7 +24,7 @@ from ..trace import Trace
 HISTORY_TOKENS = 2048  # the routing a refit sees: the most recent decode tokens,
 HISTORY_KEYS = 3_500_000  # ... but at most this many (token, expert) cells: a refit's memory and time are bounded
 FIRST_REFIT_TOKENS = 128  # the first refit; later ones every REFIT_EVERY_TOKENS tokens,
-REFIT_EVERY_TOKENS = 32  # ...
+REFIT_EVERY_TOKENS = 32  # ... at most this often,
 REFIT_US_PER_STEP = 8.0  # ... unless refitting would cost more than this per layer step, amortized,
 FIT_FIXED_US = 10_000.0  # ... at what a refit costs: this much whatever the history (the model's tables, its hand-over),
 COMPILED_FIT_NS_PER_CELL = 22.0  # ... and this per (token, key) of history, compiled (reuse_fit.cpp),
