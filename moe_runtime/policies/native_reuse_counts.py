@@ -23,22 +23,22 @@ class CompiledReuseCounts:
 
     def __init__(self, trace: Trace):
         self.trace = trace
-        self.ids = torch.from_numpy(np.ascontiguousarray(trace.expert_ids))
+        self.routing = extension().Routing(torch.from_numpy(np.ascontiguousarray(trace.expert_ids)), trace.num_experts)  # read once for the four passes
         self.offsets = torch.from_numpy(np.ascontiguousarray(trace.seq_offsets, dtype=np.int64))
 
     def popularity(self) -> np.ndarray:
-        return extension().use_counts(self.ids, self.trace.num_experts).numpy() / self.trace.num_tokens
+        return extension().use_counts(self.routing).numpy() / self.trace.num_tokens
 
     def transitions(self) -> np.ndarray:
-        counts, seen = extension().transition_counts(self.ids, self.offsets, self.trace.num_experts)
+        counts, seen = extension().transition_counts(self.routing, self.offsets)
         return transition_table(counts.numpy(), seen.numpy(), self.trace.top_k)
 
     def forecast(self, transitions: np.ndarray) -> np.ndarray:
-        return extension().transition_forecasts(self.ids, self.trace.num_experts, torch.from_numpy(transitions)).numpy()
+        return extension().transition_forecasts(self.routing, torch.from_numpy(transitions)).numpy()
 
     def cell_sums(self, bucket: np.ndarray, forecast: np.ndarray | None, edges: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
         total, count = extension().cell_sums(
-            self.ids, self.offsets, self.trace.num_experts, torch.from_numpy(np.ascontiguousarray(bucket, dtype=np.int64)),
+            self.routing, self.offsets, torch.from_numpy(np.ascontiguousarray(bucket, dtype=np.int64)),
             torch.zeros(0) if forecast is None else torch.from_numpy(forecast), torch.from_numpy(np.asarray(edges, dtype=np.float64)), shape[0],
             shape[3], AGE_CAP, WINDOW, HORIZON,
         )

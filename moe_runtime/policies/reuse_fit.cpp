@@ -7,13 +7,12 @@
 // Compiled into the candidates' extension (candidates.cpp includes this file).
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <vector>
 
 namespace reuse_fit {
 
-// A routing history [T, L, K] of expert ids, read once into ints, with a flag on each id that
+// A routing history [T, L, K] of expert ids, read once per fit into ints, with a flag on each id that
 // repeats an earlier one of its row (a token uses an expert once, as numpy's bool matrix has it).
 struct Routing {
   int64_t tokens, layers, top_k, experts;
@@ -22,8 +21,7 @@ struct Routing {
 
   Routing(const torch::Tensor& expert_ids, int64_t num_experts)
       : tokens(expert_ids.size(0)), layers(expert_ids.size(1)), top_k(expert_ids.size(2)), experts(num_experts) {
-    const torch::Tensor flat = expert_ids.to(torch::kInt64).contiguous().view(-1);
-    ids.assign(flat.data_ptr<int64_t>(), flat.data_ptr<int64_t>() + flat.numel());
+    ids = copy_of<int64_t>(expert_ids.to(torch::kInt64));
     first.assign(ids.size(), 1);
     for (size_t row = 0; row < ids.size(); row += top_k)
       for (int64_t k = 1; k < top_k; ++k)
@@ -56,14 +54,8 @@ struct Routing {
   }
 };
 
-std::vector<int64_t> sequence_bounds(const torch::Tensor& seq_offsets) {
-  const torch::Tensor flat = seq_offsets.to(torch::kInt64).contiguous();
-  return std::vector<int64_t>(flat.data_ptr<int64_t>(), flat.data_ptr<int64_t>() + flat.numel());
-}
-
 // [L * E] tokens that used each key.
-torch::Tensor use_counts(const torch::Tensor& expert_ids, int64_t num_experts) {
-  const Routing routing(expert_ids, num_experts);
+torch::Tensor use_counts(const Routing& routing) {
   torch::Tensor counts = torch::zeros({routing.keys()}, torch::kInt64);
   int64_t* out = counts.data_ptr<int64_t>();
   for (int64_t token = 0; token < routing.tokens; ++token) routing.each_used(token, [out](int64_t key) { ++out[key]; });
@@ -72,14 +64,13 @@ torch::Tensor use_counts(const torch::Tensor& expert_ids, int64_t num_experts) {
 
 // ([L, E, E] tokens using e at a layer whose next token (same sequence) uses e' there,
 //  [L, E] tokens using e at a layer that have a next token), as doubles.
-std::tuple<torch::Tensor, torch::Tensor> transition_counts(const torch::Tensor& expert_ids, const torch::Tensor& seq_offsets, int64_t num_experts) {
-  const Routing routing(expert_ids, num_experts);
-  const int64_t experts = num_experts, top_k = routing.top_k;
+std::tuple<torch::Tensor, torch::Tensor> transition_counts(const Routing& routing, const torch::Tensor& seq_offsets) {
+  const int64_t experts = routing.experts, top_k = routing.top_k;
   torch::Tensor counts = torch::zeros({routing.layers, experts, experts}, torch::kFloat64);
   torch::Tensor seen = torch::zeros({routing.layers, experts}, torch::kFloat64);
   double* pairs = counts.data_ptr<double>();
   double* from = seen.data_ptr<double>();
-  const std::vector<int64_t> bounds = sequence_bounds(seq_offsets);
+  const std::vector<int64_t> bounds = copy_of<int64_t>(seq_offsets.to(torch::kInt64));
   for (size_t s = 0; s + 1 < bounds.size(); ++s) {
     for (int64_t token = bounds[s]; token + 1 < bounds[s + 1]; ++token) {
       for (int64_t layer = 0; layer < routing.layers; ++layer) {
@@ -99,14 +90,13 @@ std::tuple<torch::Tensor, torch::Tensor> transition_counts(const torch::Tensor& 
 
 // [T, L * E] the transition forecast of every (token, key): P(the key's expert at the next
 // token | the experts the token used at its layer), as next_use.transition_forecast gives it.
-torch::Tensor transition_forecasts(const torch::Tensor& expert_ids, int64_t num_experts, const torch::Tensor& transitions) {
-  const Routing routing(expert_ids, num_experts);
+torch::Tensor transition_forecasts(const Routing& routing, const torch::Tensor& transitions) {
   const torch::Tensor table = transitions.to(torch::kFloat32).contiguous();
   torch::Tensor forecasts = torch::empty({routing.tokens, routing.keys()}, torch::kFloat32);
   float* out = forecasts.data_ptr<float>();
   for (int64_t token = 0; token < routing.tokens; ++token)
     for (int64_t layer = 0; layer < routing.layers; ++layer)
-      routing.forecast(table.data_ptr<float>(), token, layer, out + (token * routing.layers + layer) * num_experts);
+      routing.forecast(table.data_ptr<float>(), token, layer, out + (token * routing.layers + layer) * routing.experts);
   return forecasts;
 }
 
@@ -116,11 +106,9 @@ torch::Tensor transition_forecasts(const torch::Tensor& expert_ids, int64_t num_
 // buckets by `edges` (empty: one bucket). Ages, recent uses and next uses restart with each
 // sequence; a key never used again waits `horizon`.
 std::tuple<torch::Tensor, torch::Tensor> cell_sums(
-    const torch::Tensor& expert_ids, const torch::Tensor& seq_offsets, int64_t num_experts, const torch::Tensor& bucket,
-    const torch::Tensor& forecasts, const torch::Tensor& edges, int64_t popularity_buckets, int64_t forecast_buckets, int64_t age_cap,
-    int64_t window, int64_t horizon) {
-  const Routing routing(expert_ids, num_experts);
-  const int64_t keys = routing.keys(), experts = num_experts;
+    const Routing& routing, const torch::Tensor& seq_offsets, const torch::Tensor& bucket, const torch::Tensor& forecasts, const torch::Tensor& edges,
+    int64_t popularity_buckets, int64_t forecast_buckets, int64_t age_cap, int64_t window, int64_t horizon) {
+  const int64_t keys = routing.keys();
   const std::vector<int64_t> bucket_of = copy_of<int64_t>(bucket.to(torch::kInt64));
   const std::vector<double> cuts = copy_of<double>(edges.to(torch::kFloat64));
   TORCH_CHECK(bucket.numel() == keys, "cell_sums: ", bucket.numel(), " popularity buckets for ", keys, " experts");
@@ -131,7 +119,7 @@ std::tuple<torch::Tensor, torch::Tensor> cell_sums(
   std::vector<uint32_t> seen(cells * horizon, 0);  // [cell][wait - 1]: one integer increment per (t, key)
   std::vector<double> value(keys);
   std::vector<int64_t> transition_bucket(keys, 0), next_use(keys), last_use(keys), recent(keys);
-  const std::vector<int64_t> bounds = sequence_bounds(seq_offsets);
+  const std::vector<int64_t> bounds = copy_of<int64_t>(seq_offsets.to(torch::kInt64));
   for (size_t s = 0; s + 1 < bounds.size(); ++s) {
     const int64_t begin = bounds[s], length = bounds[s + 1] - begin;
     // Backward: each (t, key)'s capped wait until the key's next use after t.
@@ -174,6 +162,7 @@ std::tuple<torch::Tensor, torch::Tensor> cell_sums(
 }
 
 void bind_reuse_fit(py::module_& m) {
+  py::class_<Routing>(m, "Routing").def(py::init<const torch::Tensor&, int64_t>());
   m.def("use_counts", &use_counts);
   m.def("transition_counts", &transition_counts);
   m.def("transition_forecasts", &transition_forecasts);
