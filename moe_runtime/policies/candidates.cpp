@@ -27,11 +27,25 @@ using Key = int64_t;
 using Evictable = std::function<bool(Key)>;
 constexpr Key NO_VICTIM = -1;
 constexpr int64_t NOT_RESIDENT = -1;
+constexpr Key STALE = -2;
 
 template <typename T>
 std::vector<T> copy_of(const torch::Tensor& tensor) {
   const torch::Tensor flat = tensor.contiguous().view(-1);
   return std::vector<T>(flat.data_ptr<T>(), flat.data_ptr<T>() + flat.numel());
+}
+
+// out[E] = the mean of rows `rows[i] - offset` (i < count) of a [E, E] fp32 table, in fp32, row
+// by row (numpy's mean over the first axis of the rows taken: the same floats).
+void mean_of_rows(const float* table, int64_t experts, const int64_t* rows, int64_t count, int64_t offset, float* out) {
+  const float* row = table + (rows[0] - offset) * experts;
+  std::copy(row, row + experts, out);
+  for (int64_t i = 1; i < count; ++i) {
+    row = table + (rows[i] - offset) * experts;
+    for (int64_t e = 0; e < experts; ++e) out[e] += row[e];
+  }
+  const float divisor = static_cast<float>(count);
+  for (int64_t e = 0; e < experts; ++e) out[e] /= divisor;
 }
 
 bool holds(const std::vector<Key>& keys, Key key) { return std::find(keys.begin(), keys.end(), key) != keys.end(); }
@@ -194,7 +208,7 @@ class NextUse : public Candidate {
   NextUse(int64_t layers, int64_t experts, ReuseModel model, int64_t age_cap, int64_t window)
       : layers_(layers), experts_(experts), age_cap_(age_cap), window_(window), last_use_(layers * experts, -age_cap),
         recent_(layers * experts, 0), window_keys_(window, std::vector<std::vector<Key>>(layers)), layer_(layers),
-        due_(layers * experts), place_(layers * experts, NOT_RESIDENT), visits_(layers) {
+        due_(layers * experts), residents_(layers), place_(layers * experts, NOT_RESIDENT), latest_(layers, STALE), visits_(layers) {
     use_model(std::move(model));
     for (Key key = 0; key < layers * experts; ++key) {
       const int64_t last_visit = key / experts - layers;  // layer l's first visit is step l
@@ -208,6 +222,7 @@ class NextUse : public Candidate {
     if (static_cast<int64_t>(model.row.size()) != layers_ * experts_) throw std::invalid_argument("the reuse model describes another number of experts");
     model_ = std::move(model);
     forecast_.assign(layers_ * experts_, 0);
+    mean_.assign(experts_, 0.0f);
   }
 
   void layer_start(int64_t layer, const std::vector<Key>& keys) override {
@@ -240,34 +255,48 @@ class NextUse : public Candidate {
       const double q = std::min(std::max(probabilities[expert], 0.0), 1.0);
       due_[key] = static_cast<double>(chance) + (1.0 - q) * static_cast<double>(layers_) * lookup(key, age(key));
     }
+    latest_[layer] = STALE;
   }
 
   void insert(Key key) override {
     if (place_[key] != NOT_RESIDENT) return;
-    place_[key] = static_cast<int64_t>(residents_.size());
-    residents_.push_back(key);
+    std::vector<Key>& residents = residents_[key / experts_];
+    place_[key] = static_cast<int64_t>(residents.size());
+    residents.push_back(key);
+    Key& latest = latest_[key / experts_];
+    if (latest != STALE && (latest == NO_VICTIM || due_later(key, latest))) latest = key;
   }
   void access(Key) override {}
   void evict(Key key) override {
     if (place_[key] == NOT_RESIDENT) return;
-    const Key last = residents_.back();
-    residents_[place_[key]] = last;
+    std::vector<Key>& residents = residents_[key / experts_];
+    const Key last = residents.back();
+    residents[place_[key]] = last;
     place_[last] = place_[key];
-    residents_.pop_back();
+    residents.pop_back();
     place_[key] = NOT_RESIDENT;
+    if (latest_[key / experts_] == key) latest_[key / experts_] = STALE;
   }
 
   // The resident key due last (the smallest such key, as numpy's argmax over the scores of
-  // every key names the first), skipping those `evictable` refuses.
+  // every key names the first), skipping those `evictable` refuses: the latest of each layer's
+  // latest resident, which a layer keeps until its dues or its latest change (a scan of every
+  // resident per eviction was a third of the default's cost at E = 128).
   Key victim(const Evictable& evictable) override {
+    for (int64_t layer = 0; layer < layers_; ++layer) {
+      if (latest_[layer] == STALE) latest_[layer] = latest_of(layer, {});
+    }
+    std::vector<Key>& candidates = candidates_;
+    candidates = latest_;
     std::vector<Key> refused;
     while (true) {
       Key found = NO_VICTIM;
-      for (const Key key : residents_) {
-        if ((found == NO_VICTIM || due_[key] > due_[found] || (due_[key] == due_[found] && key < found)) && !holds(refused, key)) found = key;
+      for (const Key key : candidates) {
+        if (key != NO_VICTIM && (found == NO_VICTIM || due_later(key, found))) found = key;
       }
       if (found == NO_VICTIM || evictable(found)) return found;
       refused.push_back(found);
+      candidates[found / experts_] = latest_of(found / experts_, refused);
     }
   }
 
@@ -279,6 +308,16 @@ class NextUse : public Candidate {
   };
 
   int64_t age(Key key) const { return std::min(token_ - last_use_[key], age_cap_); }
+  bool due_later(Key key, Key than) const { return due_[key] > due_[than] || (due_[key] == due_[than] && key < than); }
+
+  // The resident key of `layer` due last, but for `refused` ones (NO_VICTIM: none).
+  Key latest_of(int64_t layer, const std::vector<Key>& refused) const {
+    Key found = NO_VICTIM;
+    for (const Key key : residents_[layer]) {
+      if ((found == NO_VICTIM || due_later(key, found)) && !holds(refused, key)) found = key;
+    }
+    return found;
+  }
   double lookup(Key key, int64_t age) const {
     return model_.wait[model_.row[key] + age * model_.age_stride + recent_[key] * model_.forecasts + forecast_[key]];
   }
@@ -298,32 +337,36 @@ class NextUse : public Candidate {
       const int64_t age = std::min(token - last_use_[key], age_cap_);
       due_[key] = static_cast<double>(step) + static_cast<double>(layers_) * lookup(key, age);
     }
+    latest_[layer] = STALE;
   }
 
   // Each expert's bucket of P(it is used next | this token's experts), averaged over them.
   void transition_buckets(int64_t layer, const std::vector<Key>& keys) {
-    const float* table = model_.transitions.data() + layer * experts_ * experts_;
     const Key first = layer * experts_;
     if (keys.empty()) {  // numpy's mean of nothing is NaN, which sorts past every edge
       std::fill(forecast_.begin() + first, forecast_.begin() + first + experts_, static_cast<int64_t>(model_.edges.size()));
       return;
     }
+    mean_of_rows(model_.transitions.data() + layer * experts_ * experts_, experts_, keys.data(), static_cast<int64_t>(keys.size()), first, mean_.data());
     for (int64_t expert = 0; expert < experts_; ++expert) {
-      float sum = table[(keys[0] - first) * experts_ + expert];
-      for (size_t i = 1; i < keys.size(); ++i) sum += table[(keys[i] - first) * experts_ + expert];
-      const double mean = sum / static_cast<float>(keys.size());
-      forecast_[first + expert] = std::lower_bound(model_.edges.begin(), model_.edges.end(), mean) - model_.edges.begin();
+      const double mean = mean_[expert];
+      int64_t bucket = 0;  // how many edges lie below (numpy's searchsorted, as the edges are sorted)
+      for (const double edge : model_.edges) bucket += edge < mean;
+      forecast_[first + expert] = bucket;
     }
   }
 
   int64_t layers_, experts_, age_cap_, window_;
   ReuseModel model_;
   std::vector<int64_t> last_use_, recent_, forecast_;
+  std::vector<float> mean_;  // [E] transition_buckets' scratch
   std::vector<std::vector<std::vector<Key>>> window_keys_;  // [token % WINDOW][layer]: the keys it used
   int64_t layer_, token_ = -1, step_ = -1;
   std::vector<double> due_;
-  std::vector<Key> residents_;  // in no order
-  std::vector<int64_t> place_;  // each key's index in residents_, NOT_RESIDENT
+  std::vector<std::vector<Key>> residents_;  // [layer]: its resident keys, in no order
+  std::vector<int64_t> place_;                 // each key's index in its layer's residents_, NOT_RESIDENT
+  std::vector<Key> latest_;                    // [layer]: its resident due last, NO_VICTIM (none) or STALE (to find)
+  std::vector<Key> candidates_;                // victim's scratch
   bool dormant_ = false;
   std::vector<Visit> visits_;  // while dormant: each layer's last visit
 };

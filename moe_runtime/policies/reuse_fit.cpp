@@ -42,15 +42,7 @@ struct Routing {
   // P(expert next | the token's experts) at `layer`: the mean over its K experts of their rows
   // of `transitions` [L, E, E], in fp32 (numpy's mean over the K axis of a float32 array).
   void forecast(const float* transitions, int64_t token, int64_t layer, float* out) const {
-    const int64_t* experts_of = ids.data() + at(token, layer);
-    const float* table = transitions + layer * experts * experts;
-    std::copy(table + experts_of[0] * experts, table + (experts_of[0] + 1) * experts, out);
-    for (int64_t k = 1; k < top_k; ++k) {
-      const float* next = table + experts_of[k] * experts;
-      for (int64_t e = 0; e < experts; ++e) out[e] += next[e];
-    }
-    const float count = static_cast<float>(top_k);
-    for (int64_t e = 0; e < experts; ++e) out[e] /= count;
+    mean_of_rows(transitions + layer * experts * experts, experts, ids.data() + at(token, layer), top_k, 0, out);
   }
 };
 

@@ -46,28 +46,32 @@ class RoutingHistory:
         self.ring = np.zeros((self.capacity, num_layers, top_k), dtype=np.int16)
         self.kept = 0  # tokens ever kept
         self.since_fit = 0
-        self.token = np.zeros((num_layers, top_k), dtype=np.int16)
+        self.refit_due = False  # _refit_due(), as of the last token kept
+        self.token: list = [None] * num_layers  # the running token's keys at each layer, as recorded
+        self.key_offsets = (np.arange(num_layers) * num_experts)[:, None]  # [L, 1] layer * E
         self.layers_seen = 0
         self.layer = num_layers  # the first layer starts a token
 
     def record(self, layer: int, keys: list[int]) -> None:
-        """Layer `layer` of the running token used `keys` (layer * E + expert)."""
+        """Layer `layer` of the running token used `keys` (layer * E + expert; a list the caller
+        leaves as it is: it is read when the token closes, once for all its layers, which costs
+        a layer step a third of what converting each layer's keys did)."""
         if layer <= self.layer:
             self._close_token()
         self.layer = layer
         if len(keys) == self.top_k:
-            self.token[layer] = [key - layer * self.num_experts for key in keys]
+            self.token[layer] = keys
             self.layers_seen += 1
 
     def _close_token(self) -> None:
         if self.layers_seen == self.num_layers:
-            self.ring[self.kept % self.capacity] = self.token
+            self.ring[self.kept % self.capacity] = np.asarray(self.token) - self.key_offsets
             self.kept += 1
             self.since_fit += 1
+            self.refit_due = self._refit_due()
         self.layers_seen = 0
 
-    @property
-    def refit_due(self) -> bool:
+    def _refit_due(self) -> bool:
         """The first refit after FIRST_REFIT_TOKENS tokens (once, whatever it costs), then one every
         REFIT_EVERY_TOKENS tokens, never so often that a refit, spread over the layer steps since
         the last, costs more than REFIT_US_PER_STEP. The cost is estimated from the history's
@@ -80,6 +84,7 @@ class RoutingHistory:
     def as_trace(self) -> Trace:
         """The kept tokens, oldest first, as one sequence; resets the refit count."""
         self.since_fit = 0
+        self.refit_due = False
         count = min(self.kept, self.capacity)
         start = self.kept % self.capacity if self.kept > self.capacity else 0
         ids = np.roll(self.ring, -start, axis=0)[:count]
