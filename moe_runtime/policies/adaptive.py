@@ -30,6 +30,7 @@ victim is ever chosen, and the policy does nothing at all (no per-layer cost at 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from . import native_candidates
@@ -72,6 +73,7 @@ class AdaptivePolicy(EvictionPolicy):
         fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL
         self.history = RoutingHistory(num_layers, num_experts, top_k, fit_ns_per_cell=fit_ns_per_cell) if learn else None
         self.refits = 0
+        self.refit_seconds = 0.0  # spent refitting, all refits together
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
             self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
 
@@ -99,9 +101,11 @@ class AdaptivePolicy(EvictionPolicy):
         a few times: they lean towards what the generic table expects at their age and recent
         uses, not towards "far" as an offline fit's do (4-8% fewer loads at 50% on the fit halves
         of ESFT and GPT-OSS, the same on flat routing: BENCHMARKS.md)."""
+        start = time.perf_counter()
         model = ReuseModel.fit(self.history.as_trace(), prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit)
         self.candidates.use_model(model, model.select_layers(self.sampled, self.num_experts))
         self.refits += 1
+        self.refit_seconds += time.perf_counter() - start
 
     def on_forecast(self, layer: int, probabilities) -> None:
         if not self.idle:
