@@ -281,7 +281,7 @@ class NextUse : public Candidate {
   // The resident key due last (the smallest such key, as numpy's argmax over the scores of
   // every key names the first), skipping those `evictable` refuses: the latest of each layer's
   // latest resident, which a layer keeps until its dues or its latest change (a scan of every
-  // resident per eviction was a third of the default's cost at E = 128).
+  // resident per eviction took about 6 us per layer step at E = 128, K = 8: BENCHMARKS.md).
   Key victim(const Evictable& evictable) override {
     for (int64_t layer = 0; layer < layers_; ++layer) {
       if (latest_[layer] == STALE) latest_[layer] = latest_of(layer, {});
