@@ -7,7 +7,8 @@ table, and the default (adaptive: follows the best of LRU, LFU and next-use on t
 routing), none of them fitted, and next-use fitted on the fit half (the first half of the same
 file's sequences; for synthetic routing another seed), as multiples of LRU; plus the default's
 cost per layer step over LRU's, compiled (what wrap uses where a C++ compiler is found) and in
-Python (its reference, where none is; the same loads, checked).
+Python (its reference, where none is; the same loads, checked). The cost is one run's; on a
+shared machine it moves by half from run to run: adaptive_overhead.py repeats paired runs.
 
     python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
 """
