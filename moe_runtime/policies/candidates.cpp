@@ -50,8 +50,9 @@ void mean_of_rows(const float* table, int64_t experts, const int64_t* rows, int6
 
 bool holds(const std::vector<Key>& keys, Key key) { return std::find(keys.begin(), keys.end(), key) != keys.end(); }
 
-// Whether keys[i] is the first of its value (numpy's fancy-index increments count a key once).
-bool first_of_its_value(const std::vector<Key>& keys, size_t i) { return std::find(keys.begin(), keys.begin() + i, keys[i]) == keys.begin() + i; }
+// Whether keys[i] is the first of its value among keys[0..i] (numpy's fancy-index increments
+// count a key once, as its bool matrix of uses does).
+bool first_of_its_value(const int64_t* keys, size_t i) { return std::find(keys, keys + i, keys[i]) == keys + i; }
 
 class Candidate {
  public:
@@ -324,8 +325,8 @@ class NextUse : public Candidate {
 
   void record(int64_t layer, const std::vector<Key>& keys) {
     std::vector<Key>& uses = window_keys_[token_ % window_][layer];
-    for (size_t i = 0; i < uses.size(); ++i) recent_[uses[i]] -= first_of_its_value(uses, i);
-    for (size_t i = 0; i < keys.size(); ++i) recent_[keys[i]] += first_of_its_value(keys, i);
+    for (size_t i = 0; i < uses.size(); ++i) recent_[uses[i]] -= first_of_its_value(uses.data(), i);
+    for (size_t i = 0; i < keys.size(); ++i) recent_[keys[i]] += first_of_its_value(keys.data(), i);
     uses = keys;
     for (const Key key : keys) last_use_[key] = token_;
   }

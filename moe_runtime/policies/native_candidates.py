@@ -75,4 +75,3 @@ def _operands(model: ReuseModel) -> tuple:
         torch.from_numpy(np.ascontiguousarray(row, dtype=np.int64)), torch.from_numpy(np.ascontiguousarray(wait, dtype=np.float64)), forecasts, age_stride,
         torch.from_numpy(np.ascontiguousarray(transitions, dtype=np.float32)), torch.from_numpy(np.ascontiguousarray(model.forecast_edges, dtype=np.float64)),
     )
-

@@ -103,7 +103,7 @@ class ReuseModel:
         bucket = _quantile_buckets(counts.popularity(), popularity_buckets)[1]
         transitions = counts.transitions() if forecast_buckets > 1 else None
         forecast = None if transitions is None else counts.forecast(transitions)
-        edges = np.zeros(0) if forecast is None else _quantile_edges(forecast.ravel()[:: _sample_stride(forecast.size)], forecast_buckets)
+        edges = np.zeros(0) if forecast is None else _quantile_edges(forecast, forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
         total, count = counts.cell_sums(bucket, forecast, edges, shape)
         towards = np.broadcast_to(HORIZON if prior is None else prior, shape).ravel()
@@ -159,19 +159,16 @@ def generic_wait() -> np.ndarray:
 QUANTILE_SAMPLE = 250_000  # quantile edges are cut from at most about this many values, evenly strided
 
 
-def _sample_stride(size: int) -> int:
-    return max(1, size // QUANTILE_SAMPLE)
-
-
-def _quantile_edges(sample: np.ndarray, buckets: int) -> np.ndarray:
-    """[buckets - 1] edges cutting `sample` into equal-count buckets."""
+def _quantile_edges(values: np.ndarray, buckets: int) -> np.ndarray:
+    """[buckets - 1] edges cutting `values` into equal-count buckets, cut from an evenly strided
+    sample of them (sorting all 10^7 forecasts of a trace takes seconds)."""
+    sample = values.ravel()[:: max(1, values.size // QUANTILE_SAMPLE)]
     return np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1])
 
 
 def _quantile_buckets(values: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """(edges [buckets - 1], bucket of each value): equal-count buckets of `values`, the edges cut
-    from an evenly strided sample (sorting all 10^7 forecasts of a trace takes seconds)."""
-    edges = _quantile_edges(values.ravel()[:: _sample_stride(values.size)], buckets)
+    """(edges [buckets - 1], bucket of each value): equal-count buckets of `values`."""
+    edges = _quantile_edges(values, buckets)
     return edges, np.searchsorted(edges, values)
 
 

@@ -24,8 +24,7 @@ struct Routing {
     ids = copy_of<int64_t>(expert_ids.to(torch::kInt64));
     first.assign(ids.size(), 1);
     for (size_t row = 0; row < ids.size(); row += top_k)
-      for (int64_t k = 1; k < top_k; ++k)
-        first[row + k] = std::find(ids.begin() + row, ids.begin() + row + k, ids[row + k]) == ids.begin() + row + k;
+      for (int64_t k = 1; k < top_k; ++k) first[row + k] = first_of_its_value(ids.data() + row, k);
   }
 
   int64_t keys() const { return layers * experts; }
