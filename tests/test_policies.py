@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.policies import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
-from moe_runtime.policies.next_use import AGE_CAP, HORIZON, WINDOW, reuse_history, used_matrix
+from moe_runtime.policies.next_use import AGE_CAP, HORIZON, QUANTILE_SAMPLE, WINDOW, _quantile_edges, reuse_history, used_matrix
 from moe_runtime.synthetic import flat_routing
 from moe_runtime.trace import Trace, load_trace
 
@@ -135,6 +135,20 @@ def test_reuse_model_learns_which_expert_follows_which():
     steps = policy.expected_steps()  # after a token that used 2: 0 comes next, then 1; 3 never
     assert steps[0] == pytest.approx(1.0, abs=0.1) and steps[1] == pytest.approx(2.0, abs=0.1)
     assert steps[3] > 3.5  # never seen: about the horizon
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_quantile_edges_are_numpys_quantiles_of_the_strided_sample(seed):
+    """The edges come from a full sort (faster than np.quantile's partition) and must be
+    np.quantile's to the bit, ties, skew and sample striding included."""
+    rng = np.random.default_rng(seed)
+    for size in (2, 7, 1000, 3 * QUANTILE_SAMPLE + 11):
+        values = rng.random(size, dtype=np.float32) ** rng.uniform(0.5, 4)
+        if seed % 2:
+            values = np.round(values * 20) / 20  # many ties
+        buckets = int(rng.integers(2, 12))
+        sample = values[:: max(1, size // QUANTILE_SAMPLE)]
+        assert np.array_equal(_quantile_edges(values, buckets), np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1]))
 
 
 def test_next_use_tracks_ages_and_recent_uses_as_the_fit_measures_them():

@@ -161,9 +161,15 @@ QUANTILE_SAMPLE = 250_000  # quantile edges are cut from at most about this many
 
 def _quantile_edges(values: np.ndarray, buckets: int) -> np.ndarray:
     """[buckets - 1] edges cutting `values` into equal-count buckets, cut from an evenly strided
-    sample of them (sorting all 10^7 forecasts of a trace takes seconds)."""
-    sample = values.ravel()[:: max(1, values.size // QUANTILE_SAMPLE)]
-    return np.quantile(sample, np.linspace(0, 1, buckets + 1)[1:-1])
+    sample of them (sorting all 10^7 forecasts of a trace takes seconds): np.quantile's linear
+    interpolation between order statistics, taken from a full sort, which numpy vectorises, where
+    np.quantile partitions (a refit's 200,000 forecasts: 1.3 ms against 10, BENCHMARKS.md)."""
+    ordered = np.sort(values.ravel()[:: max(1, values.size // QUANTILE_SAMPLE)])
+    position = (ordered.size - 1) * np.linspace(0, 1, buckets + 1)[1:-1]
+    below = np.floor(position).astype(np.int64)
+    low, high, weight = ordered[below], ordered[np.minimum(below + 1, ordered.size - 1)], position - below
+    step = high - low  # in the values' own precision, as numpy's _lerp (to the bit: tested)
+    return np.where(weight >= 0.5, high - step * (1 - weight), low + step * weight)
 
 
 def _quantile_buckets(values: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,8 @@ HISTORY_KEYS = 3_500_000  # ... but at most this many (token, expert) cells: a r
 FIRST_REFIT_TOKENS = 128  # the first refit; later ones every REFIT_EVERY_TOKENS tokens,
 REFIT_EVERY_TOKENS = 32  # ... at most this often,
 REFIT_US_PER_STEP = 8.0  # ... unless refitting would cost more than this per layer step, amortized,
-FIT_FIXED_US = 10_000.0  # ... at what a refit costs: this much whatever the history (the model's tables, its hand-over),
+FIT_FIXED_US = 10_000.0  # ... at what a refit costs: this much whatever the history (the model's tables, its hand-over;
+#   3-5 ms since the quantile edges come from a sort, kept at 10: more refits moved loads both ways, BENCHMARKS.md),
 COMPILED_FIT_NS_PER_CELL = 22.0  # ... and this per (token, key) of history, compiled (reuse_fit.cpp),
 NUMPY_FIT_NS_PER_CELL = 160.0  # ... or in numpy (2-core VM, one hour, 4 models x 128-2048 tokens: BENCHMARKS.md)
 
