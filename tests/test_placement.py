@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,31 @@ def test_runtime_never_evicts_pinned_experts():
     assert torch.equal(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False), want)
     assert {key: runtime.cache.slot_of[key] for key in pinned} == slots  # never moved, never evicted
     assert moe_runtime.stats(model)["misses"] > 0
+
+
+@pytest.mark.parametrize("routing, share", [("esft-vanilla-lite/law", 0.2), ("gpt-oss-20b/gpqa", 0.05)])
+def test_the_plans_lru_miss_counts_are_the_simulators(routing, share):
+    """The tiering program's miss rates come from a dedicated LRU replay: it must count each
+    expert's misses exactly as the simulator does, pinned and transient experts included, across
+    sequence boundaries and at a pool of one layer step's experts."""
+    from moe_runtime.placement.tiering import lru_misses
+    from moe_runtime.policies import make_policy
+    from moe_runtime.simulator import replay
+    from moe_runtime.trace import load_trace
+
+    trace = load_trace(Path(moe_runtime.__file__).parent / "data" / "routing" / f"{routing}.npz").split(share)[0]  # a few sequences, ~800 tokens
+    experts = trace.num_layers * trace.num_experts
+    uses = np.bincount((trace.expert_ids.astype(np.int64) + np.arange(trace.num_layers)[None, :, None] * trace.num_experts).ravel(), minlength=experts)
+    by_use = np.argsort(-uses, kind="stable")
+    rng = np.random.default_rng(0)
+    for slots, pinned_count, transient_count in ((experts // 4, 0, 0), (experts // 4, experts // 10, experts // 20), (experts // 10, 0, experts // 4), (trace.top_k, 0, 0)):
+        pinned = frozenset(by_use[:pinned_count].tolist())
+        transient = frozenset(rng.choice(by_use[pinned_count:], transient_count, replace=False).tolist())
+        want = np.zeros(experts)
+        replay(trace, make_policy("lru"), slots, pinned=pinned, transient=transient, miss_counts=want)
+        assert np.array_equal(lru_misses(trace, slots, pinned, transient), want), (slots, pinned_count, transient_count)
+    with pytest.raises(ValueError, match="cannot hold one layer step's"):
+        lru_misses(trace, trace.top_k - 1)
 
 
 def test_tiering_plan_beats_frequency_pinning_and_lru_on_held_out_sequences(trace_paths):
