@@ -36,6 +36,7 @@ import numpy as np
 import pulp
 from tqdm.auto import tqdm
 
+from moe_runtime.belady import layer_keys
 from moe_runtime.trace import Trace
 
 from .affinity import RoutingStatistics, routing_statistics
@@ -76,10 +77,9 @@ def lru_misses(trace: Trace, slots: int, pinned: frozenset[int] = frozenset(), t
     traces once per candidate (seven), and place_tiering plans once per cross-validation fold
     and once more on all the traces."""
     room = slots - len(pinned)
-    offsets = (np.arange(trace.num_layers) * trace.num_experts)[None, :, None]
     misses = [0] * (trace.num_layers * trace.num_experts)
     order: dict[int, None] = {}  # resident dynamic experts, least recently used first
-    for token in (trace.expert_ids.astype(np.int64) + offsets).tolist():
+    for token in layer_keys(trace.expert_ids, trace.num_experts).reshape(trace.expert_ids.shape).tolist():
         for keys in token:  # one layer step; its experts cannot evict each other
             for key in keys:
                 if key in order:

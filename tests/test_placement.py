@@ -134,6 +134,7 @@ def test_the_plans_lru_miss_counts_are_the_simulators(routing, share):
     """The tiering program's miss rates come from a dedicated LRU replay: it must count each
     expert's misses exactly as the simulator does, pinned and transient experts included, across
     sequence boundaries and at a pool of one layer step's experts."""
+    from moe_runtime.belady import layer_keys
     from moe_runtime.placement.tiering import lru_misses
     from moe_runtime.policies import make_policy
     from moe_runtime.simulator import replay
@@ -141,7 +142,7 @@ def test_the_plans_lru_miss_counts_are_the_simulators(routing, share):
 
     trace = load_trace(Path(moe_runtime.__file__).parent / "data" / "routing" / f"{routing}.npz").split(share)[0]  # a few sequences, ~800 tokens
     experts = trace.num_layers * trace.num_experts
-    uses = np.bincount((trace.expert_ids.astype(np.int64) + np.arange(trace.num_layers)[None, :, None] * trace.num_experts).ravel(), minlength=experts)
+    uses = np.bincount(layer_keys(trace.expert_ids, trace.num_experts), minlength=experts)
     by_use = np.argsort(-uses, kind="stable")
     rng = np.random.default_rng(0)
     for slots, pinned_count, transient_count in ((experts // 4, 0, 0), (experts // 4, experts // 10, experts // 20), (experts // 10, 0, experts // 4), (trace.top_k, 0, 0)):
