@@ -131,7 +131,7 @@ def test_runtime_never_evicts_pinned_experts():
 
 @pytest.mark.parametrize("routing, share", [("esft-vanilla-lite/law", 0.2), ("gpt-oss-20b/gpqa", 0.05)])
 def test_the_plans_lru_miss_counts_are_the_simulators(routing, share):
-    """The tiering program's miss rates come from a dedicated LRU replay: it must count each
+    """The tiering program's miss rates come from a shadow cache under LRU: it must count each
     expert's misses exactly as the simulator does, pinned and transient experts included, across
     sequence boundaries and at a pool of one layer step's experts."""
     from moe_runtime.belady import layer_keys

@@ -5,7 +5,9 @@ follows the one that misses least. A shadow needs only residency and the policy'
 bookkeeping: no slots, no prefetches, no admissions, no statistics, so it is a set and a loop.
 It makes exactly the misses a CacheCore of the same capacity makes with the same policy on the
 same steps when nothing is prefetched or pinned (tested), for a fraction of the core's full
-acquire path: the default runs four of them on every sampled layer step (BENCHMARKS.md).
+acquire path: the default runs four of them on every sampled layer step (BENCHMARKS.md). A
+tiering plan's miss rates come from one too (placement/tiering.py: the pinned experts left out
+of the steps and the capacity, the transient ones dropped after theirs).
 """
 
 from __future__ import annotations
@@ -49,3 +51,11 @@ class ShadowCache:
             if policy.tracks_accesses:
                 policy.on_access(key)
         return misses
+
+    def drop(self, keys: Sequence[int]) -> None:
+        """`keys` leave without being anyone's victim (a tiering plan's transient experts, after
+        their layer step, as CacheCore.release drops them)."""
+        for key in keys:
+            if key in self.resident:
+                self.resident.discard(key)
+                self.policy.on_evict(key)
