@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moe_runtime.policies import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, NextUsePolicy, NoVictimError, PinnedPolicy, ReuseModel, make_policy
-from moe_runtime.policies.next_use import AGE_CAP, HORIZON, QUANTILE_SAMPLE, WINDOW, _quantile_edges, reuse_history, used_matrix
+from moe_runtime.policies.next_use import AGE_CAP, FAR_WAIT, QUANTILE_SAMPLE, WINDOW, _quantile_edges, reuse_history, used_matrix
 from moe_runtime.synthetic import flat_routing
 from moe_runtime.trace import Trace, load_trace
 
@@ -97,34 +97,43 @@ def _trace(ids, num_experts):
     return Trace(ids, np.ones_like(ids, dtype=np.float16), np.array([0, len(ids)]), num_experts=num_experts, top_k=ids.shape[2])
 
 
-def test_reuse_model_measures_capped_waits_per_age():
+def test_reuse_model_measures_weighted_waits_per_age():
     # One layer, K = 1: expert 0 on every other token, expert 1 in between, expert 2 never.
-    model = ReuseModel.fit(_trace(np.array([0, 1] * 200)[:, None, None], num_experts=3), forecast_buckets=1)
+    model = ReuseModel.fit(_trace(np.array([0, 1] * 1000)[:, None, None], num_experts=3), forecast_buckets=1)
     zero, one, never = (model.wait[model.bucket[e], ..., 0] for e in range(3))
     # Just used (age 0) with a long history: back in exactly 2 tokens.
     assert zero[0, 8] == pytest.approx(2.0, abs=0.05) and one[0, 8] == pytest.approx(2.0, abs=0.05)
     # Unused last token (age 1): back next token.
     assert zero[1, 8] == pytest.approx(1.0, abs=0.05)
-    # Never used: every wait is capped at the horizon.
-    assert never[AGE_CAP, 0] == pytest.approx(HORIZON)
+    # Never used: every wait is "far".
+    assert never[AGE_CAP, 0] == pytest.approx(FAR_WAIT)
+
+
+def test_a_wait_beyond_near_tokens_counts_at_the_tail_weight():
+    """Experts 0-5 take turns (each back after 6 tokens), 6 is never used: the waits count the
+    first NEAR = 4 tokens in full and the next ones, up to FAR = 8, at a quarter."""
+    model = ReuseModel.fit(_trace(np.array(list(range(6)) * 400)[:, None, None], num_experts=7), popularity_buckets=1, forecast_buckets=1)
+    wait = model.wait[0, :4, 3, 0]  # ages 0-3, 3 uses in the last 16 tokens: back in 6, 5, 4, 3 tokens
+    assert wait == pytest.approx([4.5, 4.25, 4.0, 3.0], abs=0.01)
+    assert FAR_WAIT == 5.0 and ReuseModel.uniform(1, 7, 1).wait.max() < FAR_WAIT
 
 
 def test_a_fit_leans_towards_its_prior_where_it_saw_little():
-    """Cells the trace never reaches take the prior's wait (HORIZON, "far", by default); cells it
+    """Cells the trace never reaches take the prior's wait (FAR_WAIT, "far", by default); cells it
     reaches often keep what it measured (the adaptive default's refits lean on the generic table)."""
-    trace = _trace(np.array([0, 1] * 200)[:, None, None], num_experts=3)
-    prior = np.random.default_rng(0).uniform(1.0, HORIZON, size=(1, AGE_CAP + 1, WINDOW + 1, 1))
+    trace = _trace(np.array([0, 1] * 1000)[:, None, None], num_experts=3)
+    prior = np.random.default_rng(0).uniform(1.0, FAR_WAIT, size=(1, AGE_CAP + 1, WINDOW + 1, 1))
     far, near = ReuseModel.fit(trace, forecast_buckets=1), ReuseModel.fit(trace, forecast_buckets=1, prior=prior, prior_weight=20.0)
     unseen = (slice(None), AGE_CAP - 1, WINDOW, 0)  # unused for 63 tokens yet used in each of the last 16: never
-    assert np.all(far.wait[unseen] == HORIZON) and np.allclose(near.wait[unseen], prior[0, AGE_CAP - 1, WINDOW, 0])
-    often = (far.bucket[0], 0, 8, 0)  # expert 0 just used, 8 uses in the last 16 tokens: about 200 times
+    assert np.all(far.wait[unseen] == FAR_WAIT) and np.allclose(near.wait[unseen], prior[0, AGE_CAP - 1, WINDOW, 0])
+    often = (far.bucket[0], 0, 8, 0)  # expert 0 just used, 8 uses in the last 16 tokens: about 1000 times
     assert near.wait[often] == pytest.approx(2.0, abs=0.2) and far.wait[often] == pytest.approx(2.0, abs=0.05)
 
 
 def test_reuse_model_learns_which_expert_follows_which():
     """Expert 0 is always followed by 1, 1 by 2, 2 by 0: the transition table and the waits of its
     forecast buckets both say so."""
-    trace = _trace(np.array([0, 1, 2] * 150)[:, None, None], num_experts=4)
+    trace = _trace(np.array([0, 1, 2] * 500)[:, None, None], num_experts=4)
     model = ReuseModel.fit(trace, popularity_buckets=1, forecast_buckets=2)
     follows = model.transitions[0]
     assert follows[0, 1] > 0.95 and follows[1, 2] > 0.95 and follows[2, 0] > 0.95
@@ -134,7 +143,7 @@ def test_reuse_model_learns_which_expert_follows_which():
         policy.on_layer_start(0, [expert])
     steps = policy.expected_steps()  # after a token that used 2: 0 comes next, then 1; 3 never
     assert steps[0] == pytest.approx(1.0, abs=0.1) and steps[1] == pytest.approx(2.0, abs=0.1)
-    assert steps[3] > 3.5  # never seen: about the horizon
+    assert steps[3] > 4.5  # never seen: about FAR_WAIT
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -197,7 +206,7 @@ def test_generic_reuse_model_from_the_shipped_routing():
     model = make_policy("next-use", num_layers=3, num_experts=4, capacity=6).model
     assert model.wait.shape == (1, AGE_CAP + 1, WINDOW + 1, 1) and model.bucket.tolist() == [0] * 12
     wait = model.wait[0, ..., 0]
-    assert 1.0 <= wait[0, WINDOW] < wait[1, 1] < wait[AGE_CAP, 0] <= HORIZON
+    assert 1.0 <= wait[0, WINDOW] < wait[1, 1] < wait[AGE_CAP, 0] <= FAR_WAIT
 
 
 def test_next_use_refuses_a_reuse_model_of_another_shape():

@@ -15,7 +15,7 @@ import torch
 
 from ..trace import Trace
 from .native_candidates import extension
-from .next_use import AGE_CAP, HORIZON, WINDOW, transition_table
+from .next_use import AGE_CAP, WAIT_VALUES, WINDOW, transition_table
 
 
 class CompiledReuseCounts:
@@ -40,6 +40,6 @@ class CompiledReuseCounts:
         total, count = extension().cell_sums(
             self.routing, self.offsets, torch.from_numpy(np.ascontiguousarray(bucket, dtype=np.int64)),
             torch.zeros(0) if forecast is None else torch.from_numpy(forecast), torch.from_numpy(np.asarray(edges, dtype=np.float64)), shape[0],
-            shape[3], AGE_CAP, WINDOW, HORIZON,
+            shape[3], AGE_CAP, WINDOW, torch.from_numpy(WAIT_VALUES),
         )
         return total.numpy(), count.numpy()

@@ -12,15 +12,20 @@ on four things about it, all known when its layer has just run:
   the running token picked there, P(e' next | e now) averaged over the token's experts e
   (an E x E table per layer, fitted), cut into FORECAST_BUCKETS quantiles.
 
-For each cell (b, a, r, f) the fit traces give w = E[min(D, HORIZON)], D the tokens until the
-next use. After a key's layer runs at step s its next use is expected at step s + L w. Capping
-D at a few tokens matters: a pool of 25% of the experts holds under three tokens' worth of
-them, so whether an expert returns within a few tokens decides a hit, while the mean of the
-long tail (an expert unused for 60 tokens) only adds noise. On held-out ESFT sequences at a 25%
-budget (fit on the first half of each task's sequences): 1.50-1.62x Belady's loads; without the
-transition bucket 1.59-1.71x, with an uncapped estimate from age and popularity alone 1.67-1.85x,
-and LRU 1.87-2.02x. The cap, the window and the cells were chosen by cross-validation within the
-fit halves.
+For each cell (b, a, r, f) the fit traces give w = E[v(D)], D the tokens until the next use and
+v(D) = min(D, NEAR) + TAIL_WEIGHT (min(D, FAR) - min(D, NEAR)): the wait, counted in full for
+the first NEAR tokens, at a quarter for the next ones up to FAR, not beyond. After a key's layer
+runs at step s its next use is expected at step s + L w. Capping D at a few tokens matters: a
+pool of 25% of the experts holds under three tokens' worth of them, so whether an expert returns
+within a few tokens decides a hit, while the mean of the long tail (an expert unused for 60
+tokens) only adds noise. The light tail tells apart experts that a hard cap at NEAR tokens
+calls equally "far", which matters where the pool holds many tokens' worth: fitted next-use
+makes 0.5-1.4% fewer loads at 50% and up to 0.4% fewer at 25% than with the hard cap, and the
+same within 0.2% at 10% (BENCHMARKS.md). On held-out ESFT sequences at a 25% budget (fit on
+the first half of each task's sequences): 1.48-1.62x Belady's loads (the hard cap: 1.50-1.62x);
+without the transition bucket 1.59-1.71x, with an uncapped estimate from age and popularity
+alone 1.67-1.85x, and LRU 1.87-2.02x. The cap, the window, the tail and the cells were chosen
+by cross-validation within the fit halves.
 
 A predictor's forecast q for a coming layer of the running token makes that chance certain
 with probability q: due = chance + (1 - q) L w(age after a miss).
@@ -44,7 +49,9 @@ from .base import EvictionPolicy, NoVictimError
 
 AGE_CAP = 64  # tokens; older (or never used) ages share one cell
 WINDOW = 16  # tokens over which recent uses are counted
-HORIZON = 4  # tokens; next uses farther away all count as HORIZON
+NEAR = 4  # tokens: a next use within them counts in full in the wait,
+FAR = 8  # ... one between NEAR and FAR tokens away at TAIL_WEIGHT a token, and farther ones as FAR
+TAIL_WEIGHT = 0.25
 POPULARITY_BUCKETS = 8
 FORECAST_BUCKETS = 8
 NEVER_AGAIN = 2**30  # tokens to the next use of a key the sequence never uses again
@@ -54,10 +61,10 @@ SHIPPED_ROUTING = Path(__file__).resolve().parent.parent / "data" / "routing" / 
 @dataclass(frozen=True)
 class ReuseModel:
     """Fitted reuse statistics: each key's popularity bucket, the layers' expert transitions and
-    the expected capped wait per cell."""
+    the expected weighted wait per cell."""
 
     bucket: np.ndarray  # [L*E] int, popularity bucket of each (layer, expert)
-    wait: np.ndarray  # [B, AGE_CAP + 1, WINDOW + 1, F] E[min(D, HORIZON)] tokens, D >= 1
+    wait: np.ndarray  # [B, AGE_CAP + 1, WINDOW + 1, F] E[weighted_wait(D)] tokens, D >= 1
     transitions: np.ndarray | None = None  # [L, E, E] P(e' used by the next token | e used now); None: F = 1
     forecast_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [F - 1] quantiles cutting the transition forecast
 
@@ -65,7 +72,8 @@ class ReuseModel:
     def uniform(cls, num_layers: int, num_experts: int, top_k: int) -> ReuseModel:
         """No fit data: every expert used with probability K/E at every chance, independently."""
         miss = 1 - top_k / num_experts
-        wait = sum(miss**d for d in range(HORIZON))  # E[min(D, H)] = sum_{d<H} P(D > d)
+        steps = np.diff(WAIT_VALUES, prepend=0.0)  # [FAR] v(d + 1) - v(d): E[v(D)] = sum_d steps[d] P(D > d)
+        wait = float(np.sum(steps * miss ** np.arange(FAR)))
         return cls(np.zeros(num_layers * num_experts, dtype=np.int64), np.full((1, AGE_CAP + 1, WINDOW + 1, 1), wait))
 
     @classmethod
@@ -95,8 +103,8 @@ class ReuseModel:
         cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS, prior: np.ndarray | None = None,
         prior_weight: float = 5.0, compiled: bool | None = None,
     ) -> ReuseModel:
-        """Average the capped wait per (popularity, age, recent uses, transition) cell over `trace`,
-        each cell drawn towards `prior` (a wait table broadcast to the cells; None: HORIZON, "far")
+        """Average the weighted wait per (popularity, age, recent uses, transition) cell over `trace`,
+        each cell drawn towards `prior` (a wait table broadcast to the cells; None: FAR_WAIT, "far")
         with the weight of `prior_weight` observations. compiled: count with reuse_fit.cpp, which
         gives numpy's counts exactly in a fraction of the time (None: where it can be built)."""
         counts = _counter(trace, compiled)
@@ -106,7 +114,7 @@ class ReuseModel:
         edges = np.zeros(0) if forecast is None else _quantile_edges(forecast, forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
         total, count = counts.cell_sums(bucket, forecast, edges, shape)
-        towards = np.broadcast_to(HORIZON if prior is None else prior, shape).ravel()
+        towards = np.broadcast_to(FAR_WAIT if prior is None else prior, shape).ravel()
         return cls(bucket, ((total + prior_weight * towards) / (count + prior_weight)).reshape(shape), transitions, edges)
 
 
@@ -138,7 +146,7 @@ class ReuseCounts:
         return transition_forecast(self.trace, transitions)
 
     def cell_sums(self, bucket: np.ndarray, forecast: np.ndarray | None, edges: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """(sum of the capped waits, count) per cell of `shape`, flat; `forecast` [T, L*E] is cut
+        """(sum of the weighted waits, count) per cell of `shape`, flat; `forecast` [T, L*E] is cut
         into transition buckets by `edges` (None: one bucket)."""
         buckets = np.broadcast_to(np.int64(0), self.used.shape) if forecast is None else np.searchsorted(edges, forecast)  # a view: no [T, N] of zeros
         total, count = np.zeros(int(np.prod(shape))), np.zeros(int(np.prod(shape)))
@@ -222,13 +230,25 @@ def transition_forecast(trace: Trace, transitions: np.ndarray) -> np.ndarray:
 
 def reuse_history(used: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sequence's [T, N] use flags -> after each token t: age (capped), uses in the last
-    WINDOW tokens, and min(D, HORIZON) for D the tokens until the next use (HORIZON if none)."""
+    WINDOW tokens, and weighted_wait(D) for D the tokens until the next use (FAR_WAIT if none)."""
     tokens = np.arange(len(used))[:, None]
     last = np.maximum.accumulate(np.where(used, tokens, -AGE_CAP), axis=0)
     age = np.minimum(tokens - last, AGE_CAP)
     uses = np.cumsum(used, axis=0, dtype=np.int32)
     recent = uses - np.vstack([np.zeros((WINDOW, used.shape[1]), np.int32), uses[:-WINDOW]])[: len(used)]
-    return age, recent, np.minimum(tokens_to_next_use(used), HORIZON)
+    return age, recent, weighted_wait(tokens_to_next_use(used))
+
+
+def weighted_wait(tokens: np.ndarray) -> np.ndarray:
+    """v(D) for D tokens to the next use: D up to NEAR, then TAIL_WEIGHT a token up to FAR. Its
+    values are multiples of 1/4, so sums of them are exact in any order (the compiled fit's
+    totals equal numpy's to the bit)."""
+    near = np.minimum(tokens, NEAR)
+    return near + TAIL_WEIGHT * (np.minimum(tokens, FAR) - near)
+
+
+WAIT_VALUES = weighted_wait(np.arange(1, FAR + 1))  # [FAR] v(1), ..., v(FAR): the compiled fit's table
+FAR_WAIT = float(WAIT_VALUES[-1])  # the wait of a key not used again within FAR tokens
 
 
 def tokens_to_next_use(used: np.ndarray) -> np.ndarray:
@@ -277,7 +297,7 @@ class NextUsePolicy(EvictionPolicy):
         self.forecast = np.zeros(len(model.bucket), dtype=np.int64)  # transition bucket at the key's last visit
 
     def _lookup(self, age: np.ndarray, span: slice = slice(None)) -> np.ndarray:
-        """Expected tokens (capped) until the next use of the keys in `span`, at `age`."""
+        """Expected tokens (weighted, weighted_wait) until the next use of the keys in `span`, at `age`."""
         cell = self._row[span] + age * self._age_stride + self.recent[span] * self._forecasts + self.forecast[span]
         return self._wait.take(cell)
 

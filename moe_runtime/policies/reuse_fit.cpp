@@ -92,14 +92,18 @@ torch::Tensor transition_forecasts(const Routing& routing, const torch::Tensor& 
 }
 
 // What the fit averages: for each cell (popularity bucket, age, recent uses, transition
-// bucket), the sum of min(tokens to the next use, horizon) over the (token, key) pairs that fall
-// in it, and their count ([cells] doubles each). `forecasts` [T, L * E] is cut into transition
+// bucket), the sum of the weighted waits over the (token, key) pairs that fall in it, and their
+// count ([cells] doubles each): a next use D tokens away weighs wait_values[min(D, H) - 1], H
+// the table's length (next_use.WAIT_VALUES). `forecasts` [T, L * E] is cut into transition
 // buckets by `edges` (empty: one bucket). Ages, recent uses and next uses restart with each
-// sequence; a key never used again waits `horizon`.
+// sequence; a key never used again weighs wait_values[H - 1].
 std::tuple<torch::Tensor, torch::Tensor> cell_sums(
     const Routing& routing, const torch::Tensor& seq_offsets, const torch::Tensor& bucket, const torch::Tensor& forecasts, const torch::Tensor& edges,
-    int64_t popularity_buckets, int64_t forecast_buckets, int64_t age_cap, int64_t window, int64_t horizon) {
+    int64_t popularity_buckets, int64_t forecast_buckets, int64_t age_cap, int64_t window, const torch::Tensor& wait_values) {
   const int64_t keys = routing.keys();
+  const std::vector<double> weight_of_wait = copy_of<double>(wait_values.to(torch::kFloat64));
+  const int64_t horizon = static_cast<int64_t>(weight_of_wait.size());
+  TORCH_CHECK(horizon >= 1 && horizon <= 255, "cell_sums: 1 to 255 wait values, not ", horizon);
   const std::vector<int64_t> bucket_of = copy_of<int64_t>(bucket.to(torch::kInt64));
   const std::vector<double> cuts = copy_of<double>(edges.to(torch::kFloat64));
   TORCH_CHECK(bucket.numel() == keys, "cell_sums: ", bucket.numel(), " popularity buckets for ", keys, " experts");
@@ -113,7 +117,7 @@ std::tuple<torch::Tensor, torch::Tensor> cell_sums(
   const std::vector<int64_t> bounds = copy_of<int64_t>(seq_offsets.to(torch::kInt64));
   for (size_t s = 0; s + 1 < bounds.size(); ++s) {
     const int64_t begin = bounds[s], length = bounds[s + 1] - begin;
-    // Backward: each (t, key)'s capped wait until the key's next use after t.
+    // Backward: each (t, key)'s tokens until the key's next use after t, at most H.
     std::vector<uint8_t> wait(length * keys);
     std::fill(next_use.begin(), next_use.end(), INT64_MAX);
     for (int64_t t = length - 1; t >= 0; --t) {
@@ -146,7 +150,7 @@ std::tuple<torch::Tensor, torch::Tensor> cell_sums(
   double* count_of = count.data_ptr<double>();
   for (int64_t cell = 0; cell < cells; ++cell)
     for (int64_t wait = 1; wait <= horizon; ++wait) {
-      total_of[cell] += static_cast<double>(wait) * seen[cell * horizon + wait - 1];
+      total_of[cell] += weight_of_wait[wait - 1] * seen[cell * horizon + wait - 1];
       count_of[cell] += seen[cell * horizon + wait - 1];
     }
   return {total, count};
