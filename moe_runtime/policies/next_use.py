@@ -50,7 +50,7 @@ from .base import EvictionPolicy, NoVictimError
 AGE_CAP = 64  # tokens; older (or never used) ages share one cell
 WINDOW = 16  # tokens over which recent uses are counted
 NEAR = 4  # tokens: a next use within them counts in full in the wait,
-FAR = 8  # ... one between NEAR and FAR tokens away at TAIL_WEIGHT a token, and farther ones as FAR
+FAR = 8  # ... one between NEAR and FAR tokens away at TAIL_WEIGHT a token, and farther ones as FAR_WAIT
 TAIL_WEIGHT = 0.25
 POPULARITY_BUCKETS = 8
 FORECAST_BUCKETS = 8
@@ -240,9 +240,9 @@ def reuse_history(used: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def weighted_wait(tokens: np.ndarray) -> np.ndarray:
-    """v(D) for D tokens to the next use: D up to NEAR, then TAIL_WEIGHT a token up to FAR. Its
-    values are multiples of 1/4, so sums of them are exact in any order (the compiled fit's
-    totals equal numpy's to the bit)."""
+    """v(D) for D tokens to the next use: D up to NEAR, then TAIL_WEIGHT a token up to FAR. With
+    TAIL_WEIGHT a quarter its values are multiples of 1/4, so sums of them are exact in any order
+    (the compiled fit's totals equal numpy's to the bit)."""
     near = np.minimum(tokens, NEAR)
     return near + TAIL_WEIGHT * (np.minimum(tokens, FAR) - near)
 
@@ -297,7 +297,7 @@ class NextUsePolicy(EvictionPolicy):
         self.forecast = np.zeros(len(model.bucket), dtype=np.int64)  # transition bucket at the key's last visit
 
     def _lookup(self, age: np.ndarray, span: slice = slice(None)) -> np.ndarray:
-        """Expected tokens (weighted, weighted_wait) until the next use of the keys in `span`, at `age`."""
+        """Expected weighted wait (weighted_wait, in tokens) until the next use of the keys in `span`, at `age`."""
         cell = self._row[span] + age * self._age_stride + self.recent[span] * self._forecasts + self.forecast[span]
         return self._wait.take(cell)
 
