@@ -4,11 +4,12 @@ For every shipped trace (ESFT: DeepSeek-V2-Lite architecture; GPT-OSS-20B) the h
 (second half of the sequences) and synthetic flat-popularity routing, at 10/25/50% of the
 experts in one global pool: loads per token of Belady's MIN, LRU, next-use with the generic
 table, and the default (adaptive: follows the best of LRU, LFU and next-use on the recent
-routing), none of them fitted, and next-use fitted on the fit half (the first half of the same
-file's sequences; for synthetic routing another seed), as multiples of LRU; plus the default's
-cost per layer step over LRU's, compiled (what wrap uses where a C++ compiler is found) and in
-Python (its reference, where none is; the same loads, checked). The cost is one run's; on a
-shared machine it moves by half from run to run: adaptive_overhead.py repeats paired runs.
+routing), none of them fitted, and next-use and the default fitted on the fit half (the first
+half of the same file's sequences; for synthetic routing another seed; what policy_fit gives
+them), as multiples of LRU; plus the default's cost per layer step over LRU's, compiled (what
+wrap uses where a C++ compiler is found) and in Python (its reference, where none is; the same
+loads, checked). The cost is one run's; on a shared machine it moves by half from run to run:
+adaptive_overhead.py repeats paired runs.
 
     python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
 """
@@ -56,8 +57,8 @@ def measure(trace: Trace, fit: Trace, budget: float) -> dict:
         row[f"{name}_us_per_layer_step"] = (time.perf_counter() - start) / (trace.num_tokens * trace.num_layers) * 1e6
     if row["python"] != row[DEFAULT_POLICY]:
         raise AssertionError(f"the compiled default made {row[DEFAULT_POLICY]} loads per token, its Python reference {row['python']}")
-    fitted = make_policy("next-use", num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=fit)
-    row["fitted"] = replay(trace, fitted, capacity).loads / trace.num_tokens
+    for name, policy in (("fitted", "next-use"), ("default_fitted", DEFAULT_POLICY)):  # what policy_fit gives either policy
+        row[name] = replay(trace, make_policy(policy, **shape, fit=fit), capacity).loads / trace.num_tokens
     return row
 
 
@@ -71,8 +72,9 @@ def plot(rows: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.32 * len(names) + 1.6), sharey=True, layout="constrained")
     for axis, budget in zip(axes, BUDGETS):
         chosen = {row["trace"]: row for row in rows if row["budget"] == budget}
-        for offset, name in ((-0.2, "next-use"), (0.2, DEFAULT_POLICY)):
-            axis.barh([i + offset for i in range(len(names))], [chosen[n][name] / chosen[n]["lru"] for n in names], height=0.4, label=name)
+        for offset, name in ((-0.27, "next-use"), (0.0, DEFAULT_POLICY), (0.27, "default_fitted")):
+            label = {"next-use": "next-use, generic table", "default_fitted": f"{DEFAULT_POLICY}, started from the fit half"}.get(name, name)
+            axis.barh([i + offset for i in range(len(names))], [chosen[n][name] / chosen[n]["lru"] for n in names], height=0.27, label=label)
         axis.axvline(1.0, color="k", linestyle="--", linewidth=1, label="LRU")
         axis.set_yticks(range(len(names)), names, fontsize=8)
         axis.set_title(f"{budget:.0%} of the experts")
@@ -95,16 +97,17 @@ def main() -> None:
     jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in BUDGETS]
     for name, trace, fit, budget in tqdm(jobs, desc="replays", unit="run"):
         rows.append({"trace": name, **measure(trace, fit, budget)})
-    print("loads per token: LRU's, the rest as multiples of it; extra us: the default's replay time")
+    print("loads per token: LRU's, the rest as multiples of it; fitted: next-use fitted on the fit")
+    print("half, dflt+fit: the default started from it (policy_fit); us: the default's replay time")
     print("per layer step over LRU's, compiled and in Python (the same loads)")
-    print(f"{'trace':<19} {'bud.':>4} {'LRU':>6} {'MIN':>6} {'next-use':>8} {'default':>7} {'fitted':>6} {'extra us':>8} {'in py':>6}")
+    print(f"{'trace':<19} {'bud.':>4} {'LRU':>5} {'MIN':>5} {'generic':>7} {'default':>7} {'fitted':>6} {'dflt+fit':>8} {'us':>5} {'py us':>5}")
     for row in rows:
         lru = row["lru"]
         extra = [row[f"{name}_us_per_layer_step"] - row["lru_us_per_layer_step"] for name in (DEFAULT_POLICY, "python")]
-        ratios = (row["belady"] / lru, row["next-use"] / lru, row[DEFAULT_POLICY] / lru, row["fitted"] / lru)
+        ratios = [row[name] / lru for name in ("belady", "next-use", DEFAULT_POLICY, "fitted", "default_fitted")]
         print(
-            f"{row['trace']:<19} {row['budget']:>4.2f} {lru:>6.1f} {ratios[0]:>6.3f} {ratios[1]:>8.3f} {ratios[2]:>7.3f} {ratios[3]:>6.3f}"
-            f" {extra[0]:>8.1f} {extra[1]:>6.1f}"
+            f"{row['trace']:<19} {row['budget']:>4.2f} {lru:>5.1f} {ratios[0]:>5.3f} {ratios[1]:>7.3f} {ratios[2]:>7.3f} {ratios[3]:>6.3f}"
+            f" {ratios[4]:>8.3f} {extra[0]:>5.1f} {extra[1]:>5.1f}"
         )
     if args.json:
         write_text_atomically(args.json, json.dumps(rows, indent=1))

@@ -6,9 +6,10 @@ of its next use if it falls within the next H tokens, and that it does not other
 it keeps its fitted estimate. H = 0 is the shipped policy. A predictor of token t + 1's routing
 can at best supply H = 1; in decoding, token t + 1 is not even chosen before token t's forward
 ends. Each task is split by sequence: fitted on its first half, replayed on the second, one
-global pool of `--budget` of the experts.
+global pool of `--budget` of the experts. `--rest-of-token` adds what a perfect cross-layer
+predictor could tell: at each layer, which experts the running token uses at its later layers.
 
-    python benchmarks/foresight.py [--horizons 0,1,2,3] [--budget 0.25] [--plot foresight.png]
+    python benchmarks/foresight.py [--horizons 0,1,2,3] [--budget 0.25] [--rest-of-token] [--plot foresight.png]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.belady import belady_misses, layer_keys
-from moe_runtime.policies import NextUsePolicy, ReuseModel
+from moe_runtime.policies import LRUPolicy, NextUsePolicy, ReuseModel
 from moe_runtime.policies.next_use import tokens_to_next_use, used_matrix
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace, load_trace
@@ -47,6 +48,22 @@ class ForesightPolicy(NextUsePolicy):
         self._set_due(span, np.where(known, self.step + self.num_layers * wait, beyond))
 
 
+class RestOfTokenPolicy(NextUsePolicy):
+    """next-use, told at each layer visit which experts the running token uses at its later layers
+    (the most a routing predictor could tell within the token), and that the others wait at
+    least until the next token."""
+
+    def __init__(self, trace: Trace, model: ReuseModel):
+        super().__init__(trace.num_layers, trace.num_experts, model)
+        self.used = used_matrix(trace)  # [T, L*E]
+
+    def on_layer_start(self, layer: int, keys: list[int]) -> None:
+        super().on_layer_start(layer, keys)
+        for later in range(layer + 1, self.num_layers):
+            span, chance = self._span(later), self.step + later - layer
+            self._set_due(span, np.where(self.used[self.token, span], chance, np.maximum(self.due[span], chance + self.num_layers)))
+
+
 def _tokens_to_next_use(trace: Trace) -> np.ndarray:
     """[T, L*E] tokens from t until the key's next use in the same sequence (a large number if none)."""
     used = used_matrix(trace)
@@ -59,6 +76,7 @@ def main() -> None:
     parser.add_argument("--horizons", default="0,1,2,3", help="tokens of perfect foresight")
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--plot", help="a PNG of loads per token against Belady per horizon")
+    parser.add_argument("--rest-of-token", action="store_true", help="also tell the policy the running token's later layers")
     args = parser.parse_args()
     horizons = [int(h) for h in args.horizons.split(",")]
     ratios = {}
@@ -71,6 +89,10 @@ def main() -> None:
         ratios[task] = [load / optimum for load in loads]
         cells = "  ".join(f"H={h}: {load / held.num_tokens:.1f} ({load / optimum:.2f}x)" for h, load in zip(horizons, loads))
         print(f"{task:12s} Belady {optimum / held.num_tokens:.1f} loads/tok | {cells}", flush=True)
+        if args.rest_of_token:
+            rest, lru = (replay(held, policy, capacity).loads for policy in (RestOfTokenPolicy(held, model), LRUPolicy()))
+            against = "  ".join(f"H={h}: {load / lru:.3f}" for h, load in zip(horizons, loads))
+            print(f"{'':12s} x LRU's loads | {against} | H=0 told the running token's later layers: {rest / lru:.3f}", flush=True)
     if args.plot:
         _plot(horizons, ratios, args.plot)
 

@@ -17,7 +17,7 @@ from .budget import Budget
 from .compute import KERNELS
 from .execution import EXECUTIONS
 from .expert_format import QUANTIZE
-from .policies import DEFAULT_POLICY, POLICIES, EvictionPolicy
+from .policies import DEFAULT_POLICY, POLICIES, EvictionPolicy, fit_trace
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class OffloadConfig:
     host_budget: Budget | None = None  # RAM for cold experts
     store_dir: str | os.PathLike | None = None  # where experts that do not fit in RAM are kept
     policy: str | EvictionPolicy = DEFAULT_POLICY
+    policy_fit: object = None  # routing of the user's task (a trace file or Trace) the policy is fitted on; read once, here
     predictor: object = None  # a kind, a fitted predictor file, or an instance
     placement: object = None  # a plan path or dict from `moe-runtime place`
     profile: object = None  # a pruning profile path or PruningProfile, or "auto"
@@ -51,6 +52,8 @@ class OffloadConfig:
             raise ValueError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
         if not isinstance(self.policy, (str, EvictionPolicy)):
             raise TypeError(f"OffloadConfig.policy must be a policy name or an EvictionPolicy, got {type(self.policy).__name__}")
+        if self.policy_fit is not None:
+            object.__setattr__(self, "policy_fit", fit_trace(self.policy_fit, self.policy))
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.execution not in EXECUTIONS:

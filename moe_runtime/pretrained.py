@@ -20,7 +20,7 @@ from .atomic import check_replaceable
 from .budget import Budget, parse_budget
 from .checkpoint import CheckpointDir, build_skeleton
 from .config import OffloadConfig, config_from
-from .policies import DEFAULT_POLICY, EvictionPolicy
+from .policies import DEFAULT_POLICY, EvictionPolicy, check_fit_shape
 from .runtime.assembly import (
     build_runtime, checked_placement, disk_order, expert_spec, low_bit_copies, planned_host_bytes, ram_experts, resolve_device,
 )
@@ -40,6 +40,7 @@ def from_pretrained(
     host_budget: Budget | None = None,
     store_dir: str | os.PathLike | None = None,
     policy: str | EvictionPolicy = DEFAULT_POLICY,
+    policy_fit=None,
     predictor=None,
     placement=None,
     profile=None,
@@ -58,8 +59,9 @@ def from_pretrained(
 
     dtype: defaults to the config's dtype, else the checkpoint's. host_budget: RAM for cold
     experts (default: all that fit in available RAM). store_dir: convert the experts once into
-    a contiguous per-layer store there and serve them from it. predictor, prefetch_width and
-    prefetch_lookahead, placement, profile, profiles_dir, kernel, execution: as for `wrap`.
+    a contiguous per-layer store there and serve them from it. policy, policy_fit, predictor,
+    prefetch_width and prefetch_lookahead, placement, profile, profiles_dir, kernel, execution:
+    as for `wrap`.
     quantize: "int8" or "int4" (group 64; "int4-g32" / "int4-g128" choose the group): the routed
     experts are quantized once into the store in `store_dir` (needed), and RAM, loads and compute
     use the quantized bytes. quantize_rest, miss_precision: as for `wrap` (the low-bit copies
@@ -67,7 +69,7 @@ def from_pretrained(
     `config=` passes one instead.
     """
     offload = config_from(config, dict(
-        budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy,
+        budget=budget, device=device, dtype=dtype, host_budget=host_budget, store_dir=store_dir, policy=policy, policy_fit=policy_fit,
         predictor=predictor, placement=placement, profile=profile, prefetch_width=prefetch_width,
         prefetch_lookahead=prefetch_lookahead, profiles_dir=profiles_dir, kernel=kernel, execution=execution, quantize=quantize,
         quantize_rest=quantize_rest, miss_precision=miss_precision, exact=exact,
@@ -87,6 +89,8 @@ def from_pretrained(
     load_non_expert_weights(model, checkpoint, adapter, blocks)
     _load_generation_config(model, path)
     plan = checked_placement(offload.placement, blocks)
+    if offload.policy_fit is not None:
+        check_fit_shape(offload.policy_fit, len(blocks), blocks[0].num_experts)  # before the store is written
     if plan is not None and plan.kind == "multi_gpu":
         raise ValueError(
             "from_pretrained offloads experts from disk; a multi-GPU plan keeps them all resident: load the model "

@@ -60,7 +60,7 @@ def test_trace_from_text_and_jsonl_prompts(tmp_path):
     assert np.diff(load_trace(tmp_path / "t2.npz").seq_offsets).tolist() == [4, hello]
 
 
-def test_generate_with_next_use_fitted_on_a_recorded_trace(tmp_path, trace_paths):
+def test_generate_with_the_policy_fitted_on_a_recorded_trace(tmp_path, trace_paths):
     from moe_runtime.embedded import embedded_model_dir
 
     model_dir = embedded_model_dir()
@@ -69,11 +69,11 @@ def test_generate_with_next_use_fitted_on_a_recorded_trace(tmp_path, trace_paths
     run_cli("trace", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "task.npz"))
     args = ("generate", str(model_dir), "--budget", "0.25", "--prompt", "Hello", "--max-new-tokens", "6")
     result = json.loads(run_cli(*args, "--policy-fit", str(tmp_path / "task.npz"), "--json").stdout)
-    assert result["new_tokens"] == 6 and result["stats"]["policy"] == "next-use"
+    assert result["new_tokens"] == 6 and result["stats"]["policy"] == "adaptive" and result["stats"]["policy_fit_tokens"] > 0
     refused = run_cli(*args, "--policy", "lru", "--policy-fit", str(tmp_path / "task.npz"), check=False)
-    assert refused.returncode == 2 and "--policy-fit fits the next-use policy, not lru" in refused.stderr
+    assert refused.returncode == 2 and "policy_fit fits the adaptive / next-use / pinned policies, not 'lru'" in refused.stderr
     other_model = run_cli(*args, "--policy-fit", str(trace_paths["law"]), check=False)
-    assert other_model.returncode == 2 and "built for 26 MoE layers x 64 experts" in other_model.stderr
+    assert other_model.returncode == 2 and "recorded on 26 MoE layers x 64 experts" in other_model.stderr
 
 
 def test_trace_info_on_shared_traces(trace_paths):

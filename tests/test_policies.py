@@ -214,10 +214,10 @@ def test_next_use_refuses_a_reuse_model_of_another_shape():
         NextUsePolicy(2, 4, ReuseModel.uniform(2, 3, 1))
 
 
-def _loads(name: str, trace, capacity: int) -> int:
+def _loads(name: str, trace, capacity: int, fit=None) -> int:
     from moe_runtime.simulator import replay
 
-    policy = make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k)
+    policy = make_policy(name, num_layers=trace.num_layers, num_experts=trace.num_experts, capacity=capacity, top_k=trace.top_k, fit=fit)
     return replay(trace, policy, capacity).loads
 
 
@@ -256,6 +256,25 @@ def test_the_adaptive_default_on_gpt_oss_routing():
     held_out = load_trace(path).split(0.5)[1].select_sequences(range(8))
     lru, adaptive = (_loads(name, held_out, 192) for name in ("lru", "adaptive"))
     assert adaptive <= 0.9 * lru
+
+
+def test_the_default_started_from_a_fit_that_misleads_stays_well_below_lru():
+    """GPT-OSS misc: next-use fitted on the first half of the sequences makes more loads than LRU
+    on the second half at 50% of the experts; the default started from the same fit
+    (wrap(policy_fit=...)) follows another candidate there."""
+    from pathlib import Path
+
+    fit, held_out = load_trace(Path(__file__).parents[1] / "moe_runtime" / "data" / "routing" / "gpt-oss-20b" / "misc.npz").split(0.5)
+    capacity = held_out.num_layers * held_out.num_experts // 2
+    lru = _loads("lru", held_out, capacity)
+    assert _loads("next-use", held_out, capacity, fit) > 1.05 * lru  # the fit misleads (1.09x)
+    assert _loads("adaptive", held_out, capacity, fit) <= 0.8 * lru  # 0.76x
+
+
+def test_a_fit_of_another_models_shape_is_refused():
+    fit = flat_routing(4, 8, 2, 50, sequences=1)
+    with pytest.raises(ValueError, match="recorded on 4 MoE layers x 8 experts but the model has 3 x 8; record a trace of this model"):
+        make_policy("adaptive", num_layers=3, num_experts=8, capacity=6, top_k=2, fit=fit)
 
 
 def test_the_adaptive_shadows_sample_fewer_layers_when_tokens_use_more_experts():

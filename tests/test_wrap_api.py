@@ -121,6 +121,31 @@ def test_one_offload_config_for_both_entry_points(tiny_checkpoints):
         moe_runtime.wrap(tiny_model("olmoe"), config=config, policy="arc")
 
 
+def test_policy_fit_starts_the_policy_from_a_trace_of_the_task(tmp_path, tiny_checkpoints):
+    from moe_runtime.synthetic import flat_routing
+
+    path = flat_routing(3, 8, 2, 64, sequences=2).save(tmp_path / "task.npz")  # the tiny OLMoE's shape
+    model = moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", policy_fit=path)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[3, 9, 27, 81]]))
+    stats = moe_runtime.stats(model)
+    assert stats["policy"] == "adaptive" and stats["policy_fit_tokens"] == 64  # in place too: the fit is kept
+    moe_runtime.unwrap(model)
+    wrong = flat_routing(4, 8, 2, 64, sequences=2).save(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="recorded on 4 MoE layers x 8 experts but the model has 3 x 8"):
+        moe_runtime.from_pretrained(tiny_checkpoints["olmoe"], budget=0.5, device="cpu", store_dir=tmp_path / "store", policy_fit=wrong)
+    assert not (tmp_path / "store").exists()  # refused before the store was written
+    for options, error, message in [
+        ({"policy": "lru"}, ValueError, "policy_fit fits the adaptive / next-use / pinned policies, not 'lru'"),
+        ({"policy_fit": tmp_path / "missing.npz"}, FileNotFoundError, "missing.npz"),
+        ({"policy_fit": 7}, TypeError, "policy_fit must be a trace file"),
+    ]:
+        model = tiny_model("olmoe")
+        with pytest.raises(error, match=message):
+            moe_runtime.wrap(model, budget=0.5, device="cpu", **{"policy_fit": path, **options})
+        assert not hasattr(model, "_moe_runtime")
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -23,7 +23,7 @@ def add_parsers(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="replay traces through cache policies and prefetching, against Belady's optimum")
     bench.add_argument("traces", nargs="+", help="trace files to replay (each separately)")
     bench.add_argument("--budget", default="0.1,0.25,0.5", help="fractions of all experts in one global slot pool")
-    bench.add_argument("--policy", default="lru", help=f"comma list of {', '.join(sorted(POLICIES))}, default (what wrap uses given nothing), or all")
+    bench.add_argument("--policy", default="lru", help=f"comma list of {', '.join(sorted(POLICIES))}, default (what wrap uses given nothing; adaptive is it started from the fit traces, as policy_fit does), or all")
     bench.add_argument("--predictor", default=NO_PREDICTOR, help=f"comma list of {', '.join(sorted(PREDICTORS))}, or all (with and without prefetching)")
     bench.add_argument("--fit", nargs="+", help="traces to fit learned parts on (default: first half of each replayed trace)")
     bench.add_argument("--prefetch-width", type=int, help="experts prefetched per layer (default: top-k)")

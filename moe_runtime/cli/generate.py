@@ -8,8 +8,7 @@ import torch
 
 from ..generation import timed_generate
 from ..pretrained import from_pretrained
-from ..policies import DEFAULT_POLICY, NEEDS_FIT, POLICIES, NextUsePolicy
-from ..trace import load_trace
+from ..policies import DEFAULT_POLICY, NEEDS_FIT, POLICIES
 from .output import console, key_value_table, print_json, stats_tables
 from .trace_cmds import load_tokenizer
 
@@ -25,19 +24,10 @@ def add_parsers(subparsers) -> None:
     generate.add_argument("--store-dir", help="convert the experts once into this folder and read them from it")
     live = sorted(set(POLICIES) - NEEDS_FIT)  # pinned needs fit traces: a tiering plan pins experts live
     generate.add_argument("--policy", default=DEFAULT_POLICY, choices=live, help="cache policy")
-    generate.add_argument("--policy-fit", metavar="TRACE", help="fit next-use on this routing trace of your task (from moe-runtime trace) and use it instead of the default")
+    generate.add_argument("--policy-fit", metavar="TRACE", help="start the policy (the default, or next-use) from a reuse model fitted on this routing trace of your task (from moe-runtime trace)")
     generate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
     generate.add_argument("--json", action="store_true", help="print one JSON object")
     generate.set_defaults(run=run_generate)
-
-
-def policy_from(args: argparse.Namespace):
-    """The policy name, or next-use fitted on --policy-fit's trace."""
-    if not args.policy_fit:
-        return args.policy
-    if args.policy not in ("next-use", DEFAULT_POLICY):  # the default gives way to the fitted next-use
-        raise ValueError(f"--policy-fit fits the next-use policy, not {args.policy}; drop --policy or pass --policy next-use")
-    return NextUsePolicy.fitted(load_trace(args.policy_fit))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -51,7 +41,8 @@ def run_generate(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         host_budget=args.host_budget,
         store_dir=args.store_dir,
-        policy=policy_from(args),
+        policy=args.policy,
+        policy_fit=args.policy_fit,
     )
     text, timing, stats = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens)
     figures = {

@@ -69,6 +69,8 @@ def stats_tables(stats: dict) -> list[Table]:
         "compute path": stats["compute_path"],
         "policy": stats["policy"] + (f" (evicting with {stats['policy_leader']})" if "policy_leader" in stats else ""),
     }
+    if stats.get("policy_fit_tokens"):
+        summary["policy fitted on"] = f"{stats['policy_fit_tokens']} tokens of your task"
     rows = [
         (i, layer["hit_rate"], layer["hits"], layer["misses"], layer["loads"], layer["waves"], layer["stall_seconds"] * 1e3)
         for i, layer in enumerate(stats["per_layer"])

@@ -7,9 +7,11 @@ the stream they are replayed on.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from ..trace import Trace
+from ..trace import Trace, load_trace
 from .adaptive import AdaptivePolicy
 from .arc import ARCPolicy
 from .base import EvictionPolicy, NoVictimError
@@ -22,6 +24,10 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LFUPolicy, ARCPolicy, PinnedPolicy, NextUsePolicy, AdaptivePolicy)
 }
 NEEDS_FIT = frozenset({"pinned"})
+# Policies a trace of the user's task can fit: the adaptive default and next-use start from a
+# reuse model fitted on it (the default still follows whichever candidate misses least, so a fit
+# that misleads costs little: BENCHMARKS.md, "A fit that misleads"), pinned ranks by its frequencies.
+FITTABLE = ("adaptive", "next-use", "pinned")
 # The runtime's default: follows the best of LRU, LFU and next-use (the generic reuse model, and
 # one refitted on the routing served) on the routing it sees, so it is safe on routing no table
 # was fitted on (adaptive.py, BENCHMARKS.md).
@@ -57,6 +63,8 @@ def make_policy(
         raise ValueError(f"the {name} policy needs num_layers, num_experts and capacity")
     if name == "arc":
         return ARCPolicy(capacity)
+    if fit is not None:
+        check_fit_shape(fit, num_layers, num_experts)
     if name == "pinned":
         if fit is None:
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
@@ -65,6 +73,28 @@ def make_policy(
     if name == "adaptive":  # next-use twice: with `model` (generic or fitted) and refitted on the routing served
         return AdaptivePolicy(model, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
     return NextUsePolicy(num_layers, num_experts, model)
+
+
+def fit_trace(fit: Trace | str | os.PathLike, policy: str | EvictionPolicy) -> Trace:
+    """`fit` (a trace file of the user's task, or a Trace) read and checked for `policy`, before
+    any work: a file that is missing or damaged, or a policy with nothing to fit, is refused."""
+    if not (isinstance(policy, str) and policy in FITTABLE):
+        named = repr(policy) if isinstance(policy, str) else f"a {type(policy).__name__} instance"
+        raise ValueError(f"policy_fit fits the {' / '.join(FITTABLE)} policies, not {named}: drop policy (the default is adaptive) or policy_fit")
+    if isinstance(fit, Trace):
+        return fit
+    if isinstance(fit, (str, os.PathLike)):
+        return load_trace(fit)
+    raise TypeError(f"policy_fit must be a trace file (moe-runtime trace) or a Trace, got {type(fit).__name__}")
+
+
+def check_fit_shape(fit: Trace, num_layers: int, num_experts: int) -> None:
+    """A trace fits a policy only for the model it was recorded on (L x E experts)."""
+    if (fit.num_layers, fit.num_experts) != (num_layers, num_experts):
+        raise ValueError(
+            f"the fit trace was recorded on {fit.num_layers} MoE layers x {fit.num_experts} experts but the model has "
+            f"{num_layers} x {num_experts}; record a trace of this model (moe-runtime trace)"
+        )
 
 
 def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: int | None) -> None:
@@ -79,5 +109,5 @@ def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: in
 
 __all__ = [
     "DEFAULT_POLICY", "POLICIES", "AdaptivePolicy", "ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "NextUsePolicy", "NoVictimError", "PinnedPolicy", "ReuseModel",
-    "make_policy", "selection_frequency",
+    "check_fit_shape", "fit_trace", "make_policy", "selection_frequency",
 ]

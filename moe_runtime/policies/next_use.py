@@ -266,7 +266,9 @@ class NextUsePolicy(EvictionPolicy):
 
     @classmethod
     def fitted(cls, trace: Trace) -> NextUsePolicy:
-        """A policy for the model `trace` was recorded on, fitted on it: pass it as wrap(policy=...)."""
+        """A policy for the model `trace` was recorded on, fitted on it, to pass as wrap(policy=...).
+        wrap(policy_fit=trace) starts the adaptive default from the same fit instead, which a fit
+        that misleads costs far less (BENCHMARKS.md, "A fit that misleads")."""
         return cls(trace.num_layers, trace.num_experts, ReuseModel.fit(trace))
 
     def __init__(self, num_layers: int, num_experts: int, model: ReuseModel):

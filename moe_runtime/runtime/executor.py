@@ -93,8 +93,8 @@ class Runtime:
         self.execution = resolve_execution(config.execution, device, config.kernel)
         in_place = self.execution == HOST
         policy = make_policy(
-            _policy_for(config.policy, in_place and low_bit is None, source), num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots,
-            top_k=self.top_k,
+            _policy_for(config, in_place and low_bit is None, source), num_layers=len(blocks), num_experts=self.num_experts, capacity=self.num_slots,
+            top_k=self.top_k, fit=config.policy_fit,
         )
         pinned = sorted(set(pinned) | set(getattr(policy, "pinned", ())))  # a plan's, and a pinned policy's own
         if len(pinned) + self.top_k > self.num_slots:
@@ -143,6 +143,7 @@ class Runtime:
             "dense_format": dense.fmt.name if dense else None,
             "miss_precision": low_bit.spec.format.name if low_bit else None,
             "policy": self.cache.policy.name,
+            "policy_fit_tokens": None if config.policy_fit is None else config.policy_fit.num_tokens,  # the trace it started from
             "host_tier": type(source).__name__,
             "predictor": forecaster.predictor.name if forecaster else None,
             "prefetch": f"top {self.prefetch_width} x {self.prefetch_lookahead} layer(s) ahead" if forecaster else None,
@@ -425,11 +426,11 @@ class Runtime:
                 )
 
 
-def _policy_for(name, in_place: bool, source: ExpertSource):
-    """The policy asked for; the default, where a miss only moves a pointer (computed in place at
-    full precision, every expert in RAM), is LRU: nothing to save, and the adaptive default's
-    shadow caches cost time (about a tenth of a CPU decode step at 25% in Python; a fraction of
-    that compiled, still for nothing: BENCHMARKS.md)."""
-    if name == DEFAULT_POLICY and in_place and not isinstance(source, HostTier):
+def _policy_for(config: OffloadConfig, in_place: bool, source: ExpertSource):
+    """The policy asked for; the default given nothing to fit, where a miss only moves a pointer
+    (computed in place at full precision, every expert in RAM), is LRU: nothing to save, and the
+    adaptive default's shadow caches cost time (about a tenth of a CPU decode step at 25% in
+    Python; a fraction of that compiled, still for nothing: BENCHMARKS.md)."""
+    if config.policy == DEFAULT_POLICY and config.policy_fit is None and in_place and not isinstance(source, HostTier):
         return "lru"
-    return name
+    return config.policy
