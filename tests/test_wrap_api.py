@@ -131,6 +131,11 @@ def test_policy_fit_starts_the_policy_from_a_trace_of_the_task(tmp_path, tiny_ch
     stats = moe_runtime.stats(model)
     assert stats["policy"] == "adaptive" and stats["policy_fit_tokens"] == 64  # in place too: the fit is kept
     moe_runtime.unwrap(model)
+    model = moe_runtime.wrap(tiny_model("olmoe"), budget=0.5, device="cpu", policy="pinned", policy_fit=path)  # needs a fit
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[3, 9, 27, 81]]))
+    assert moe_runtime.stats(model)["policy"] == "pinned"
+    moe_runtime.unwrap(model)
     wrong = flat_routing(4, 8, 2, 64, sequences=2).save(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="recorded on 4 MoE layers x 8 experts but the model has 3 x 8"):
         moe_runtime.from_pretrained(tiny_checkpoints["olmoe"], budget=0.5, device="cpu", store_dir=tmp_path / "store", policy_fit=wrong)

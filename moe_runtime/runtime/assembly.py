@@ -145,9 +145,10 @@ def wrap(
     sees; LRU where a miss only moves a pointer, in place with every expert in RAM), "next-use",
     "lru", "lfu", "arc", or a policy instance for this model (one instance per wrap: it keeps state).
     policy_fit: a trace of the user's task (`moe-runtime trace`; a file or Trace): the default (or
-    "next-use") starts from a reuse model fitted on it. The default still follows whichever of
-    its candidates misses least, so a fit that misleads costs little (GPT-OSS misc at 50%:
-    0.76x LRU's loads where next-use fitted alone makes 1.09x; BENCHMARKS.md).
+    "next-use") starts from a reuse model fitted on it; "pinned" keeps its most used experts. The
+    default still follows whichever of its candidates misses least, so a fit that misleads costs
+    little (GPT-OSS misc at 50%: 0.76x LRU's loads where next-use fitted alone makes 1.09x;
+    BENCHMARKS.md).
     predictor: a kind ("cross-layer-gate" needs no fitting), a fitted predictor file or instance;
     after each MoE layer the top `prefetch_width` (default top-k) experts it forecasts for each of
     the next `prefetch_lookahead` layers are prefetched.
