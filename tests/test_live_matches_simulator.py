@@ -112,3 +112,22 @@ def test_live_and_simulated_decisions_agree_token_by_token(family, prefetching, 
 
 def _prefix(trace: Trace, tokens: int) -> Trace:
     return Trace(trace.expert_ids[:tokens], trace.gate_weights[:tokens], np.array([0, tokens]), trace.num_experts, trace.top_k)
+
+
+def test_the_default_started_from_a_fit_decides_live_as_in_the_simulator():
+    """wrap(policy_fit=...) runs the adaptive default from the fitted reuse model: the same hits,
+    misses and loads token by token as the simulator's make_policy("adaptive", fit=...)."""
+    reference = tiny_model("olmoe")
+    per_expert = sum(p[0].numel() for p in (reference.model.layers[0].mlp.experts.gate_up_proj, reference.model.layers[0].mlp.experts.down_proj)) * 4
+    generator = torch.Generator().manual_seed(11)
+    fit = moe_runtime.record_trace(reference, [torch.randint(3, 250, (1, 24), generator=generator) for _ in range(4)])
+    ids = torch.randint(3, 250, (1, TOKENS), generator=generator)
+    model = moe_runtime.wrap(tiny_model("olmoe"), budget=SLOTS * per_expert, device="cpu", policy_fit=fit)
+    assert moe_runtime.stats(model)["policy"] == "adaptive"
+    trace, live = decode_live(model, ids)
+    moe_runtime.unwrap(model)
+    for tokens in range(1, TOKENS + 1):
+        simulated = replay(_prefix(trace, tokens), make_policy("adaptive", num_layers=3, num_experts=8, capacity=SLOTS, top_k=2, fit=fit), SLOTS)
+        assert live[tokens - 1] == (simulated.hits, simulated.misses, simulated.loads, 0), f"token {tokens}"
+    unfitted = replay(trace, make_policy("adaptive", num_layers=3, num_experts=8, capacity=SLOTS, top_k=2), SLOTS)
+    assert live[-1][1] != unfitted.misses  # without the fit it decides otherwise (52 misses against 51)
