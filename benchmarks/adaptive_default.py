@@ -72,8 +72,8 @@ def plot(rows: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.32 * len(names) + 1.6), sharey=True, layout="constrained")
     for axis, budget in zip(axes, BUDGETS):
         chosen = {row["trace"]: row for row in rows if row["budget"] == budget}
-        for offset, name in ((-0.27, "next-use"), (0.0, DEFAULT_POLICY), (0.27, "default_fitted")):
-            label = {"next-use": "next-use, generic table", "default_fitted": f"{DEFAULT_POLICY}, started from the fit half"}.get(name, name)
+        bars = ((-0.27, "next-use", "next-use, generic table"), (0.0, DEFAULT_POLICY, DEFAULT_POLICY), (0.27, "default_fitted", f"{DEFAULT_POLICY}, started from the fit half"))
+        for offset, name, label in bars:
             axis.barh([i + offset for i in range(len(names))], [chosen[n][name] / chosen[n]["lru"] for n in names], height=0.27, label=label)
         axis.axvline(1.0, color="k", linestyle="--", linewidth=1, label="LRU")
         axis.set_yticks(range(len(names)), names, fontsize=8)

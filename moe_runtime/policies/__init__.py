@@ -90,20 +90,22 @@ def fit_trace(fit: Trace | str | os.PathLike, policy: str | EvictionPolicy) -> T
 
 def check_fit_shape(fit: Trace, num_layers: int, num_experts: int) -> None:
     """A trace fits a policy only for the model it was recorded on (L x E experts)."""
-    if (fit.num_layers, fit.num_experts) != (num_layers, num_experts):
-        raise ValueError(
-            f"the fit trace was recorded on {fit.num_layers} MoE layers x {fit.num_experts} experts but the model has "
-            f"{num_layers} x {num_experts}; record a trace of this model (moe-runtime trace)"
-        )
+    _refuse_another_shape("the fit trace was recorded on", (fit.num_layers, fit.num_experts), num_layers, num_experts, "record")
 
 
 def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: int | None) -> None:
     """A policy built for L x E experts (next-use) must meet a model of the same shape."""
     shape = (getattr(policy, "num_layers", num_layers), getattr(policy, "num_experts", num_experts))
-    if num_layers is not None and num_experts is not None and shape != (num_layers, num_experts):
+    if num_layers is not None and num_experts is not None:
+        _refuse_another_shape(f"the {policy.name} policy was built for", shape, num_layers, num_experts, "fit it on")
+
+
+def _refuse_another_shape(made: str, shape: tuple[int, int], num_layers: int, num_experts: int, remedy: str) -> None:
+    """ValueError where `shape` (layers, experts) is not the model's, naming both and the fix."""
+    if shape != (num_layers, num_experts):
         raise ValueError(
-            f"the {policy.name} policy was built for {shape[0]} MoE layers x {shape[1]} experts but the model has "
-            f"{num_layers} x {num_experts}; fit it on a trace of this model (moe-runtime trace)"
+            f"{made} {shape[0]} MoE layers x {shape[1]} experts but the model has {num_layers} x {num_experts}; "
+            f"{remedy} a trace of this model (moe-runtime trace)"
         )
 
 
