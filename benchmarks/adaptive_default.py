@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -90,9 +91,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
     args = parser.parse_args()
-    for output in (args.json, args.plot):  # before minutes of replays, not after
-        if output:
-            check_writable(output)
+    check_outputs(args.json, args.plot)
     rows = []
     jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in BUDGETS]
     for name, trace, fit, budget in tqdm(jobs, desc="replays", unit="run"):
@@ -109,11 +108,23 @@ def main() -> None:
             f"{row['trace']:<19} {row['budget']:>4.2f} {lru:>5.1f} {ratios[0]:>5.3f} {ratios[1]:>7.3f} {ratios[2]:>7.3f} {ratios[3]:>6.3f}"
             f" {ratios[4]:>8.3f} {extra[0]:>5.1f} {extra[1]:>5.1f}"
         )
-    if args.json:
-        write_text_atomically(args.json, json.dumps(rows, indent=1))
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"plot written to {args.plot}")
+    write_outputs(rows, args.json, args.plot, plot)
+
+
+def check_outputs(*paths: str | None) -> None:
+    """Refuse an output that cannot be written before minutes of replays, not after."""
+    for path in paths:
+        if path:
+            check_writable(path)
+
+
+def write_outputs(rows: list[dict], json_path: str | None, plot_path: str | None, plot: Callable[[list[dict], str], None]) -> None:
+    """The rows as JSON and `plot(rows, plot_path)`, each where a path was given."""
+    if json_path:
+        write_text_atomically(json_path, json.dumps(rows, indent=1))
+    if plot_path:
+        plot(rows, plot_path)
+        print(f"plot written to {plot_path}")
 
 
 if __name__ == "__main__":

@@ -72,11 +72,15 @@ def _lockstep_replay(trace, capacity: int, model: ReuseModel, forecasts: bool) -
 @compiled_only
 @pytest.mark.parametrize(
     "routing, budget, fitted, forecasts",
-    [("esft-vanilla-lite/law", 0.1, False, True), ("gpt-oss-20b/gpqa", 0.25, True, False), ("flat", 0.5, False, True)],
+    [("esft-vanilla-lite/law", 0.1, False, True), ("gpt-oss-20b/gpqa", 0.25, True, False), ("flat", 0.5, False, True), ("flat, 48 layers", 0.1, False, False)],
 )
 def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budget, fitted, forecasts):
+    """The last case is one where the live loads overrule a shadow (the leader goes back to LRU
+    after next-use's live loads belied its shadow: test_policies)."""
     if routing == "flat":
         trace, fit = flat_routing(8, 32, 4, 700, seed=1), None
+    elif routing == "flat, 48 layers":
+        trace, fit = flat_routing(48, 128, 8, 300, reuse=0.5, sequences=1, seed=4), None
     else:
         whole = load_trace(ROUTING / f"{routing}.npz")
         trace, fit = whole.select_sequences(range(3)), whole.select_sequences(range(3, 9))
@@ -86,6 +90,9 @@ def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budg
     assert pair.evictions > 1000 and pair.reference.refits >= 1
     assert pair.compiled.switches == pair.reference.switches
     assert np.allclose(pair.compiled.candidates.misses, pair.reference.candidates.misses, rtol=0, atol=1e-9)
+    assert np.allclose(pair.compiled.candidates.scores(), pair.reference.candidates.scores(), rtol=0, atol=1e-9)
+    if routing == "flat, 48 layers":
+        assert pair.reference.switches >= 2 and pair.reference.leader_name == "lru"
 
 
 @compiled_only

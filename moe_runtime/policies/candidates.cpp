@@ -424,15 +424,17 @@ ReuseModel reuse_model(const torch::Tensor& row, const torch::Tensor& wait, int6
   return {copy_of<int64_t>(row), copy_of<double>(wait), forecasts, age_stride, copy_of<float>(transitions), copy_of<double>(edges)};
 }
 
-constexpr int LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
+constexpr int LRU = 0, LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
+constexpr int KIND[4] = {0, 1, 2, 2};   // candidates.py's KIND: the calibration each candidate shares
 
 class Candidates {
  public:
   // `model` / `sampled_model`: (row, wait, forecasts, age_stride, transitions, edges) of the
   // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
-  Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep,
-             int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
-      : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), decay_(decay), keep_(keep) {
+  Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep, double prior,
+             int64_t settle, int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
+      : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), live_(3, 0.0), shadowed_(3, 0.0), decay_(decay), keep_(keep),
+        prior_(prior), settle_(settle) {
     for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
     const int64_t shadow_layers = static_cast<int64_t>(sampled.size());
     rankers_ = made(layers, experts, lfu_age_every, unpack(model), age_cap, window);
@@ -447,20 +449,36 @@ class Candidates {
     for (const Key key : keys) check(key);
     for (auto& ranker : rankers_) ranker->layer_start(layer, keys);
     const int64_t sampled = shadow_of_[layer];
+    if (step_layer_ >= 0) calibrate();
     if (sampled < 0) return;
     std::vector<Key> experts;
     for (const Key key : keys) experts.push_back(key % experts_);
+    std::vector<int64_t> step_misses(shadows_.size());
     for (size_t i = 0; i < shadows_.size(); ++i) {
+      step_misses[i] = shadows_[i].step(sampled, experts);
       misses_[i] *= decay_;
-      misses_[i] += static_cast<double>(shadows_[i].step(sampled, experts));
+      misses_[i] += static_cast<double>(step_misses[i]);
     }
-    const int best = static_cast<int>(std::min_element(misses_.begin(), misses_.end()) - misses_.begin());
-    if (best != leader_ && misses_[best] < keep_ * misses_[leader_]) {
+    const std::vector<double> score = scores();
+    const int best = static_cast<int>(std::min_element(score.begin(), score.end()) - score.begin());
+    if (best != leader_ && score[best] < keep_ * score[leader_]) {
       rankers_[best]->set_dormant(false);
       rankers_[leader_]->set_dormant(true);
       leader_ = best;
       ++switches_;
+      unsettled_ = settle_;
     }
+    step_layer_ = layer;
+    step_leader_ = leader_;
+    step_shadow_misses_ = step_misses[leader_];
+    step_loads_ = 0;
+  }
+
+  // candidates.py's scores(): shadow misses times the live-to-shadow ratio measured while leading, at least 1.
+  std::vector<double> scores() const {
+    std::vector<double> out(misses_.size());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = misses_[i] * std::max(1.0, (live_[KIND[i]] + prior_) / (shadowed_[KIND[i]] + prior_));
+    return out;
   }
 
   void forecast(int64_t layer, const torch::Tensor& probabilities) {
@@ -475,6 +493,8 @@ class Candidates {
 
   void insert(Key key) {
     check(key);
+    if (key / experts_ == step_layer_) ++step_loads_;
+    if (unsettled_ > 0) --unsettled_;
     for (auto& ranker : rankers_) ranker->insert(key);
   }
   void access(Key key) {
@@ -515,6 +535,15 @@ class Candidates {
     if (key < 0 || key >= layers_ * experts_) throw std::out_of_range("expert key outside the layers x experts the cache policy was built for");
   }
 
+  // The sampled step just ended, added to its leader's live loads and shadow misses.
+  void calibrate() {
+    step_layer_ = -1;
+    if (step_leader_ == LRU || unsettled_ > 0) return;  // faithful to the whole cache: never calibrated; or settling
+    const int kind = KIND[step_leader_];
+    live_[kind] = live_[kind] * decay_ + static_cast<double>(step_loads_);
+    shadowed_[kind] = shadowed_[kind] * decay_ + static_cast<double>(step_shadow_misses_);
+  }
+
   static ReuseModel unpack(const py::tuple& model) {
     return reuse_model(model[0].cast<torch::Tensor>(), model[1].cast<torch::Tensor>(), model[2].cast<int64_t>(), model[3].cast<int64_t>(),
                        model[4].cast<torch::Tensor>(), model[5].cast<torch::Tensor>());
@@ -524,8 +553,14 @@ class Candidates {
   std::vector<int64_t> shadow_of_;  // layer -> its shadow layer, -1 where not sampled
   std::vector<std::unique_ptr<Candidate>> rankers_;
   std::vector<Shadow> shadows_;
-  std::vector<double> misses_;
-  double decay_, keep_;
+  std::vector<double> misses_;   // decayed shadow misses
+  std::vector<double> live_;     // [kind] decayed live loads at the sampled steps a candidate of that KIND led
+  std::vector<double> shadowed_;  // ... and the leader's own shadow's misses at those steps
+  double decay_, keep_, prior_;
+  int64_t step_layer_ = -1;  // the running sampled step's layer, -1 if none
+  int step_leader_ = 0;
+  int64_t step_shadow_misses_ = 0, step_loads_ = 0;
+  int64_t settle_, unsettled_ = 0;  // loads after a switch before the live cache is the new leader's; still owed
   int leader_ = 0;
   int64_t switches_ = 0;
 };
@@ -536,7 +571,7 @@ class Candidates {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Candidates>(m, "Candidates")
-      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
       .def("layer_start", &Candidates::layer_start)
       .def("forecast", &Candidates::forecast)
       .def("insert", &Candidates::insert)
@@ -546,6 +581,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("use_model", &Candidates::use_model)
       .def_property_readonly("leader", &Candidates::leader)
       .def_property_readonly("switches", &Candidates::switches)
-      .def_property_readonly("misses", &Candidates::misses);
+      .def_property_readonly("misses", &Candidates::misses)
+      .def_property_readonly("scores", &Candidates::scores);
   reuse_fit::bind_reuse_fit(m);
 }

@@ -5,7 +5,8 @@ next-use refitted on the routing served: LEARNER), each twice: a ranker that see
 cache's events and names victims while its candidate leads, and a shadow cache
 (shadow_cache.py) that replays the sampled layers as if that candidate alone ran the cache.
 Each sampled layer step decays the candidates' miss counts and adds the shadows' misses; the
-leader changes when another candidate misses less by the switch margin. Only the leader's
+leader changes when another candidate's count, scaled by the live cache's loads over its
+shadow's misses at the sampled steps it led (scores), is lower by the switch margin. Only the leader's
 ranker is awake (base.set_dormant). The compiled twin (native_candidates.py) makes exactly
 these decisions for a fraction of the cost; this one serves where it cannot be built.
 """
@@ -23,25 +24,35 @@ from .next_use import NextUsePolicy, ReuseModel
 from .shadow_cache import ShadowCache
 
 NAMES = ("lru", "lfu", "next-use", "next-use")
+LRU = 0  # the candidate whose shadow is faithful to the whole cache, never calibrated
 LEARNER = 3  # the candidate whose reuse model is refitted
+KIND = (0, 1, 2, 2)  # each candidate's calibration: both next-use's are one policy (two models) that a sample misjudges alike
 NO_VICTIM = -1
 
 
 class Candidates:
     def __init__(
         self, model: ReuseModel, sampled_model: ReuseModel, *, num_layers: int, num_experts: int, sampled: list[int], shadow_slots: int,
-        decay: float, keep: float,
+        decay: float, keep: float, prior: float, settle: int,
     ):
         """model: next-use's reuse model for all layers (sampled_model: for the `sampled` layers,
         renumbered); shadow_slots: the shadows' capacity; decay: of the miss counts per sampled
-        layer step; keep: a challenger leads when its misses are below keep x the leader's."""
+        layer step; keep: a challenger leads when its score is below keep x the leader's; prior: a
+        candidate's live-to-shadow ratio starts at 1 with the weight of this many misses; settle: loads
+        after a switch before the live cache is taken as the new leader's (the cache's capacity:
+        until then it holds what the last leader chose)."""
         self.num_experts = num_experts
         self.rankers = self._made(num_layers, num_experts, model)
         self.shadows = [ShadowCache(policy, num_experts=num_experts, capacity=shadow_slots) for policy in self._made(len(sampled), num_experts, sampled_model)]
         self.shadow_of = {layer: index for index, layer in enumerate(sampled)}
         self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]
-        self.decay, self.keep = decay, keep
+        self.decay, self.keep, self.prior = decay, keep, prior
         self.misses = np.zeros(len(NAMES))  # decayed shadow misses
+        self.live = np.zeros(max(KIND) + 1)  # decayed live loads at the sampled steps a candidate of each KIND led
+        self.shadowed = np.zeros(max(KIND) + 1)  # ... and the leader's own shadow's misses at those steps
+        self.step = (-1, 0, 0)  # the running sampled step: (its layer, -1 if none; its leader; that leader's shadow misses)
+        self.step_loads = 0  # the live cache's loads of the running sampled step's layer
+        self.settle, self.unsettled = settle, 0  # loads the live cache still owes the last leader
         self.leader = 0
         self.switches = 0
         for ranker in self.rankers[1:]:
@@ -55,18 +66,43 @@ class Candidates:
         for ranker in self.rankers:
             ranker.on_layer_start(layer, keys)
         sampled = self.shadow_of.get(layer)
+        if self.step[0] >= 0:
+            self._calibrate()
         if sampled is None:
             return
         experts = [key % self.num_experts for key in keys]
         self.misses *= self.decay
-        for index, shadow in enumerate(self.shadows):
-            self.misses[index] += shadow.step(sampled, experts)
-        best = int(self.misses.argmin())
-        if best != self.leader and self.misses[best] < self.keep * self.misses[self.leader]:
+        step_misses = [shadow.step(sampled, experts) for shadow in self.shadows]
+        self.misses += step_misses
+        scores = self.scores()
+        best = int(scores.argmin())
+        if best != self.leader and scores[best] < self.keep * scores[self.leader]:
             self.rankers[best].set_dormant(False)
             self.rankers[self.leader].set_dormant(True)
             self.leader = best
             self.switches += 1
+            self.unsettled = self.settle
+        self.step, self.step_loads = (layer, self.leader, step_misses[self.leader]), 0
+
+    def scores(self) -> np.ndarray:
+        """[4] each candidate's decayed shadow misses, times how much more the live cache loaded
+        than its shadow missed while it (or the other next-use) led (at least 1; 1 until it has led: a prior of `prior`
+        misses). Never less: a live cache that did better than its leader's shadow may owe it to
+        prefetches or to what the last leader left resident, not to the leader."""
+        return self.misses * np.maximum(1.0, (self.live + self.prior) / (self.shadowed + self.prior))[list(KIND)]
+
+    def _calibrate(self) -> None:
+        """Add the sampled step just ended to its leader's live loads and shadow misses; LRU's
+        shadow is faithful to the whole cache (adaptive.py) and never calibrated, and no leader is
+        until the cache has loaded `settle` experts since it took over: before, its live loads
+        are partly what the last leader left resident."""
+        _, leader, shadow_misses = self.step
+        self.step = (-1, 0, 0)
+        if leader == LRU or self.unsettled:
+            return
+        kind = KIND[leader]
+        self.live[kind] = self.live[kind] * self.decay + self.step_loads
+        self.shadowed[kind] = self.shadowed[kind] * self.decay + shadow_misses
 
     def forecast(self, layer: int, probabilities) -> None:
         for ranker in self.rankers:
@@ -76,6 +112,10 @@ class Candidates:
                 shadow.policy.on_forecast(self.shadow_of[layer], probabilities)
 
     def insert(self, key: int) -> None:
+        if key // self.num_experts == self.step[0]:
+            self.step_loads += 1
+        if self.unsettled:
+            self.unsettled -= 1
         for ranker in self.rankers:
             ranker.on_insert(key)
 

@@ -1,0 +1,86 @@
+"""The runtime's default policy against LRU at the shapes of MoEs whose routing we do not ship.
+
+Synthetic routing (moe_runtime.synthetic.flat_routing) at the layer x expert x top-k shapes of
+Mixtral-8x7B, Qwen1.5-MoE-A2.7B, OLMoE-1B-7B, DeepSeek-V2-Lite and Qwen3-30B-A3B, each with
+three token-to-token reuse rates (0, 0.3, 0.5 of a layer's experts kept) and two popularity
+skews (flat; Zipf 0.7), at 10/25/50% of the experts in one global pool: the default's loads per
+token as a multiple of LRU's, with no fit traces (what `wrap` runs when given nothing). The
+issue's bar is at most 1.00x LRU on routing the default has never seen.
+
+    python benchmarks/adaptive_shapes.py --json shapes.json --plot shapes.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from adaptive_default import check_outputs, write_outputs
+from tqdm.auto import tqdm
+
+from moe_runtime.atomic import write_atomically
+from moe_runtime.policies import DEFAULT_POLICY, make_policy
+from moe_runtime.simulator import replay
+from moe_runtime.synthetic import flat_routing
+
+SHAPES = {  # name: (MoE layers, routed experts, top-k)
+    "Mixtral-8x7B": (32, 8, 2), "Qwen1.5-MoE": (24, 60, 4), "OLMoE-1B-7B": (16, 64, 8), "DeepSeek-V2-Lite": (26, 64, 6), "Qwen3-30B-A3B": (48, 128, 8),
+}
+REUSES = (0.0, 0.3, 0.5)
+SKEWS = (0.0, 0.7)
+BUDGETS = (0.1, 0.25, 0.5)
+TOKENS = 1500
+
+
+def measure(shape: str, reuse: float, skew: float, seed: int) -> list[dict]:
+    layers, experts, top_k = SHAPES[shape]
+    trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, seed=seed)
+    rows = []
+    for budget in BUDGETS:
+        capacity = max(top_k, int(budget * layers * experts))
+        size = {"num_layers": layers, "num_experts": experts, "capacity": capacity, "top_k": top_k}
+        loads = {name: replay(trace, make_policy(name, **size), capacity).loads / TOKENS for name in ("lru", DEFAULT_POLICY)}
+        rows.append({"shape": shape, "reuse": reuse, "skew": skew, "budget": budget, **loads, "ratio": loads[DEFAULT_POLICY] / loads["lru"]})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(row["shape"], row["reuse"], row["skew"]) for row in rows}, key=lambda case: (list(SHAPES).index(case[0]), case[1:]))
+    figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.22 * len(cases) + 1.6), sharey=True, layout="constrained")
+    for axis, budget in zip(axes, BUDGETS):
+        ratio = {(row["shape"], row["reuse"], row["skew"]): row["ratio"] for row in rows if row["budget"] == budget}
+        axis.barh(range(len(cases)), [ratio[case] for case in cases], height=0.7)
+        axis.axvline(1.0, color="k", linestyle="--", linewidth=1)
+        axis.set_yticks(range(len(cases)), [f"{s} r{r:g} z{z:g}" for s, r, z in cases], fontsize=7)
+        axis.set_title(f"{budget:.0%} of the experts")
+        axis.set_xlabel("default's loads per token / LRU's")
+    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
+    args = parser.parse_args()
+    check_outputs(args.json, args.plot)
+    jobs = [(shape, reuse, skew) for shape in SHAPES for reuse in REUSES for skew in SKEWS]
+    rows = []
+    print("the default's loads per token / LRU's; r: reuse from token to token, z: Zipf skew")
+    print(f"{'model shape':<17} {'L':>3} {'E':>4} {'K':>2} {'r':>4} {'z':>4} " + " ".join(f"{budget:>7.0%}" for budget in BUDGETS))
+    for seed, (shape, reuse, skew) in enumerate(tqdm(jobs, desc="routings", leave=False)):
+        found = measure(shape, reuse, skew, seed)
+        rows += found
+        layers, experts, top_k = SHAPES[shape]
+        tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))
+    worst = max(rows, key=lambda row: row["ratio"])
+    print(f"worst: {worst['ratio']:.4f}x LRU ({worst['shape']}, reuse {worst['reuse']}, skew {worst['skew']}, {worst['budget']:.0%})")
+    write_outputs(rows, args.json, args.plot, plot)
+
+
+if __name__ == "__main__":
+    main()
