@@ -35,7 +35,7 @@ class ForesightPolicy(NextUsePolicy):
     def __init__(self, trace: Trace, model: ReuseModel, horizon: int):
         super().__init__(trace.num_layers, trace.num_experts, model)
         self.horizon = horizon
-        self.returns = _tokens_to_next_use(trace)  # [T, L*E]
+        self.returns = tokens_until_next_use(trace)  # [T, L*E]
 
     def on_layer_start(self, layer: int, keys: list[int]) -> None:
         super().on_layer_start(layer, keys)
@@ -64,7 +64,7 @@ class RestOfTokenPolicy(NextUsePolicy):
             self._set_due(span, np.where(self.used[self.token, span], chance, np.maximum(self.due[span], chance + self.num_layers)))
 
 
-def _tokens_to_next_use(trace: Trace) -> np.ndarray:
+def tokens_until_next_use(trace: Trace) -> np.ndarray:
     """[T, L*E] tokens from t until the key's next use in the same sequence (a large number if none)."""
     used = used_matrix(trace)
     bounds = zip(trace.seq_offsets[:-1], trace.seq_offsets[1:])

@@ -24,13 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from foresight import tokens_until_next_use
 from sklearn.ensemble import HistGradientBoostingClassifier
 from tqdm.auto import tqdm
 
 from moe_runtime.belady import belady_misses, layer_keys
 from moe_runtime.policies import LRUPolicy, NextUsePolicy, ReuseModel
 from moe_runtime.policies.base import EvictionPolicy, NoVictimError
-from moe_runtime.policies.next_use import expert_transitions, reuse_history, tokens_to_next_use, transition_forecast, used_matrix
+from moe_runtime.policies.next_use import expert_transitions, reuse_history, transition_forecast, used_matrix
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace, load_trace
 
@@ -45,26 +46,11 @@ def features(trace: Trace, popularity: np.ndarray, transitions: np.ndarray) -> n
     half's popularity [L*E] and transition forecast (transitions [L, E, E]), the layer."""
     used = used_matrix(trace)
     columns = [_shifted(used, trace.seq_offsets, lag) for lag in range(HISTORY)]
-    histories = [reuse_history(used[begin:end])[:2] for begin, end in _sequences(trace)]
+    histories = [reuse_history(used[begin:end])[:2] for begin, end in zip(trace.seq_offsets[:-1], trace.seq_offsets[1:])]
     columns += [np.vstack([history[0] for history in histories]), np.vstack([history[1] for history in histories])]
     columns += [np.broadcast_to(popularity, used.shape), transition_forecast(trace, transitions)]
     columns.append(np.broadcast_to(np.repeat(np.arange(trace.num_layers), trace.num_experts), used.shape))
     return np.stack([np.asarray(column, dtype=np.float32) for column in columns], axis=-1)
-
-
-def used_next_token(trace: Trace) -> np.ndarray:
-    """[T, L*E] bool: the key is used again at token t + 1 of the same sequence."""
-    return tokens_until_next_use(trace) == 1
-
-
-def tokens_until_next_use(trace: Trace) -> np.ndarray:
-    """[T, L*E] tokens from t to the key's next use in the same sequence (a large number if none)."""
-    used = used_matrix(trace)
-    return np.vstack([tokens_to_next_use(used[begin:end]) for begin, end in _sequences(trace)])
-
-
-def _sequences(trace: Trace) -> zip:
-    return zip(trace.seq_offsets[:-1], trace.seq_offsets[1:])
 
 
 def _shifted(used: np.ndarray, offsets: np.ndarray, lag: int) -> np.ndarray:
@@ -77,8 +63,9 @@ def _shifted(used: np.ndarray, offsets: np.ndarray, lag: int) -> np.ndarray:
 
 
 def fitted_classifier(fit: Trace, popularity: np.ndarray, transitions: np.ndarray, seed: int = 0) -> HistGradientBoostingClassifier:
-    inputs = features(fit, popularity, transitions).reshape(-1, HISTORY + 5)
-    targets = used_next_token(fit).reshape(-1)
+    known = features(fit, popularity, transitions)
+    inputs = known.reshape(-1, known.shape[-1])
+    targets = (tokens_until_next_use(fit) == 1).reshape(-1)  # used again at the next token
     rows = np.random.default_rng(seed).choice(len(targets), min(len(targets), TRAINING_ROWS), replace=False)
     return HistGradientBoostingClassifier(max_iter=200, max_leaf_nodes=63, random_state=seed).fit(inputs[rows], targets[rows])
 
@@ -124,13 +111,13 @@ class ExpectedWaitPolicy(EvictionPolicy):
 def measure(task: str, budget: float) -> dict[str, float]:
     fit, held = load_trace(DATA / f"{task}.npz").split(0.5)
     capacity = int(budget * held.num_layers * held.num_experts)
-    popularity = used_matrix(fit).mean(axis=0)
-    transitions = expert_transitions(fit, used_matrix(fit))
+    used = used_matrix(fit)
+    popularity, transitions = used.mean(axis=0), expert_transitions(fit, used)
     start = time.perf_counter()
     classifier = fitted_classifier(fit, popularity, transitions)
     seconds = time.perf_counter() - start
     held_features = features(held, popularity, transitions)
-    probabilities = classifier.predict_proba(held_features.reshape(-1, HISTORY + 5))[:, 1].reshape(held.num_tokens, -1)
+    probabilities = classifier.predict_proba(held_features.reshape(-1, held_features.shape[-1]))[:, 1].reshape(held.num_tokens, -1)
     policies = {
         "lru": LRUPolicy(), "fitted next-use": NextUsePolicy(held.num_layers, held.num_experts, ReuseModel.fit(fit)),
         "learned ranker": ExpectedWaitPolicy(probabilities, held.num_layers, held.num_experts),

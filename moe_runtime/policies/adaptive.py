@@ -11,9 +11,9 @@ when another is better by SWITCH_MARGIN. Each count is first scaled by how the l
 its shadow out: the live cache's loads at the sampled layers over that shadow's misses there,
 both over the steps its candidate led once the cache had loaded as many experts as it holds
 since the candidate took over (decayed alike; 1 until it has led, with the weight of
-CALIBRATION_PRIOR_TOKENS tokens' sampled uses; never below 1; LRU's never scaled). A sample is faithful to LRU (its shadow on 4 of
-Qwen3-30B-A3B's 48 layers missed 15.08 per token where LRU over the whole pool loaded 15.07 on
-them) but not to next-use, whose choices depend on how many layers share the pool: on flat
+CALIBRATION_PRIOR_TOKENS tokens' sampled uses; never below 1; LRU's never scaled). A sample is
+faithful to LRU (its shadow on 4 of Qwen3-30B-A3B's 48 layers missed 15.08 per token where LRU
+over the whole pool loaded 15.07 on them) but not to next-use, whose choices depend on how many layers share the pool: on flat
 routing at that shape (10%, half of a layer's experts kept from token to token) its shadow
 missed 15.02 where next-use over the whole pool loaded 17.02, so the default, trusting the
 shadow, followed next-use to 1.13x LRU's loads; calibrated, 1.001x (benchmarks/adaptive_shapes.py).

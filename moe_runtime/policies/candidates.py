@@ -6,8 +6,8 @@ cache's events and names victims while its candidate leads, and a shadow cache
 (shadow_cache.py) that replays the sampled layers as if that candidate alone ran the cache.
 Each sampled layer step decays the candidates' miss counts and adds the shadows' misses; the
 leader changes when another candidate's count, scaled by the live cache's loads over its
-shadow's misses at the sampled steps it led (scores), is lower by the switch margin. Only the leader's
-ranker is awake (base.set_dormant). The compiled twin (native_candidates.py) makes exactly
+shadow's misses at the sampled steps it led (scores), is lower by the switch margin. Only the
+leader's ranker is awake (base.set_dormant). The compiled twin (native_candidates.py) makes exactly
 these decisions for a fraction of the cost; this one serves where it cannot be built.
 """
 
@@ -26,7 +26,7 @@ from .shadow_cache import ShadowCache
 NAMES = ("lru", "lfu", "next-use", "next-use")
 LRU = 0  # the candidate whose shadow is faithful to the whole cache, never calibrated
 LEARNER = 3  # the candidate whose reuse model is refitted
-KIND = (0, 1, 2, 2)  # each candidate's calibration: both next-use's are one policy (two models) that a sample misjudges alike
+KIND = np.array([0, 1, 2, 2])  # each candidate's calibration: both next-use's are one policy (two models) that a sample misjudges alike
 NO_VICTIM = -1
 
 
@@ -37,10 +37,10 @@ class Candidates:
     ):
         """model: next-use's reuse model for all layers (sampled_model: for the `sampled` layers,
         renumbered); shadow_slots: the shadows' capacity; decay: of the miss counts per sampled
-        layer step; keep: a challenger leads when its score is below keep x the leader's; prior: a
-        candidate's live-to-shadow ratio starts at 1 with the weight of this many misses; settle: loads
-        after a switch before the live cache is taken as the new leader's (the cache's capacity:
-        until then it holds what the last leader chose)."""
+        layer step; keep: a challenger leads when its score is below keep x the leader's; prior:
+        a candidate's live-to-shadow ratio starts at 1 with the weight of this many misses;
+        settle: loads after a switch before the live cache is taken as the new leader's (the
+        cache's capacity: until then it holds what the last leader chose)."""
         self.num_experts = num_experts
         self.rankers = self._made(num_layers, num_experts, model)
         self.shadows = [ShadowCache(policy, num_experts=num_experts, capacity=shadow_slots) for policy in self._made(len(sampled), num_experts, sampled_model)]
@@ -48,8 +48,8 @@ class Candidates:
         self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]
         self.decay, self.keep, self.prior = decay, keep, prior
         self.misses = np.zeros(len(NAMES))  # decayed shadow misses
-        self.live = np.zeros(max(KIND) + 1)  # decayed live loads at the sampled steps a candidate of each KIND led
-        self.shadowed = np.zeros(max(KIND) + 1)  # ... and the leader's own shadow's misses at those steps
+        self.live = np.zeros(KIND.max() + 1)  # decayed live loads at the sampled steps a candidate of each KIND led
+        self.shadowed = np.zeros(KIND.max() + 1)  # ... and the leader's own shadow's misses at those steps
         self.step = (-1, 0, 0)  # the running sampled step: (its layer, -1 if none; its leader; that leader's shadow misses)
         self.step_loads = 0  # the live cache's loads of the running sampled step's layer
         self.settle, self.unsettled = settle, 0  # loads the live cache still owes the last leader
@@ -86,10 +86,10 @@ class Candidates:
 
     def scores(self) -> np.ndarray:
         """[4] each candidate's decayed shadow misses, times how much more the live cache loaded
-        than its shadow missed while it (or the other next-use) led (at least 1; 1 until it has led: a prior of `prior`
-        misses). Never less: a live cache that did better than its leader's shadow may owe it to
-        prefetches or to what the last leader left resident, not to the leader."""
-        return self.misses * np.maximum(1.0, (self.live + self.prior) / (self.shadowed + self.prior))[list(KIND)]
+        than its shadow missed while it (or the other next-use) led: at least 1, and 1 until it
+        has led (a prior of `prior` misses). Never less: a live cache that did better than its
+        leader's shadow may owe it to prefetches or to what the last leader left resident."""
+        return self.misses * np.maximum(1.0, (self.live + self.prior) / (self.shadowed + self.prior))[KIND]
 
     def _calibrate(self) -> None:
         """Add the sampled step just ended to its leader's live loads and shadow misses; LRU's
