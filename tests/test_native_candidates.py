@@ -72,15 +72,21 @@ def _lockstep_replay(trace, capacity: int, model: ReuseModel, forecasts: bool) -
 @compiled_only
 @pytest.mark.parametrize(
     "routing, budget, fitted, forecasts",
-    [("esft-vanilla-lite/law", 0.1, False, True), ("gpt-oss-20b/gpqa", 0.25, True, False), ("flat", 0.5, False, True), ("flat, 48 layers", 0.1, False, False)],
+    [
+        ("esft-vanilla-lite/law", 0.1, False, True), ("gpt-oss-20b/gpqa", 0.25, True, False), ("flat", 0.5, False, True), ("flat, 48 layers", 0.1, False, False),
+        ("flat, Mixtral's shape", 0.5, False, False),
+    ],
 )
 def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budget, fitted, forecasts):
-    """The last case is one where the live loads overrule a shadow (the leader goes back to LRU
-    after next-use's live loads belied its shadow: test_policies)."""
+    """The last two cases are ones where the live loads overrule a shadow (the leader goes back to
+    LRU after next-use's live loads belied its shadow) and where that evidence fades and next-use
+    leads again (test_policies)."""
     if routing == "flat":
         trace, fit = flat_routing(8, 32, 4, 700, seed=1), None
     elif routing == "flat, 48 layers":
         trace, fit = flat_routing(48, 128, 8, 300, reuse=0.5, sequences=1, seed=4), None
+    elif routing == "flat, Mixtral's shape":
+        trace, fit = flat_routing(32, 8, 2, 1500, reuse=0.5, seed=4), None
     else:
         whole = load_trace(ROUTING / f"{routing}.npz")
         trace, fit = whole.select_sequences(range(3)), whole.select_sequences(range(3, 9))
@@ -93,6 +99,8 @@ def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budg
     assert np.allclose(pair.compiled.candidates.scores(), pair.reference.candidates.scores(), rtol=0, atol=1e-9)
     if routing == "flat, 48 layers":
         assert pair.reference.switches >= 2 and pair.reference.leader_name == "lru"
+    if routing == "flat, Mixtral's shape":
+        assert pair.reference.switches >= 3 and pair.reference.leader_name != "lru"
 
 
 @compiled_only

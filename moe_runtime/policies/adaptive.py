@@ -11,12 +11,17 @@ when another is better by SWITCH_MARGIN. Each count is first scaled by how the l
 its shadow out: the live cache's loads at the sampled layers over that shadow's misses there,
 both over the steps its candidate led once the cache had loaded as many experts as it holds
 since the candidate took over (decayed alike; 1 until it has led, with the weight of
-CALIBRATION_PRIOR_TOKENS tokens' sampled uses; never below 1; LRU's never scaled). A sample is
+CALIBRATION_PRIOR_TOKENS tokens' sampled uses; never below 1; LRU's never scaled), and while
+another candidate leads the evidence against it fades with a half-life of
+CALIBRATION_FORGET_TOKENS tokens, so that it is retested, not held against it for ever: at
+Mixtral-8x7B's shape (flat, half of a layer's experts kept, 50%) the generic next-use's early
+lead left a ratio of 1.105 that the refitted next-use, whose shadow missed 5% less than LRU's,
+inherited, and the default stayed with LRU (0.999x its loads); fading, 0.948x. A sample is
 faithful to LRU (its shadow on 4 of Qwen3-30B-A3B's 48 layers missed 15.08 per token where LRU
 over the whole pool loaded 15.07 on them) but not to next-use, whose choices depend on how many layers share the pool: on flat
 routing at that shape (10%, half of a layer's experts kept from token to token) its shadow
 missed 15.02 where next-use over the whole pool loaded 17.02, so the default, trusting the
-shadow, followed next-use to 1.13x LRU's loads; calibrated, 1.001x (benchmarks/adaptive_shapes.py).
+shadow, followed next-use to 1.13x LRU's loads; calibrated, 1.000x (benchmarks/adaptive_shapes.py).
 The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
 per token, with the capacity scaled to them (set dueling, Qureshi et al. 2007): it ranks the
 candidates about as well at a fraction of the cost (16 uses saved 7-15 us per layer step but
@@ -53,6 +58,7 @@ SWITCH_MARGIN = 0.02  # a challenger must miss 2% less than the leader to take o
 SAMPLED_LAYERS = 8  # shadows replay at most this many layers (evenly spaced), with capacity scaled
 SAMPLED_USES = 32  # ... and at most about this many expert uses per token (layers x top-k): the cost per step
 CALIBRATION_PRIOR_TOKENS = 4  # a candidate's live-to-shadow ratio starts at 1 with the weight of this many tokens' sampled uses
+CALIBRATION_FORGET_TOKENS = 256  # ... and while another leads, the evidence against it fades with this half-life
 REFIT_PRIOR_WEIGHT = 20.0  # a refit's cells lean towards the generic table with the weight of this many observations
 
 
@@ -79,6 +85,7 @@ class AdaptivePolicy(EvictionPolicy):
             model, model.select_layers(self.sampled, num_experts), num_layers=num_layers, num_experts=num_experts, sampled=self.sampled,
             shadow_slots=self.shadow_slots, decay=0.5 ** (1.0 / (HALF_LIFE_TOKENS * len(self.sampled))), keep=1 - SWITCH_MARGIN,
             prior=CALIBRATION_PRIOR_TOKENS * len(self.sampled) * top_k, settle=capacity,
+            forget=0.5 ** (1.0 / (CALIBRATION_FORGET_TOKENS * len(self.sampled))),
         )
         self.compiled_fit = not self.idle and native_candidates.available()  # the refits' counts (the same models either way: tested)
         fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL

@@ -432,9 +432,9 @@ class Candidates {
   // `model` / `sampled_model`: (row, wait, forecasts, age_stride, transitions, edges) of the
   // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
   Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep, double prior,
-             int64_t settle, int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
+             int64_t settle, double forget, int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
       : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), live_(3, 0.0), shadowed_(3, 0.0), decay_(decay), keep_(keep),
-        prior_(prior), settle_(settle) {
+        prior_(prior), forget_(forget), settle_(settle) {
     for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
     const int64_t shadow_layers = static_cast<int64_t>(sampled.size());
     rankers_ = made(layers, experts, lfu_age_every, unpack(model), age_cap, window);
@@ -535,11 +535,17 @@ class Candidates {
     if (key < 0 || key >= layers_ * experts_) throw std::out_of_range("expert key outside the layers x experts the cache policy was built for");
   }
 
-  // The sampled step just ended, added to its leader's live loads and shadow misses.
+  // The sampled step just ended, added to its leader's live loads and shadow misses; the other
+  // kinds' evidence fades (candidates.py's _calibrate).
   void calibrate() {
     step_layer_ = -1;
-    if (step_leader_ == LRU || unsettled_ > 0) return;  // faithful to the whole cache: never calibrated; or settling
     const int kind = KIND[step_leader_];
+    for (size_t other = 0; other < live_.size(); ++other) {
+      if (static_cast<int>(other) == kind) continue;
+      live_[other] *= forget_;
+      shadowed_[other] *= forget_;
+    }
+    if (step_leader_ == LRU || unsettled_ > 0) return;  // faithful to the whole cache: never calibrated; or settling
     live_[kind] = live_[kind] * decay_ + static_cast<double>(step_loads_);
     shadowed_[kind] = shadowed_[kind] * decay_ + static_cast<double>(step_shadow_misses_);
   }
@@ -556,7 +562,7 @@ class Candidates {
   std::vector<double> misses_;   // decayed shadow misses
   std::vector<double> live_;     // [kind] decayed live loads at the sampled steps a candidate of that KIND led
   std::vector<double> shadowed_;  // ... and the leader's own shadow's misses at those steps
-  double decay_, keep_, prior_;
+  double decay_, keep_, prior_, forget_;
   int64_t step_layer_ = -1;  // the running sampled step's layer, -1 if none
   int step_leader_ = 0;
   int64_t step_shadow_misses_ = 0, step_loads_ = 0;
@@ -571,7 +577,7 @@ class Candidates {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Candidates>(m, "Candidates")
-      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, double, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
       .def("layer_start", &Candidates::layer_start)
       .def("forecast", &Candidates::forecast)
       .def("insert", &Candidates::insert)

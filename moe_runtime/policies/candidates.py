@@ -6,7 +6,8 @@ cache's events and names victims while its candidate leads, and a shadow cache
 (shadow_cache.py) that replays the sampled layers as if that candidate alone ran the cache.
 Each sampled layer step decays the candidates' miss counts and adds the shadows' misses; the
 leader changes when another candidate's count, scaled by the live cache's loads over its
-shadow's misses at the sampled steps it led (scores), is lower by the switch margin. Only the
+shadow's misses at the sampled steps it led (scores; that evidence fades while others lead),
+is lower by the switch margin. Only the
 leader's ranker is awake (base.set_dormant). The compiled twin (native_candidates.py) makes exactly
 these decisions for a fraction of the cost; this one serves where it cannot be built.
 """
@@ -33,23 +34,26 @@ NO_VICTIM = -1
 class Candidates:
     def __init__(
         self, model: ReuseModel, sampled_model: ReuseModel, *, num_layers: int, num_experts: int, sampled: list[int], shadow_slots: int,
-        decay: float, keep: float, prior: float, settle: int,
+        decay: float, keep: float, prior: float, settle: int, forget: float,
     ):
         """model: next-use's reuse model for all layers (sampled_model: for the `sampled` layers,
         renumbered); shadow_slots: the shadows' capacity; decay: of the miss counts per sampled
         layer step; keep: a challenger leads when its score is below keep x the leader's; prior:
         a candidate's live-to-shadow ratio starts at 1 with the weight of this many misses;
         settle: loads after a switch before the live cache is taken as the new leader's (the
-        cache's capacity: until then it holds what the last leader chose)."""
+        cache's capacity: until then it holds what the last leader chose); forget: the decay per
+        sampled layer step of the live-to-shadow evidence of the kinds not leading (slower than
+        `decay`: a ratio measured once is retested when it has faded, not held for ever)."""
         self.num_experts = num_experts
         self.rankers = self._made(num_layers, num_experts, model)
         self.shadows = [ShadowCache(policy, num_experts=num_experts, capacity=shadow_slots) for policy in self._made(len(sampled), num_experts, sampled_model)]
         self.shadow_of = {layer: index for index, layer in enumerate(sampled)}
         self._access_hooks = [ranker.on_access for ranker in self.rankers if ranker.tracks_accesses]
-        self.decay, self.keep, self.prior = decay, keep, prior
+        self.decay, self.keep, self.prior, self.forget = decay, keep, prior, forget
         self.misses = np.zeros(len(NAMES))  # decayed shadow misses
         self.live = np.zeros(KIND.max() + 1)  # decayed live loads at the sampled steps a candidate of each KIND led
         self.shadowed = np.zeros(KIND.max() + 1)  # ... and the leader's own shadow's misses at those steps
+        self.kinds = np.arange(KIND.max() + 1)  # [3] 0, 1, 2: masks the kinds not leading
         self.step = (-1, 0, 0)  # the running sampled step: (its layer, -1 if none; its leader; that leader's shadow misses)
         self.step_loads = 0  # the live cache's loads of the running sampled step's layer
         self.settle, self.unsettled = settle, 0  # loads the live cache still owes the last leader
@@ -95,12 +99,17 @@ class Candidates:
         """Add the sampled step just ended to its leader's live loads and shadow misses; LRU's
         shadow is faithful to the whole cache (adaptive.py) and never calibrated, and no leader is
         until the cache has loaded `settle` experts since it took over: before, its live loads
-        are partly what the last leader left resident."""
+        are partly what the last leader left resident. The other kinds' evidence fades by
+        `forget`: what the live cache showed of a candidate that no longer leads was measured on
+        routing, and for the learner on a model, that have since moved on."""
         _, leader, shadow_misses = self.step
         self.step = (-1, 0, 0)
+        kind = KIND[leader]
+        idle = self.kinds != kind
+        self.live[idle] *= self.forget
+        self.shadowed[idle] *= self.forget
         if leader == LRU or self.unsettled:
             return
-        kind = KIND[leader]
         self.live[kind] = self.live[kind] * self.decay + self.step_loads
         self.shadowed[kind] = self.shadowed[kind] * self.decay + shadow_misses
 

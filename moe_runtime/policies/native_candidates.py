@@ -39,10 +39,10 @@ class NativeCandidates:
 
     def __init__(
         self, model: ReuseModel, sampled_model: ReuseModel, *, num_layers: int, num_experts: int, sampled: list[int], shadow_slots: int,
-        decay: float, keep: float, prior: float, settle: int,
+        decay: float, keep: float, prior: float, settle: int, forget: float,
     ):
         self.core = extension().Candidates(
-            num_layers, num_experts, sampled, shadow_slots, decay, keep, prior, settle, AGE_EVERY, AGE_CAP, WINDOW, _operands(model), _operands(sampled_model),
+            num_layers, num_experts, sampled, shadow_slots, decay, keep, prior, settle, forget, AGE_EVERY, AGE_CAP, WINDOW, _operands(model), _operands(sampled_model),
         )
         self.layer_start, self.insert, self.access, self.evict, self.victim = (
             self.core.layer_start, self.core.insert, self.core.access, self.core.evict, self.core.victim,
