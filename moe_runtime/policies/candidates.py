@@ -7,9 +7,9 @@ cache's events and names victims while its candidate leads, and a shadow cache
 Each sampled layer step decays the candidates' miss counts and adds the shadows' misses; the
 leader changes when another candidate's count, scaled by the live cache's loads over its
 shadow's misses at the sampled steps it led (scores; that evidence fades while others lead),
-is lower by the switch margin. Only the
-leader's ranker is awake (base.set_dormant). The compiled twin (native_candidates.py) makes exactly
-these decisions for a fraction of the cost; this one serves where it cannot be built.
+is lower by the switch margin. Only the leader's ranker is awake (base.set_dormant). The
+compiled twin (native_candidates.py) makes exactly these decisions for a fraction of the cost;
+this one serves where it cannot be built.
 """
 
 from __future__ import annotations
