@@ -18,10 +18,11 @@ Mixtral-8x7B's shape (flat, half of a layer's experts kept, 50%) the generic nex
 lead left a ratio of 1.105 that the refitted next-use, whose shadow missed 5% less than LRU's,
 inherited, and the default stayed with LRU (0.999x its loads); fading, 0.948x. A sample is
 faithful to LRU (its shadow on 4 of Qwen3-30B-A3B's 48 layers missed 15.08 per token where LRU
-over the whole pool loaded 15.07 on them) but not to next-use, whose choices depend on how many layers share the pool: on flat
-routing at that shape (10%, half of a layer's experts kept from token to token) its shadow
-missed 15.02 where next-use over the whole pool loaded 17.02, so the default, trusting the
-shadow, followed next-use to 1.13x LRU's loads; calibrated, 1.000x (benchmarks/adaptive_shapes.py).
+over the whole pool loaded 15.07 on them) but not to next-use, whose choices depend on how many
+layers share the pool: on flat routing at that shape (10%, half of a layer's experts kept from
+token to token) its shadow missed 15.02 where next-use over the whole pool loaded 17.02, so the
+default, trusting the shadow, followed next-use to 1.13x LRU's loads; calibrated, 1.000x
+(benchmarks/adaptive_shapes.py).
 The shadows replay a sample of at most SAMPLED_LAYERS layers, and about SAMPLED_USES expert uses
 per token, with the capacity scaled to them (set dueling, Qureshi et al. 2007): it ranks the
 candidates about as well at a fraction of the cost (16 uses saved 7-15 us per layer step but
