@@ -129,6 +129,19 @@ def test_an_error_while_choosing_leaves_the_compiled_candidates_usable():
     assert policy.choose_victim(lambda key: True) == first
 
 
+@pytest.mark.parametrize("native", [pytest.param(True, marks=compiled_only), False])
+def test_only_the_next_use_candidates_take_a_reuse_model(native):
+    from moe_runtime.policies.candidates import LEARNER, NEXT_USE
+
+    model = ReuseModel.generic(2, 8)
+    candidates = AdaptivePolicy(model, num_layers=2, num_experts=8, capacity=4, native=native).candidates
+    for candidate in (0, 1, -1, LEARNER + 1):
+        with pytest.raises(ValueError, match="only the next-use candidates"):
+            candidates.use_model(candidate, model, model.select_layers([0, 1], 8))
+    for candidate in (NEXT_USE, LEARNER):
+        candidates.use_model(candidate, model, model.select_layers([0, 1], 8))
+
+
 def test_the_default_is_compiled_wherever_the_candidates_can_be_built():
     policy = make_policy("adaptive", num_layers=4, num_experts=8, capacity=8, top_k=2)
     assert policy.native == native_candidates.available()

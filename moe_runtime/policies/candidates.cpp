@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -426,6 +427,7 @@ ReuseModel reuse_model(const torch::Tensor& row, const torch::Tensor& wait, int6
 
 constexpr int LRU = 0, LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
 constexpr int KIND[4] = {0, 1, 2, 2};   // candidates.py's KIND: the calibration each candidate shares
+constexpr size_t CANDIDATES = std::size(KIND), KINDS = KIND[LEARNER] + 1;  // the learner's kind is the last
 
 class Candidates {
  public:
@@ -433,7 +435,7 @@ class Candidates {
   // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
   Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep, double prior,
              int64_t settle, double forget, int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
-      : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(4, 0.0), live_(3, 0.0), shadowed_(3, 0.0), decay_(decay), keep_(keep),
+      : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(CANDIDATES, 0.0), live_(KINDS, 0.0), shadowed_(KINDS, 0.0), decay_(decay), keep_(keep),
         prior_(prior), forget_(forget), settle_(settle) {
     for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
     const int64_t shadow_layers = static_cast<int64_t>(sampled.size());
@@ -511,9 +513,12 @@ class Candidates {
     return rankers_[leader_]->victim([&is_evictable](Key key) { return is_evictable(key).cast<bool>(); });
   }
 
-  void use_model(const py::tuple& model, const py::tuple& sampled_model) {
-    static_cast<NextUse&>(*rankers_[LEARNER]).use_model(unpack(model));
-    static_cast<NextUse&>(*shadows_[LEARNER].policy).use_model(unpack(sampled_model));
+  void use_model(int64_t candidate, const py::tuple& model, const py::tuple& sampled_model) {
+    if (candidate < 0 || candidate >= static_cast<int64_t>(CANDIDATES) || KIND[candidate] != KIND[LEARNER]) {
+      throw std::invalid_argument("only the next-use candidates take a reuse model");
+    }
+    static_cast<NextUse&>(*rankers_[candidate]).use_model(unpack(model));
+    static_cast<NextUse&>(*shadows_[candidate].policy).use_model(unpack(sampled_model));
   }
 
   int leader() const { return leader_; }

@@ -1,7 +1,7 @@
 """The adaptive default's candidates and their duel, in Python: the reference for candidates.cpp.
 
-Four candidates in a fixed order (LRU, LFU, next-use with the model the default starts from,
-next-use refitted on the routing served: LEARNER), each twice: a ranker that sees the real
+Four candidates in a fixed order (LRU, LFU, next-use with the model the default starts from:
+NEXT_USE, next-use refitted on the routing served: LEARNER), each twice: a ranker that sees the real
 cache's events and names victims while its candidate leads, and a shadow cache
 (shadow_cache.py) that replays the sampled layers as if that candidate alone ran the cache.
 Each sampled layer step decays the candidates' miss counts and adds the shadows' misses; the
@@ -26,6 +26,7 @@ from .shadow_cache import ShadowCache
 
 NAMES = ("lru", "lfu", "next-use", "next-use")
 LRU = 0  # the candidate whose shadow is faithful to the whole cache, never calibrated
+NEXT_USE = 2  # the candidate with the reuse model the default starts from (its ages refitted if generic: adaptive.py)
 LEARNER = 3  # the candidate whose reuse model is refitted
 KIND = np.array([0, 1, 2, 2])  # each candidate's calibration: both next-use's are one policy (two models) that a sample misjudges alike
 NO_VICTIM = -1
@@ -143,7 +144,9 @@ class Candidates:
         except NoVictimError:
             return NO_VICTIM
 
-    def use_model(self, model: ReuseModel, sampled_model: ReuseModel) -> None:
-        """The learner's refit: `model` for its ranker, `sampled_model` for its shadow."""
-        self.rankers[LEARNER].use_model(model)
-        self.shadows[LEARNER].policy.use_model(sampled_model)
+    def use_model(self, candidate: int, model: ReuseModel, sampled_model: ReuseModel) -> None:
+        """A next-use candidate's refit: `model` for its ranker, `sampled_model` for its shadow."""
+        if not 0 <= candidate < len(NAMES) or KIND[candidate] != KIND[LEARNER]:
+            raise ValueError("only the next-use candidates take a reuse model")
+        self.rankers[candidate].use_model(model)
+        self.shadows[candidate].policy.use_model(sampled_model)

@@ -51,8 +51,8 @@ class NativeCandidates:
     def forecast(self, layer: int, probabilities) -> None:
         self.core.forecast(layer, torch.as_tensor(np.asarray(probabilities, dtype=np.float64)))
 
-    def use_model(self, model: ReuseModel, sampled_model: ReuseModel) -> None:
-        self.core.use_model(_operands(model), _operands(sampled_model))
+    def use_model(self, candidate: int, model: ReuseModel, sampled_model: ReuseModel) -> None:
+        self.core.use_model(candidate, _operands(model), _operands(sampled_model))
 
     @property
     def leader(self) -> int:

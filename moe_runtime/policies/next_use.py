@@ -104,18 +104,35 @@ class ReuseModel:
         prior_weight: float = 5.0, compiled: bool | None = None,
     ) -> ReuseModel:
         """Average the weighted wait per (popularity, age, recent uses, transition) cell over `trace`,
-        each cell drawn towards `prior` (a wait table broadcast to the cells; None: FAR_WAIT, "far")
+        each cell drawn towards `prior` (a wait per age and recent uses, [1, AGE_CAP + 1, WINDOW + 1, 1],
+        as generic_wait gives, or one wait for all; None: FAR_WAIT, "far")
         with the weight of `prior_weight` observations. compiled: count with reuse_fit.cpp, which
         gives numpy's counts exactly in a fraction of the time (None: where it can be built)."""
+        return cls.fit_with_age_table(trace, popularity_buckets, forecast_buckets, prior, prior_weight, compiled)[0]
+
+    @classmethod
+    def fit_with_age_table(
+        cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS, prior: np.ndarray | None = None,
+        prior_weight: float = 5.0, compiled: bool | None = None,
+    ) -> tuple[ReuseModel, ReuseModel]:
+        """(fit's model, the age x recent-uses model of the same counts): the second pools the
+        popularity and transition buckets, as fit(popularity_buckets=1, forecast_buckets=1) would
+        (the same table: tested) without counting the trace twice."""
         counts = _counter(trace, compiled)
         bucket = _quantile_buckets(counts.popularity(), popularity_buckets)[1]
         transitions = counts.transitions() if forecast_buckets > 1 else None
         forecast = None if transitions is None else counts.forecast(transitions)
         edges = np.zeros(0) if forecast is None else _quantile_edges(forecast, forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)
-        total, count = counts.cell_sums(bucket, forecast, edges, shape)
-        towards = np.broadcast_to(FAR_WAIT if prior is None else prior, shape).ravel()
-        return cls(bucket, ((total + prior_weight * towards) / (count + prior_weight)).reshape(shape), transitions, edges)
+        total, count = (cells.reshape(shape) for cells in counts.cell_sums(bucket, forecast, edges, shape))
+        pooled = (total.sum(axis=(0, 3), keepdims=True), count.sum(axis=(0, 3), keepdims=True))
+
+        def smoothed(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+            towards = np.broadcast_to(FAR_WAIT if prior is None else prior, total.shape)
+            return (total + prior_weight * towards) / (count + prior_weight)
+
+        age_table = cls(np.zeros_like(bucket), smoothed(*pooled))
+        return cls(bucket, smoothed(total, count), transitions, edges), age_table
 
 
 def _counter(trace: Trace, compiled: bool | None):
