@@ -2,16 +2,17 @@
 
 For every shipped trace (ESFT: DeepSeek-V2-Lite architecture; GPT-OSS-20B) the held-out half
 (second half of the sequences) and synthetic flat-popularity routing, at 10/25/50% of the
-experts in one global pool: loads per token of Belady's MIN, LRU, next-use with the generic
-table, and the default (adaptive: follows the best of LRU, LFU and next-use on the recent
-routing), none of them fitted, and next-use and the default fitted on the fit half (the first
-half of the same file's sequences; for synthetic routing another seed; what policy_fit gives
-them), as multiples of LRU; plus the default's cost per layer step over LRU's, compiled (what
-wrap uses where a C++ compiler is found) and in Python (its reference, where none is; the same
-loads, checked). The cost is one run's; on a shared machine it moves by half from run to run:
-adaptive_overhead.py repeats paired runs.
+experts in one global pool (--budgets: other shares): loads per token of Belady's MIN, LRU,
+next-use with the generic table, and the default (adaptive: follows the best of LRU, LFU and
+next-use on the recent routing), none of them fitted, and next-use and the default fitted on the
+fit half (the first half of the same file's sequences; for synthetic routing another seed; what
+policy_fit gives them), as multiples of LRU; plus the default's cost per layer step over LRU's,
+compiled (what wrap uses where a C++ compiler is found) and in Python (its reference, where none
+is; the same loads, checked). The cost is one run's; on a shared machine it moves by half from
+run to run: adaptive_overhead.py repeats paired runs.
 
     python benchmarks/adaptive_default.py --json out.json --plot adaptive.png
+    python benchmarks/adaptive_default.py --budgets 0.05,0.75,0.9   # beyond the issue's budgets
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = sorted({row["trace"] for row in rows})
-    figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.32 * len(names) + 1.6), sharey=True, layout="constrained")
-    for axis, budget in zip(axes, BUDGETS):
+    budgets = sorted({row["budget"] for row in rows})
+    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 0.32 * len(names) + 1.6), sharey=True, layout="constrained", squeeze=False)
+    axes = axes[0]
+    for axis, budget in zip(axes, budgets):
         chosen = {row["trace"]: row for row in rows if row["budget"] == budget}
         bars = ((-0.27, "next-use", "next-use, generic table"), (0.0, DEFAULT_POLICY, DEFAULT_POLICY), (0.27, "default_fitted", f"{DEFAULT_POLICY}, started from the fit half"))
         for offset, name, label in bars:
@@ -90,10 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
+    parser.add_argument("--budgets", type=budget_list, default=BUDGETS, help="shares of the experts the pool holds, e.g. 0.75,0.9 (default: the issue's 0.1,0.25,0.5)")
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
     rows = []
-    jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in BUDGETS]
+    jobs = [(name, trace, fit, budget) for name, (trace, fit) in workloads().items() for budget in args.budgets]
     for name, trace, fit, budget in tqdm(jobs, desc="replays", unit="run"):
         rows.append({"trace": name, **measure(trace, fit, budget)})
     print("loads per token: LRU's, the rest as multiples of it; fitted: next-use fitted on the fit")
@@ -109,6 +113,17 @@ def main() -> None:
             f" {ratios[4]:>8.3f} {extra[0]:>5.1f} {extra[1]:>5.1f}"
         )
     write_outputs(rows, args.json, args.plot, plot)
+
+
+def budget_list(text: str) -> tuple[float, ...]:
+    """"0.75,0.9" -> (0.75, 0.9); each a share of the experts, above 0 and below 1 (at 1 every expert fits: nothing to compare)."""
+    try:
+        budgets = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets are comma-separated numbers such as 0.1,0.25, not {text!r}") from None
+    if not all(0 < budget < 1 for budget in budgets):
+        raise argparse.ArgumentTypeError(f"each budget is a share of the experts above 0 and below 1, got {text}")
+    return budgets
 
 
 def check_outputs(*paths: str | None) -> None:
