@@ -276,9 +276,9 @@ def test_the_adaptive_default_retests_a_shadow_the_live_cache_once_belied():
 def test_the_adaptive_default_refits_the_generic_tables_ages():
     """Qwen1.5-MoE's shape (24 layers, 60 experts, top-4), popularity skewed (Zipf 0.7), 0.3 of a
     layer's experts kept, 10% of the experts: the shipped ESFT table misjudges how age and
-    recent uses predict reuse here; refitted on the routing served (its age x recent-uses cells,
-    from the learner's counts), that next-use candidate makes 0.90x LRU's loads (kept as
-    shipped: 0.96x)."""
+    recent uses predict reuse here; with that next-use candidate's table refitted on the routing
+    served (its age x recent-uses cells, from the learner's counts) the default makes 0.90x
+    LRU's loads (with the table kept as shipped: 0.96x)."""
     trace = flat_routing(24, 60, 4, 600, reuse=0.3, skew=0.7, seed=2)
     lru, adaptive = (_loads(name, trace, 144) for name in ("lru", "adaptive"))
     assert adaptive <= 0.93 * lru
