@@ -200,6 +200,20 @@ def test_next_use_told_every_next_use_makes_beladys_choices(seed):
     assert misses < replay(trace, make_policy("lru"), 9).misses
 
 
+def test_next_use_evicts_the_longer_idle_of_two_far_experts():
+    """Both idle past the age cap, so the same cell ("far"); the one of the layer just run was
+    evicted first (its due counted from that visit) whatever its idleness. Each AGE_CAP tokens
+    idle beyond the cap add a token to the wait: the expert idle for 200 tokens goes before the
+    one idle for 70, as LRU would choose."""
+    policy = NextUsePolicy(2, 4, ReuseModel.uniform(2, 4, 1))
+    for token in range(201):
+        policy.on_layer_start(0, [0] if token == 0 else [1])
+        policy.on_layer_start(1, [4] if token == 130 else [5])
+    for key in (0, 4):
+        policy.on_insert(key)
+    assert policy.choose_victim(lambda key: True) == 0
+
+
 def test_generic_reuse_model_from_the_shipped_routing():
     """Without fit traces next-use takes the shipped ESFT table: an expert every recent token used
     is expected back sooner than one used once lately, and that one sooner than one never used."""

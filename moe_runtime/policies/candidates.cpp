@@ -255,7 +255,7 @@ class NextUse : public Candidate {
     for (int64_t expert = 0; expert < experts_; ++expert) {
       const Key key = layer * experts_ + expert;
       const double q = std::min(std::max(probabilities[expert], 0.0), 1.0);
-      due_[key] = static_cast<double>(chance) + (1.0 - q) * static_cast<double>(layers_) * lookup(key, age(key));
+      due_[key] = static_cast<double>(chance) + (1.0 - q) * static_cast<double>(layers_) * expected_wait(key, token_ - last_use_[key]);
     }
     latest_[layer] = STALE;
   }
@@ -309,7 +309,6 @@ class NextUse : public Candidate {
     std::vector<Key> keys;
   };
 
-  int64_t age(Key key) const { return std::min(token_ - last_use_[key], age_cap_); }
   bool due_later(Key key, Key than) const { return due_[key] > due_[than] || (due_[key] == due_[than] && key < than); }
 
   // The resident key of `layer` due last, but for `refused` ones (NO_VICTIM: none).
@@ -322,6 +321,10 @@ class NextUse : public Candidate {
   }
   double lookup(Key key, int64_t age) const {
     return model_.wait[model_.row[key] + age * model_.age_stride + recent_[key] * model_.forecasts + forecast_[key]];
+  }
+  // next_use.py's _expected_wait: the capped age's cell, plus a token per age_cap tokens idle beyond it.
+  double expected_wait(Key key, int64_t idle) const {
+    return lookup(key, std::min(idle, age_cap_)) + static_cast<double>(std::max<int64_t>(idle - age_cap_, 0)) / static_cast<double>(age_cap_);
   }
 
   void record(int64_t layer, const std::vector<Key>& keys) {
@@ -336,8 +339,7 @@ class NextUse : public Candidate {
     const Key first = layer * experts_;
     if (!model_.transitions.empty()) transition_buckets(layer, keys);
     for (Key key = first; key < first + experts_; ++key) {
-      const int64_t age = std::min(token - last_use_[key], age_cap_);
-      due_[key] = static_cast<double>(step) + static_cast<double>(layers_) * lookup(key, age);
+      due_[key] = static_cast<double>(step) + static_cast<double>(layers_) * expected_wait(key, token - last_use_[key]);
     }
     latest_[layer] = STALE;
   }

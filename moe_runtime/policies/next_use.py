@@ -27,6 +27,10 @@ without the transition bucket 1.59-1.71x, with an uncapped estimate from age and
 alone 1.67-1.85x, and LRU 1.87-2.02x. The cap, the window, the tail and the cells were chosen
 by cross-validation within the fit halves.
 
+Ages past AGE_CAP share one cell, and there every expert is "far"; each further AGE_CAP tokens
+idle add a token to w (_expected_wait), so that in a large pool, where nearly every victim is
+that old, the one idle longest goes first, as LRU's would.
+
 A predictor's forecast q for a coming layer of the running token makes that chance certain
 with probability q: due = chance + (1 - q) L w(age after a miss).
 
@@ -47,7 +51,7 @@ import numpy as np
 from ..trace import Trace, load_traces
 from .base import EvictionPolicy, NoVictimError
 
-AGE_CAP = 64  # tokens; older (or never used) ages share one cell
+AGE_CAP = 64  # tokens; older (or never used) ages share one cell, and every AGE_CAP tokens beyond add a token to the wait
 WINDOW = 16  # tokens over which recent uses are counted
 NEAR = 4  # tokens: a next use within them counts in full in the wait,
 FAR = 8  # ... one between NEAR and FAR tokens away at TAIL_WEIGHT a token, and farther ones as FAR_WAIT
@@ -320,6 +324,16 @@ class NextUsePolicy(EvictionPolicy):
         cell = self._row[span] + age * self._age_stride + self.recent[span] * self._forecasts + self.forecast[span]
         return self._wait.take(cell)
 
+    def _expected_wait(self, idle: np.ndarray, span: slice) -> np.ndarray:
+        """The wait of the keys in `span` after `idle` tokens unused: their cell's at the capped age,
+        plus a token per AGE_CAP tokens idle beyond the cap. The cells cannot tell an expert idle
+        for 65 tokens from one idle for 1600 (both "far"), and in a large pool nearly every victim
+        is that far: next-use then evicted from the layer just run (97% of its victims, median idle
+        63 tokens, where LRU's oldest resident was idle 1652; GPT-OSS mmlu-pro at 90%) and made
+        1.35x LRU's loads; with the idle term 1.004x, while at 10-50%, where under 0.2% of victims
+        are idle past the cap, loads move by under 0.1% (BENCHMARKS.md, "Idle beyond the age cap")."""
+        return self._lookup(np.minimum(idle, AGE_CAP), span) + np.maximum(idle - AGE_CAP, 0) / AGE_CAP
+
     def _span(self, layer: int) -> slice:
         return slice(layer * self.num_experts, (layer + 1) * self.num_experts)
 
@@ -344,8 +358,7 @@ class NextUsePolicy(EvictionPolicy):
         span = self._span(layer)
         if self._transitions is not None:
             self.forecast[span] = self._transition_bucket(layer, keys - span.start)
-        age = np.minimum(token - self.last_use[span], AGE_CAP)
-        self._set_due(span, step + self.num_layers * self._lookup(age, span))
+        self._set_due(span, step + self.num_layers * self._expected_wait(token - self.last_use[span], span))
 
     def set_dormant(self, dormant: bool) -> None:
         """Dormant: uses are recorded, expected next uses not computed. Woken, each layer's are
@@ -375,10 +388,10 @@ class NextUsePolicy(EvictionPolicy):
         if layer <= self.layer or self._dormant:
             return
         span = self._span(layer)
-        age = np.minimum(self.token - self.last_use[span], AGE_CAP)  # after a miss at the coming chance
+        wait = self._expected_wait(self.token - self.last_use[span], span)  # after a miss at the coming chance
         chance = self.step + layer - self.layer
         forecast = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
-        self._set_due(span, chance + (1 - forecast) * self.num_layers * self._lookup(age, span))
+        self._set_due(span, chance + (1 - forecast) * self.num_layers * wait)
 
     def on_insert(self, key: int) -> None:
         self.resident[key] = True
