@@ -331,7 +331,8 @@ class NextUsePolicy(EvictionPolicy):
         is that far: next-use then evicted from the layer just run (97% of its victims, median idle
         63 tokens, where LRU's oldest resident was idle 1652; GPT-OSS mmlu-pro at 90%) and made
         1.35x LRU's loads; with the idle term 1.004x, while at 10-50%, where under 0.2% of victims
-        are idle past the cap, loads move by under 0.1% (BENCHMARKS.md, "Idle beyond the age cap")."""
+        are idle past the cap, its loads moved by at most 0.3% of LRU's on the shipped tasks
+        (BENCHMARKS.md, "Idle beyond the age cap")."""
         return self._lookup(np.minimum(idle, AGE_CAP), span) + np.maximum(idle - AGE_CAP, 0) / AGE_CAP
 
     def _span(self, layer: int) -> slice:
