@@ -2,8 +2,9 @@
 
 Synthetic routing (moe_runtime.synthetic.flat_routing) at the layer x expert x top-k shapes of
 Mixtral-8x7B, Qwen1.5-MoE-A2.7B, OLMoE-1B-7B, DeepSeek-V2-Lite and Qwen3-30B-A3B, each with
-three token-to-token reuse rates (0, 0.3, 0.5 of a layer's experts kept) and two popularity
-skews (flat; Zipf 0.7), at 10/25/50% of the experts in one global pool: the default's loads per
+three token-to-token reuse rates (0, 0.3, 0.5 of a layer's experts kept) and three kinds of
+popularity (flat; Zipf 0.7; Zipf 0.7 redrawn for each of the 8 sequences, as requests on
+different topics would), at 10/25/50% of the experts in one global pool: the default's loads per
 token as a multiple of LRU's, with no fit traces (what `wrap` runs when given nothing). The
 issue's bar is at most 1.00x LRU on routing the default has never seen.
 
@@ -26,20 +27,20 @@ SHAPES = {  # name: (MoE layers, routed experts, top-k)
     "Mixtral-8x7B": (32, 8, 2), "Qwen1.5-MoE": (24, 60, 4), "OLMoE-1B-7B": (16, 64, 8), "DeepSeek-V2-Lite": (26, 64, 6), "Qwen3-30B-A3B": (48, 128, 8),
 }
 REUSES = (0.0, 0.3, 0.5)
-SKEWS = (0.0, 0.7)
+ROUTINGS = ((0.0, 0.0), (0.7, 0.0), (0.7, 1.0))  # (Zipf skew, drift: the share of ranks redrawn per sequence)
 BUDGETS = (0.1, 0.25, 0.5)
 TOKENS = 1500
 
 
-def measure(shape: str, reuse: float, skew: float, seed: int) -> list[dict]:
+def measure(shape: str, reuse: float, skew: float, drift: float, seed: int) -> list[dict]:
     layers, experts, top_k = SHAPES[shape]
-    trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, seed=seed)
+    trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, drift=drift, seed=seed)
     rows = []
     for budget in BUDGETS:
         capacity = max(top_k, int(budget * layers * experts))
         size = {"num_layers": layers, "num_experts": experts, "capacity": capacity, "top_k": top_k}
         loads = {name: replay(trace, make_policy(name, **size), capacity).loads / TOKENS for name in ("lru", DEFAULT_POLICY)}
-        rows.append({"shape": shape, "reuse": reuse, "skew": skew, "budget": budget, **loads, "ratio": loads[DEFAULT_POLICY] / loads["lru"]})
+        rows.append({"shape": shape, "reuse": reuse, "skew": skew, "drift": drift, "budget": budget, **loads, "ratio": loads[DEFAULT_POLICY] / loads["lru"]})
     return rows
 
 
@@ -49,17 +50,21 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(row["shape"], row["reuse"], row["skew"]) for row in rows}, key=lambda case: (list(SHAPES).index(case[0]), case[1:]))
+    cases = sorted({_case(row) for row in rows}, key=lambda case: (list(SHAPES).index(case[0]), case[1:]))
     figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.22 * len(cases) + 1.6), sharey=True, layout="constrained")
     for axis, budget in zip(axes, BUDGETS):
-        ratio = {(row["shape"], row["reuse"], row["skew"]): row["ratio"] for row in rows if row["budget"] == budget}
+        ratio = {_case(row): row["ratio"] for row in rows if row["budget"] == budget}
         axis.barh(range(len(cases)), [ratio[case] for case in cases], height=0.7)
         axis.axvline(1.0, color="k", linestyle="--", linewidth=1)
-        axis.set_yticks(range(len(cases)), [f"{s} r{r:g} z{z:g}" for s, r, z in cases], fontsize=7)
+        axis.set_yticks(range(len(cases)), [f"{s} r{r:g} z{z:g}" + (f" d{d:g}" if d else "") for s, r, z, d in cases], fontsize=7)
         axis.set_title(f"{budget:.0%} of the experts")
         axis.set_xlabel("default's loads per token / LRU's")
     write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
     plt.close(figure)
+
+
+def _case(row: dict) -> tuple:
+    return row["shape"], row["reuse"], row["skew"], row["drift"]
 
 
 def main() -> None:
@@ -68,17 +73,19 @@ def main() -> None:
     parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
-    jobs = [(shape, reuse, skew) for shape in SHAPES for reuse in REUSES for skew in SKEWS]
+    cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in ROUTINGS]
+    jobs = [case for case in cases if not case[3]] + [case for case in cases if case[3]]  # drifting last: the others keep their seeds of before
     rows = []
-    print("the default's loads per token / LRU's; r: reuse from token to token, z: Zipf skew")
-    print(f"{'model shape':<17} {'L':>3} {'E':>4} {'K':>2} {'r':>4} {'z':>4} " + " ".join(f"{budget:>7.0%}" for budget in BUDGETS))
-    for seed, (shape, reuse, skew) in enumerate(tqdm(jobs, desc="routings", leave=False)):
-        found = measure(shape, reuse, skew, seed)
+    print("the default's loads per token / LRU's; r: reuse from token to token, z: Zipf skew,")
+    print("d: share of the popularity ranks redrawn for each sequence")
+    print(f"{'model shape':<17} {'L':>3} {'E':>4} {'K':>2} {'r':>4} {'z':>4} {'d':>4} " + " ".join(f"{budget:>7.0%}" for budget in BUDGETS))
+    for seed, (shape, reuse, skew, drift) in enumerate(tqdm(jobs, desc="routings", leave=False)):
+        found = measure(shape, reuse, skew, drift, seed)
         rows += found
         layers, experts, top_k = SHAPES[shape]
-        tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))
+        tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} {drift:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))
     worst = max(rows, key=lambda row: row["ratio"])
-    print(f"worst: {worst['ratio']:.4f}x LRU ({worst['shape']}, reuse {worst['reuse']}, skew {worst['skew']}, {worst['budget']:.0%})")
+    print(f"worst: {worst['ratio']:.4f}x LRU ({worst['shape']}, reuse {worst['reuse']}, skew {worst['skew']}, drift {worst['drift']}, {worst['budget']:.0%})")
     write_outputs(rows, args.json, args.plot, plot)
 
 

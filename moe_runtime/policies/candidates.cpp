@@ -207,8 +207,8 @@ struct ReuseModel {
 // next_use.py's NextUsePolicy.
 class NextUse : public Candidate {
  public:
-  NextUse(int64_t layers, int64_t experts, ReuseModel model, int64_t age_cap, int64_t window)
-      : layers_(layers), experts_(experts), age_cap_(age_cap), window_(window), last_use_(layers * experts, -age_cap),
+  NextUse(int64_t layers, int64_t experts, ReuseModel model, int64_t age_cap, int64_t window, int64_t idle_per_wait)
+      : layers_(layers), experts_(experts), age_cap_(age_cap), window_(window), idle_per_wait_(idle_per_wait), last_use_(layers * experts, -age_cap),
         recent_(layers * experts, 0), window_keys_(window, std::vector<std::vector<Key>>(layers)), layer_(layers),
         due_(layers * experts), residents_(layers), place_(layers * experts, NOT_RESIDENT), latest_(layers, STALE), visits_(layers) {
     use_model(std::move(model));
@@ -322,9 +322,9 @@ class NextUse : public Candidate {
   double lookup(Key key, int64_t age) const {
     return model_.wait[model_.row[key] + age * model_.age_stride + recent_[key] * model_.forecasts + forecast_[key]];
   }
-  // next_use.py's _expected_wait: the capped age's cell, plus a token per age_cap tokens idle beyond it.
+  // next_use.py's _expected_wait: the capped age's cell, plus a token per idle_per_wait tokens idle beyond it.
   double expected_wait(Key key, int64_t idle) const {
-    return lookup(key, std::min(idle, age_cap_)) + static_cast<double>(std::max<int64_t>(idle - age_cap_, 0)) / static_cast<double>(age_cap_);
+    return lookup(key, std::min(idle, age_cap_)) + static_cast<double>(std::max<int64_t>(idle - age_cap_, 0)) / static_cast<double>(idle_per_wait_);
   }
 
   void record(int64_t layer, const std::vector<Key>& keys) {
@@ -360,7 +360,7 @@ class NextUse : public Candidate {
     }
   }
 
-  int64_t layers_, experts_, age_cap_, window_;
+  int64_t layers_, experts_, age_cap_, window_, idle_per_wait_;
   ReuseModel model_;
   std::vector<int64_t> last_use_, recent_, forecast_;
   std::vector<float> mean_;  // [E] transition_buckets' scratch
@@ -436,13 +436,14 @@ class Candidates {
   // `model` / `sampled_model`: (row, wait, forecasts, age_stride, transitions, edges) of the
   // reuse model for all layers / the sampled ones (NextUsePolicy's layout).
   Candidates(int64_t layers, int64_t experts, std::vector<int64_t> sampled, int64_t shadow_slots, double decay, double keep, double prior,
-             int64_t settle, double forget, int64_t lfu_age_every, int64_t age_cap, int64_t window, const py::tuple& model, const py::tuple& sampled_model)
+             int64_t settle, double forget, int64_t lfu_age_every, int64_t age_cap, int64_t window, int64_t idle_per_wait, const py::tuple& model,
+             const py::tuple& sampled_model)
       : layers_(layers), experts_(experts), shadow_of_(layers, -1), misses_(CANDIDATES, 0.0), live_(KINDS, 0.0), shadowed_(KINDS, 0.0), decay_(decay), keep_(keep),
         prior_(prior), forget_(forget), settle_(settle) {
     for (size_t index = 0; index < sampled.size(); ++index) shadow_of_[sampled[index]] = static_cast<int64_t>(index);
     const int64_t shadow_layers = static_cast<int64_t>(sampled.size());
-    rankers_ = made(layers, experts, lfu_age_every, unpack(model), age_cap, window);
-    for (auto& policy : made(shadow_layers, experts, lfu_age_every, unpack(sampled_model), age_cap, window)) {
+    rankers_ = made(layers, experts, lfu_age_every, unpack(model), age_cap, window, idle_per_wait);
+    for (auto& policy : made(shadow_layers, experts, lfu_age_every, unpack(sampled_model), age_cap, window, idle_per_wait)) {
       shadows_.emplace_back(std::move(policy), shadow_layers * experts, experts, shadow_slots);
     }
     for (size_t i = 1; i < rankers_.size(); ++i) rankers_[i]->set_dormant(true);  // only the leader names victims
@@ -529,11 +530,11 @@ class Candidates {
 
  private:
   static std::vector<std::unique_ptr<Candidate>> made(int64_t layers, int64_t experts, int64_t lfu_age_every, const ReuseModel& model,
-                                                       int64_t age_cap, int64_t window) {
+                                                       int64_t age_cap, int64_t window, int64_t idle_per_wait) {
     std::vector<std::unique_ptr<Candidate>> out;
     out.push_back(std::make_unique<Lru>(layers * experts));
     out.push_back(std::make_unique<Lfu>(layers * experts, lfu_age_every));
-    for (int copy = 0; copy < 2; ++copy) out.push_back(std::make_unique<NextUse>(layers, experts, model, age_cap, window));
+    for (int copy = 0; copy < 2; ++copy) out.push_back(std::make_unique<NextUse>(layers, experts, model, age_cap, window, idle_per_wait));
     return out;
   }
 
@@ -584,7 +585,7 @@ class Candidates {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Candidates>(m, "Candidates")
-      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, double, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
+      .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, double, int64_t, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
       .def("layer_start", &Candidates::layer_start)
       .def("forecast", &Candidates::forecast)
       .def("insert", &Candidates::insert)

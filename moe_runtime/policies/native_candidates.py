@@ -19,7 +19,7 @@ import torch
 
 from ..kernels.cpu_build import build
 from .lfu import AGE_EVERY
-from .next_use import AGE_CAP, WINDOW, ReuseModel
+from .next_use import AGE_CAP, IDLE_PER_WAIT, WINDOW, ReuseModel
 
 SOURCE = Path(__file__).with_name("candidates.cpp")
 
@@ -42,7 +42,8 @@ class NativeCandidates:
         decay: float, keep: float, prior: float, settle: int, forget: float,
     ):
         self.core = extension().Candidates(
-            num_layers, num_experts, sampled, shadow_slots, decay, keep, prior, settle, forget, AGE_EVERY, AGE_CAP, WINDOW, _operands(model), _operands(sampled_model),
+            num_layers, num_experts, sampled, shadow_slots, decay, keep, prior, settle, forget, AGE_EVERY, AGE_CAP, WINDOW, IDLE_PER_WAIT,
+            _operands(model), _operands(sampled_model),
         )
         self.layer_start, self.insert, self.access, self.evict, self.victim = (
             self.core.layer_start, self.core.insert, self.core.access, self.core.evict, self.core.victim,

@@ -27,9 +27,11 @@ without the transition bucket 1.59-1.71x, with an uncapped estimate from age and
 alone 1.67-1.85x, and LRU 1.87-2.02x. The cap, the window, the tail and the cells were chosen
 by cross-validation within the fit halves.
 
-Ages past AGE_CAP share one cell, and there every expert is "far"; each further AGE_CAP tokens
-idle add a token to w (_expected_wait), so that in a large pool, where nearly every victim is
-that old, the one idle longest goes first, as LRU's would.
+Ages past AGE_CAP share one cell, and there every expert is "far"; each further IDLE_PER_WAIT
+tokens idle add a token to w (_expected_wait), so that in a large pool, where nearly every victim
+is that old, the one idle longest goes first, as LRU's would. 64 was chosen by replaying the
+second half of each fit half's sequences: from 16 to 1024 the default's mean loads at 75-90%
+moved by at most 1.1% of LRU's, 64 among the best (BENCHMARKS.md, "The idle slope, cross-validated").
 
 A predictor's forecast q for a coming layer of the running token makes that chance certain
 with probability q: due = chance + (1 - q) L w(age after a miss).
@@ -51,7 +53,8 @@ import numpy as np
 from ..trace import Trace, load_traces
 from .base import EvictionPolicy, NoVictimError
 
-AGE_CAP = 64  # tokens; older (or never used) ages share one cell, and every AGE_CAP tokens beyond add a token to the wait
+AGE_CAP = 64  # tokens; older (or never used) ages share one cell,
+IDLE_PER_WAIT = 64  # ... and every this many tokens idle beyond it add a token to the wait (cross-validated in the fit halves)
 WINDOW = 16  # tokens over which recent uses are counted
 NEAR = 4  # tokens: a next use within them counts in full in the wait,
 FAR = 8  # ... one between NEAR and FAR tokens away at TAIL_WEIGHT a token, and farther ones as FAR_WAIT
@@ -326,14 +329,14 @@ class NextUsePolicy(EvictionPolicy):
 
     def _expected_wait(self, idle: np.ndarray, span: slice) -> np.ndarray:
         """The wait of the keys in `span` after `idle` tokens unused: their cell's at the capped age,
-        plus a token per AGE_CAP tokens idle beyond the cap. The cells cannot tell an expert idle
+        plus a token per IDLE_PER_WAIT tokens idle beyond the cap. The cells cannot tell an expert idle
         for 65 tokens from one idle for 1600 (both "far"), and in a large pool nearly every victim
         is that far: next-use then evicted from the layer just run (97% of its victims, median idle
         63 tokens, where LRU's oldest resident was idle 1652; GPT-OSS mmlu-pro at 90%) and made
         1.35x LRU's loads; with the idle term 1.004x, while at 10-50%, where under 0.2% of victims
         are idle past the cap, its loads moved by at most 0.3% of LRU's on the shipped tasks
         (BENCHMARKS.md, "Idle beyond the age cap")."""
-        return self._lookup(np.minimum(idle, AGE_CAP), span) + np.maximum(idle - AGE_CAP, 0) / AGE_CAP
+        return self._lookup(np.minimum(idle, AGE_CAP), span) + np.maximum(idle - AGE_CAP, 0) / IDLE_PER_WAIT
 
     def _span(self, layer: int) -> slice:
         return slice(layer * self.num_experts, (layer + 1) * self.num_experts)
