@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
 from moe_runtime.belady import belady_misses, layer_keys
+from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, ReuseModel, make_policy
 from moe_runtime.simulator import replay
 from moe_runtime.synthetic import flat_routing
@@ -143,4 +144,4 @@ def write_outputs(rows: list[dict], json_path: str | None, plot_path: str | None
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

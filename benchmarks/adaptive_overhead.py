@@ -21,6 +21,7 @@ from adaptive_default import workloads
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import check_writable, write_text_atomically
+from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, make_policy
 from moe_runtime.simulator import replay
 
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

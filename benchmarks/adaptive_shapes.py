@@ -19,6 +19,7 @@ from adaptive_default import check_outputs, write_outputs
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import write_atomically
+from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, make_policy
 from moe_runtime.simulator import replay
 from moe_runtime.synthetic import flat_routing
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

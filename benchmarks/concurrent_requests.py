@@ -19,6 +19,7 @@ import torch
 import moe_runtime
 from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.embedded import embedded_model_dir
+from moe_runtime.errors import run_script
 
 NEW_TOKENS = 32
 
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

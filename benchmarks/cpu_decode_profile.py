@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peer_llamacpp import PROMPT, SHAPES, THREADS, checkpoint_of  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.expert_format import TILE_ROWS, tile_group  # noqa: E402
 from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
@@ -210,4 +211,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

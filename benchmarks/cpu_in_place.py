@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from live_decode import Shape, build_checkpoint  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 
 
 def one_row(path: Path, contender: str, budget: float, new_tokens: int, from_disk: bool) -> dict:
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

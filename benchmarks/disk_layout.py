@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from moe_runtime.errors import run_script
 from moe_runtime.placement import disk_layout, expert_id_order, routing_statistics, runs_per_read
 from moe_runtime.disk_store import ConvertedStore
 from moe_runtime.trace import load_trace, merge_traces
@@ -99,4 +100,4 @@ def _drop_from_page_cache(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,7 @@ from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.belady import belady_misses, layer_keys
 from moe_runtime.bench import DEFAULT, capacity_for, policy_for
 from moe_runtime.embedded import EMBEDDED_DOMAINS, HELDOUT_DIR, TRACES_DIR, embedded_model_dir, load_embedded_model
+from moe_runtime.errors import run_script
 from moe_runtime.evaluation import evaluate_checkpoint
 from moe_runtime.pruning import load_profiles, match_trace
 from moe_runtime.pruning.plan import keep_plan
@@ -200,4 +201,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

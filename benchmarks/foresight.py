@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.belady import belady_misses, layer_keys
+from moe_runtime.errors import run_script
 from moe_runtime.policies import LRUPolicy, NextUsePolicy, ReuseModel
 from moe_runtime.policies.next_use import tokens_to_next_use, used_matrix
 from moe_runtime.simulator import replay
@@ -118,4 +119,4 @@ def _plot(horizons: list[int], ratios: dict[str, list[float]], path: str) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
 from moe_runtime.bench import DEFAULT, BenchRun, BenchSettings, Workload, belady_row, run_one
+from moe_runtime.errors import run_script
 from moe_runtime.simulator import TimingModel
 from moe_runtime.trace import load_trace
 
@@ -105,4 +106,4 @@ def plot(rows: list[dict], bounds: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

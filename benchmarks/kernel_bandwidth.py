@@ -26,6 +26,7 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before Triton is fir
 import torch  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.tiny_models import expert_fields, tiny_config  # noqa: E402
 
 
@@ -250,4 +251,4 @@ def _plot(rows: list[dict], hbm: float | None, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from tqdm.auto import tqdm
 
 from moe_runtime.belady import belady_misses, layer_keys
+from moe_runtime.errors import run_script
 from moe_runtime.policies import LRUPolicy, NextUsePolicy, ReuseModel
 from moe_runtime.policies.base import EvictionPolicy, NoVictimError
 from moe_runtime.policies.next_use import expert_transitions, reuse_history, transition_forecast, used_matrix
@@ -143,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

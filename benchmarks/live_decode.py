@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 import moe_runtime
 from moe_runtime.atomic import check_writable, write_text_atomically
 from moe_runtime.embedded import cache_root
+from moe_runtime.errors import run_script
 from moe_runtime.generation import time_generation
 from moe_runtime.inspection import describe_model_dir
 from moe_runtime.tiny_models import expert_fields, tiny_model
@@ -174,4 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

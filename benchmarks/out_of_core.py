@@ -42,6 +42,7 @@ from peer_llamacpp import read_bandwidth_gbps  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.budget import parse_budget  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.inspection import describe_model_dir  # noqa: E402
 from moe_runtime.live_bench import checkpoint_for, decode, decode_row, first_tokens, with_model  # noqa: E402
 from moe_runtime.trace import load_trace  # noqa: E402
@@ -185,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

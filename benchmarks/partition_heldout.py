@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_runtime.errors import run_script
 from moe_runtime.placement import cut_fraction, naive_placement, place_multi_gpu, routing_statistics
 from moe_runtime.trace import load_trace, merge_traces
 
@@ -76,4 +77,4 @@ def _plot(rows, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -47,6 +47,7 @@ from moe_runtime.atomic import staging_directory  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.embedded import cache_root  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 
 LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
 OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runtime", "bf16", 1.0), ("moe-runtime", "fp16", 1.0),
@@ -391,4 +392,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,6 +15,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.predictor import RoutingContext, make_predictor  # noqa: E402
 from moe_runtime.predictor.context import context_from_trace  # noqa: E402
 from moe_runtime.trace import load_traces  # noqa: E402
@@ -41,4 +42,4 @@ def main() -> None:
         print(f"{kind:<15} {micros:7.1f} us per token per layer (batch 1, one thread)")
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

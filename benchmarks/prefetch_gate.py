@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import check_writable, write_atomically, write_text_atomically
+from moe_runtime.errors import run_script
 from moe_runtime.expert_format import format_size_ratio
 from moe_runtime.policies import make_policy
 from moe_runtime.predictor import predictor_from
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

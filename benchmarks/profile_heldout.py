@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from moe_runtime.errors import run_script
 from moe_runtime.pruning import make_profile, match_trace, profile_figures
 from moe_runtime.pruning.importance import gate_mass
 from moe_runtime.trace import Trace, load_traces
@@ -78,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

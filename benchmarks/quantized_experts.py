@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peer_llamacpp import read_bandwidth_gbps  # noqa: E402
 
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.expert_format import format_size_ratio, pack_nibbles, quantize_int4, quantize_int8  # noqa: E402
 from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
@@ -188,4 +189,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

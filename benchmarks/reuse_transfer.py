@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from moe_runtime.belady import belady_misses, layer_keys
+from moe_runtime.errors import run_script
 from moe_runtime.policies import NextUsePolicy, ReuseModel, make_policy
 from moe_runtime.simulator import replay
 from moe_runtime.trace import load_trace, merge_traces
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

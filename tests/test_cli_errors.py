@@ -185,3 +185,46 @@ def test_trace_info_shows_moe_layers_and_model_type(capsys, tmp_path, trace_path
     code, out, _ = run(capsys, "trace-info", str(trace_paths["law"]))
     assert "model_type" not in out and "decoder layer" not in out
     assert repr(load_trace(trace_paths["law"])) == "Trace(tokens=5039, sequences=17, layers=26, experts=64, top_k=6)"
+
+
+def test_a_benchmark_refuses_an_unwritable_output_in_one_line_before_its_runs(tmp_path):
+    """The benchmark scripts end on a user's mistake as the commands do (errors.run_script): a JSON
+    path below a regular file is refused before any replay, status 2, no traceback."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "short_sessions.py"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script), "--json", str(blocker / "out.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("short_sessions.py: error: output file") and "is a file, not a folder" in done.stderr
+    assert time.perf_counter() - started < 60 and not done.stdout  # refused up front: no replay ran, no table printed
+
+
+@pytest.mark.parametrize(("raised", "status", "said"), [
+    (KeyboardInterrupt(), 130, "script: interrupted"),
+    (FileNotFoundError("no trace at x.npz"), 2, "script: error: no trace at x.npz"),
+])
+def test_run_script_ends_on_interrupts_and_missing_files_in_one_line(capsys, monkeypatch, raised, status, said):
+    from moe_runtime.errors import run_script
+
+    monkeypatch.setattr("sys.argv", ["/somewhere/script"])
+
+    def main() -> None:
+        raise raised
+
+    with pytest.raises(SystemExit) as exited:
+        run_script(main)
+    assert exited.value.code == status and capsys.readouterr().err.strip() == said
+
+
+def test_run_script_keeps_the_traceback_of_a_fault_of_ours():
+    from moe_runtime.errors import run_script
+
+    def main() -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_script(main)
