@@ -21,6 +21,8 @@ def flat_routing(
     layers: int, experts: int, top_k: int, tokens: int, *, reuse: float = 0.3, skew: float = 0.0, drift: float = 0.0, sequences: int = 8, seed: int = 0,
 ) -> Trace:
     """A trace of `tokens` decode tokens in `sequences` equal sequences, gate weights 1/K."""
+    if not (0 <= reuse <= 1 and 0 <= drift <= 1 and skew >= 0):
+        raise ValueError(f"reuse and drift are shares between 0 and 1 and skew is at least 0, got reuse {reuse}, drift {drift}, skew {skew}")
     if drift and not skew:
         raise ValueError("drift changes a popularity skew from one sequence to the next: give skew > 0 with it")
     rng = np.random.default_rng(seed)

@@ -27,3 +27,9 @@ def test_drift_changes_which_experts_are_popular_from_one_sequence_to_the_next()
 def test_drift_without_a_skew_is_refused():
     with pytest.raises(ValueError, match="give skew > 0"):
         flat_routing(2, 8, 2, 10, drift=0.5)
+
+
+@pytest.mark.parametrize("knobs", [{"reuse": 1.5}, {"skew": 0.7, "drift": 2.0}, {"skew": -0.5}])
+def test_knobs_out_of_range_are_refused(knobs):
+    with pytest.raises(ValueError, match="shares between 0 and 1"):
+        flat_routing(2, 8, 2, 10, **knobs)
