@@ -66,6 +66,13 @@ def measure(trace: Trace, fit: Trace, budget: float) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    bars = {"next-use": "next-use, generic table", DEFAULT_POLICY: DEFAULT_POLICY, "default_fitted": f"{DEFAULT_POLICY}, started from the fit half"}
+    plot_ratio_bars(rows, path, bars, "loads per token / LRU's")
+
+
+def plot_ratio_bars(rows: list[dict], path: str, bars: dict[str, str], xlabel: str) -> None:
+    """One panel per budget, a group of bars per trace: each column of `bars` (column: label) as a
+    multiple of the row's "lru"; a dashed line at LRU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,28 +80,25 @@ def plot(rows: list[dict], path: str) -> None:
 
     names = sorted({row["trace"] for row in rows})
     budgets = sorted({row["budget"] for row in rows})
-    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 0.32 * len(names) + 1.6), sharey=True, layout="constrained", squeeze=False)
-    axes = axes[0]
-    for axis, budget in zip(axes, budgets):
+    height = 0.8 / len(bars)
+    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 0.32 * len(names) * len(bars) / 3 + 1.6), sharey=True, layout="constrained", squeeze=False)
+    for axis, budget in zip(axes[0], budgets):
         chosen = {row["trace"]: row for row in rows if row["budget"] == budget}
-        bars = ((-0.27, "next-use", "next-use, generic table"), (0.0, DEFAULT_POLICY, DEFAULT_POLICY), (0.27, "default_fitted", f"{DEFAULT_POLICY}, started from the fit half"))
-        for offset, name, label in bars:
-            axis.barh([i + offset for i in range(len(names))], [chosen[n][name] / chosen[n]["lru"] for n in names], height=0.27, label=label)
+        for position, (column, label) in enumerate(bars.items()):
+            offset = (position - (len(bars) - 1) / 2) * height
+            axis.barh([i + offset for i in range(len(names))], [chosen[n][column] / chosen[n]["lru"] for n in names], height=height, label=label)
         axis.axvline(1.0, color="k", linestyle="--", linewidth=1, label="LRU")
         axis.set_yticks(range(len(names)), names, fontsize=8)
         axis.set_title(f"{budget:.0%} of the experts")
-        axis.set_xlabel("loads per token / LRU's")
-    handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+        axis.set_xlabel(xlabel)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(bars) + 1, fontsize=8)
     write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
     plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
-    parser.add_argument("--budgets", type=budget_list, default=BUDGETS, help="shares of the experts the pool holds, e.g. 0.75,0.9 (default: the issue's 0.1,0.25,0.5)")
+    add_replay_arguments(parser, budgets=True)
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
     rows = []
@@ -114,6 +118,14 @@ def main() -> None:
             f" {ratios[4]:>8.3f} {extra[0]:>5.1f} {extra[1]:>5.1f}"
         )
     write_outputs(rows, args.json, args.plot, plot)
+
+
+def add_replay_arguments(parser: argparse.ArgumentParser, *, budgets: bool) -> None:
+    """--json and --plot (main checks them before the replays), and --budgets where asked for."""
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
+    if budgets:
+        parser.add_argument("--budgets", type=budget_list, default=BUDGETS, help="shares of the experts the pool holds, e.g. 0.75,0.9 (default: the issue's 0.1,0.25,0.5)")
 
 
 def budget_list(text: str) -> tuple[float, ...]:

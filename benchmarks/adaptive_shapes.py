@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from adaptive_default import check_outputs, write_outputs
+from adaptive_default import add_replay_arguments, check_outputs, write_outputs
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import write_atomically
@@ -70,8 +70,7 @@ def _case(row: dict) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
+    add_replay_arguments(parser, budgets=False)
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
     cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in ROUTINGS]

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from adaptive_default import BUDGETS, ROUTING, budget_list, check_outputs, write_outputs
+from adaptive_default import ROUTING, add_replay_arguments, check_outputs, plot_ratio_bars, write_outputs
 from tqdm.auto import tqdm
 
-from moe_runtime.atomic import write_atomically
 from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, ReuseModel, make_policy
 from moe_runtime.simulator import replay
@@ -45,32 +44,12 @@ def measure(trace: Trace, fitted: ReuseModel, budget: float) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(row["trace"] for row in rows))
-    budgets = sorted({row["budget"] for row in rows})
-    figure, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 0.5 * len(tasks) + 1.6), sharey=True, layout="constrained", squeeze=False)
-    for axis, budget in zip(axes[0], budgets):
-        found = {row["trace"]: row for row in rows if row["budget"] == budget}
-        for offset, name in enumerate(POLICIES[1:]):
-            axis.barh([index + 0.2 * (offset - 1.5) for index in range(len(tasks))], [found[task][name] / found[task]["lru"] for task in tasks], height=0.2, label=LABELS[name])
-        axis.axvline(1.0, color="k", linestyle="--", linewidth=1)
-        axis.set_yticks(range(len(tasks)), tasks, fontsize=8)
-        axis.set_title(f"{budget:.0%} of the experts")
-        axis.set_xlabel("loads over all sessions / LRU's")
-    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=len(POLICIES) - 1, fontsize=8)
-    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
-    plt.close(figure)
+    plot_ratio_bars(rows, path, {name: LABELS[name] for name in POLICIES[1:]}, "loads over all sessions / LRU's")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--plot", help="also write the ratios to LRU to this PNG")
-    parser.add_argument("--budgets", type=budget_list, default=BUDGETS, help="shares of the experts the pool holds (default: 0.1,0.25,0.5)")
+    add_replay_arguments(parser, budgets=True)
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
     halves = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5) for path in sorted(ROUTING.glob("*/*.npz"))}  # (fit, held-out), as adaptive_default.py's
