@@ -8,8 +8,8 @@ FileNotFoundError: an input file or folder does not exist ("no <what> at <path>"
 ValueError: any other option out of its range (a budget, a slot count, token ids).
 
 The command line turns every one of them into "moe-runtime COMMAND: error: ..." and exit
-status 2; nothing of the user's is touched when they are raised. The benchmark scripts do the
-same through run_script.
+status 2; nothing of the user's is touched when they are raised. The benchmark scripts end on
+the first three the same way (run_script; their options are checked by argparse).
 """
 
 from __future__ import annotations
