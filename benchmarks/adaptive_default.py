@@ -38,9 +38,14 @@ BUDGETS = (0.1, 0.25, 0.5)
 POLICIES = ("lru", "next-use", DEFAULT_POLICY)
 
 
+def shipped_halves() -> dict[str, tuple[Trace, Trace]]:
+    """(held-out, fit) halves of every shipped trace, split by sequence, named "esft-va/law" etc."""
+    return {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5)[::-1] for path in sorted(ROUTING.glob("*/*.npz"))}
+
+
 def workloads() -> dict[str, tuple[Trace, Trace]]:
     """(held-out, fit) halves of every shipped trace, a task switch, and flat routing."""
-    out = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5)[::-1] for path in sorted(ROUTING.glob("*/*.npz"))}
+    out = shipped_halves()
     law, translation = out["esft-va/law"], out["esft-va/translation"]
     out["switch law->transl."] = (merge_traces([law[0], translation[0]]), merge_traces([law[1], translation[1]]))
     out["flat E8 K2 L32"] = (flat_routing(32, 8, 2, 1500, seed=0), flat_routing(32, 8, 2, 1500, seed=2))

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 
-from adaptive_default import ROUTING, add_replay_arguments, check_outputs, plot_ratio_bars, write_outputs
+from adaptive_default import add_replay_arguments, check_outputs, plot_ratio_bars, shipped_halves, write_outputs
 from tqdm.auto import tqdm
 
 from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, ReuseModel, make_policy
 from moe_runtime.simulator import replay
-from moe_runtime.trace import Trace, load_trace
+from moe_runtime.trace import Trace
 
 POLICIES = ("lru", "lfu", "next-use", DEFAULT_POLICY, "default_fitted")
 LABELS = {"lfu": "LFU", "next-use": "next-use, generic table", DEFAULT_POLICY: "default", "default_fitted": "default, policy_fit"}
@@ -52,10 +52,10 @@ def main() -> None:
     add_replay_arguments(parser, budgets=True)
     args = parser.parse_args()
     check_outputs(args.json, args.plot)
-    halves = {f"{path.parent.name[:7]}/{path.stem}": load_trace(path).split(0.5) for path in sorted(ROUTING.glob("*/*.npz"))}  # (fit, held-out), as adaptive_default.py's
-    fitted = {name: ReuseModel.fit(fit) for name, (fit, _) in halves.items()}
+    halves = shipped_halves()
+    fitted = {name: ReuseModel.fit(fit) for name, (_, fit) in halves.items()}
     jobs = [(name, budget) for name in halves for budget in args.budgets]
-    rows = [{"trace": name, **measure(halves[name][1], fitted[name], budget)} for name, budget in tqdm(jobs, desc="tasks", unit="run")]
+    rows = [{"trace": name, **measure(halves[name][0], fitted[name], budget)} for name, budget in tqdm(jobs, desc="tasks", unit="run")]
     print("each held-out sequence replayed alone from a cold cache; loads summed over the")
     print("sessions: LRU's per token, the rest as multiples of LRU's; len: tokens per session;")
     print("worst: the default's largest ratio to LRU in any one session; +fit: the default")

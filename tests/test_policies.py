@@ -202,8 +202,8 @@ def test_next_use_told_every_next_use_makes_beladys_choices(seed):
 
 def test_next_use_evicts_the_longer_idle_of_two_far_experts():
     """Both idle past the age cap, so the same cell ("far"); the one of the layer just run was
-    evicted first (its due counted from that visit) whatever its idleness. Each AGE_CAP tokens
-    idle beyond the cap add a token to the wait: the expert idle for 200 tokens goes before the
+    evicted first (its due counted from that visit) whatever its idleness. Each IDLE_PER_WAIT
+    tokens idle beyond the cap add a token to the wait: the expert idle for 200 tokens goes before the
     one idle for 70, as LRU would choose."""
     policy = NextUsePolicy(2, 4, ReuseModel.uniform(2, 4, 1))
     for token in range(201):
