@@ -4,6 +4,7 @@
     model = moe_runtime.from_pretrained(path, budget=0.25)   # experts stay on disk / in host RAM
     moe_runtime.stats(model)                                  # hits, misses, loads, stalls, per layer
     with moe_runtime.replay_routing(model, trace): ...        # route as a recorded trace says
+    with moe_runtime.record_routing(model) as log: ...        # record the routing served: log.trace()
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES, adapter_for
@@ -12,6 +13,7 @@ from .config import OffloadConfig
 from .errors import InvalidFileError, OutputPathError
 from .pretrained import from_pretrained
 from .recording import record_trace
+from .routing_log import record_routing
 from .routing_replay import replay_routing
 from .trace import Trace, load_trace, load_traces, merge_traces
 
@@ -28,6 +30,7 @@ __all__ = [
     "load_trace",
     "load_traces",
     "merge_traces",
+    "record_routing",
     "record_trace",
     "replay_routing",
     "reset_stats",

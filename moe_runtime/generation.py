@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +25,10 @@ class GenerationTiming:
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-def time_generation(model, ids: torch.Tensor, max_new_tokens: int) -> GenerationTiming:
-    """Greedy generation of exactly `max_new_tokens` tokens, prefill and decode timed apart.
+def time_generation(model, ids: torch.Tensor, max_new_tokens: int, session: AbstractContextManager = contextlib.nullcontext()) -> GenerationTiming:
+    """Greedy generation of exactly `max_new_tokens` tokens, prefill and decode timed apart;
+    `session`: the context the timed generation runs in (generate --learn records its routing
+    there: the warm-up prefill before it is no session of the user's).
 
     Works for any causal LM; a wrapped model's stats afterwards cover the full generation only.
     Runs under torch.inference_mode (no autograd bookkeeping: 5-8% more decode tokens/s on the
@@ -40,9 +44,10 @@ def time_generation(model, ids: torch.Tensor, max_new_tokens: int) -> Generation
         prefill = time.perf_counter() - started
         if wrapped:
             reset_stats(model)
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **_no_end(model))
-        total = time.perf_counter() - started
+        with session:
+            started = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **_no_end(model))
+            total = time.perf_counter() - started
     return GenerationTiming(out, int(out.shape[1] - ids.shape[1]), prefill, max(total - prefill, 1e-9))
 
 
@@ -53,10 +58,12 @@ def _no_end(model) -> dict:
     return {"eos_token_id": [], "pad_token_id": 0 if pad is None else pad}
 
 
-def timed_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, GenerationTiming, dict]:
+def timed_generate(
+    model, tokenizer, prompt: str, max_new_tokens: int, session: AbstractContextManager = contextlib.nullcontext(),
+) -> tuple[str, GenerationTiming, dict]:
     """Generate from a text prompt through a wrapped model: (new text, timing, runtime stats)."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    timing = time_generation(model, ids, max_new_tokens)
+    timing = time_generation(model, ids, max_new_tokens, session)
     text = tokenizer.decode(timing.tokens[0, ids.shape[1] :], skip_special_tokens=True)
     return text, timing, stats(model)

@@ -86,7 +86,7 @@ class LayerFront:
         self.owner.attention.steps += 1
         self.owner.kernel_router.view.weight.seen += 1
         if self.experts is not None:
-            self.owner.experts.runtime.account_in_place(self.owner.experts.layer, out[2])
+            self.owner.experts.runtime.account_in_place(self.owner.experts.layer, out[2], out[1])
         return out
 
 

@@ -130,6 +130,22 @@ def test_a_fit_leans_towards_its_prior_where_it_saw_little():
     assert near.wait[often] == pytest.approx(2.0, abs=0.2) and far.wait[often] == pytest.approx(2.0, abs=0.05)
 
 
+def test_the_default_started_from_a_fit_leans_on_the_generic_table_where_it_saw_little():
+    """policy_fit and generate --learn start the default from adaptive.starting_model: a fit
+    whose unseen cells take the generic table's wait, as its refits' do, not "far" as fitted
+    next-use's (a session or two of routing leaves most cells unseen); no fit: the generic table."""
+    from moe_runtime.policies.adaptive import REFIT_PRIOR_WEIGHT, starting_model
+    from moe_runtime.policies.next_use import generic_wait
+
+    trace = _trace(np.array([0, 1] * 300)[:, None, None], num_experts=3)
+    started = starting_model(1, 3, trace)
+    unseen = (slice(None), 5, 1, slice(None))  # used once, 5 tokens ago: never, where experts 0 and 1 take turns
+    assert np.allclose(started.wait[unseen], generic_wait()[0, 5, 1, 0]) and generic_wait()[0, 5, 1, 0] < FAR_WAIT - 0.5
+    assert np.array_equal(started.wait, ReuseModel.fit(trace, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT).wait)
+    assert np.all(ReuseModel.fit(trace).wait[unseen] == FAR_WAIT)
+    assert np.array_equal(starting_model(1, 3).wait, ReuseModel.generic(1, 3).wait)
+
+
 def test_reuse_model_learns_which_expert_follows_which():
     """Expert 0 is always followed by 1, 1 by 2, 2 by 0: the transition table and the waits of its
     forecast buckets both say so."""

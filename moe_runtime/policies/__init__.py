@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..trace import Trace, load_trace
-from .adaptive import AdaptivePolicy
+from .adaptive import AdaptivePolicy, starting_model
 from .arc import ARCPolicy
 from .base import EvictionPolicy, NoVictimError
 from .lfu import LFUPolicy
@@ -69,10 +69,9 @@ def make_policy(
         if fit is None:
             raise ValueError("the pinned policy needs fit traces to rank experts by frequency")
         return PinnedPolicy(selection_frequency(fit), capacity, top_k or 1)
-    model = ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts)
-    if name == "adaptive":  # next-use twice: with `model` (generic or fitted) and refitted on the routing served
-        return AdaptivePolicy(model, num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
-    return NextUsePolicy(num_layers, num_experts, model)
+    if name == "adaptive":  # next-use twice: from its starting model (generic, or fitted on `fit`) and refitted on the routing served
+        return AdaptivePolicy(starting_model(num_layers, num_experts, fit), num_layers=num_layers, num_experts=num_experts, capacity=capacity, top_k=top_k or 1)
+    return NextUsePolicy(num_layers, num_experts, ReuseModel.fit(fit) if fit is not None else ReuseModel.generic(num_layers, num_experts))
 
 
 def fit_trace(fit: Trace | str | os.PathLike, policy: str | EvictionPolicy) -> Trace:

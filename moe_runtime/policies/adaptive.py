@@ -35,14 +35,16 @@ layer step. This module keeps what is the same for either engine: the sample, th
 history and its refits.
 
 The model the default starts from is the generic table (how age and recent uses predict reuse on
-the shipped ESFT routing) or, with policy_fit, one fitted on the user's traces. The generic one
+the shipped ESFT routing) or, with policy_fit (or the sessions generate --learn recorded), one
+fitted on the user's traces (starting_model). The generic one
 is refitted with each refit of the learner, from the same counts with popularity and transitions
 pooled (next_use.ReuseModel.fit_with_age_table; no extra pass): at shapes whose routing we do
 not ship, ESFT's ages misjudged the routing served (Qwen3-30B-A3B's shape, reuse 0.5, Zipf 0.7,
 10%: 1.0023x LRU's loads with the shipped table, 0.943x refitted; 90 cases: worst 1.0023 ->
 1.000x, mean 0.892 -> 0.888x), while on the shipped routing the default's loads moved by at most
 0.3% either way. A user's fit is kept: replaced by the refitted ages, it made more loads in 22
-of the 24 real-task cases, up to 0.809 -> 0.830x LRU's (ESFT translation, 50%).
+of the 24 real-task cases, up to 0.809 -> 0.830x LRU's (ESFT translation, 50%; measured with the
+fit leaning on "far", before starting_model).
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
@@ -58,6 +60,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..trace import Trace
 from . import native_candidates
 from .base import EvictionPolicy, NoVictimError
 from .candidates import LEARNER, NAMES, NEXT_USE, NO_VICTIM, Candidates
@@ -71,6 +74,20 @@ SAMPLED_USES = 32  # ... and at most about this many expert uses per token (laye
 CALIBRATION_PRIOR_TOKENS = 4  # a candidate's live-to-shadow ratio starts at 1 with the weight of this many tokens' sampled uses
 CALIBRATION_FORGET_TOKENS = 256  # ... and while another leads, the evidence against it fades with this half-life
 REFIT_PRIOR_WEIGHT = 20.0  # a refit's cells lean towards the generic table with the weight of this many observations
+
+
+def starting_model(num_layers: int, num_experts: int, fit: Trace | None = None) -> ReuseModel:
+    """The reuse model the default starts from: the generic table, or with `fit` (a trace of the
+    user's task: policy_fit, or the sessions `--learn` recorded) one fitted on it whose cells lean
+    towards the generic table with the weight of REFIT_PRIOR_WEIGHT observations, as the online
+    refits' do, not towards "far" as a fitted next-use's: a fit of a few sessions leaves most
+    cells seen a few times. On the shipped traces' held-out halves (fit on the other half) it made
+    0-1.4% fewer loads than the "far" fit in 22 of 24 stream cases, 0.5% more at worst (ESFT
+    intent at 25%); sessions fitted on the earlier ones, 0-3% fewer (BENCHMARKS.md, "Learning
+    across sessions")."""
+    if fit is None:
+        return ReuseModel.generic(num_layers, num_experts)
+    return ReuseModel.fit(fit, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT)
 
 
 class AdaptivePolicy(EvictionPolicy):

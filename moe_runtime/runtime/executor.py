@@ -149,6 +149,7 @@ class Runtime:
             "prefetch": f"top {self.prefetch_width} x {self.prefetch_lookahead} layer(s) ahead" if forecaster else None,
         }
         self.lock = threading.RLock()  # one MoE layer (or stats read) at a time; see run_layer
+        self.routing_log = None  # a RoutingLog while record_routing runs (routing_log.py)
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
     # ------------------------------------------------------------------ forward
@@ -162,6 +163,8 @@ class Runtime:
         with self.lock:
             if self.prefetch_gate is not None:
                 self._time_layers()
+            if self.routing_log is not None:
+                self.routing_log.add(layer, top_k_index, top_k_weights)
             return self._run_layer(layer, hidden, top_k_index, top_k_weights)
 
     def experts_where_they_lie(self) -> RamSource | None:
@@ -173,13 +176,15 @@ class Runtime:
         plain = self.low_bit is None and self.costs is None and self.forecaster is None and self.mask is None
         return self.source if self.execution == HOST and self.device.type == "cpu" and in_ram and plain else None
 
-    def account_in_place(self, layer: int, top_k_index: torch.Tensor) -> None:
+    def account_in_place(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """The cache's and the stats' account of a decode row of MoE layer `layer` whose experts
-        were computed where they lie (layer_front.py; see experts_where_they_lie), as
-        `_run_layer` keeps it: the same calls on the cache in the same order (one wave: a row's
-        top-k experts always fit beside the pinned ones); stats()["compute_calls"] counts the
-        step as NATIVE_LAYER's."""
+        [1, K] were computed where they lie with gate weights [1, K] (layer_front.py; see
+        experts_where_they_lie), as `_run_layer` keeps it: the same calls on the cache in the
+        same order (one wave: a row's top-k experts always fit beside the pinned ones), and the
+        routing log's; stats()["compute_calls"] counts the step as NATIVE_LAYER's."""
         with self.lock:
+            if self.routing_log is not None:
+                self.routing_log.add(layer, top_k_index, top_k_weights)
             needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
             self.cache.start_layer(layer, needed)
             self.cache.begin_acquire(layer, needed)
