@@ -17,8 +17,8 @@ another thread's requests (runtime.lock interleaves them layer by layer) are not
 Why: the default policy learns its task's routing as it serves it, but a one-shot session ends
 before it has learnt much (its first refit comes after 128 tokens); started from the sessions
 recorded before (policy_fit), short sessions of the shipped tasks make 0.8-10.5% of LRU's loads
-fewer at 25% (BENCHMARKS.md, "Learning across sessions"). `moe-runtime generate --learn FILE` does this
-across runs.
+fewer at 25% (BENCHMARKS.md, "Learning across sessions"). `moe-runtime generate --learn FILE`
+does this across runs.
 """
 
 from __future__ import annotations
@@ -149,10 +149,11 @@ LEARN_TOKENS = 32_768  # a --learn file keeps the most recent whole sessions up 
 LEARN_TASK = "generate --learn"  # the task of every session a --learn file holds: how a file of its own is told
 
 
-def earlier_sessions(path: str | os.PathLike) -> Trace | None:
-    """The sessions a --learn file holds (None before its first session), read and checked
-    before any work: a path that cannot be written is refused, and so is a file --learn did not
-    write (not a trace, or routing recorded otherwise), which is not its to rewrite or trim."""
+def earlier_sessions(path: str | os.PathLike, shape: tuple[int, int, int]) -> Trace | None:
+    """The sessions a --learn file holds (None before its first session) for a model of `shape`
+    (MoE layers, experts, top-k), read and checked before any work: a path that cannot be
+    written is refused, and so is a file --learn did not write (not a trace, or routing recorded
+    otherwise), which is not its to rewrite or trim, and one of another model's routing."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"--learn {path}: a trace file's name ends in .npz (e.g. {path.with_suffix('.npz').name})")
@@ -167,6 +168,11 @@ def earlier_sessions(path: str | os.PathLike) -> Trace | None:
     others = sorted(set(trace.tasks()) - {LEARN_TASK})
     if others:
         raise InvalidFileError(f"{path} holds routing recorded otherwise (tasks: {', '.join(map(repr, others))}); {own_file}, or pass this one as --policy-fit")
+    if (trace.num_layers, trace.num_experts, trace.top_k) != shape:
+        raise InvalidFileError(
+            f"{path} holds the routing of another model ({trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.top_k}; "
+            f"this one has {shape[0]} x {shape[1]}, top-{shape[2]}): name a new file for this model"
+        )
     return trace
 
 

@@ -178,6 +178,11 @@ def test_generate_learns_across_runs_and_refuses_a_file_that_is_not_its_own(tmp_
     assert refused.returncode == 2 and "routing recorded otherwise (tasks: 'support')" in refused.stderr and "--policy-fit" in refused.stderr
     assert recorded.read_bytes() == before
 
+    other_model, sessions = tmp_path / "other.npz", load_trace(learned)
+    replace(sessions, top_k=1, expert_ids=sessions.expert_ids[..., :1], gate_weights=sessions.gate_weights[..., :1]).save(other_model)
+    refused = run_cli(*args, "--learn", str(other_model), check=False)  # refused before the run, not when merging after it
+    assert refused.returncode == 2 and "the routing of another model (6 MoE layers x 32 experts, top-1; this one has 6 x 32, top-4)" in refused.stderr
+
     notes = tmp_path / "notes.npz"
     notes.write_bytes(b"my notes, not a trace")
     refused = run_cli(*args, "--learn", str(notes), check=False)

@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 from ..generation import timed_generate
+from ..inspection import describe_model_dir
 from ..pretrained import from_pretrained
 from ..policies import DEFAULT_POLICY, FITTABLE, NEEDS_FIT, POLICIES
 from ..routing_log import LEARN_TASK, LEARN_TOKENS, earlier_sessions, record_routing, remember_session
@@ -43,7 +44,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model_dir} has no tokenizer: generate needs one to read --prompt")
     if args.learn and args.policy not in FITTABLE:
         raise ValueError(f"--learn starts the policy from the sessions it recorded: the {args.policy} policy fits nothing; drop --policy (the default learns) or --learn")
-    earlier = earlier_sessions(args.learn) if args.learn else None  # checked before the model is loaded
+    earlier = earlier_sessions(args.learn, _moe_shape(args.model_dir)) if args.learn else None  # checked before the model is loaded
     model = from_pretrained(
         args.model_dir,
         budget=args.budget,
@@ -77,3 +78,9 @@ def run_generate(args: argparse.Namespace) -> int:
     for table in stats_tables(stats):
         console.print(table)
     return 0
+
+
+def _moe_shape(model_dir: str) -> tuple[int, int, int]:
+    """(MoE layers, experts, top-k) of the checkpoint, from its config alone."""
+    info = describe_model_dir(model_dir)
+    return info["num_moe_layers"], info["num_experts"], info["top_k"]

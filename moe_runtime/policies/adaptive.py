@@ -82,9 +82,9 @@ def starting_model(num_layers: int, num_experts: int, fit: Trace | None = None) 
     towards the generic table with the weight of REFIT_PRIOR_WEIGHT observations, as the online
     refits' do, not towards "far" as a fitted next-use's: a fit of a few sessions leaves most
     cells seen a few times. On the shipped traces' held-out halves (fit on the other half) it made
-    0-1.4% fewer loads than the "far" fit in 22 of 24 stream cases, 0.5% more at worst (ESFT
-    intent at 25%); sessions fitted on the earlier ones, 0-3% fewer (BENCHMARKS.md, "Learning
-    across sessions")."""
+    fewer loads than the "far" fit in 22 of 24 stream cases (up to 1.4% of LRU's), 0.5% more at
+    worst (ESFT intent at 25%); sessions each fitted on the ones before, 0.2-2.2% fewer at 25%
+    (BENCHMARKS.md, "Learning across sessions")."""
     if fit is None:
         return ReuseModel.generic(num_layers, num_experts)
     return ReuseModel.fit(fit, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT)
