@@ -4,8 +4,8 @@ The log is checked against the routers' own outputs (router hooks on a twin of t
 generates the same tokens op by op), on the op-by-op path and on the native decode path that
 computes experts where they lie; a batch gives one sequence per row; a forward cut short by a
 fault is left out whole and the runtime goes on; another thread's requests are not recorded;
-and `generate --learn` grows its file run by run, starts each run from it, and refuses a file
-that is not a trace without touching it.
+and `generate --learn` grows its file run by run, starts each run from it, and refuses, before
+the run and without touching it, a file it did not write or one of another model's routing.
 """
 
 from __future__ import annotations
@@ -90,26 +90,39 @@ def test_a_batch_gives_one_sequence_per_row_and_a_new_prefill_new_sequences():
         assert np.array_equal(trace.select_sequences([row]).expert_ids, ids), row
 
 
-def test_a_forward_cut_short_is_left_out_and_the_runtime_goes_on():
-    """A fault at the second MoE layer of the third forward (a decode step): the log keeps the
-    forwards before it, whole; the slots are all released, and the next generation is recorded."""
+@pytest.mark.parametrize("where", ["second router", "last layer's experts"])
+def test_a_forward_cut_short_is_left_out_and_the_runtime_goes_on(where):
+    """A fault in the third forward (a decode step), at the second MoE layer's router or in the
+    last MoE layer's experts: the log keeps the forwards before it, whole; the slots are all
+    released, and the next generation is recorded."""
     logged, hooked = _twins("qwen3_moe", budget=0.5)
-    router = moe_runtime.adapter_for(logged.config).blocks(logged)[1].router
-    calls = []
+    runtime = moe_runtime.runtime_of(logged)
+    calls, last = [], runtime.blocks[-1].moe_index
 
-    def fault(module, inputs, output):
+    def third_call_fails():
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected")
 
-    handle = router.register_forward_hook(fault)
+    def layer_that_fails(layer, *args, real=runtime._run_layer):
+        if layer == last:
+            third_call_fails()
+        return real(layer, *args)
+
+    router = moe_runtime.adapter_for(logged.config).blocks(logged)[1].router
     with record_routing(logged) as log:
+        if where == "second router":
+            handle = router.register_forward_hook(lambda *_: third_call_fails())
+        else:
+            runtime._run_layer = layer_that_fails
         with pytest.raises(RuntimeError, match="injected"):
             _generate(logged)
         assert log.num_tokens == PROMPT.shape[1] + 1  # the prefill and one decode step
-        handle.remove()
+        if where == "second router":
+            handle.remove()
+        else:
+            del runtime._run_layer  # the class's again
         _generate(logged)
-    runtime = moe_runtime.runtime_of(logged)
     runtime.cache.check_invariants()
     assert runtime.cache.in_use == set()
     trace = log.trace()

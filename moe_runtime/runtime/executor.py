@@ -163,9 +163,10 @@ class Runtime:
         with self.lock:
             if self.prefetch_gate is not None:
                 self._time_layers()
-            if self.routing_log is not None:
+            out = self._run_layer(layer, hidden, top_k_index, top_k_weights)
+            if self.routing_log is not None:  # once the layer is done: a forward that fails is no token of the log's
                 self.routing_log.add(layer, top_k_index, top_k_weights)
-            return self._run_layer(layer, hidden, top_k_index, top_k_weights)
+            return out
 
     def experts_where_they_lie(self) -> RamSource | None:
         """The source whose tensors a decode row's experts can be computed from before the cache
@@ -183,8 +184,6 @@ class Runtime:
         same order (one wave: a row's top-k experts always fit beside the pinned ones), and the
         routing log's; stats()["compute_calls"] counts the step as NATIVE_LAYER's."""
         with self.lock:
-            if self.routing_log is not None:
-                self.routing_log.add(layer, top_k_index, top_k_weights)
             needed = list(dict.fromkeys(top_k_index.flatten().tolist()))
             self.cache.start_layer(layer, needed)
             self.cache.begin_acquire(layer, needed)
@@ -193,6 +192,8 @@ class Runtime:
                 self.stats.paths[NATIVE_LAYER] = self.stats.paths.get(NATIVE_LAYER, 0) + 1
             finally:
                 self.cache.release(layer, needed, None)
+            if self.routing_log is not None:
+                self.routing_log.add(layer, top_k_index, top_k_weights)
 
     def _time_layers(self) -> None:
         """Keep the prefetch gate's layer time measured: the decayed mean time between the
