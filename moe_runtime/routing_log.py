@@ -35,6 +35,7 @@ from .adapters import adapter_for
 from .atomic import check_writable
 from .errors import InvalidFileError
 from .runtime.assembly import runtime_of
+from .runtime.executor import Runtime
 from .trace import Trace, load_trace, merge_traces
 
 
@@ -43,6 +44,11 @@ class RoutingLog:
 
     def __init__(self, model: nn.Module, task: str | None = None):
         self.model, self.runtime = model, runtime_of(model)
+        if not isinstance(self.runtime, Runtime):
+            raise ValueError(
+                "this model runs a multi-GPU plan: every expert stays resident and no cache learns from its routing; "
+                "moe_runtime.record_trace records the routing of any model"
+            )
         blocks = adapter_for(model.config).blocks(model)
         self.num_layers, self.num_experts, self.top_k = len(blocks), blocks[0].num_experts, blocks[0].top_k
         self.model_type = model.config.model_type

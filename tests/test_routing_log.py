@@ -141,10 +141,16 @@ def test_only_the_recording_threads_requests_are_recorded():
     assert log.trace().num_sequences == 1 and log.num_tokens == PROMPT.shape[1] + NEW_TOKENS - 1
 
 
-def test_a_plain_model_a_second_log_and_an_empty_log_are_refused():
+def test_a_plain_model_a_multi_gpu_plan_a_second_log_and_an_empty_log_are_refused():
+    from test_placement import _alternating_plan  # tests/test_placement.py
+
     logged, _ = _twins("qwen3_moe", budget=0.5)
     with pytest.raises(ValueError, match="not wrapped by moe_runtime"):
         record_routing(_model("qwen3_moe"))
+    planned = _model("qwen3_moe")
+    moe_runtime.wrap(planned, budget=0.5, placement=_alternating_plan(planned, 2), devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="multi-GPU plan: every expert stays resident"):
+        record_routing(planned)
     with record_routing(logged) as log:
         with pytest.raises(RuntimeError, match="already being recorded"):
             record_routing(logged).__enter__()
