@@ -215,3 +215,23 @@ def test_generate_learns_across_runs_and_refuses_a_file_that_is_not_its_own(tmp_
     ):
         refused = run_cli(*args, *extra, check=False)
         assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr)
+
+
+def test_generate_interrupted_keeps_the_tokens_it_finished(tmp_path, monkeypatch):
+    """Ctrl-C after a few tokens: exit 130, and the file holds the routing of the tokens that
+    were finished (the generation below stops the way an interrupt does, after two tokens)."""
+    from moe_runtime.cli import generate as generate_command
+    from moe_runtime.cli.trace_cmds import load_tokenizer
+    from moe_runtime.embedded import embedded_model_dir
+
+    def interrupted_after_two_tokens(model, tokenizer, prompt, max_new_tokens, session):
+        with session:
+            model.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=3, do_sample=False)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_command, "timed_generate", interrupted_after_two_tokens)
+    learned = tmp_path / "task.npz"
+    result = run_cli("generate", str(embedded_model_dir()), "--budget", "0.25", "--prompt", "Hello there", "--learn", str(learned), check=False)
+    tokens = load_trace(learned).num_tokens
+    assert result.returncode == 130 and f"the routing of the {tokens} tokens finished was added to {learned}" in result.stderr
+    assert tokens == len(load_tokenizer(str(embedded_model_dir()))("Hello there").input_ids) + 2  # the prompt and two fed tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 import torch
 
@@ -56,7 +57,13 @@ def run_generate(args: argparse.Namespace) -> int:
         policy_fit=args.policy_fit or earlier,
     )
     log = record_routing(model, task=LEARN_TASK) if args.learn else None
-    text, timing, stats = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens, log or contextlib.nullcontext())
+    try:
+        text, timing, stats = timed_generate(model, tokenizer, args.prompt, args.max_new_tokens, log or contextlib.nullcontext())
+    except KeyboardInterrupt:  # the tokens finished before Ctrl-C are this run's session
+        if log is not None and log.num_tokens:
+            remember_session(args.learn, earlier, log.trace())
+            print(f"moe-runtime generate: the routing of the {log.num_tokens} tokens finished was added to {args.learn}", file=sys.stderr)
+        raise
     learned = remember_session(args.learn, earlier, log.trace()) if log else None
     figures = {
         "text": text,
