@@ -94,21 +94,24 @@ class RoutingLog:
         `top_k_weights` [R, K]; called by the runtime under its lock."""
         if threading.get_ident() != self.thread or self._forward is None or layer != len(self._layers):
             return
-        self._layers.append((top_k_index.detach().reshape(-1, self.top_k).cpu(), top_k_weights.detach().reshape(-1, self.top_k).float().cpu()))
+        self._layers.append((top_k_index.detach(), top_k_weights.detach()))  # copied once per forward, in _finish_forward
         if len(self._layers) == self.num_layers:
             self._finish_forward()
 
     def _finish_forward(self) -> None:
+        """File the forward's rows under its sequences: one stack (a copy, so buffers the model
+        reuses later do not matter) and one move to the host for all its layers."""
         (batch, new_sequences), layers = self._forward, self._layers
         self._forward, self._layers = None, []
-        rows = layers[0][0].shape[0]
-        if rows % batch or any(ids.shape[0] != rows for ids, _ in layers):
+        rows = layers[0][0].numel() // self.top_k
+        if rows % batch or any(ids.numel() != rows * self.top_k for ids, _ in layers):
             return  # not a batch of whole rows (a caller's own forward shape): nothing to file it under
         if new_sequences or len(self._open) != batch:
             self._open = list(range(len(self._sequences), len(self._sequences) + batch))
             self._sequences.extend([] for _ in range(batch))
-        ids = torch.stack([ids for ids, _ in layers], dim=1).numpy().reshape(batch, rows // batch, self.num_layers, self.top_k)
-        weights = torch.stack([w for _, w in layers], dim=1).numpy().reshape(ids.shape)
+        shape = (batch, rows // batch, self.num_layers, self.top_k)
+        ids = torch.stack([ids.reshape(rows, self.top_k) for ids, _ in layers], dim=1).to("cpu", torch.int16).numpy().reshape(shape)
+        weights = torch.stack([w.reshape(rows, self.top_k) for _, w in layers], dim=1).to("cpu", torch.float32).numpy().reshape(shape)
         for row, sequence in enumerate(self._open):
             self._sequences[sequence].append((ids[row], weights[row]))
 
