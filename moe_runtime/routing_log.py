@@ -13,6 +13,9 @@ forward are split into its B sequences, each continued by the decode steps that 
 forward cut short (an error, Ctrl-C) before its last MoE layer is left out whole, so the trace
 holds every finished token and no half of one. Only the thread that opened the log is recorded:
 another thread's requests (runtime.lock interleaves them layer by layer) are not its sessions.
+A forward's layers are copied to the host once, when it ends: 44-48 us a token on the embedded
+model's 6 MoE layers, no loss of decode tokens/s measurable (BENCHMARKS.md, "Learning across
+sessions"; a copy per layer took 67-73).
 
 Why: the default policy learns its task's routing as it serves it, but a one-shot session ends
 before it has learnt much (its first refit comes after 128 tokens); started from the sessions
