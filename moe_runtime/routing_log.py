@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import adapter_for
 from .atomic import check_writable
 from .errors import InvalidFileError
 from .runtime.assembly import runtime_of
@@ -52,8 +51,8 @@ class RoutingLog:
                 "this model runs a multi-GPU plan: every expert stays resident and no cache learns from its routing; "
                 "moe_runtime.record_trace records the routing of any model"
             )
-        blocks = adapter_for(model.config).blocks(model)
-        self.num_layers, self.num_experts, self.top_k = len(blocks), blocks[0].num_experts, blocks[0].top_k
+        blocks = self.runtime.blocks  # the MoE blocks the runtime serves, found when it was wrapped
+        self.num_layers, self.num_experts, self.top_k = len(blocks), self.runtime.num_experts, self.runtime.top_k
         self.model_type = model.config.model_type
         self.moe_layers = tuple(block.layer_index for block in blocks)
         self.task = task

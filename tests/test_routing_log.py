@@ -109,7 +109,7 @@ def test_a_forward_cut_short_is_left_out_and_the_runtime_goes_on(where):
             third_call_fails()
         return real(layer, *args)
 
-    router = moe_runtime.adapter_for(logged.config).blocks(logged)[1].router
+    router = runtime.blocks[1].router
     with record_routing(logged) as log:
         if where == "second router":
             handle = router.register_forward_hook(lambda *_: third_call_fails())
