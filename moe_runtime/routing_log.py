@@ -4,8 +4,8 @@
         model.generate(**inputs, max_new_tokens=64)
     log.trace().save("support.npz")    # later: wrap(..., policy_fit="support.npz")
 
-A pre-hook on the model tells each forward's batch size and whether it starts new sequences (no
-cache, or an empty one: a prefill); the runtime hands every MoE layer's top-k experts [R, K] and
+The runtime's hook on the model (runtime/forward_shape.py) tells each forward's batch size and
+whether it starts new sequences (no cache, or an empty one: a prefill); the runtime hands every MoE layer's top-k experts [R, K] and
 gate weights to the log (Runtime.run_layer and account_in_place, the decode path that computes
 experts where they lie), so nothing changes in how a step runs: hooks on the routers would give
 a CPU decode step back to the modules' own forwards (decode_layer.py). The R = B x T rows of a
@@ -67,27 +67,20 @@ class RoutingLog:
         if self.runtime.routing_log is not None:
             raise RuntimeError("this model's routing is already being recorded: one record_routing block at a time")
         self.thread = threading.get_ident()
-        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.runtime.routing_log = self
         return self
 
     def __exit__(self, *exc) -> None:
         self.runtime.routing_log = None
-        self._hook.remove()
         self._forward = None
-
-    def _before_forward(self, module, args, kwargs) -> None:
-        found = _batch_and_start(args, kwargs)
-        if found is not None:
-            self.begin_forward(*found)
 
     @property
     def num_tokens(self) -> int:
         return sum(ids.shape[0] for sequence in self._sequences for ids, _ in sequence)
 
     def begin_forward(self, batch: int, new_sequences: bool) -> None:
-        """A forward of `batch` rows starts in the recording thread (its hook): one left
-        unfinished is dropped here."""
+        """A forward of `batch` rows starts (the runtime's hook on the model): one of the
+        recording thread's left unfinished is dropped here."""
         if threading.get_ident() == self.thread:
             self._forward, self._layers = (batch, new_sequences), []
 
@@ -134,19 +127,6 @@ class RoutingLog:
             moe_layers=self.moe_layers,
             task=self.task,
         )
-
-
-def _batch_and_start(args: tuple, kwargs: dict) -> tuple[int, bool] | None:
-    """(batch size, whether the forward starts new sequences) from a causal LM's forward
-    arguments: input_ids [B, T] or inputs_embeds [B, T, H]; new when there is no KV cache or an
-    empty one (None if neither input is given)."""
-    inputs = kwargs.get("input_ids", args[0] if args else None)
-    if inputs is None:
-        inputs = kwargs.get("inputs_embeds")
-    if inputs is None:
-        return None
-    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5's name, and 4's
-    return int(inputs.shape[0]), past is None or past.get_seq_length() == 0
 
 
 def record_routing(model: nn.Module, task: str | None = None) -> RoutingLog:

@@ -5,7 +5,9 @@ tokens in order -> layers in order -> a layer's K experts together (protected wh
 eviction policy, pinned and transient experts, prefetch accounting) -> the top M forecast
 experts of layer l + D prefetched as layer l starts, queued behind its misses (as the runtime
 issues them while the layer's loads are in flight), so they overlap its compute -> one copy
-engine, misses ahead of queued prefetches -> modelled ms per token.
+engine, misses ahead of queued prefetches -> modelled ms per token. Optionally each sequence's
+first tokens come as one prefill step (a prompt): per layer the union of their experts, in
+waves that fit the pool, and the policy told each token's routing, as the runtime serves one.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class SimResult:
     wasted_prefetches: int = 0  # a prefetched expert evicted (or left) unused
     host_computes: int = 0  # misses computed on the CPU (host and hybrid execution)
     admissions: int = 0  # background loads of CPU-computed experts (hybrid)
+    prompt_loads: int = 0  # ... of the loads, those of prefill steps (replay's prompts)
     stall_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -152,6 +155,7 @@ def replay(
     transient: frozenset[int] = frozenset(),
     miss_counts: np.ndarray | None = None,
     execution: str = DEVICE,
+    prompts: np.ndarray | None = None,
 ) -> SimResult:
     """Replay `trace` through `policy` with one global pool of `capacity` slots.
 
@@ -164,10 +168,13 @@ def replay(
     on the CPU, which works while the device computes the rest of the layer: a layer takes
     max(layer_ms, K x host_ms); no pool) or "hybrid" (each miss to the engine that finishes it
     first, as the runtime decides it (HybridCostModel); the layer ends when both have; an idle
-    copy engine admits the CPU's experts in the background).
+    copy engine admits the CPU's experts in the background). prompts [S]: how many of each
+    sequence's first tokens come as one prefill step (`_prefill`; device execution, no
+    prefetching); result.prompt_loads counts its loads.
     """
     if execution not in (DEVICE, HOST, HYBRID):
         raise ValueError(f"execution must be one of {DEVICE}, {HOST}, {HYBRID}, got {execution!r}")
+    prefills = _prefill_steps(trace, prompts, execution == DEVICE and prefetch is None)
     num_layers, num_experts = trace.num_layers, trace.num_experts
     if capacity < trace.top_k + len(pinned):
         raise ValueError(f"capacity {capacity} is below top-k {trace.top_k} plus {len(pinned)} pinned experts")
@@ -186,7 +193,16 @@ def replay(
     costs = timing.costs()
     gate = PrefetchGate(load_ms=timing.load_ms, layer_ms=timing.layer_ms)
     now = 0.0
-    for token, layers in enumerate(trace.expert_ids.astype(np.int64).tolist()):  # [L][K] per token
+    ids = trace.expert_ids.astype(np.int64)
+    prompt_end = 0
+    for token, layers in enumerate(ids.tolist()):  # [L][K] per token
+        if token < prompt_end:
+            continue
+        if token in prefills:
+            prompt_end = prefills[token]
+            now, loads = _prefill(core, ids[token:prompt_end], engine, cost, now, timing.layer_ms)
+            result.prompt_loads += loads
+            continue
         for layer, experts in enumerate(layers):
             core.start_layer(layer, experts)
             on_host: list[int] = []
@@ -233,6 +249,38 @@ def replay(
     result.wasted_prefetches = core.wasted_prefetches + len(core.prefetched)
     result.total_ms = now
     return result
+
+
+def _prefill_steps(trace: Trace, prompts: np.ndarray | None, supported: bool) -> dict[int, int]:
+    """{first token: token after it} of each sequence's prompt (none of fewer than 2 tokens)."""
+    if prompts is None:
+        return {}
+    prompts = np.asarray(prompts)
+    starts, lengths = trace.seq_offsets[:-1], np.diff(trace.seq_offsets)
+    if prompts.shape != starts.shape or (prompts < 0).any() or (prompts > lengths).any():
+        raise ValueError(f"prompts must give 0 to the sequence's length for each of the {len(starts)} sequences, got {prompts.tolist()}")
+    if not supported:
+        raise ValueError("prompts are replayed with execution 'device' and no prefetching")
+    return {int(start): int(start + length) for start, length in zip(starts, prompts) if length > 1}
+
+
+def _prefill(core: CacheCore, routing: np.ndarray, engine: CopyEngine, cost: list[float], now: float, layer_ms: float) -> tuple[float, int]:
+    """One prefill step of the T tokens `routing` [T, L, K], as the runtime serves it: at each
+    layer the union of their experts (router order) in waves that fit the pool, each wave's misses
+    loaded and then one layer step of compute, the policy told every token's experts. Returns
+    the clock after it and its loads."""
+    loads = 0
+    for layer in range(routing.shape[1]):
+        rows = routing[:, layer]
+        experts = list(dict.fromkeys(rows.ravel().tolist()))
+        core.start_layer(layer, experts)
+        core.policy.on_prompt(layer, rows[None])
+        for wave in core.waves(layer, experts):
+            missed = [access.key for access in core.acquire(layer, wave) if not access.hit]
+            loads += len(missed)
+            now = max(now, engine.demand(sum(cost[key] for key in missed), now, {})) + layer_ms
+            core.release(layer, wave)
+    return now, loads
 
 
 def _load_pinned(core: CacheCore, num_layers: int) -> None:

@@ -502,6 +502,57 @@ def test_the_routing_history_keeps_the_latest_decode_tokens_in_order():
     assert trace.expert_ids[-1].tolist() == [[last % 4, (last + 1) % 4], [last % 4, (last + 2) % 4]]
 
 
+def test_a_prompts_tokens_join_the_history_in_order_and_a_prefill_cut_short_is_dropped():
+    from moe_runtime.policies.routing_history import FIRST_REFIT_TOKENS, RoutingHistory
+
+    history = RoutingHistory(num_layers=2, num_experts=8, top_k=2)
+    rng = np.random.default_rng(0)
+
+    def prefill(routing: np.ndarray, layers: int = 2) -> None:  # [B, T, L, K] as the runtime tells it
+        for layer in range(layers):
+            history.record(layer, sorted({int(e) + 8 * layer for e in routing[..., layer, :].ravel()}))  # the step's union
+            history.record_prompt(layer, routing[:, :, layer])
+
+    decoded = rng.integers(0, 8, (3, 2, 2))
+    for token in decoded:
+        history.record(0, token[0].tolist())
+        history.record(1, (token[1] + 8).tolist())
+    cut = rng.integers(0, 8, (1, 50, 2, 2))
+    prefill(cut, layers=1)  # a fault after its first layer: never kept
+    prompt = rng.integers(0, 8, (2, FIRST_REFIT_TOKENS // 2, 2, 2))  # a batch of two prompts
+    prefill(prompt)
+    assert history.refit_due  # before the first decode token
+    same = np.tile(np.array([3, 5]), (1, 2, 2, 1))  # two tokens that chose the same two experts: a union of K
+    prefill(same)
+    history.record(0, [1, 2])  # the first decode token opens: nothing of the prefill is taken for one
+    trace = history.as_trace()
+    expected = np.concatenate([decoded, prompt.reshape(-1, 2, 2), same.reshape(-1, 2, 2)])
+    assert np.array_equal(trace.expert_ids, expected)
+
+    long = rng.integers(0, 8, (1, history.capacity + 10, 2, 2))
+    prefill(long)  # longer than the ring: its newest tokens
+    assert np.array_equal(history.as_trace().expert_ids, long[0, 10:])
+
+
+def test_prefills_of_two_threads_interleaved_layer_by_layer_are_kept_apart():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_runtime.policies.routing_history import RoutingHistory
+
+    history = RoutingHistory(num_layers=2, num_experts=8, top_k=2)
+    rng = np.random.default_rng(1)
+    mine, theirs, odd = rng.integers(0, 8, (1, 5, 2, 2)), rng.integers(0, 8, (1, 3, 2, 2)), rng.integers(0, 8, (1, 4, 2, 2))
+    with ThreadPoolExecutor(max_workers=1) as other:  # one thread of its own throughout
+        other.submit(history.record_prompt, 0, theirs[:, :, 0]).result()
+        history.record_prompt(0, mine[:, :, 0])
+        history.record_prompt(1, mine[:, :, 1])  # mine completes first
+        other.submit(history.record_prompt, 1, theirs[:, :, 1]).result()
+        other.submit(history.record_prompt, 0, odd[:, :, 0]).result()
+        other.submit(history.record_prompt, 1, odd[:, :3, 1]).result()  # a layer of another shape: dropped
+    assert np.array_equal(history.as_trace().expert_ids, np.concatenate([mine[0], theirs[0]]))
+    assert history.prompts == {}
+
+
 def test_refits_come_every_few_tokens_unless_their_cost_spaces_them():
     """After the first refit, one every REFIT_EVERY_TOKENS tokens where a refit is cheap for the
     layer steps between; elsewhere no more often than REFIT_US_PER_STEP per layer step pays for,

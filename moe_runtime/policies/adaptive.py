@@ -157,6 +157,11 @@ class AdaptivePolicy(EvictionPolicy):
         self.refits += 1
         self.refit_seconds += time.perf_counter() - start
 
+    def on_prompt(self, layer: int, routing) -> None:
+        """A prefill's tokens join the routing learnt from (its refit comes at the next step)."""
+        if not self.idle and self.history is not None:
+            self.history.record_prompt(layer, routing)
+
     def on_forecast(self, layer: int, probabilities) -> None:
         if not self.idle:
             self.candidates.forecast(layer, probabilities)

@@ -43,6 +43,11 @@ class EvictionPolicy(ABC):
     def on_forecast(self, layer: int, probabilities) -> None:  # noqa: B027 - optional hook
         """A predictor's forecast [E] (probability each expert is used) for the coming `layer`."""
 
+    def on_prompt(self, layer: int, routing) -> None:  # noqa: B027 - optional hook
+        """A step of several tokens per sequence (a prefill) at `layer`, after its on_layer_start
+        (which names the union of their experts): each token's experts, [B, T, K] int64 for B
+        sequences of T consecutive tokens."""
+
     def set_dormant(self, dormant: bool) -> None:  # noqa: B027 - optional hook
         """While dormant, choose_victim is not called: a policy may keep only the state it needs to
         name victims again once woken (set_dormant(False)), and skip the rest (the adaptive

@@ -3,8 +3,9 @@
 The generic reuse model (next_use.ReuseModel.generic) knows only how age and recent uses predict
 reuse; fitted on a task's own traces the model also knows each expert's popularity and the
 layers' expert-to-expert transitions, and makes 6-21% fewer loads on ESFT (BENCHMARKS.md). A
-user who brings no traces still produces them while decoding: this keeps the last few thousand
-decode tokens' experts and says when enough new ones have arrived, so the adaptive default can
+user who brings no traces still produces them while serving: this keeps the last few thousand
+tokens' experts (decode tokens, and every prompt token of a prefill, which the runtime tells the
+policy) and says when enough new ones have arrived, so the adaptive default can
 refit its next-use candidate on the routing of the model and task it actually serves.
 
 How often: the more often, the fewer loads (refits every 32 tokens against every few hundred:
@@ -16,6 +17,8 @@ full 2048 tokens of history; on 8 layers of 128 experts, every 200 to 880).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -33,11 +36,12 @@ NUMPY_FIT_NS_PER_CELL = 160.0  # ... or in numpy (2-core VM, one hour, 4 models 
 
 
 class RoutingHistory:
-    """A ring of the last decode tokens' experts [L, K]: HISTORY_TOKENS of them, fewer on models
-    with more than HISTORY_KEYS / HISTORY_TOKENS experts in all (a refit at DeepSeek-V2-Lite's
-    26 x 64 peaks at about 215 MB; 2048 tokens at 48 x 128 would take 700 MB and 2.6 s on a
-    2-core VM). Only tokens whose every layer step used exactly K experts are kept (a prefill
-    step's union of experts is not one token's routing)."""
+    """A ring of the last tokens' experts [L, K]: HISTORY_TOKENS of them, fewer on models with
+    more than HISTORY_KEYS / HISTORY_TOKENS experts in all (a refit at DeepSeek-V2-Lite's 26 x 64
+    peaks at about 215 MB; 2048 tokens at 48 x 128 would take 700 MB and 2.6 s on a 2-core VM).
+    A decode token is kept when its every layer step used exactly K experts (`record`); a
+    prefill step's union of experts is not one token's routing, its tokens come whole from
+    `record_prompt`."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, fit_ns_per_cell: float = COMPILED_FIT_NS_PER_CELL):
         """fit_ns_per_cell: what a refit costs per (token, key) of history, which spaces refits."""
@@ -52,6 +56,7 @@ class RoutingHistory:
         self.key_offsets = (np.arange(num_layers) * num_experts)[:, None]  # [L, 1] layer * E
         self.layers_seen = 0
         self.layer = num_layers  # the first layer starts a token
+        self.prompts: dict[int, list[np.ndarray]] = {}  # thread -> its running prefill's layers so far, [B, T, K] each
 
     def record(self, layer: int, keys: list[int]) -> None:
         """Layer `layer` of the running token used `keys` (layer * E + expert; a list the caller
@@ -64,13 +69,38 @@ class RoutingHistory:
             self.token[layer] = keys
             self.layers_seen += 1
 
+    def record_prompt(self, layer: int, routing: np.ndarray) -> None:
+        """Layer `layer` of a prefill step routed B sequences' T tokens to `routing` [B, T, K]
+        (expert ids); once every layer has, its B x T tokens are kept, each row's in order (a
+        prompt of a few hundred tokens lets the first refit come before the first decode token,
+        where the decode tokens alone would take a few hundred steps). Prefills of several
+        threads, which the runtime's lock interleaves layer by layer, are kept apart by thread; a
+        step cut short (its layers stop before the last) is dropped when the thread's next one
+        starts. The step's union of experts, which `record` also saw, is no decode token's."""
+        self.layers_seen = 0
+        thread = threading.get_ident()
+        layers = [] if layer == 0 else self.prompts.get(thread, [])
+        if layer != len(layers) or routing.shape[-1] != self.top_k or (layers and routing.shape != layers[0].shape):
+            self.prompts.pop(thread, None)
+            return
+        layers.append(routing)
+        self.prompts[thread] = layers
+        if len(layers) == self.num_layers:
+            del self.prompts[thread]
+            self._keep(np.stack(layers, axis=2).reshape(-1, self.num_layers, self.top_k))  # [B x T, L, K]
+
     def _close_token(self) -> None:
         if self.layers_seen == self.num_layers:
-            self.ring[self.kept % self.capacity] = np.asarray(self.token) - self.key_offsets
-            self.kept += 1
-            self.since_fit += 1
-            self.refit_due = self._refit_due()
+            self._keep((np.asarray(self.token) - self.key_offsets)[None])
         self.layers_seen = 0
+
+    def _keep(self, tokens: np.ndarray) -> None:
+        """Add `tokens` [N, L, K] (expert ids) to the ring, the newest `capacity` of them."""
+        tokens = tokens[-self.capacity :]
+        self.ring[(self.kept + np.arange(len(tokens))) % self.capacity] = tokens
+        self.kept += len(tokens)
+        self.since_fit += len(tokens)
+        self.refit_due = self._refit_due()
 
     def _refit_due(self) -> bool:
         """The first refit after FIRST_REFIT_TOKENS tokens (once, whatever it costs), then one every

@@ -83,6 +83,18 @@ class CacheCore:
     def evictable(self, key: int) -> bool:
         return key not in self.protected and key not in self.pinned and not self.busy(key)
 
+    def waves(self, layer: int, experts: list[int]) -> list[list[int]]:
+        """`experts` of `layer` in passes that fit the pool (a prefill's union can hold more than
+        it), resident experts first; one pass keeps the router's order."""
+        room = self.num_slots - len(self.pinned)
+        if not experts:
+            return []
+        if len(experts) <= room:
+            return [experts]
+        resident = set(self.resident(layer))
+        ordered = [e for e in experts if e in resident] + [e for e in experts if e not in resident]
+        return [ordered[i : i + room] for i in range(0, len(ordered), room)]
+
     # ------------------------------------------------------------------ the layer's steps
     def start_layer(self, layer: int, experts: Sequence[int]) -> None:
         """Tell the policy which experts this layer step uses (once per step, before any wave),

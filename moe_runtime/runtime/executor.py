@@ -37,6 +37,7 @@ from ..native_norms import install_native_norms
 from ..execution import HOST, HYBRID, measure_costs, resolve_execution
 from .host_slots import HostSlots
 from .expert_loader import Loader
+from .forward_shape import ForwardShape, ForwardShapes
 from ..offloaded import OffloadedExperts
 from .. import wrapped_model
 from ..policies import DEFAULT_POLICY, make_policy
@@ -150,6 +151,7 @@ class Runtime:
         }
         self.lock = threading.RLock()  # one MoE layer (or stats read) at a time; see run_layer
         self.routing_log = None  # a RoutingLog while record_routing runs (routing_log.py)
+        self.forwards = ForwardShapes(self._forward_started)  # each forward's batch size, from a hook on the model
         self._closer = weakref.finalize(self, Loader.close, self.loader)
 
     # ------------------------------------------------------------------ forward
@@ -167,6 +169,10 @@ class Runtime:
             if self.routing_log is not None:  # once the layer is done: a forward that fails is no token of the log's
                 self.routing_log.add(layer, top_k_index, top_k_weights)
             return out
+
+    def _forward_started(self, shape: ForwardShape) -> None:
+        if self.routing_log is not None:
+            self.routing_log.begin_forward(shape.batch, shape.new_sequences)
 
     def experts_where_they_lie(self) -> RamSource | None:
         """The source whose tensors a decode row's experts can be computed from before the cache
@@ -210,11 +216,12 @@ class Runtime:
         routed = top_k_index.flatten().tolist()
         needed = list(dict.fromkeys(routed))
         self.cache.start_layer(layer, needed)
+        self._tell_prompt(layer, routed, top_k_index.shape[0])
         if self.forecaster is not None:
             self.forecaster.observe(layer, top_k_index, top_k_weights, hidden)
         on_host = self._host_share(layer, needed, routed) if self.costs is not None or self.low_bit is not None else []
         on_device = [e for e in needed if e not in on_host] if on_host else needed
-        waves = self._waves(layer, on_device)
+        waves = self.cache.core.waves(layer, on_device)
         self.stats.layers[layer].waves += max(0, len(waves) - 1)
         out = None
         for number, wave in enumerate(waves):
@@ -232,6 +239,16 @@ class Runtime:
         if on_host and not self.cache.loads_in_flight() and self.cache.core.admission_value.worthwhile():
             self.cache.prefetch(layer, on_host, admission=True)  # an idle copy engine admits what the CPU computed
         return out
+
+    def _tell_prompt(self, layer: int, routed: list[int], rows: int) -> None:
+        """A forward of B rows of T > 1 tokens each (a prefill, or a continuation fed whole) tells
+        the policy every token's experts [B, T, K] (on_prompt): consecutive tokens of B sequences,
+        which a reuse model learns from, where the cache sees one step's union of experts. A
+        decode step of a batch (T = 1) is not one sequence's tokens, and is not told."""
+        shape = self.forwards.current()
+        if shape is None or rows <= shape.batch or rows % shape.batch:
+            return
+        self.cache.policy.on_prompt(layer, np.asarray(routed, dtype=np.int64).reshape(shape.batch, rows // shape.batch, -1))
 
     def _while_loading(self, layer: int, on_host: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor | None:
         """What runs while the first wave's loads are in flight: the CPU's share of the layer
@@ -305,18 +322,6 @@ class Runtime:
                 wanted = self.prefetch_gate.select(candidates, lookahead, backlog, self.cache.core.prefetch_outcomes)
             self.cache.prefetch(target, wanted, probabilities=forecast)
 
-    def _waves(self, layer: int, needed: list[int]) -> list[list[int]]:
-        """Split a layer's experts into passes that fit the pool, resident experts first (one
-        pass keeps the router's order, as the simulator does)."""
-        capacity = self.num_slots - len(self.cache.pinned)
-        if not needed:
-            return []
-        if len(needed) <= capacity:
-            return [needed]
-        resident = set(self.cache.resident(layer))
-        ordered = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
-        return [ordered[i : i + capacity] for i in range(0, len(ordered), capacity)]
-
     def _compute_done(self) -> torch.cuda.Event | None:
         if self.device.type != "cuda":
             return None
@@ -361,6 +366,7 @@ class Runtime:
         self.stats.info["kernel_routers"] = len(self.kernel_routers)
         self.stats.info["decode_layers"] = len(self.decode_layers)
         wrapped_model.install(model, self)
+        self.forwards.attach(model)
         if self.mask is not None:
             self.mask.attach()
         setattr(model, RUNTIME_ATTR, self)
@@ -389,6 +395,7 @@ class Runtime:
         if self.dense is not None:
             self.dense.undo()
         wrapped_model.remove(model)
+        self.forwards.detach()
         self.close()
         model.to(self.home_device)
         delattr(model, RUNTIME_ATTR)

@@ -1,0 +1,89 @@
+"""The default policy on sessions that open with a prompt: does learning the prompt's routing pay?
+
+A live session's prompt comes as one prefill step: the cache sees each layer's union of the
+prompt's experts, and the default's learner (routing_history.py) now also takes every prompt
+token's routing (EvictionPolicy.on_prompt), so its first refit can come before the first decode
+token. Each held-out sequence of the shipped traces (the second half of each file's sequences,
+as adaptive_default.py) is replayed alone from a cold cache, its first `--prompt-share` of
+tokens as one prefill step (simulator.replay's prompts: the union in waves that fit the pool),
+the rest decoded; the decode tokens' loads, summed over the sessions, for LRU, the default as
+it was (its learner blind to the prompt) and the default learning the prompt. The traces do not
+mark where a prompt ends (ESFT's hold prompt and answer in one forward; GPT-OSS's are decode
+tokens), so the share is an assumption, the same for every policy.
+
+    python benchmarks/prompt_sessions.py --json prompts.json --plot prompts.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from adaptive_default import add_replay_arguments, check_outputs, plot_ratio_bars, shipped_halves, write_outputs
+from tqdm.auto import tqdm
+
+from moe_runtime.errors import run_script
+from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, make_policy
+from moe_runtime.policies.adaptive import starting_model
+from moe_runtime.simulator import replay
+from moe_runtime.trace import Trace
+
+POLICIES = ("lru", "blind", DEFAULT_POLICY)
+LABELS = {"blind": "default, prompt unseen", DEFAULT_POLICY: "default, prompt learnt"}
+
+
+class PromptBlindDefault(AdaptivePolicy):
+    """The default as it was before it learnt from prompts: its learner sees decode tokens only."""
+
+    def on_prompt(self, layer: int, routing) -> None:
+        pass
+
+
+def measure(trace: Trace, budget: float, share: float) -> dict:
+    """Decode loads of each policy summed over `trace`'s sequences, each replayed alone from a
+    cold cache with its first `share` of tokens as one prefill step."""
+    capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
+    shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
+    loads, prompt_tokens = dict.fromkeys(POLICIES, 0), 0
+    for index in range(trace.num_sequences):
+        session = trace.select_sequences([index])
+        prompt = np.array([int(share * session.num_tokens)])
+        prompt_tokens += int(prompt[0])
+        fresh = {
+            "lru": make_policy("lru", **shape), "blind": PromptBlindDefault(starting_model(trace.num_layers, trace.num_experts), **shape),
+            DEFAULT_POLICY: make_policy(DEFAULT_POLICY, **shape),
+        }
+        for name, policy in fresh.items():
+            result = replay(session, policy, capacity, prompts=prompt)
+            loads[name] += result.loads - result.prompt_loads
+    decode = trace.num_tokens - prompt_tokens
+    return {"budget": budget, "sessions": trace.num_sequences, "prompt_tokens": prompt_tokens, "decode_tokens": decode, **loads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_replay_arguments(parser, budgets=True)
+    parser.add_argument("--prompt-share", type=float, default=0.5, help="the share of each sequence's tokens that is its prompt (default 0.5)")
+    args = parser.parse_args()
+    if not 0 < args.prompt_share < 1:
+        parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
+    check_outputs(args.json, args.plot)
+    halves = shipped_halves()
+    jobs = [(name, budget) for name in halves for budget in args.budgets]
+    rows = [{"trace": name, **measure(halves[name][0], budget, args.prompt_share)} for name, budget in tqdm(jobs, desc="tasks", unit="run")]
+    print(f"each held-out sequence alone from a cold cache, its first {args.prompt_share:.0%} one prefill step;")
+    print("decode loads summed over the sessions: LRU's per decode token, the default's as")
+    print("multiples of LRU's, its learner blind to the prompt and learning it; prompt:")
+    print("mean prompt tokens a session (a refit needs 128)")
+    print(f"{'trace':<19} {'bud.':>4} {'sess':>4} {'prompt':>6} {'LRU':>6} {'unseen':>7} {'learnt':>7} {'change':>7}")
+    for row in rows:
+        lru, blind, learnt = row["lru"], row["blind"], row[DEFAULT_POLICY]
+        print(
+            f"{row['trace']:<19} {row['budget']:>4.2f} {row['sessions']:>4} {row['prompt_tokens'] / row['sessions']:>6.0f}"
+            f" {lru / row['decode_tokens']:>6.1f} {blind / lru:>7.3f} {learnt / lru:>7.3f} {(learnt - blind) / lru:>+7.3f}"
+        )
+    write_outputs(rows, args.json, args.plot, lambda rows, path: plot_ratio_bars(rows, path, LABELS, "decode loads over all sessions / LRU's"))
+
+
+if __name__ == "__main__":
+    run_script(main)
