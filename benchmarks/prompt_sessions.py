@@ -1,13 +1,16 @@
 """The default policy on sessions that open with a prompt: does learning the prompt's routing pay?
 
 A live session's prompt comes as one prefill step: the cache sees each layer's union of the
-prompt's experts, and the default's learner (routing_history.py) now also takes every prompt
-token's routing (EvictionPolicy.on_prompt), so its first refit can come before the first decode
-token. Each held-out sequence of the shipped traces (the second half of each file's sequences,
+prompt's experts, and the runtime now also tells the policy every prompt token's routing
+(EvictionPolicy.on_prompt): the default's learner (routing_history.py) keeps it, so its first
+refit can come before the first decode token, and its next-use candidates take the prompt's
+tokens as if decoded (NextUsePolicy.learn_prompt), where the union made every expert of it look
+just used. Each held-out sequence of the shipped traces (the second half of each file's sequences,
 as adaptive_default.py) is replayed alone from a cold cache, its first `--prompt-share` of
 tokens as one prefill step (simulator.replay's prompts: the union in waves that fit the pool),
-the rest decoded; the decode tokens' loads, summed over the sessions, for LRU, the default as
-it was (its learner blind to the prompt) and the default learning the prompt. The traces do not
+the rest decoded; the decode tokens' loads, summed over the sessions, for LRU, the default
+blind to the prompt (as it was), the default whose learner keeps the prompt but whose next-use
+candidates see only its union, and the default as it is. The traces do not
 mark where a prompt ends (ESFT's hold prompt and answer in one forward; GPT-OSS's are decode
 tokens), so the share is an assumption, the same for every policy.
 
@@ -28,8 +31,8 @@ from moe_runtime.policies.adaptive import starting_model
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace
 
-POLICIES = ("lru", "blind", DEFAULT_POLICY)
-LABELS = {"blind": "default, prompt unseen", DEFAULT_POLICY: "default, prompt learnt"}
+POLICIES = ("lru", "blind", "history", DEFAULT_POLICY)
+LABELS = {"blind": "default, prompt unseen", "history": "default, prompt in its history only", DEFAULT_POLICY: "default, prompt learnt"}
 
 
 class PromptBlindDefault(AdaptivePolicy):
@@ -37,6 +40,15 @@ class PromptBlindDefault(AdaptivePolicy):
 
     def on_prompt(self, layer: int, routing) -> None:
         pass
+
+
+class PromptInHistoryDefault(AdaptivePolicy):
+    """The default whose learner keeps the prompt's tokens, while its next-use candidates see
+    only the prefill step's union (the first step of this change)."""
+
+    def on_prompt(self, layer: int, routing) -> None:
+        if not self.idle:
+            self.history.record_prompt(layer, routing)
 
 
 def measure(trace: Trace, budget: float, share: float) -> dict:
@@ -49,8 +61,9 @@ def measure(trace: Trace, budget: float, share: float) -> dict:
         session = trace.select_sequences([index])
         prompt = np.array([int(share * session.num_tokens)])
         prompt_tokens += int(prompt[0])
+        generic = starting_model(trace.num_layers, trace.num_experts)
         fresh = {
-            "lru": make_policy("lru", **shape), "blind": PromptBlindDefault(starting_model(trace.num_layers, trace.num_experts), **shape),
+            "lru": make_policy("lru", **shape), "blind": PromptBlindDefault(generic, **shape), "history": PromptInHistoryDefault(generic, **shape),
             DEFAULT_POLICY: make_policy(DEFAULT_POLICY, **shape),
         }
         for name, policy in fresh.items():
@@ -73,14 +86,14 @@ def main() -> None:
     rows = [{"trace": name, **measure(halves[name][0], budget, args.prompt_share)} for name, budget in tqdm(jobs, desc="tasks", unit="run")]
     print(f"each held-out sequence alone from a cold cache, its first {args.prompt_share:.0%} one prefill step;")
     print("decode loads summed over the sessions: LRU's per decode token, the default's as")
-    print("multiples of LRU's, its learner blind to the prompt and learning it; prompt:")
-    print("mean prompt tokens a session (a refit needs 128)")
-    print(f"{'trace':<19} {'bud.':>4} {'sess':>4} {'prompt':>6} {'LRU':>6} {'unseen':>7} {'learnt':>7} {'change':>7}")
+    print("multiples of LRU's: blind to the prompt, the prompt in its learner's history only,")
+    print("and learnt (history and next-use); prompt: mean prompt tokens (a refit needs 128)")
+    print(f"{'trace':<19} {'bud.':>4} {'sess':>4} {'prompt':>6} {'LRU':>6} {'unseen':>7} {'history':>7} {'learnt':>7}")
     for row in rows:
-        lru, blind, learnt = row["lru"], row["blind"], row[DEFAULT_POLICY]
+        lru = row["lru"]
         print(
             f"{row['trace']:<19} {row['budget']:>4.2f} {row['sessions']:>4} {row['prompt_tokens'] / row['sessions']:>6.0f}"
-            f" {lru / row['decode_tokens']:>6.1f} {blind / lru:>7.3f} {learnt / lru:>7.3f} {(learnt - blind) / lru:>+7.3f}"
+            f" {lru / row['decode_tokens']:>6.1f} {row['blind'] / lru:>7.3f} {row['history'] / lru:>7.3f} {row[DEFAULT_POLICY] / lru:>7.3f}"
         )
     write_outputs(rows, args.json, args.plot, lambda rows, path: plot_ratio_bars(rows, path, LABELS, "decode loads over all sessions / LRU's"))
 

@@ -5,10 +5,11 @@
     log.trace().save("support.npz")    # later: wrap(..., policy_fit="support.npz")
 
 The runtime's hook on the model (runtime/forward_shape.py) tells each forward's batch size and
-whether it starts new sequences (no cache, or an empty one: a prefill); the runtime hands every MoE layer's top-k experts [R, K] and
-gate weights to the log (Runtime.run_layer and account_in_place, the decode path that computes
-experts where they lie), so nothing changes in how a step runs: hooks on the routers would give
-a CPU decode step back to the modules' own forwards (decode_layer.py). The R = B x T rows of a
+whether it starts new sequences (no cache, or an empty one: a prefill); the runtime hands every
+MoE layer's top-k experts [R, K] and gate weights to the log (Runtime.run_layer and
+account_in_place, the decode path that computes experts where they lie), so nothing changes in
+how a step runs: hooks on the routers would give a CPU decode step back to the modules' own
+forwards (decode_layer.py). The R = B x T rows of a
 forward are split into its B sequences, each continued by the decode steps that follow. A
 forward cut short (an error, Ctrl-C) before its last MoE layer is left out whole, so the trace
 holds every finished token and no half of one. Only the thread that opened the log is recorded:

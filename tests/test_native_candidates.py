@@ -9,6 +9,7 @@ import pytest
 
 from moe_runtime.policies import AdaptivePolicy, EvictionPolicy, NoVictimError, ReuseModel, make_policy, native_candidates
 from moe_runtime.policies.shadow_cache import ShadowCache
+from moe_runtime.simulator import replay
 from moe_runtime.synthetic import flat_routing
 from moe_runtime.trace import load_trace
 
@@ -33,6 +34,10 @@ class _Lockstep(EvictionPolicy):
     def on_forecast(self, layer, probabilities):
         self.compiled.on_forecast(layer, probabilities)
         self.reference.on_forecast(layer, probabilities)
+
+    def on_prompt(self, layer, routing):
+        self.compiled.on_prompt(layer, routing)
+        self.reference.on_prompt(layer, routing)
 
     def on_insert(self, key):
         self.compiled.on_insert(key)
@@ -101,6 +106,22 @@ def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budg
         assert pair.reference.switches >= 2 and pair.reference.leader_name == "lru"
     if routing == "flat, Mixtral's shape":
         assert pair.reference.switches >= 3 and pair.reference.leader_name != "lru"
+
+
+@compiled_only
+@pytest.mark.parametrize("routing, budget", [("esft-vanilla-lite/summary", 0.25), ("gpt-oss-20b/misc", 0.5)])
+def test_the_compiled_candidates_take_prompts_exactly_as_the_python_ones(routing, budget):
+    """Each sequence's first half one prefill step (simulator.replay's prompts), replayed by
+    both engines in lockstep: the prompts reach next-use's rankers and shadows in both alike."""
+    trace = load_trace(ROUTING / f"{routing}.npz").select_sequences(range(2))
+    model = ReuseModel.generic(trace.num_layers, trace.num_experts)
+    capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
+    shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
+    pair = _Lockstep(AdaptivePolicy(model, **shape, native=True), AdaptivePolicy(model, **shape, native=False))
+    replay(trace, pair, capacity, prompts=np.diff(trace.seq_offsets) // 2)
+    assert pair.evictions > 1000 and pair.reference.refits >= 1
+    assert pair.compiled.switches == pair.reference.switches
+    assert np.allclose(pair.compiled.candidates.misses, pair.reference.candidates.misses, rtol=0, atol=1e-9)
 
 
 @compiled_only

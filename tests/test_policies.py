@@ -553,6 +553,32 @@ def test_prefills_of_two_threads_interleaved_layer_by_layer_are_kept_apart():
     assert history.prompts == {}
 
 
+@pytest.mark.parametrize("fitted", [False, True], ids=["generic", "fitted"])
+def test_next_use_after_a_prefill_expects_what_decoding_the_prompt_would_have_led_it_to(fitted, trace_paths):
+    """Two next-use policies: one decodes a prompt token by token, the other takes it as one
+    prefill step (the union, then on_prompt at each layer). Every expert the prompt used is then
+    expected as many layer steps ahead by both (the same ages, recent uses and transitions);
+    one it did not use has idled through the prompt."""
+    trace = load_trace(trace_paths["law"])
+    prompt = trace.expert_ids[:40].astype(np.int64)  # [T, L, K]
+    layers, experts = trace.num_layers, trace.num_experts
+    model = ReuseModel.fit(trace.select_sequences(range(4, 8))) if fitted else ReuseModel.generic(layers, experts)
+    decoded, prefilled = NextUsePolicy(layers, experts, model), NextUsePolicy(layers, experts, model)
+    for token in prompt:
+        for layer in range(layers):
+            decoded.on_layer_start(layer, (token[layer] + layer * experts).tolist())
+    for layer in range(layers):
+        union = list(dict.fromkeys((prompt[:, layer] + layer * experts).ravel().tolist()))
+        prefilled.on_layer_start(layer, union)
+        prefilled.on_prompt(layer, prompt[None, :, layer])
+    used = np.zeros((layers, experts), dtype=bool)
+    used[np.arange(layers)[None, :, None], prompt] = True
+    used = used.ravel()
+    assert np.allclose(decoded.expected_steps()[used], prefilled.expected_steps()[used], rtol=0, atol=1e-9)  # steps apart: rounding
+    assert np.array_equal(decoded.recent, prefilled.recent)
+    assert (prefilled.token - prefilled.last_use[~used] >= max(AGE_CAP, len(prompt))).all()
+
+
 def test_refits_come_every_few_tokens_unless_their_cost_spaces_them():
     """After the first refit, one every REFIT_EVERY_TOKENS tokens where a refit is cheap for the
     layer steps between; elsewhere no more often than REFIT_US_PER_STEP per layer step pays for,

@@ -158,9 +158,13 @@ class AdaptivePolicy(EvictionPolicy):
         self.refit_seconds += time.perf_counter() - start
 
     def on_prompt(self, layer: int, routing) -> None:
-        """A prefill's tokens join the routing learnt from (its refit comes at the next step)."""
-        if not self.idle and self.history is not None:
+        """A prefill's tokens join the routing learnt from (its refit comes at the next step),
+        and next-use's candidates take them as if decoded."""
+        if self.idle:
+            return
+        if self.history is not None:
             self.history.record_prompt(layer, routing)
+        self.candidates.prompt(layer, routing)
 
     def on_forecast(self, layer: int, probabilities) -> None:
         if not self.idle:

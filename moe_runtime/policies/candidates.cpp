@@ -61,6 +61,7 @@ class Candidate {
   virtual bool tracks_accesses() const { return true; }
   virtual void layer_start(int64_t, const std::vector<Key>&) {}
   virtual void forecast(int64_t, const double*) {}
+  virtual void prompt(int64_t, const std::vector<std::vector<Key>>&, const std::vector<int64_t>&, int64_t) {}
   virtual void insert(Key key) = 0;
   virtual void access(Key key) = 0;
   virtual void evict(Key key) = 0;
@@ -260,6 +261,29 @@ class NextUse : public Candidate {
     latest_[layer] = STALE;
   }
 
+  // next_use.py's learn_prompt: `recent` the experts of the prompt's last tokens (oldest first),
+  // `idle` [E] the tokens since each one's last use in it (`tokens` if none).
+  void prompt(int64_t layer, const std::vector<std::vector<Key>>& recent, const std::vector<int64_t>& idle, int64_t tokens) override {
+    const Key first = layer * experts_;
+    const int64_t count = static_cast<int64_t>(recent.size());
+    for (int64_t back = 0; back < count; ++back) {
+      std::vector<Key>& uses = window_keys_[((token_ - back) % window_ + window_) % window_][layer];
+      for (size_t i = 0; i < uses.size(); ++i) recent_[uses[i]] -= first_of_its_value(uses.data(), i);
+      uses = keys_of(first, recent[count - 1 - back]);
+      for (size_t i = 0; i < uses.size(); ++i) recent_[uses[i]] += first_of_its_value(uses.data(), i);
+    }
+    for (int64_t expert = 0; expert < experts_; ++expert) {
+      int64_t& last = last_use_[first + expert];
+      last = idle[expert] >= tokens ? std::min(last, token_ - tokens) : token_ - idle[expert];
+    }
+    const std::vector<Key> last_keys = keys_of(first, recent.back());
+    if (dormant_) {
+      visits_[layer] = {true, step_, token_, last_keys};
+    } else {
+      visit(layer, step_, token_, last_keys);
+    }
+  }
+
   void insert(Key key) override {
     if (place_[key] != NOT_RESIDENT) return;
     std::vector<Key>& residents = residents_[key / experts_];
@@ -308,6 +332,12 @@ class NextUse : public Candidate {
     int64_t step = 0, token = 0;
     std::vector<Key> keys;
   };
+
+  static std::vector<Key> keys_of(Key first, const std::vector<Key>& experts) {
+    std::vector<Key> keys;
+    for (const Key expert : experts) keys.push_back(first + expert);
+    return keys;
+  }
 
   bool due_later(Key key, Key than) const { return due_[key] > due_[than] || (due_[key] == due_[than] && key < than); }
 
@@ -427,7 +457,7 @@ ReuseModel reuse_model(const torch::Tensor& row, const torch::Tensor& wait, int6
   return {copy_of<int64_t>(row), copy_of<double>(wait), forecasts, age_stride, copy_of<float>(transitions), copy_of<double>(edges)};
 }
 
-constexpr int LRU = 0, LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
+constexpr int LRU = 0, NEXT_USE = 2, LEARNER = 3;  // candidates.py's order: lru, lfu, next-use, next-use refitted
 constexpr int KIND[4] = {0, 1, 2, 2};   // candidates.py's KIND: the calibration each candidate shares
 constexpr size_t CANDIDATES = std::size(KIND), KINDS = KIND[LEARNER] + 1;  // the learner's kind is the last
 
@@ -484,6 +514,22 @@ class Candidates {
     std::vector<double> out(misses_.size());
     for (size_t i = 0; i < out.size(); ++i) out[i] = misses_[i] * std::max(1.0, (live_[KIND[i]] + prior_) / (shadowed_[KIND[i]] + prior_));
     return out;
+  }
+
+  // candidates.py's prompt, from next_use.py's PromptSummary (recent, idle, tokens).
+  void prompt(int64_t layer, const std::vector<std::vector<Key>>& recent, const std::vector<int64_t>& idle, int64_t tokens) {
+    if (layer < 0 || layer >= layers_) throw std::out_of_range("a prompt for a MoE layer the cache policy was not built for");
+    if (recent.empty() || static_cast<int64_t>(idle.size()) != experts_) throw std::invalid_argument("a prompt's summary names its last tokens and each expert's idle tokens");
+    for (const auto& experts : recent) {
+      for (const Key expert : experts) {
+        if (expert < 0 || expert >= experts_) throw std::out_of_range("a prompt's expert outside the experts the cache policy was built for");
+      }
+    }
+    const int64_t sampled = shadow_of_[layer];
+    for (const int candidate : {NEXT_USE, LEARNER}) {
+      rankers_[candidate]->prompt(layer, recent, idle, tokens);
+      if (sampled >= 0) shadows_[candidate].policy->prompt(sampled, recent, idle, tokens);
+    }
   }
 
   void forecast(int64_t layer, const torch::Tensor& probabilities) {
@@ -588,6 +634,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, std::vector<int64_t>, int64_t, double, double, double, int64_t, double, int64_t, int64_t, int64_t, int64_t, py::tuple, py::tuple>())
       .def("layer_start", &Candidates::layer_start)
       .def("forecast", &Candidates::forecast)
+      .def("prompt", &Candidates::prompt)
       .def("insert", &Candidates::insert)
       .def("access", &Candidates::access)
       .def("evict", &Candidates::evict)

@@ -21,7 +21,7 @@ import numpy as np
 from .base import EvictionPolicy, NoVictimError
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
-from .next_use import NextUsePolicy, ReuseModel
+from .next_use import NextUsePolicy, ReuseModel, summarize_prompt
 from .shadow_cache import ShadowCache
 
 NAMES = ("lru", "lfu", "next-use", "next-use")
@@ -113,6 +113,17 @@ class Candidates:
             return
         self.live[kind] = self.live[kind] * self.decay + self.step_loads
         self.shadowed[kind] = self.shadowed[kind] * self.decay + shadow_misses
+
+    def prompt(self, layer: int, routing) -> None:
+        """A prefill's tokens at `layer` [B, T, K] (after its layer_start): next-use's rankers, and
+        its shadows at a sampled layer, take them as if decoded (NextUsePolicy.learn_prompt); LRU
+        and LFU keep the step as it came."""
+        summary = summarize_prompt(routing, self.num_experts)
+        sampled = self.shadow_of.get(layer)
+        for candidate in (NEXT_USE, LEARNER):
+            self.rankers[candidate].learn_prompt(layer, summary)
+            if sampled is not None:
+                self.shadows[candidate].policy.learn_prompt(sampled, summary)
 
     def forecast(self, layer: int, probabilities) -> None:
         for ranker in self.rankers:

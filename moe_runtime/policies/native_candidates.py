@@ -19,7 +19,7 @@ import torch
 
 from ..kernels.cpu_build import build
 from .lfu import AGE_EVERY
-from .next_use import AGE_CAP, IDLE_PER_WAIT, WINDOW, ReuseModel
+from .next_use import AGE_CAP, IDLE_PER_WAIT, WINDOW, ReuseModel, summarize_prompt
 
 SOURCE = Path(__file__).with_name("candidates.cpp")
 
@@ -41,6 +41,7 @@ class NativeCandidates:
         self, model: ReuseModel, sampled_model: ReuseModel, *, num_layers: int, num_experts: int, sampled: list[int], shadow_slots: int,
         decay: float, keep: float, prior: float, settle: int, forget: float,
     ):
+        self.num_experts = num_experts
         self.core = extension().Candidates(
             num_layers, num_experts, sampled, shadow_slots, decay, keep, prior, settle, forget, AGE_EVERY, AGE_CAP, WINDOW, IDLE_PER_WAIT,
             _operands(model), _operands(sampled_model),
@@ -51,6 +52,10 @@ class NativeCandidates:
 
     def forecast(self, layer: int, probabilities) -> None:
         self.core.forecast(layer, torch.as_tensor(np.asarray(probabilities, dtype=np.float64)))
+
+    def prompt(self, layer: int, routing) -> None:
+        summary = summarize_prompt(routing, self.num_experts)
+        self.core.prompt(layer, [experts.tolist() for experts in summary.recent], summary.idle.tolist(), summary.tokens)
 
     def use_model(self, candidate: int, model: ReuseModel, sampled_model: ReuseModel) -> None:
         self.core.use_model(candidate, _operands(model), _operands(sampled_model))

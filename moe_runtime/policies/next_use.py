@@ -33,6 +33,9 @@ is that old, the one idle longest goes first, as LRU's would. 64 was chosen by r
 second half of each fit half's sequences: from 16 to 1024 the default's mean loads at 75-90%
 moved by at most 1.1% of LRU's, 64 among the best (BENCHMARKS.md, "The idle slope, cross-validated").
 
+A prefill's tokens (on_prompt) set a layer's ages and recent uses as decoding them would have;
+the step's union of experts alone would make each of them look just used (learn_prompt).
+
 A predictor's forecast q for a coming layer of the running token makes that chance certain
 with probability q: due = chance + (1 - q) L w(age after a miss).
 
@@ -284,6 +287,28 @@ def tokens_to_next_use(used: np.ndarray) -> np.ndarray:
     return np.vstack([upcoming[1:], np.full((1, used.shape[1]), never)]) - tokens
 
 
+@dataclass(frozen=True)
+class PromptSummary:
+    """What next-use takes from a prefill's tokens at one layer, as if they had been decoded:
+    the experts of its last (up to WINDOW) tokens, oldest first (a batch's rows together, in
+    first-use order), and the tokens between each expert's last use and the prompt's end."""
+
+    recent: list[np.ndarray]  # [min(T, WINDOW)] experts each of the last tokens used
+    idle: np.ndarray  # [E] int64: 0 if the last token used it, ..., `tokens` if none did
+    tokens: int  # T
+
+
+def summarize_prompt(routing: np.ndarray, num_experts: int) -> PromptSummary:
+    """The PromptSummary of one layer's prefill routing [B, T, K] (expert ids)."""
+    routing = np.asarray(routing, dtype=np.int64)
+    tokens = routing.shape[1]
+    by_token = routing.transpose(1, 0, 2).reshape(tokens, -1)  # [T, B x K]
+    recent = [np.fromiter(dict.fromkeys(row.tolist()), dtype=np.int64) for row in by_token[-WINDOW:]]
+    last = np.full(num_experts, -1, dtype=np.int64)
+    np.maximum.at(last, by_token.ravel(), np.repeat(np.arange(tokens), by_token.shape[1]))
+    return PromptSummary(recent, np.where(last >= 0, tokens - 1 - last, tokens), tokens)
+
+
 class NextUsePolicy(EvictionPolicy):
     name = "next-use"
     tracks_accesses = False  # uses are recorded per layer step, in on_layer_start
@@ -373,6 +398,32 @@ class NextUsePolicy(EvictionPolicy):
             for layer, visit in self._visits.items():
                 self._visit(layer, *visit)
             self._visits = {}
+
+    def on_prompt(self, layer: int, routing) -> None:
+        self.learn_prompt(layer, summarize_prompt(routing, self.num_experts))
+
+    def learn_prompt(self, layer: int, prompt: PromptSummary) -> None:
+        """Layer `layer`'s visit just now was a prefill of `prompt.tokens` tokens: its ages and
+        recent uses become what decoding them would have left, not "every expert of the union
+        just used once" (which made next-use 1.09-1.10x LRU's loads at 50% in the short decodes
+        after a prefill: BENCHMARKS.md, "Learning from the prompt"). The prompt's last tokens
+        take this layer's places in the recent-uses window, the last one the running token's;
+        an expert the prompt did not use has idled through it; the transitions are the last
+        token's. The clock still counts the prefill as one token."""
+        span = self._span(layer)
+        for back, experts in enumerate(reversed(prompt.recent)):
+            uses = self._window[(self.token - back) % WINDOW]
+            self.recent[uses[layer]] -= 1
+            keys = experts + span.start
+            self.recent[keys] += 1
+            uses[layer] = keys
+        unused = prompt.idle >= prompt.tokens
+        self.last_use[span] = np.where(unused, np.minimum(self.last_use[span], self.token - prompt.tokens), self.token - prompt.idle)
+        last = prompt.recent[-1] + span.start
+        if self._dormant:
+            self._visits[layer] = (self.step, self.token, last)
+        else:
+            self._visit(layer, self.step, self.token, last)
 
     def _transition_bucket(self, layer: int, experts: np.ndarray) -> np.ndarray:
         """[E] bucket of P(each expert next | this token's `experts`), averaged over them."""
