@@ -56,12 +56,12 @@ def measure(trace: Trace, budget: float, share: float) -> dict:
     cold cache with its first `share` of tokens as one prefill step."""
     capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))
     shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
+    generic = starting_model(trace.num_layers, trace.num_experts)  # frozen: one for every session
     loads, prompt_tokens = dict.fromkeys(POLICIES, 0), 0
     for index in range(trace.num_sequences):
         session = trace.select_sequences([index])
         prompt = np.array([int(share * session.num_tokens)])
         prompt_tokens += int(prompt[0])
-        generic = starting_model(trace.num_layers, trace.num_experts)
         fresh = {
             "lru": make_policy("lru", **shape), "blind": PromptBlindDefault(generic, **shape), "history": PromptInHistoryDefault(generic, **shape),
             DEFAULT_POLICY: make_policy(DEFAULT_POLICY, **shape),

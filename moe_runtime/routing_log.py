@@ -60,7 +60,6 @@ class RoutingLog:
         self.thread: int | None = None  # the thread whose forwards are recorded: the one that entered the block
         self._sequences: list[list[tuple[np.ndarray, np.ndarray]]] = []  # each: finished forwards' rows [T, L, K] (ids, weights)
         self._open: list[int] = []  # indices in _sequences of the running batch's rows
-        self._forward: tuple[int, bool] | None = None  # the running forward: (batch size, starts new sequences)
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # its MoE layers' (ids [R, K], weights [R, K]) so far
 
     def __enter__(self) -> RoutingLog:
@@ -73,22 +72,22 @@ class RoutingLog:
 
     def __exit__(self, *exc) -> None:
         self.runtime.routing_log = None
-        self._forward = None
+        self._layers = []
 
     @property
     def num_tokens(self) -> int:
         return sum(ids.shape[0] for sequence in self._sequences for ids, _ in sequence)
 
-    def begin_forward(self, batch: int, new_sequences: bool) -> None:
-        """A forward of `batch` rows starts (the runtime's hook on the model): one of the
-        recording thread's left unfinished is dropped here."""
+    def begin_forward(self) -> None:
+        """A forward starts (the runtime's hook on the model): one of the recording thread's left
+        unfinished is dropped here."""
         if threading.get_ident() == self.thread:
-            self._forward, self._layers = (batch, new_sequences), []
+            self._layers = []
 
     def add(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """MoE layer `layer` of the running forward chose `top_k_index` [R, K] with
         `top_k_weights` [R, K]; called by the runtime under its lock."""
-        if threading.get_ident() != self.thread or self._forward is None or layer != len(self._layers):
+        if threading.get_ident() != self.thread or self.runtime.forwards.current() is None or layer != len(self._layers):
             return
         self._layers.append((top_k_index.detach(), top_k_weights.detach()))  # copied once per forward, in _finish_forward
         if len(self._layers) == self.num_layers:
@@ -97,12 +96,13 @@ class RoutingLog:
     def _finish_forward(self) -> None:
         """File the forward's rows under its sequences: one stack (a copy, so buffers the model
         reuses later do not matter) and one move to the host for all its layers."""
-        (batch, new_sequences), layers = self._forward, self._layers
-        self._forward, self._layers = None, []
+        shape, layers = self.runtime.forwards.current(), self._layers
+        self._layers = []
+        batch = shape.batch
         rows = layers[0][0].numel() // self.top_k
         if rows % batch or any(ids.numel() != rows * self.top_k for ids, _ in layers):
             return  # not a batch of whole rows (a caller's own forward shape): nothing to file it under
-        if new_sequences or len(self._open) != batch:
+        if shape.new_sequences or len(self._open) != batch:
             self._open = list(range(len(self._sequences), len(self._sequences) + batch))
             self._sequences.extend([] for _ in range(batch))
         shape = (batch, rows // batch, self.num_layers, self.top_k)

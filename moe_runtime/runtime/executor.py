@@ -172,7 +172,7 @@ class Runtime:
 
     def _forward_started(self, shape: ForwardShape) -> None:
         if self.routing_log is not None:
-            self.routing_log.begin_forward(shape.batch, shape.new_sequences)
+            self.routing_log.begin_forward()
 
     def experts_where_they_lie(self) -> RamSource | None:
         """The source whose tensors a decode row's experts can be computed from before the cache
