@@ -6,7 +6,9 @@ three token-to-token reuse rates (0, 0.3, 0.5 of a layer's experts kept) and thr
 popularity (flat; Zipf 0.7; Zipf 0.7 redrawn for each of the 8 sequences, as requests on
 different topics would), at 10/25/50% of the experts in one global pool: the default's loads per
 token as a multiple of LRU's, with no fit traces (what `wrap` runs when given nothing). The
-issue's bar is at most 1.00x LRU on routing the default has never seen.
+issue's bar is at most 1.00x LRU on routing the default has never seen. With --prompt-share S,
+each sequence is a session of its own from a cold cache, its first S of tokens one prefill step
+(simulator.replay's prompts), and the decode tokens' loads are counted.
 
     python benchmarks/adaptive_shapes.py --json shapes.json --plot shapes.png
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 from adaptive_default import add_replay_arguments, check_outputs, write_outputs
 from tqdm.auto import tqdm
 
@@ -33,16 +36,32 @@ BUDGETS = (0.1, 0.25, 0.5)
 TOKENS = 1500
 
 
-def measure(shape: str, reuse: float, skew: float, drift: float, seed: int) -> list[dict]:
+def measure(shape: str, reuse: float, skew: float, drift: float, seed: int, prompt_share: float | None = None) -> list[dict]:
     layers, experts, top_k = SHAPES[shape]
     trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, drift=drift, seed=seed)
     rows = []
     for budget in BUDGETS:
         capacity = max(top_k, int(budget * layers * experts))
         size = {"num_layers": layers, "num_experts": experts, "capacity": capacity, "top_k": top_k}
-        loads = {name: replay(trace, make_policy(name, **size), capacity).loads / TOKENS for name in ("lru", DEFAULT_POLICY)}
+        loads = {name: decode_loads(trace, name, size, prompt_share) for name in ("lru", DEFAULT_POLICY)}
         rows.append({"shape": shape, "reuse": reuse, "skew": skew, "drift": drift, "budget": budget, **loads, "ratio": loads[DEFAULT_POLICY] / loads["lru"]})
     return rows
+
+
+def decode_loads(trace, name: str, size: dict, prompt_share: float | None) -> float:
+    """Loads per decode token of policy `name`: the trace as one stream, or with `prompt_share`
+    each sequence alone from a cold cache, its first share of tokens one prefill step (whose
+    loads are not counted)."""
+    if prompt_share is None:
+        return replay(trace, make_policy(name, **size), size["capacity"]).loads / TOKENS
+    loads = decoded = 0
+    for index in range(trace.num_sequences):
+        session = trace.select_sequences([index])
+        prompt = int(prompt_share * session.num_tokens)
+        result = replay(session, make_policy(name, **size), size["capacity"], prompts=np.array([prompt]))
+        loads += result.loads - result.prompt_loads
+        decoded += session.num_tokens - prompt
+    return loads / decoded
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -71,16 +90,21 @@ def _case(row: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_replay_arguments(parser, budgets=False)
+    parser.add_argument("--prompt-share", type=float, help="each sequence alone, this share of its tokens one prefill step (default: one stream)")
     args = parser.parse_args()
+    if args.prompt_share is not None and not 0 < args.prompt_share < 1:
+        parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
     check_outputs(args.json, args.plot)
     cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in ROUTINGS]
     jobs = [case for case in cases if not case[3]] + [case for case in cases if case[3]]  # drifting last: the others keep their seeds of before
     rows = []
+    if args.prompt_share is not None:
+        print(f"each sequence alone from a cold cache, its first {args.prompt_share:.0%} one prefill step; decode tokens'")
     print("the default's loads per token / LRU's; r: reuse from token to token, z: Zipf skew,")
     print("d: share of the popularity ranks redrawn for each sequence")
     print(f"{'model shape':<17} {'L':>3} {'E':>4} {'K':>2} {'r':>4} {'z':>4} {'d':>4} " + " ".join(f"{budget:>7.0%}" for budget in BUDGETS))
     for seed, (shape, reuse, skew, drift) in enumerate(tqdm(jobs, desc="routings", leave=False)):
-        found = measure(shape, reuse, skew, drift, seed)
+        found = measure(shape, reuse, skew, drift, seed, args.prompt_share)
         rows += found
         layers, experts, top_k = SHAPES[shape]
         tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} {drift:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))

@@ -8,9 +8,10 @@ tokens as if decoded (NextUsePolicy.learn_prompt), where the union made every ex
 just used. Each held-out sequence of the shipped traces (the second half of each file's sequences,
 as adaptive_default.py) is replayed alone from a cold cache, its first `--prompt-share` of
 tokens as one prefill step (simulator.replay's prompts: the union in waves that fit the pool),
-the rest decoded; the decode tokens' loads, summed over the sessions, for LRU, the default
-blind to the prompt (as it was), the default whose learner keeps the prompt but whose next-use
-candidates see only its union, and the default as it is. The traces do not
+the rest decoded; the decode tokens' loads, summed over the sessions, for LRU (which takes the
+prompt as if decoded: lru.py), LRU ordering the prompt's experts as the prefill step loaded
+them (as it was), the default blind to the prompt (as it was), the default whose learner keeps
+the prompt but whose candidates see only its union, and the default as it is. The traces do not
 mark where a prompt ends (ESFT's hold prompt and answer in one forward; GPT-OSS's are decode
 tokens), so the share is an assumption, the same for every policy.
 
@@ -28,11 +29,19 @@ from tqdm.auto import tqdm
 from moe_runtime.errors import run_script
 from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, make_policy
 from moe_runtime.policies.adaptive import starting_model
+from moe_runtime.policies.lru import LRUPolicy
 from moe_runtime.simulator import replay
 from moe_runtime.trace import Trace
 
-POLICIES = ("lru", "blind", "history", DEFAULT_POLICY)
-LABELS = {"blind": "default, prompt unseen", "history": "default, prompt in its history only", DEFAULT_POLICY: "default, prompt learnt"}
+POLICIES = ("lru", "lru_blind", "blind", "history", DEFAULT_POLICY)
+LABELS = {"lru_blind": "LRU, prompt as loaded", "blind": "default, prompt unseen", "history": "default, prompt in its history only", DEFAULT_POLICY: "default, prompt learnt"}
+
+
+class PromptBlindLRU(LRUPolicy):
+    """LRU as it was: a prefill's experts ordered as the step loaded them."""
+
+    def on_prompt(self, layer: int, routing) -> None:
+        pass
 
 
 class PromptBlindDefault(AdaptivePolicy):
@@ -43,8 +52,8 @@ class PromptBlindDefault(AdaptivePolicy):
 
 
 class PromptInHistoryDefault(AdaptivePolicy):
-    """The default whose learner keeps the prompt's tokens, while its next-use candidates see
-    only the prefill step's union (the first step of this change)."""
+    """The default whose learner keeps the prompt's tokens, while its candidates see only the
+    prefill step's union (the first step of "Learning from the prompt")."""
 
     def on_prompt(self, layer: int, routing) -> None:
         if not self.idle:
@@ -63,7 +72,7 @@ def measure(trace: Trace, budget: float, share: float) -> dict:
         prompt = np.array([int(share * session.num_tokens)])
         prompt_tokens += int(prompt[0])
         fresh = {
-            "lru": make_policy("lru", **shape), "blind": PromptBlindDefault(generic, **shape), "history": PromptInHistoryDefault(generic, **shape),
+            "lru": make_policy("lru", **shape), "lru_blind": PromptBlindLRU(), "blind": PromptBlindDefault(generic, **shape), "history": PromptInHistoryDefault(generic, **shape),
             DEFAULT_POLICY: make_policy(DEFAULT_POLICY, **shape),
         }
         for name, policy in fresh.items():
@@ -85,15 +94,17 @@ def main() -> None:
     jobs = [(name, budget) for name in halves for budget in args.budgets]
     rows = [{"trace": name, **measure(halves[name][0], budget, args.prompt_share)} for name, budget in tqdm(jobs, desc="tasks", unit="run")]
     print(f"each held-out sequence alone from a cold cache, its first {args.prompt_share:.0%} one prefill step;")
-    print("decode loads summed over the sessions: LRU's per decode token, the default's as")
-    print("multiples of LRU's: blind to the prompt, the prompt in its learner's history only,")
-    print("and learnt (history and next-use); prompt: mean prompt tokens (a refit needs 128)")
-    print(f"{'trace':<19} {'bud.':>4} {'sess':>4} {'prompt':>6} {'LRU':>6} {'unseen':>7} {'history':>7} {'learnt':>7}")
+    print("decode loads summed over the sessions: LRU's per decode token (the prompt as if")
+    print("decoded), the rest as multiples of it: LRU with the prompt's experts as loaded, the")
+    print("default blind to the prompt, with the prompt in its learner's history only, and")
+    print("learnt (history and candidates); prompt: mean prompt tokens (a refit needs 128)")
+    print(f"{'trace':<19} {'bud.':>4} {'sess':>4} {'prompt':>6} {'LRU':>6} {'loaded':>6} {'unseen':>6} {'history':>7} {'learnt':>6}")
     for row in rows:
         lru = row["lru"]
         print(
             f"{row['trace']:<19} {row['budget']:>4.2f} {row['sessions']:>4} {row['prompt_tokens'] / row['sessions']:>6.0f}"
-            f" {lru / row['decode_tokens']:>6.1f} {row['blind'] / lru:>7.3f} {row['history'] / lru:>7.3f} {row[DEFAULT_POLICY] / lru:>7.3f}"
+            f" {lru / row['decode_tokens']:>6.1f} {row['lru_blind'] / lru:>6.3f} {row['blind'] / lru:>6.3f} {row['history'] / lru:>7.3f}"
+            f" {row[DEFAULT_POLICY] / lru:>6.3f}"
         )
     write_outputs(rows, args.json, args.plot, lambda rows, path: plot_ratio_bars(rows, path, LABELS, "decode loads over all sessions / LRU's"))
 

@@ -112,7 +112,8 @@ def test_the_compiled_candidates_decide_exactly_as_the_python_ones(routing, budg
 @pytest.mark.parametrize("routing, budget", [("esft-vanilla-lite/summary", 0.25), ("gpt-oss-20b/misc", 0.5)])
 def test_the_compiled_candidates_take_prompts_exactly_as_the_python_ones(routing, budget):
     """Each sequence's first half one prefill step (simulator.replay's prompts), replayed by
-    both engines in lockstep: the prompts reach next-use's rankers and shadows in both alike."""
+    both engines in lockstep: the prompts reach LRU's and next-use's rankers and shadows in both
+    alike (fails when the compiled LRU ignores them: checked)."""
     trace = load_trace(ROUTING / f"{routing}.npz").select_sequences(range(2))
     model = ReuseModel.generic(trace.num_layers, trace.num_experts)
     capacity = max(trace.top_k, int(budget * trace.num_layers * trace.num_experts))

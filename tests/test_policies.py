@@ -579,6 +579,69 @@ def test_next_use_after_a_prefill_expects_what_decoding_the_prompt_would_have_le
     assert (prefilled.token - prefilled.last_use[~used] >= max(AGE_CAP, len(prompt))).all()
 
 
+def test_lru_after_a_prefill_orders_the_prompts_experts_as_decoding_it_would(trace_paths):
+    """One LRU decodes a prompt token by token, others take it as one prefill step per layer (the
+    union, then on_prompt; told before the union loads, as the cache does, or after, as a shadow
+    is); both with a decode token before and after. Each resident key's last use (token, layer
+    step) then runs in the same order in all of them; ordered as the union was loaded, the last
+    layers' experts would all look newer than the first layers' last tokens'."""
+    trace = load_trace(trace_paths["law"])
+    experts, layers = trace.num_experts, trace.num_layers
+    before, prompt, after = (trace.expert_ids[a:b].astype(np.int64) for a, b in ((0, 1), (1, 41), (41, 42)))  # [T, L, K]
+
+    def decode(policy: LRUPolicy, tokens: np.ndarray) -> None:
+        for token in tokens:
+            for layer in range(layers):
+                keys = list(dict.fromkeys((token[layer] + layer * experts).tolist()))
+                policy.on_layer_start(layer, keys)
+                for key in keys:
+                    policy.on_access(key) if key in policy.order() else policy.on_insert(key)
+
+    def prefill(policy: LRUPolicy, told_first: bool) -> None:
+        for layer in range(layers):
+            union = list(dict.fromkeys((prompt[:, layer] + layer * experts).ravel().tolist()))
+            policy.on_layer_start(layer, union)
+            if told_first:
+                policy.on_prompt(layer, prompt[None, :, layer])
+            for key in union:
+                policy.on_access(key) if key in policy.order() else policy.on_insert(key)
+            if not told_first:
+                policy.on_prompt(layer, prompt[None, :, layer])
+
+    decoded, loaded_after, shadowed, untold = LRUPolicy(experts), LRUPolicy(experts), LRUPolicy(experts), LRUPolicy(experts)
+    decode(decoded, np.concatenate([before, prompt, after]))
+    for policy, told_first in ((loaded_after, True), (shadowed, False)):
+        decode(policy, before)
+        prefill(policy, told_first)
+        decode(policy, after)
+    decode(untold, before)
+    for layer in range(layers):  # the prefill as the cache sees it, the prompt not told
+        union = list(dict.fromkeys((prompt[:, layer] + layer * experts).ravel().tolist()))
+        untold.on_layer_start(layer, union)
+        for key in union:
+            untold.on_access(key) if key in untold.order() else untold.on_insert(key)
+    decode(untold, after)
+
+    tokens = np.concatenate([before, prompt, after])
+    last_use = {}
+    for number, token in enumerate(tokens):
+        for layer in range(layers):
+            for expert in token[layer].tolist():
+                last_use[layer * experts + expert] = (number, layer)
+    expected = [last_use[key] for key in decoded.order()]
+    assert expected == sorted(expected)
+    for policy in (loaded_after, shadowed):
+        assert sorted(policy.order()) == sorted(decoded.order())
+        assert [last_use[key] for key in policy.order()] == expected
+    assert [last_use[key] for key in untold.order()] != expected
+
+
+def test_an_lru_given_without_its_shape_takes_the_models():
+    policy = make_policy(LRUPolicy(), num_layers=3, num_experts=8)
+    assert policy.num_experts == 8
+    assert make_policy("lru", num_layers=3, num_experts=8).num_experts == 8
+
+
 def test_refits_come_every_few_tokens_unless_their_cost_spaces_them():
     """After the first refit, one every REFIT_EVERY_TOKENS tokens where a refit is cheap for the
     layer steps between; elsewhere no more often than REFIT_US_PER_STEP per layer step pays for,

@@ -57,7 +57,9 @@ def make_policy(
         return name
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
-    if name in ("lru", "lfu"):
+    if name == "lru":
+        return LRUPolicy(num_experts)
+    if name == "lfu":
         return POLICIES[name]()
     if capacity is None or num_layers is None or num_experts is None:
         raise ValueError(f"the {name} policy needs num_layers, num_experts and capacity")
@@ -93,8 +95,11 @@ def check_fit_shape(fit: Trace, num_layers: int, num_experts: int) -> None:
 
 
 def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: int | None) -> None:
-    """A policy built for L x E experts (next-use) must meet a model of the same shape."""
-    shape = (getattr(policy, "num_layers", num_layers), getattr(policy, "num_experts", num_experts))
+    """A policy built for L x E experts (next-use) must meet a model of the same shape; one that
+    needs only E and was built without it (LRUPolicy()) takes the model's."""
+    if isinstance(policy, LRUPolicy) and policy.num_experts is None:
+        policy.num_experts = num_experts
+    shape = tuple(made if made is not None else given for made, given in ((getattr(policy, "num_layers", None), num_layers), (getattr(policy, "num_experts", None), num_experts)))
     if num_layers is not None and num_experts is not None:
         _refuse_another_shape(f"the {policy.name} policy was built for", shape, num_layers, num_experts, "fit it on")
 

@@ -69,19 +69,34 @@ class Candidate {
   virtual void set_dormant(bool) {}
 };
 
-// lru.py: a doubly linked list over the keys, oldest first.
+// lru.py: a doubly linked list over the keys in the order of their stamps (token, layer step,
+// use), oldest first; a prompt's keys are stamped at their last use in it and placed among the
+// later-stamped from the newest end (a decode step's key goes last: no walk). lru.py stamps only
+// the keys touched in a prompt's forward, every other key being older: the same order.
 class Lru : public Candidate {
  public:
-  explicit Lru(int64_t keys) : before_(keys, NO_VICTIM), after_(keys, NO_VICTIM), listed_(keys, 0) {}
+  Lru(int64_t keys, int64_t experts)
+      : experts_(experts), before_(keys, NO_VICTIM), after_(keys, NO_VICTIM), listed_(keys, 0), stamp_(keys), prompt_token_(experts, NO_PROMPT) {}
 
-  void insert(Key key) override {
-    if (listed_[key]) unlink(key);
-    append(key);
+  void layer_start(int64_t layer, const std::vector<Key>&) override {
+    if (layer <= layer_) token_ = next_token_++;
+    layer_ = layer;
+    std::fill(prompt_token_.begin(), prompt_token_.end(), NO_PROMPT);
   }
+  void prompt(int64_t layer, const std::vector<std::vector<Key>>&, const std::vector<int64_t>& idle, int64_t tokens) override {
+    for (int64_t expert = 0; expert < experts_; ++expert) {
+      prompt_token_[expert] = idle[expert] < tokens ? token_ + tokens - 1 - idle[expert] : NO_PROMPT;
+    }
+    next_token_ = std::max(next_token_, token_ + tokens);
+    for (int64_t expert = 0; expert < experts_; ++expert) {
+      const Key key = layer * experts_ + expert;
+      if (prompt_token_[expert] != NO_PROMPT && listed_[key]) touch(key);
+    }
+  }
+  void insert(Key key) override { touch(key); }
   void access(Key key) override {
     if (!listed_[key]) throw std::logic_error("lru: access to a key that is not resident");
-    unlink(key);
-    append(key);
+    touch(key);
   }
   void evict(Key key) override {
     if (!listed_[key]) throw std::logic_error("lru: eviction of a key that is not resident");
@@ -95,21 +110,41 @@ class Lru : public Candidate {
   }
 
  private:
+  static constexpr int64_t NO_PROMPT = -1;
+  struct Stamp {  // lru.py's (token, layer step, use)
+    int64_t token = 0, layer = 0, use = 0;
+    bool operator<(const Stamp& other) const {
+      return token != other.token ? token < other.token : layer != other.layer ? layer < other.layer : use < other.use;
+    }
+  };
+  void touch(Key key) {
+    const int64_t prompted = key / experts_ == layer_ ? prompt_token_[key % experts_] : NO_PROMPT;
+    stamp_[key] = {prompted == NO_PROMPT ? token_ : prompted, layer_, ++uses_};
+    if (listed_[key]) unlink(key);
+    Key before = newest_;
+    while (before != NO_VICTIM && stamp_[key] < stamp_[before]) before = before_[before];
+    link_after(before, key);
+  }
   void unlink(Key key) {
     (before_[key] == NO_VICTIM ? oldest_ : after_[before_[key]]) = after_[key];
     (after_[key] == NO_VICTIM ? newest_ : before_[after_[key]]) = before_[key];
     listed_[key] = 0;
   }
-  void append(Key key) {
-    before_[key] = newest_;
-    after_[key] = NO_VICTIM;
-    (newest_ == NO_VICTIM ? oldest_ : after_[newest_]) = key;
-    newest_ = key;
+  void link_after(Key before, Key key) {  // before: NO_VICTIM puts `key` first
+    const Key after = before == NO_VICTIM ? oldest_ : after_[before];
+    before_[key] = before;
+    after_[key] = after;
+    (before == NO_VICTIM ? oldest_ : after_[before]) = key;
+    (after == NO_VICTIM ? newest_ : before_[after]) = key;
     listed_[key] = 1;
   }
+  int64_t experts_;
   std::vector<Key> before_, after_;
   std::vector<char> listed_;
+  std::vector<Stamp> stamp_;
+  std::vector<int64_t> prompt_token_;  // [expert] of the running layer step: the prompt token of its last use, NO_PROMPT
   Key oldest_ = NO_VICTIM, newest_ = NO_VICTIM;
+  int64_t token_ = 0, layer_ = -1, uses_ = 0, next_token_ = 1;
 };
 
 // lfu.py: counts halved every `age_every` accesses, a heap of (count, tick, key) with stale
@@ -526,7 +561,7 @@ class Candidates {
       }
     }
     const int64_t sampled = shadow_of_[layer];
-    for (const int candidate : {NEXT_USE, LEARNER}) {
+    for (const int candidate : {LRU, NEXT_USE, LEARNER}) {
       rankers_[candidate]->prompt(layer, recent, idle, tokens);
       if (sampled >= 0) shadows_[candidate].policy->prompt(sampled, recent, idle, tokens);
     }
@@ -578,7 +613,7 @@ class Candidates {
   static std::vector<std::unique_ptr<Candidate>> made(int64_t layers, int64_t experts, int64_t lfu_age_every, const ReuseModel& model,
                                                        int64_t age_cap, int64_t window, int64_t idle_per_wait) {
     std::vector<std::unique_ptr<Candidate>> out;
-    out.push_back(std::make_unique<Lru>(layers * experts));
+    out.push_back(std::make_unique<Lru>(layers * experts, experts));
     out.push_back(std::make_unique<Lfu>(layers * experts, lfu_age_every));
     for (int copy = 0; copy < 2; ++copy) out.push_back(std::make_unique<NextUse>(layers, experts, model, age_cap, window, idle_per_wait));
     return out;

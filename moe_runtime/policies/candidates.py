@@ -65,7 +65,7 @@ class Candidates:
 
     @staticmethod
     def _made(num_layers: int, num_experts: int, model: ReuseModel) -> list[EvictionPolicy]:
-        return [LRUPolicy(), LFUPolicy(), NextUsePolicy(num_layers, num_experts, model), NextUsePolicy(num_layers, num_experts, model)]
+        return [LRUPolicy(num_experts), LFUPolicy(), NextUsePolicy(num_layers, num_experts, model), NextUsePolicy(num_layers, num_experts, model)]
 
     def layer_start(self, layer: int, keys: list[int]) -> None:
         for ranker in self.rankers:
@@ -115,12 +115,12 @@ class Candidates:
         self.shadowed[kind] = self.shadowed[kind] * self.decay + shadow_misses
 
     def prompt(self, layer: int, routing) -> None:
-        """A prefill's tokens at `layer` [B, T, K] (after its layer_start): next-use's rankers, and
-        its shadows at a sampled layer, take them as if decoded (NextUsePolicy.learn_prompt); LRU
-        and LFU keep the step as it came."""
+        """A prefill's tokens at `layer` [B, T, K] (after its layer_start): LRU's and next-use's
+        rankers, and their shadows at a sampled layer, take them as if decoded (learn_prompt); LFU
+        keeps the step as it came."""
         summary = summarize_prompt(routing, self.num_experts)
         sampled = self.shadow_of.get(layer)
-        for candidate in (NEXT_USE, LEARNER):
+        for candidate in (LRU, NEXT_USE, LEARNER):
             self.rankers[candidate].learn_prompt(layer, summary)
             if sampled is not None:
                 self.shadows[candidate].policy.learn_prompt(sampled, summary)

@@ -19,7 +19,7 @@ class PinnedPolicy(LRUPolicy):
     name = "pinned"
 
     def __init__(self, frequency: np.ndarray, capacity: int, top_k: int, pinned_share: float = 0.5):
-        super().__init__()
+        super().__init__(frequency.shape[-1] if frequency.ndim == 2 else None)  # [L, E]: a prompt's experts known by key
         count = min(int(capacity * pinned_share), capacity - top_k)  # a layer's top-k must still fit
         order = np.argsort(-frequency.reshape(-1), kind="stable")
         self.pinned = frozenset(int(k) for k in order[:count])
