@@ -59,10 +59,10 @@ class LRUPolicy(EvictionPolicy):
                 self._touch(key)
 
     def _touch(self, key: int) -> None:
-        """`key` used in a token whose forward brought a prompt: each key it touches is stamped
-        (token, layer step, use), a prompt's key at its last use in the prompt, and placed before
-        those stamped later (the keys of later prompt tokens at earlier layers); a key it has not
-        touched is older than any it has."""
+        """`key` used in a forward that brought a prompt: stamp it (a prompt's key at its last use
+        in the prompt) and place it before the keys stamped later (those of later prompt tokens at
+        earlier layers), walking from the newest end; a key the forward has not touched is older
+        than any it has, and ends the walk."""
         order = self._order
         self._uses += 1
         stamp = (self._prompt_token.get(key, self._token), self._layer, self._uses)
