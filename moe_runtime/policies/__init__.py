@@ -99,7 +99,7 @@ def _check_shape(policy: EvictionPolicy, num_layers: int | None, num_experts: in
     needs only E and was built without it (LRUPolicy()) takes the model's."""
     if isinstance(policy, LRUPolicy) and policy.num_experts is None:
         policy.num_experts = num_experts
-    shape = tuple(made if made is not None else given for made, given in ((getattr(policy, "num_layers", None), num_layers), (getattr(policy, "num_experts", None), num_experts)))
+    shape = (getattr(policy, "num_layers", num_layers), getattr(policy, "num_experts", num_experts))
     if num_layers is not None and num_experts is not None:
         _refuse_another_shape(f"the {policy.name} policy was built for", shape, num_layers, num_experts, "fit it on")
 

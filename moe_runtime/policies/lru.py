@@ -39,7 +39,8 @@ class LRUPolicy(EvictionPolicy):
             self._token, self._next_token = self._next_token, self._next_token + 1
             self._stamps = None
         self._layer = layer
-        self._prompt_token = {}
+        if self._prompt_token:  # a prompt's, until the next layer step (no new dict at every step)
+            self._prompt_token = {}
 
     def on_prompt(self, layer: int, routing) -> None:
         """Each expert of the prompt's [B, T, K] tokens at `layer` (rows aligned by token) is as
