@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 from adaptive_default import add_replay_arguments, check_outputs, write_outputs
+from prompt_sessions import decode_loads, sessions
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import write_atomically
@@ -43,23 +43,20 @@ def measure(shape: str, reuse: float, skew: float, drift: float, seed: int, prom
     for budget in BUDGETS:
         capacity = max(top_k, int(budget * layers * experts))
         size = {"num_layers": layers, "num_experts": experts, "capacity": capacity, "top_k": top_k}
-        loads = {name: decode_loads(trace, name, size, prompt_share) for name in ("lru", DEFAULT_POLICY)}
+        loads = {name: loads_per_token(trace, name, size, prompt_share) for name in ("lru", DEFAULT_POLICY)}
         rows.append({"shape": shape, "reuse": reuse, "skew": skew, "drift": drift, "budget": budget, **loads, "ratio": loads[DEFAULT_POLICY] / loads["lru"]})
     return rows
 
 
-def decode_loads(trace, name: str, size: dict, prompt_share: float | None) -> float:
+def loads_per_token(trace, name: str, size: dict, prompt_share: float | None) -> float:
     """Loads per decode token of policy `name`: the trace as one stream, or with `prompt_share`
     each sequence alone from a cold cache, its first share of tokens one prefill step (whose
     loads are not counted)."""
     if prompt_share is None:
         return replay(trace, make_policy(name, **size), size["capacity"]).loads / TOKENS
     loads = decoded = 0
-    for index in range(trace.num_sequences):
-        session = trace.select_sequences([index])
-        prompt = int(prompt_share * session.num_tokens)
-        result = replay(session, make_policy(name, **size), size["capacity"], prompts=np.array([prompt]))
-        loads += result.loads - result.prompt_loads
+    for session, prompt in sessions(trace, prompt_share):
+        loads += decode_loads(session, make_policy(name, **size), size["capacity"], prompt)
         decoded += session.num_tokens - prompt
     return loads / decoded
 

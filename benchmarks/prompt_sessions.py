@@ -21,13 +21,14 @@ tokens), so the share is an assumption, the same for every policy.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import numpy as np
 from adaptive_default import add_replay_arguments, check_outputs, plot_ratio_bars, shipped_halves, write_outputs
 from tqdm.auto import tqdm
 
 from moe_runtime.errors import run_script
-from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, make_policy
+from moe_runtime.policies import DEFAULT_POLICY, AdaptivePolicy, EvictionPolicy, make_policy
 from moe_runtime.policies.adaptive import starting_model
 from moe_runtime.policies.lru import LRUPolicy
 from moe_runtime.simulator import replay
@@ -60,6 +61,20 @@ class PromptInHistoryDefault(AdaptivePolicy):
             self.history.record_prompt(layer, routing)
 
 
+def sessions(trace: Trace, share: float) -> Iterator[tuple[Trace, int]]:
+    """Each sequence of `trace` alone, and its prompt: how many of its first tokens, `share` of them."""
+    for index in range(trace.num_sequences):
+        session = trace.select_sequences([index])
+        yield session, int(share * session.num_tokens)
+
+
+def decode_loads(session: Trace, policy: EvictionPolicy, capacity: int, prompt: int) -> int:
+    """The loads of `session` replayed from a cold cache, its first `prompt` tokens one prefill
+    step, but for those of the prefill."""
+    result = replay(session, policy, capacity, prompts=np.array([prompt]))
+    return result.loads - result.prompt_loads
+
+
 def measure(trace: Trace, budget: float, share: float) -> dict:
     """Decode loads of each policy summed over `trace`'s sequences, each replayed alone from a
     cold cache with its first `share` of tokens as one prefill step."""
@@ -67,17 +82,14 @@ def measure(trace: Trace, budget: float, share: float) -> dict:
     shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "capacity": capacity, "top_k": trace.top_k}
     generic = starting_model(trace.num_layers, trace.num_experts)  # frozen: one for every session
     loads, prompt_tokens = dict.fromkeys(POLICIES, 0), 0
-    for index in range(trace.num_sequences):
-        session = trace.select_sequences([index])
-        prompt = np.array([int(share * session.num_tokens)])
-        prompt_tokens += int(prompt[0])
+    for session, prompt in sessions(trace, share):
+        prompt_tokens += prompt
         fresh = {
             "lru": make_policy("lru", **shape), "lru_blind": PromptBlindLRU(), "blind": PromptBlindDefault(generic, **shape), "history": PromptInHistoryDefault(generic, **shape),
             DEFAULT_POLICY: make_policy(DEFAULT_POLICY, **shape),
         }
         for name, policy in fresh.items():
-            result = replay(session, policy, capacity, prompts=prompt)
-            loads[name] += result.loads - result.prompt_loads
+            loads[name] += decode_loads(session, policy, capacity, prompt)
     decode = trace.num_tokens - prompt_tokens
     return {"budget": budget, "sessions": trace.num_sequences, "prompt_tokens": prompt_tokens, "decode_tokens": decode, **loads}
 
