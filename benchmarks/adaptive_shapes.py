@@ -8,9 +8,12 @@ different topics would), at 10/25/50% of the experts in one global pool: the def
 token as a multiple of LRU's, with no fit traces (what `wrap` runs when given nothing). The
 issue's bar is at most 1.00x LRU on routing the default has never seen. With --prompt-share S,
 each sequence is a session of its own from a cold cache, its first S of tokens one prefill step
-(simulator.replay's prompts), and the decode tokens' loads are counted.
+(simulator.replay's prompts), and the decode tokens' loads are counted. --requests and --skew
+make the stream harsher: more, shorter sequences (so that popularity, where it drifts, changes
+every few dozen tokens) and a steeper skew (a few experts a layer take most uses, then others).
 
     python benchmarks/adaptive_shapes.py --json shapes.json --plot shapes.png
+    python benchmarks/adaptive_shapes.py --requests 47 --skew 1.5
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ SHAPES = {  # name: (MoE layers, routed experts, top-k)
 }
 REUSES = (0.0, 0.3, 0.5)
 ROUTINGS = ((0.0, 0.0), (0.7, 0.0), (0.7, 1.0))  # (Zipf skew, drift: the share of ranks redrawn per sequence)
+REQUESTS = 8  # sequences in each stream
 BUDGETS = (0.1, 0.25, 0.5)
 TOKENS = 1500
 
 
-def measure(shape: str, reuse: float, skew: float, drift: float, seed: int, prompt_share: float | None = None) -> list[dict]:
+def measure(shape: str, reuse: float, skew: float, drift: float, seed: int, prompt_share: float | None = None, requests: int = REQUESTS) -> list[dict]:
     layers, experts, top_k = SHAPES[shape]
-    trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, drift=drift, seed=seed)
+    trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, drift=drift, sequences=requests, seed=seed)
     rows = []
     for budget in BUDGETS:
         capacity = max(top_k, int(budget * layers * experts))
@@ -88,20 +92,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_replay_arguments(parser, budgets=False)
     parser.add_argument("--prompt-share", type=float, help="each sequence alone, this share of its tokens one prefill step (default: one stream)")
+    parser.add_argument("--requests", type=int, default=REQUESTS, help=f"sequences in each stream of {TOKENS} tokens (default {REQUESTS})")
+    parser.add_argument("--skew", type=float, default=ROUTINGS[1][0], help=f"Zipf skew of the skewed routings (default {ROUTINGS[1][0]})")
     args = parser.parse_args()
     if args.prompt_share is not None and not 0 < args.prompt_share < 1:
         parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
+    if not 1 <= args.requests <= TOKENS // 2:
+        parser.error(f"--requests must be from 1 to {TOKENS // 2} (sequences of at least 2 of the {TOKENS} tokens), got {args.requests}")
+    if not args.skew > 0:
+        parser.error(f"--skew must be above 0 (0 is the flat routing, always measured), got {args.skew}")
     check_outputs(args.json, args.plot)
-    cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in ROUTINGS]
+    routings = [(args.skew if skew else 0.0, drift) for skew, drift in ROUTINGS]
+    cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in routings]
     jobs = [case for case in cases if not case[3]] + [case for case in cases if case[3]]  # drifting last: the others keep their seeds of before
     rows = []
     if args.prompt_share is not None:
         print(f"each sequence alone from a cold cache, its first {args.prompt_share:.0%} one prefill step; decode tokens'")
     print("the default's loads per token / LRU's; r: reuse from token to token, z: Zipf skew,")
-    print("d: share of the popularity ranks redrawn for each sequence")
+    print(f"d: share of the popularity ranks redrawn for each of {args.requests} sequences")
     print(f"{'model shape':<17} {'L':>3} {'E':>4} {'K':>2} {'r':>4} {'z':>4} {'d':>4} " + " ".join(f"{budget:>7.0%}" for budget in BUDGETS))
     for seed, (shape, reuse, skew, drift) in enumerate(tqdm(jobs, desc="routings", leave=False)):
-        found = measure(shape, reuse, skew, drift, seed, args.prompt_share)
+        found = measure(shape, reuse, skew, drift, seed, args.prompt_share, args.requests)
         rows += found
         layers, experts, top_k = SHAPES[shape]
         tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} {drift:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))
