@@ -11,9 +11,11 @@ each sequence is a session of its own from a cold cache, its first S of tokens o
 (simulator.replay's prompts), and the decode tokens' loads are counted. --requests and --skew
 make the stream harsher: more, shorter sequences (so that popularity, where it drifts, changes
 every few dozen tokens) and a steeper skew (a few experts a layer take most uses, then others).
+--shapes picks the shapes, among them the largest open MoEs' (LARGER).
 
     python benchmarks/adaptive_shapes.py --json shapes.json --plot shapes.png
     python benchmarks/adaptive_shapes.py --requests 47 --skew 1.5
+    python benchmarks/adaptive_shapes.py --shapes GPT-OSS-120B,DeepSeek-V3,Kimi-K2,Qwen3-235B-A22B
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ from moe_runtime.synthetic import flat_routing
 SHAPES = {  # name: (MoE layers, routed experts, top-k)
     "Mixtral-8x7B": (32, 8, 2), "Qwen1.5-MoE": (24, 60, 4), "OLMoE-1B-7B": (16, 64, 8), "DeepSeek-V2-Lite": (26, 64, 6), "Qwen3-30B-A3B": (48, 128, 8),
 }
+LARGER = {  # --shapes may name these too: the largest open MoEs (each MoE layer's shape; their dense first layers left out)
+    "GPT-OSS-120B": (36, 128, 4), "DeepSeek-V3": (58, 256, 8), "Kimi-K2": (60, 384, 8), "Qwen3-235B-A22B": (94, 128, 8),
+}
+CATALOGUE = SHAPES | LARGER
 REUSES = (0.0, 0.3, 0.5)
 ROUTINGS = ((0.0, 0.0), (0.7, 0.0), (0.7, 1.0))  # (Zipf skew, drift: the share of ranks redrawn per sequence)
 REQUESTS = 8  # sequences in each stream
@@ -41,7 +47,7 @@ TOKENS = 1500
 
 
 def measure(shape: str, reuse: float, skew: float, drift: float, seed: int, prompt_share: float | None = None, requests: int = REQUESTS) -> list[dict]:
-    layers, experts, top_k = SHAPES[shape]
+    layers, experts, top_k = CATALOGUE[shape]
     trace = flat_routing(layers, experts, top_k, TOKENS, reuse=reuse, skew=skew, drift=drift, sequences=requests, seed=seed)
     rows = []
     for budget in BUDGETS:
@@ -71,7 +77,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({_case(row) for row in rows}, key=lambda case: (list(SHAPES).index(case[0]), case[1:]))
+    cases = sorted({_case(row) for row in rows}, key=lambda case: (list(CATALOGUE).index(case[0]), case[1:]))
     figure, axes = plt.subplots(1, len(BUDGETS), figsize=(4.2 * len(BUDGETS), 0.22 * len(cases) + 1.6), sharey=True, layout="constrained")
     for axis, budget in zip(axes, BUDGETS):
         ratio = {_case(row): row["ratio"] for row in rows if row["budget"] == budget}
@@ -84,6 +90,15 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(figure)
 
 
+def shape_names(text: str) -> list[str]:
+    """--shapes: names from CATALOGUE, comma-separated."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CATALOGUE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown model shape {', '.join(unknown) or repr(text)}: choose from {', '.join(CATALOGUE)}")
+    return names
+
+
 def _case(row: dict) -> tuple:
     return row["shape"], row["reuse"], row["skew"], row["drift"]
 
@@ -94,6 +109,7 @@ def main() -> None:
     parser.add_argument("--prompt-share", type=float, help="each sequence alone, this share of its tokens one prefill step (default: one stream)")
     parser.add_argument("--requests", type=int, default=REQUESTS, help=f"sequences in each stream of {TOKENS} tokens (default {REQUESTS})")
     parser.add_argument("--skew", type=float, default=ROUTINGS[1][0], help=f"Zipf skew of the skewed routings (default {ROUTINGS[1][0]})")
+    parser.add_argument("--shapes", type=shape_names, default=list(SHAPES), help=f"comma-separated model shapes (default: {', '.join(SHAPES)}; also {', '.join(LARGER)})")
     args = parser.parse_args()
     if args.prompt_share is not None and not 0 < args.prompt_share < 1:
         parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
@@ -103,7 +119,7 @@ def main() -> None:
         parser.error(f"--skew must be above 0 (0 is the flat routing, always measured), got {args.skew}")
     check_outputs(args.json, args.plot)
     routings = [(args.skew if skew else 0.0, drift) for skew, drift in ROUTINGS]
-    cases = [(shape, reuse, skew, drift) for shape in SHAPES for reuse in REUSES for skew, drift in routings]
+    cases = [(shape, reuse, skew, drift) for shape in args.shapes for reuse in REUSES for skew, drift in routings]
     jobs = [case for case in cases if not case[3]] + [case for case in cases if case[3]]  # drifting last: the others keep their seeds of before
     rows = []
     if args.prompt_share is not None:
@@ -114,7 +130,7 @@ def main() -> None:
     for seed, (shape, reuse, skew, drift) in enumerate(tqdm(jobs, desc="routings", leave=False)):
         found = measure(shape, reuse, skew, drift, seed, args.prompt_share, args.requests)
         rows += found
-        layers, experts, top_k = SHAPES[shape]
+        layers, experts, top_k = CATALOGUE[shape]
         tqdm.write(f"{shape:<17} {layers:>3} {experts:>4} {top_k:>2} {reuse:>4.1f} {skew:>4.1f} {drift:>4.1f} " + " ".join(f"{row['ratio']:>7.4f}" for row in found))
     worst = max(rows, key=lambda row: row["ratio"])
     print(f"worst: {worst['ratio']:.4f}x LRU ({worst['shape']}, reuse {worst['reuse']}, skew {worst['skew']}, drift {worst['drift']}, {worst['budget']:.0%})")
