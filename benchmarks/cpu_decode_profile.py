@@ -36,6 +36,7 @@ from peer_llamacpp import PROMPT, SHAPES, THREADS, checkpoint_of  # noqa: E402
 from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
 from moe_runtime.errors import run_script  # noqa: E402
 from moe_runtime.expert_format import TILE_ROWS, tile_group  # noqa: E402
+from moe_runtime.hf_cache import cache_keyword  # noqa: E402
 from moe_runtime.kernels import cpu_gemv  # noqa: E402
 
 
@@ -118,13 +119,13 @@ def decode_steps(model, ids: torch.Tensor, tokens: int, clock: KernelClock | Non
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    next_id = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    next_id = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     if clock is not None:
         clock.on = True
     steps = []
     for _ in range(tokens):
         started = time.perf_counter()
-        next_id = model(input_ids=next_id, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        next_id = model(input_ids=next_id, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - started)
     return steps
 

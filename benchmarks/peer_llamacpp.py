@@ -43,11 +43,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from live_decode import Shape, build_checkpoint  # noqa: E402
 
-from moe_runtime.atomic import staging_directory  # noqa: E402
-
-from moe_runtime.atomic import check_writable, write_text_atomically  # noqa: E402
+from moe_runtime.atomic import check_writable, staging_directory, write_text_atomically  # noqa: E402
 from moe_runtime.embedded import cache_root  # noqa: E402
 from moe_runtime.errors import run_script  # noqa: E402
+from moe_runtime.hf_cache import cache_keyword  # noqa: E402
 
 LLAMA_FORMATS = ("BF16", "F16", "Q8_0", "Q4_0")
 OURS = [("transformers", "bf16", 1.0), ("transformers", "fp16", 1.0), ("moe-runtime", "bf16", 1.0), ("moe-runtime", "fp16", 1.0),
@@ -224,11 +223,11 @@ def paired(checkpoint: Path, dtype: str, first: tuple[str, float], second: tuple
     with torch.inference_mode():
         for _ in range(PAIR_ROUNDS):
             caches = [DynamicCache(config=model.config) for model in models]
-            tokens = [model(input_ids=prompt_ids(), cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True) for model, cache in zip(models, caches)]
+            tokens = [model(input_ids=prompt_ids(), **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True) for model, cache in zip(models, caches)]
             for _ in range(NEW_TOKENS):
                 for side, (model, cache) in enumerate(zip(models, caches)):
                     started = time.perf_counter()
-                    tokens[side] = model(input_ids=tokens[side], cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                    tokens[side] = model(input_ids=tokens[side], **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                     steps[side].append(time.perf_counter() - started)
     return [1 / statistics.median(times) for times in steps]
 

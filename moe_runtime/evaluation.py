@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .hf_cache import cache_keyword
 from .runtime.assembly import runtime_of
 from .pretrained import from_pretrained
 
@@ -89,5 +90,6 @@ def _offloaded_logits(model_dir, token_ids: list[int], one_at_a_time: bool, *, d
 def _stepwise_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """[T, V]: the logits of ids [1, T], fed one token at a time through a fresh KV cache."""
     cache = DynamicCache(config=model.config)
-    rows = [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(ids.shape[1])]
+    keyword = cache_keyword(model)
+    rows = [model(input_ids=ids[:, t : t + 1], **{keyword: cache}, use_cache=True).logits[0, -1] for t in range(ids.shape[1])]
     return torch.stack(rows).float().cpu()

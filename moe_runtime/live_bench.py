@@ -30,6 +30,7 @@ from .budget import format_bytes
 from .bench import policy_for
 from .embedded import cache_root
 from .expert_format import format_size_ratio
+from .hf_cache import cache_keyword
 from .inspection import describe_model_dir
 from .policies import DEFAULT_POLICY
 from .random_checkpoint import write_random_checkpoint
@@ -142,12 +143,13 @@ def decode(model, part: Trace) -> float:
     """Decode every token of `part` one at a time (a fresh KV cache per sequence) with its
     routing replayed; returns the wall seconds."""
     ids = torch.randint(3, model.config.vocab_size, (part.num_tokens,), generator=torch.Generator().manual_seed(0))
+    keyword = cache_keyword(model)
     started = time.perf_counter()
     with torch.no_grad(), replay_routing(model, part):
         for begin, end in zip(part.seq_offsets[:-1], part.seq_offsets[1:]):
             past = DynamicCache(config=model.config)
             for position in range(int(begin), int(end)):
-                model(input_ids=ids[position : position + 1][None], past_key_values=past, use_cache=True)
+                model(input_ids=ids[position : position + 1][None], **{keyword: past}, use_cache=True)
     return time.perf_counter() - started
 
 

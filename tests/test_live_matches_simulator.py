@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import moe_runtime
+from moe_runtime.hf_cache import cache_keyword, returned_cache
 from moe_runtime.policies import NextUsePolicy, make_policy
 from moe_runtime.predictor import make_predictor
 from moe_runtime.runtime.executor import RUNTIME_ATTR
@@ -53,8 +54,8 @@ def decode_live(model, ids: torch.Tensor) -> tuple[Trace, list[tuple[int, int, i
     past = None
     with torch.no_grad():
         for position in range(ids.shape[1]):
-            output = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True)
-            past = output.past_key_values
+            output = model(input_ids=ids[:, position : position + 1], **{cache_keyword(model): past}, use_cache=True)
+            past = returned_cache(output)
             stats = moe_runtime.stats(model)
             after_each.append((stats["hits"], stats["misses"], stats["loads"], stats["prefetches_issued"]))
     runtime._run_layer = run_layer
@@ -160,10 +161,10 @@ def test_a_live_prefill_decides_as_the_simulators_prompt_step(name):
     runtime._run_layer = recording
     live = []
     with torch.no_grad():
-        past = model(input_ids=ids[:, :PROMPT], use_cache=True).past_key_values
+        past = returned_cache(model(input_ids=ids[:, :PROMPT], use_cache=True))
         live.append(_counters(model))
         for position in range(PROMPT, ids.shape[1]):
-            past = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True).past_key_values
+            past = returned_cache(model(input_ids=ids[:, position : position + 1], **{cache_keyword(model): past}, use_cache=True))
             live.append(_counters(model))
     runtime._run_layer = run_layer
     moe_runtime.unwrap(model)

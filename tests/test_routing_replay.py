@@ -9,6 +9,7 @@ import torch
 import moe_runtime
 from moe_runtime import replay_routing
 from moe_runtime.adapters import adapter_for
+from moe_runtime.hf_cache import cache_keyword, returned_cache
 from moe_runtime.runtime.executor import RUNTIME_ATTR
 from moe_runtime.tiny_models import tiny_model
 from moe_runtime.trace import Trace
@@ -41,9 +42,9 @@ def test_each_layer_receives_the_traced_experts_token_by_token(family):
     handles = [block.experts.register_forward_pre_hook(capture(block.moe_index)) for block in blocks]
     ids = torch.randint(3, 200, (1, 9))
     with torch.no_grad(), replay_routing(model, trace) as replay:
-        past = model(input_ids=ids[:, :5], use_cache=True).past_key_values  # a prefill of 5 tokens
+        past = returned_cache(model(input_ids=ids[:, :5], use_cache=True))  # a prefill of 5 tokens
         for position in range(5, 9):  # then decode steps of one token
-            past = model(input_ids=ids[:, position : position + 1], past_key_values=past, use_cache=True).past_key_values
+            past = returned_cache(model(input_ids=ids[:, position : position + 1], **{cache_keyword(model): past}, use_cache=True))
         assert replay.position == 9
     for handle in handles:
         handle.remove()
