@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 
 from adaptive_default import add_replay_arguments, check_outputs, write_outputs
-from prompt_sessions import decode_loads, sessions
+from prompt_sessions import decode_loads, prompt_share, sessions
 from tqdm.auto import tqdm
 
 from moe_runtime.atomic import write_atomically
@@ -106,13 +106,11 @@ def _case(row: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_replay_arguments(parser, budgets=False)
-    parser.add_argument("--prompt-share", type=float, help="each sequence alone, this share of its tokens one prefill step (default: one stream)")
+    parser.add_argument("--prompt-share", type=prompt_share, help="each sequence alone, this share of its tokens one prefill step (default: one stream)")
     parser.add_argument("--requests", type=int, default=REQUESTS, help=f"sequences in each stream of {TOKENS} tokens (default {REQUESTS})")
     parser.add_argument("--skew", type=float, default=ROUTINGS[1][0], help=f"Zipf skew of the skewed routings (default {ROUTINGS[1][0]})")
     parser.add_argument("--shapes", type=shape_names, default=list(SHAPES), help=f"comma-separated model shapes (default: {', '.join(SHAPES)}; also {', '.join(LARGER)})")
     args = parser.parse_args()
-    if args.prompt_share is not None and not 0 < args.prompt_share < 1:
-        parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
     if not 1 <= args.requests <= TOKENS // 2:
         parser.error(f"--requests must be from 1 to {TOKENS // 2} (sequences of at least 2 of the {TOKENS} tokens), got {args.requests}")
     if not args.skew > 0:

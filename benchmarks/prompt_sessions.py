@@ -61,6 +61,17 @@ class PromptInHistoryDefault(AdaptivePolicy):
             self.history.record_prompt(layer, routing)
 
 
+def prompt_share(text: str) -> float:
+    """--prompt-share: the share of each sequence's tokens that is its prompt, above 0 and below 1."""
+    try:
+        share = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a share such as 0.5, not {text!r}") from None
+    if not 0 < share < 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and below 1, got {share}")
+    return share
+
+
 def sessions(trace: Trace, share: float) -> Iterator[tuple[Trace, int]]:
     """Each sequence of `trace` alone, and its prompt: how many of its first tokens, `share` of them."""
     for index in range(trace.num_sequences):
@@ -97,10 +108,8 @@ def measure(trace: Trace, budget: float, share: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_replay_arguments(parser, budgets=True)
-    parser.add_argument("--prompt-share", type=float, default=0.5, help="the share of each sequence's tokens that is its prompt (default 0.5)")
+    parser.add_argument("--prompt-share", type=prompt_share, default=0.5, help="the share of each sequence's tokens that is its prompt (default 0.5)")
     args = parser.parse_args()
-    if not 0 < args.prompt_share < 1:
-        parser.error(f"--prompt-share must be above 0 and below 1, got {args.prompt_share}")
     check_outputs(args.json, args.plot)
     halves = shipped_halves()
     jobs = [(name, budget) for name in halves for budget in args.budgets]
