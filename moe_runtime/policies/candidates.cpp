@@ -81,9 +81,13 @@ class Lru : public Candidate {
   void layer_start(int64_t layer, const std::vector<Key>&) override {
     if (layer <= layer_) token_ = next_token_++;
     layer_ = layer;
-    std::fill(prompt_token_.begin(), prompt_token_.end(), NO_PROMPT);
+    if (prompted_) {  // a prompt's, until the next layer step (as lru.py: nothing to clear at a decode step)
+      std::fill(prompt_token_.begin(), prompt_token_.end(), NO_PROMPT);
+      prompted_ = false;
+    }
   }
   void prompt(int64_t layer, const std::vector<std::vector<Key>>&, const std::vector<int64_t>& idle, int64_t tokens) override {
+    prompted_ = true;
     for (int64_t expert = 0; expert < experts_; ++expert) {
       prompt_token_[expert] = idle[expert] < tokens ? token_ + tokens - 1 - idle[expert] : NO_PROMPT;
     }
@@ -145,6 +149,7 @@ class Lru : public Candidate {
   std::vector<int64_t> prompt_token_;  // [expert] of the running layer step: the prompt token of its last use, NO_PROMPT
   Key oldest_ = NO_VICTIM, newest_ = NO_VICTIM;
   int64_t token_ = 0, layer_ = -1, uses_ = 0, next_token_ = 1;
+  bool prompted_ = false;  // prompt_token_ holds a prompt's tokens
 };
 
 // lfu.py: counts halved every `age_every` accesses, a heap of (count, tick, key) with stale
