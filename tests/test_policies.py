@@ -313,6 +313,26 @@ def test_the_adaptive_default_keeps_its_lead_where_popularity_changes_with_each_
     assert adaptive <= 0.95 * lru
 
 
+def test_the_adaptive_default_sets_popularity_aside_where_favourites_move_with_each_request():
+    """DeepSeek-V2-Lite's shape, Zipf 1.5 popularity redrawn for each of 12 requests of 125
+    tokens, 0.3 of a layer's experts kept, 50% of the experts: the popularity the learner refits
+    on one request misleads it in the next (1.0008x LRU's loads when it kept it:
+    adaptive_shapes.py --requests 12 --skew 1.5). Its persistence test sets it aside, and the
+    learner takes the age table; where the favourites stay, it keeps them."""
+    from moe_runtime.policies import AdaptivePolicy
+    from moe_runtime.policies.candidates import LEARNER
+    from moe_runtime.simulator import replay
+
+    shape = {"num_layers": 26, "num_experts": 64, "capacity": 832, "top_k": 6}
+    for drift, persists in ((1.0, False), (0.0, True)):
+        trace = flat_routing(26, 64, 6, 1500, reuse=0.3, skew=1.5, drift=drift, sequences=12, seed=40)
+        policy = AdaptivePolicy(ReuseModel.generic(26, 64), **shape, native=False)  # the Python engine: its rankers can be read
+        adaptive = replay(trace, policy, 832).loads
+        assert policy.persistence.persists == persists and policy.candidates.rankers[LEARNER].model.bucket.any() == persists
+        if drift:
+            assert adaptive <= replay(trace, make_policy("lru", **shape), 832).loads
+
+
 def test_the_adaptive_default_refits_the_generic_tables_ages():
     """Qwen1.5-MoE's shape (24 layers, 60 experts, top-4), popularity skewed (Zipf 0.7), 0.3 of a
     layer's experts kept, 10% of the experts: the shipped ESFT table misjudges how age and

@@ -44,7 +44,9 @@ not ship, ESFT's ages misjudged the routing served (Qwen3-30B-A3B's shape, reuse
 1.000x, mean 0.892 -> 0.888x), while on the shipped routing the default's loads moved by at most
 0.3% either way. A user's fit is kept: replaced by the refitted ages, it made more loads in 22
 of the 24 real-task cases, up to 0.809 -> 0.830x LRU's (ESFT translation, 50%; measured with the
-fit leaning on "far", before starting_model).
+fit leaning on "far", before starting_model). The learner keeps the experts' popularity it
+refits only while popularity learnt from earlier tokens has predicted the later ones
+(popularity_persistence.py); where each request brings new favourites it takes the age table.
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
@@ -65,6 +67,7 @@ from . import native_candidates
 from .base import EvictionPolicy, NoVictimError
 from .candidates import LEARNER, NAMES, NEXT_USE, NO_VICTIM, Candidates
 from .next_use import ReuseModel, generic_wait
+from .popularity_persistence import PopularityPersistence
 from .routing_history import COMPILED_FIT_NS_PER_CELL, NUMPY_FIT_NS_PER_CELL, RoutingHistory
 
 HALF_LIFE_TOKENS = 64  # the recent window the candidates are compared over
@@ -119,6 +122,7 @@ class AdaptivePolicy(EvictionPolicy):
         self.compiled_fit = not self.idle and native_candidates.available()  # the refits' counts (the same models either way: tested)
         fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL
         self.history = RoutingHistory(num_layers, num_experts, top_k, fit_ns_per_cell=fit_ns_per_cell) if learn else None
+        self.persistence = PopularityPersistence(num_layers, num_experts, self.history.capacity) if learn else None
         self.refits = 0
         self.refit_seconds = 0.0  # spent refitting, all refits together
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
@@ -127,7 +131,10 @@ class AdaptivePolicy(EvictionPolicy):
     @property
     def leader_name(self) -> str:
         leader = self.candidates.leader
-        return NAMES[leader] + (" (refitted)" if leader == LEARNER else "")
+        if leader != LEARNER:
+            return NAMES[leader]
+        ages_only = self.persistence is not None and not self.persistence.persists
+        return NAMES[leader] + (" (refitted ages)" if ages_only else " (refitted)")
 
     @property
     def switches(self) -> int:
@@ -148,9 +155,16 @@ class AdaptivePolicy(EvictionPolicy):
         hundred tokens leave most of its cells (popularity x age x recent uses x transition) seen
         a few times: they lean towards what the generic table expects at their age and recent
         uses, not towards "far" as an offline fit's do (4-8% fewer loads at 50% on the fit halves
-        of ESFT and GPT-OSS, the same on flat routing: BENCHMARKS.md)."""
+        of ESFT and GPT-OSS, the same on flat routing: BENCHMARKS.md). While the popularity it
+        learns does not persist, the learner takes the age table instead
+        (popularity_persistence.py)."""
         start = time.perf_counter()
-        model, age_table = ReuseModel.fit_with_age_table(self.history.as_trace(), prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit)
+        new_tokens = self.history.since_fit
+        history = self.history.as_trace()
+        model, age_table = ReuseModel.fit_with_age_table(history, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit)
+        self.persistence.add_refit(history.expert_ids, new_tokens)
+        if not self.persistence.persists:
+            model = age_table
         self.candidates.use_model(LEARNER, model, model.select_layers(self.sampled, self.num_experts))
         if self.refit_age_table:
             self.candidates.use_model(NEXT_USE, age_table, age_table.select_layers(self.sampled, self.num_experts))
