@@ -15,10 +15,15 @@ from .trace import Trace
 
 def selection_counts(trace: Trace) -> np.ndarray:
     """[L, E] how often each expert of each layer was selected."""
-    counts = np.zeros((trace.num_layers, trace.num_experts), dtype=np.int64)
-    for layer in range(trace.num_layers):
-        counts[layer] = np.bincount(trace.expert_ids[:, layer, :].ravel(), minlength=trace.num_experts)
-    return counts
+    return expert_uses(trace.expert_ids, trace.num_experts)
+
+
+def expert_uses(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, E] int64 uses of each expert at each layer in `expert_ids` [T, L, K] (one bincount
+    over layer * E + expert)."""
+    layers = expert_ids.shape[1]
+    keys = expert_ids.astype(np.int64) + (np.arange(layers) * num_experts)[None, :, None]
+    return np.bincount(keys.ravel(), minlength=layers * num_experts).reshape(layers, num_experts)
 
 
 def reuse_rate(trace: Trace) -> float:

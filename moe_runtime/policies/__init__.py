@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from ..trace import Trace, load_trace
+from ..trace_stats import selection_counts
 from .adaptive import AdaptivePolicy, starting_model
 from .arc import ARCPolicy
 from .base import EvictionPolicy, NoVictimError
@@ -36,10 +37,7 @@ DEFAULT_POLICY = "adaptive"
 
 def selection_frequency(trace: Trace) -> np.ndarray:
     """[L, E] share of tokens that select each expert at each layer."""
-    counts = np.zeros((trace.num_layers, trace.num_experts))
-    for layer in range(trace.num_layers):
-        counts[layer] = np.bincount(trace.expert_ids[:, layer].ravel(), minlength=trace.num_experts)
-    return counts / trace.num_tokens
+    return selection_counts(trace) / trace.num_tokens
 
 
 def make_policy(

@@ -122,7 +122,7 @@ class AdaptivePolicy(EvictionPolicy):
         self.compiled_fit = not self.idle and native_candidates.available()  # the refits' counts (the same models either way: tested)
         fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL
         self.history = RoutingHistory(num_layers, num_experts, top_k, fit_ns_per_cell=fit_ns_per_cell) if learn else None
-        self.persistence = PopularityPersistence(num_layers, num_experts, self.history.capacity) if learn else None
+        self.persistence = PopularityPersistence(num_experts, self.history.capacity) if learn else None
         self.refits = 0
         self.refit_seconds = 0.0  # spent refitting, all refits together
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours

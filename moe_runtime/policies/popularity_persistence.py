@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..trace_stats import expert_uses
+
 
 class PopularityPersistence:
-    def __init__(self, num_layers: int, num_experts: int, history_tokens: int):
+    def __init__(self, num_experts: int, history_tokens: int):
         """history_tokens: the learner's history length, over which evidence fades by half."""
-        self.num_layers, self.num_experts, self.history_tokens = num_layers, num_experts, history_tokens
-        self.key_offsets = (np.arange(num_layers) * num_experts)[None, :, None]  # [1, L, 1]
+        self.num_experts, self.history_tokens = num_experts, history_tokens
         self.judged = 0  # refits seen
         self.gain = 0.0  # decayed sum over refits of the tokens since the one before x the nats per use they scored
         self.tokens = 0.0  # ... and of those tokens
@@ -59,12 +60,6 @@ class PopularityPersistence:
     def nats_per_use(self, before: np.ndarray, after: np.ndarray) -> float:
         """Mean log-likelihood ratio of `after`'s uses under `before`'s popularity (per layer,
         one pseudo-use of every expert) against uniform; both [T, L, K] expert ids."""
-        seen, used = self._uses(before), self._uses(after)
+        seen, used = expert_uses(before, self.num_experts), expert_uses(after, self.num_experts)
         popularity = (seen + 1) / (seen.sum(axis=1, keepdims=True) + self.num_experts)
         return float((used * np.log(self.num_experts * popularity)).sum() / used.sum())
-
-    def _uses(self, tokens: np.ndarray) -> np.ndarray:
-        """[L, E] uses of each expert in `tokens` [T, L, K]."""
-        keys = tokens.astype(np.int64) + self.key_offsets
-        uses = np.bincount(keys.ravel(), minlength=self.num_layers * self.num_experts)
-        return uses.reshape(self.num_layers, self.num_experts).astype(np.float64)
