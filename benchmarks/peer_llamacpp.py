@@ -222,12 +222,12 @@ def paired(checkpoint: Path, dtype: str, first: tuple[str, float], second: tuple
     steps: list[list[float]] = [[], []]
     with torch.inference_mode():
         for _ in range(PAIR_ROUNDS):
-            caches = [DynamicCache(config=model.config) for model in models]
-            tokens = [model(input_ids=prompt_ids(), **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True) for model, cache in zip(models, caches)]
+            caches = [{cache_keyword(model): DynamicCache(config=model.config)} for model in models]  # named once: not inside the timed steps
+            tokens = [model(input_ids=prompt_ids(), **cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True) for model, cache in zip(models, caches)]
             for _ in range(NEW_TOKENS):
                 for side, (model, cache) in enumerate(zip(models, caches)):
                     started = time.perf_counter()
-                    tokens[side] = model(input_ids=tokens[side], **{cache_keyword(model): cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                    tokens[side] = model(input_ids=tokens[side], **cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
                     steps[side].append(time.perf_counter() - started)
     return [1 / statistics.median(times) for times in steps]
 
