@@ -47,6 +47,8 @@ of the 24 real-task cases, up to 0.809 -> 0.830x LRU's (ESFT translation, 50%; m
 fit leaning on "far", before starting_model). The learner keeps the experts' popularity it
 refits only while popularity learnt from earlier tokens has predicted the later ones
 (popularity_persistence.py); where each request brings new favourites it takes the age table.
+Between its full refits the learner's transitions are refreshed every few dozen tokens from
+counts the history keeps current (sliding_transitions.py).
 
 Why: no single policy wins on every model. On the shipped routing, next-use's generic table
 beats LRU by 6-20%, but on flat-popularity routing it loses to LRU; LFU wins on some tasks; the
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..trace import Trace
 from . import native_candidates
@@ -123,8 +126,9 @@ class AdaptivePolicy(EvictionPolicy):
         fit_ns_per_cell = COMPILED_FIT_NS_PER_CELL if self.compiled_fit else NUMPY_FIT_NS_PER_CELL
         self.history = RoutingHistory(num_layers, num_experts, top_k, fit_ns_per_cell=fit_ns_per_cell) if learn else None
         self.persistence = PopularityPersistence(num_experts, self.history.capacity) if learn else None
-        self.refits = 0
-        self.refit_seconds = 0.0  # spent refitting, all refits together
+        self.refits = self.refreshes = 0
+        self.refit_seconds = 0.0  # spent refitting, all refits together (and refreshing)
+        self.learner_model: ReuseModel | None = None  # the learner's last full refit, while it keeps its transitions
         if not self.idle:  # each expert use, load and eviction straight to the candidates, no frame of ours
             self.on_insert, self.on_access, self.on_evict = self.candidates.insert, self.candidates.access, self.candidates.evict
 
@@ -147,6 +151,8 @@ class AdaptivePolicy(EvictionPolicy):
             self.history.record(layer, keys)
             if self.history.refit_due:
                 self._refit()
+            elif self.history.refresh_due:
+                self._refresh_transitions()
         self.candidates.layer_start(layer, keys)
 
     def _refit(self) -> None:
@@ -165,10 +171,23 @@ class AdaptivePolicy(EvictionPolicy):
         self.persistence.add_refit(history.expert_ids, new_tokens)
         if not self.persistence.persists:
             model = age_table
+        self.learner_model = model if model.transitions is not None else None
         self.candidates.use_model(LEARNER, model, model.select_layers(self.sampled, self.num_experts))
         if self.refit_age_table:
             self.candidates.use_model(NEXT_USE, age_table, age_table.select_layers(self.sampled, self.num_experts))
         self.refits += 1
+        self.refit_seconds += time.perf_counter() - start
+
+    def _refresh_transitions(self) -> None:
+        """Between full refits, hand the learner its model with the transitions of the tokens
+        kept now (sliding_transitions.py); the rest of it stays the last refit's."""
+        self.history.refreshed()
+        if self.learner_model is None:  # the learner holds the age table: no transitions to refresh
+            return
+        start = time.perf_counter()
+        self.learner_model = replace(self.learner_model, transitions=self.history.transitions.table())
+        self.candidates.use_model(LEARNER, self.learner_model, self.learner_model.select_layers(self.sampled, self.num_experts))
+        self.refreshes += 1
         self.refit_seconds += time.perf_counter() - start
 
     def on_prompt(self, layer: int, routing) -> None:

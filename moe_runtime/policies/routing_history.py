@@ -13,7 +13,10 @@ How often: the more often, the fewer loads (refits every 32 tokens against every
 comes every REFIT_EVERY_TOKENS tokens as long as it costs under REFIT_US_PER_STEP per layer step;
 compiled counting (reuse_fit.cpp) made a refit about seven times cheaper, which is what allows
 it (on DeepSeek-V2-Lite's 26 x 64 experts, about every 70 tokens early on, every 410 at the
-full 2048 tokens of history; on 8 layers of 128 experts, every 200 to 880).
+full 2048 tokens of history; on 8 layers of 128 experts, every 200 to 880). In between, the
+layers' transitions, which it keeps current as tokens enter and leave (sliding_transitions.py),
+are handed over every REFIT_EVERY_TOKENS tokens at a fraction of a refit's cost: most of what
+refits every 32 tokens would save (BENCHMARKS.md, "Transitions kept current").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 import numpy as np
 
 from ..trace import Trace
+from .sliding_transitions import SlidingTransitions
 
 HISTORY_TOKENS = 2048  # the routing a refit sees: the most recent decode tokens,
 HISTORY_KEYS = 3_500_000  # ... but at most this many (token, expert) cells: a refit's memory and time are bounded
@@ -33,6 +37,8 @@ FIT_FIXED_US = 10_000.0  # ... at what a refit costs: this much whatever the his
 #   3-5 ms since the quantile edges come from a sort, kept at 10: more refits moved loads both ways, BENCHMARKS.md),
 COMPILED_FIT_NS_PER_CELL = 22.0  # ... and this per (token, key) of history, compiled (reuse_fit.cpp),
 NUMPY_FIT_NS_PER_CELL = 160.0  # ... or in numpy (2-core VM, one hour, 4 models x 128-2048 tokens: BENCHMARKS.md)
+REFRESH_FIXED_US = 100.0  # between full refits the transitions are handed over afresh as often (sliding_transitions.py), priced as this much
+REFRESH_NS_PER_ENTRY = 5.0  # ... and this per entry of the [L, E, E] table (measured 1.7-4.7), within the same REFIT_US_PER_STEP
 
 
 class RoutingHistory:
@@ -52,6 +58,9 @@ class RoutingHistory:
         self.kept = 0  # tokens ever kept
         self.since_fit = 0
         self.refit_due = False  # _refit_due(), as of the last token kept
+        self.transitions = SlidingTransitions(num_layers, num_experts, top_k)  # over the kept tokens
+        self.since_refresh = 0  # tokens since the last full refit or transitions refresh
+        self.refresh_due = False  # _refresh_due(), as of the last token kept
         self.token: list = [None] * num_layers  # the running token's keys at each layer, as recorded
         self.key_offsets = (np.arange(num_layers) * num_experts)[:, None]  # [L, 1] layer * E
         self.layers_seen = 0
@@ -97,10 +106,25 @@ class RoutingHistory:
     def _keep(self, tokens: np.ndarray) -> None:
         """Add `tokens` [N, L, K] (expert ids) to the ring, the newest `capacity` of them."""
         tokens = tokens[-self.capacity :]
+        self._count_transitions(tokens)
         self.ring[(self.kept + np.arange(len(tokens))) % self.capacity] = tokens
         self.kept += len(tokens)
         self.since_fit += len(tokens)
+        self.since_refresh += len(tokens)
         self.refit_due = self._refit_due()
+        self.refresh_due = not self.refit_due and self._refresh_due()
+
+    def _count_transitions(self, tokens: np.ndarray) -> None:
+        """Before `tokens` [N <= capacity, L, K] overwrite the ring: uncount the pair each
+        leaving token made with its successor, and count the pairs the new ones make (the first
+        with the newest kept token, where that stays)."""
+        kept, capacity = self.kept, self.capacity
+        stays = max(0, kept + len(tokens) - capacity)  # the index of the oldest token the ring keeps after
+        leaving = np.arange(max(0, kept - capacity), min(stays, kept - 1))
+        self.transitions.add(self.ring[leaving % capacity], self.ring[(leaving + 1) % capacity], sign=-1)
+        if 0 < kept and stays <= kept - 1:
+            tokens = np.concatenate([self.ring[(kept - 1) % capacity][None], tokens])
+        self.transitions.add(tokens[:-1], tokens[1:])
 
     def _refit_due(self) -> bool:
         """The first refit after FIRST_REFIT_TOKENS tokens (once, whatever it costs), then one every
@@ -112,10 +136,25 @@ class RoutingHistory:
         fit_us = FIT_FIXED_US + min(self.kept, self.capacity) * self.num_layers * self.num_experts * self.fit_ns_per_cell / 1e3
         return self.since_fit >= max(REFIT_EVERY_TOKENS, fit_us / (REFIT_US_PER_STEP * self.num_layers))
 
+    def _refresh_due(self) -> bool:
+        """After the first refit, a refresh of the transitions every REFIT_EVERY_TOKENS tokens,
+        never so often that one, spread over the layer steps since the last full refit or
+        refresh, costs more than REFIT_US_PER_STEP (estimated from the table's size: 61 x 384 x
+        384 entries, about 45 ms, every 92 tokens)."""
+        if self.kept == self.since_fit:  # no refit yet
+            return False
+        refresh_us = REFRESH_FIXED_US + self.transitions.pairs.size * REFRESH_NS_PER_ENTRY / 1e3
+        return self.since_refresh >= max(REFIT_EVERY_TOKENS, refresh_us / (REFIT_US_PER_STEP * self.num_layers))
+
+    def refreshed(self) -> None:
+        """A refresh was due and is taken (or passed over): count anew."""
+        self.since_refresh = 0
+        self.refresh_due = False
+
     def as_trace(self) -> Trace:
-        """The kept tokens, oldest first, as one sequence; resets the refit count."""
-        self.since_fit = 0
-        self.refit_due = False
+        """The kept tokens, oldest first, as one sequence; resets the refit and refresh counts."""
+        self.since_fit = self.since_refresh = 0
+        self.refit_due = self.refresh_due = False
         count = min(self.kept, self.capacity)
         start = self.kept % self.capacity if self.kept > self.capacity else 0
         ids = np.roll(self.ring, -start, axis=0)[:count]
