@@ -8,16 +8,15 @@ from moe_runtime.policies import make_policy
 from moe_runtime.policies.next_use import expert_transitions, used_matrix
 from moe_runtime.policies.routing_history import FIRST_REFIT_TOKENS, REFIT_EVERY_TOKENS, RoutingHistory
 from moe_runtime.policies.sliding_transitions import SlidingTransitions
-from moe_runtime.trace import load_trace
+from moe_runtime.trace import Trace, load_trace
 
 SHIPPED = Path(__file__).resolve().parent.parent / "moe_runtime" / "data" / "routing"
 
 
 def full_count(history: RoutingHistory) -> np.ndarray:
     """What a refit fits from the kept tokens (as one sequence)."""
-    since_fit, refit_due = history.since_fit, history.refit_due
-    trace = history.as_trace()
-    history.since_fit, history.refit_due = since_fit, refit_due
+    ids = history.kept_tokens()
+    trace = Trace(ids, np.zeros(ids.shape, dtype=np.float16), np.array([0, len(ids)]), history.num_experts, history.top_k)
     return expert_transitions(trace, used_matrix(trace))
 
 
@@ -52,7 +51,7 @@ def test_transitions_kept_current_equal_a_full_count_as_tokens_enter_and_leave_t
 
 def _repeats(history: RoutingHistory) -> int:
     """Pair cells a repeat within a row does not count (it names its expert once)."""
-    ids = history.as_trace().expert_ids
+    ids = history.kept_tokens()
     distinct = np.array([[len(set(row)) for row in token] for token in ids])  # [T, L]
     return int((2 * 2 - distinct[:-1] * distinct[1:]).sum())
 

@@ -155,7 +155,10 @@ class RoutingHistory:
         """The kept tokens, oldest first, as one sequence; resets the refit and refresh counts."""
         self.since_fit = self.since_refresh = 0
         self.refit_due = self.refresh_due = False
-        count = min(self.kept, self.capacity)
+        ids = self.kept_tokens()
+        return Trace(ids, np.zeros(ids.shape, dtype=np.float16), np.array([0, len(ids)]), self.num_experts, self.top_k)
+
+    def kept_tokens(self) -> np.ndarray:
+        """[T, L, K] the kept tokens' expert ids, oldest first."""
         start = self.kept % self.capacity if self.kept > self.capacity else 0
-        ids = np.roll(self.ring, -start, axis=0)[:count]
-        return Trace(ids, np.zeros(ids.shape, dtype=np.float16), np.array([0, count]), self.num_experts, self.top_k)
+        return np.roll(self.ring, -start, axis=0)[: min(self.kept, self.capacity)]
