@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_runtime.policies import make_policy
-from moe_runtime.policies.next_use import expert_transitions, used_matrix
+from moe_runtime.policies.next_use import ReuseModel, expert_transitions, used_matrix
 from moe_runtime.policies.routing_history import FIRST_REFIT_TOKENS, REFIT_EVERY_TOKENS, RoutingHistory
 from moe_runtime.policies.sliding_transitions import SlidingTransitions
 from moe_runtime.trace import Trace, load_trace
@@ -99,3 +99,13 @@ def test_the_default_hands_its_learner_the_transitions_of_the_tokens_kept_at_eac
                 assert np.array_equal(policy.learner_model.transitions, full_count(policy.history))
                 checked += 1
     assert policy.refits >= 2 and checked >= 5
+
+
+def test_a_refit_handed_the_historys_transitions_fits_the_model_counting_them_would():
+    history = RoutingHistory(num_layers=3, num_experts=8, top_k=2)
+    decode(history, np.random.default_rng(3).integers(0, 8, (300, 3, 2)))
+    trace = history.as_trace()
+    counted, _ = ReuseModel.fit_with_age_table(trace)
+    handed, _ = ReuseModel.fit_with_age_table(trace, transitions=history.transitions.table())
+    for field in ("bucket", "wait", "transitions", "forecast_edges"):
+        assert np.array_equal(getattr(counted, field), getattr(handed, field))

@@ -167,7 +167,9 @@ class AdaptivePolicy(EvictionPolicy):
         start = time.perf_counter()
         new_tokens = self.history.since_fit
         history = self.history.as_trace()
-        model, age_table = ReuseModel.fit_with_age_table(history, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit)
+        model, age_table = ReuseModel.fit_with_age_table(
+            history, prior=generic_wait(), prior_weight=REFIT_PRIOR_WEIGHT, compiled=self.compiled_fit, transitions=self.history.transitions.table(),
+        )
         self.persistence.add_refit(history.expert_ids, new_tokens)
         if not self.persistence.persists:
             model = age_table

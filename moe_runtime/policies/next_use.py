@@ -123,14 +123,19 @@ class ReuseModel:
     @classmethod
     def fit_with_age_table(
         cls, trace: Trace, popularity_buckets: int = POPULARITY_BUCKETS, forecast_buckets: int = FORECAST_BUCKETS, prior: np.ndarray | None = None,
-        prior_weight: float = 5.0, compiled: bool | None = None,
+        prior_weight: float = 5.0, compiled: bool | None = None, transitions: np.ndarray | None = None,
     ) -> tuple[ReuseModel, ReuseModel]:
         """(fit's model, the age x recent-uses model of the same counts): the second pools the
         popularity and transition buckets, as fit(popularity_buckets=1, forecast_buckets=1) would
-        (the same table: tested) without counting the trace twice."""
+        (the same table: tested) without counting the trace twice. transitions: the trace's
+        [L, E, E] transitions where the caller holds them already (the routing history keeps them
+        counted: sliding_transitions.py), else counted here."""
         counts = _counter(trace, compiled)
         bucket = _quantile_buckets(counts.popularity(), popularity_buckets)[1]
-        transitions = counts.transitions() if forecast_buckets > 1 else None
+        if forecast_buckets == 1:
+            transitions = None
+        elif transitions is None:
+            transitions = counts.transitions()
         forecast = None if transitions is None else counts.forecast(transitions)
         edges = np.zeros(0) if forecast is None else _quantile_edges(forecast, forecast_buckets)
         shape = (popularity_buckets, AGE_CAP + 1, WINDOW + 1, forecast_buckets)

@@ -10,7 +10,8 @@ REFIT_EVERY_TOKENS tokens between full refits (its wait table, popularity bucket
 forecast edges kept), they made 0.2-1.2% fewer loads than the full refits alone on the fit
 halves of the shipped ESFT and GPT-OSS routing (BENCHMARKS.md, "Transitions kept current").
 The counts are those of next_use.expert_transitions over the history as one sequence, exactly
-(tested), so a full refit and a refresh agree on them.
+(tested), so a full refit takes them from here instead of counting them again (1.4 ms of a 30 ms
+refit at ESFT's 2048 tokens, the same model).
 """
 
 from __future__ import annotations
