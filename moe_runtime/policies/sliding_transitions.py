@@ -4,14 +4,15 @@ The adaptive default's learner predicts an expert's next use partly from the tra
 layer (next_use.py's transition bucket: P(e' used by the next token | e used now)). A full
 refit counts them afresh with the rest of the reuse model, and costs enough to come only every
 few hundred tokens at a full history (routing_history.py); the transitions alone can be kept
-current for 20-50 us a token (under 1 us per layer step), by adding the pair each new token makes with the one
-before and removing the pair of each token that leaves. Handed to the learner every
-REFIT_EVERY_TOKENS tokens between full refits (its wait table, popularity buckets and
-forecast edges kept), they made 0.2-1.2% fewer loads than the full refits alone on the fit
-halves of the shipped ESFT and GPT-OSS routing (BENCHMARKS.md, "Transitions kept current").
-The counts are those of next_use.expert_transitions over the history as one sequence, exactly
-(tested), so a full refit takes them from here instead of counting them again (1.4 ms of a 30 ms
-refit at ESFT's 2048 tokens, the same model).
+current for 20-50 us a token (under 1 us per layer step), by adding the pair each new token
+makes with the one before and removing the pair of each token that leaves. Handed to the
+learner every REFIT_EVERY_TOKENS tokens between full refits (its wait table, popularity buckets
+and forecast edges kept), they made fewer loads than the full refits alone in 20 of the 24
+cases on the fit halves of the shipped ESFT and GPT-OSS routing, up to 0.9% of LRU's, and at
+most 0.01% more (BENCHMARKS.md, "Transitions kept current"). The counts are those of
+next_use.expert_transitions over the history as one sequence, exactly (tested), so a full refit
+takes them from here instead of counting them again (1.4 ms of a 30 ms refit at ESFT's 2048
+tokens, the same model).
 """
 
 from __future__ import annotations
