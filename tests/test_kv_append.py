@@ -49,11 +49,11 @@ def _step_both(ours: DynamicCache, theirs: DynamicCache, batch: int = 1) -> None
 @pytest.mark.parametrize("batch", [1, 3])
 def test_steps_equal_transformers_update_across_the_room_growing(batch):
     ours, theirs = _pair(prompt=5, batch=batch)
-    buffers = set()
+    capacities = set()  # not the buffers' addresses: a freed room's memory may hold the next one
     for _ in range(2 * MIN_ROOM + 10):
         _step_both(ours, theirs, batch)
-        buffers.add(_rooms[ours.layers[0]].keys.data_ptr())
-    assert len(buffers) >= 3  # the first room, and grown twice
+        capacities.add(_rooms[ours.layers[0]].keys.shape[-2])
+    assert len(capacities) >= 3  # the first room, and grown twice
     assert not ours.layers[0].keys.is_contiguous() or batch * 2 == 1  # a view of the room, not a copy
 
 
